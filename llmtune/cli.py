@@ -1,0 +1,96 @@
+"""The ``llmtune`` command line: parses arguments and dispatches. No training logic lives here, and
+nothing heavy (torch, deepspeed, peft) is imported until a command needs it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from llmtune import __version__
+from llmtune.errors import TrainingError, UserError
+
+app = typer.Typer(
+    name="llmtune",
+    help="Adapt open LLMs from YAML recipes: continued pretraining (cpt) and supervised fine-tuning (sft) "
+    "on one DeepSpeed trainer core, with full, freeze, LoRA and 4-bit QLoRA fine-tuning.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, highlight=False)
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe key, e.g. --set train.lr=1e-4 (repeatable).", show_default=False),
+]
+
+
+def _fail(e: Exception, code: int) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@app.command()
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
+    set_: SetOption = None,
+) -> None:
+    """Check a recipe and that its data files exist, without training (and without importing torch)."""
+    from llmtune.recipe import dump_recipe, load_recipe
+    from llmtune.recipe.checks import check_paths
+
+    try:
+        r = load_recipe(recipe, set_ or [])
+        notes = check_paths(r)
+    except UserError as e:
+        raise _fail(e, e.exit_code) from None
+    out = Console(highlight=False)
+    for note in notes:
+        out.print(f"note: {note}")
+    out.print(f"[green]ok[/]: {recipe} is a valid {r.stage} recipe. Resolved:", markup=True)
+    out.print(dump_recipe(r), markup=False, end="")
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
+    set_: SetOption = None,
+    local_rank: Annotated[int | None, typer.Option("--local_rank", "--local-rank", hidden=True)] = None,
+) -> None:
+    """Run the stage a recipe describes; its outputs go to the recipe's output_dir."""
+    from llmtune.recipe import load_recipe
+    from llmtune.recipe.checks import check_paths
+
+    try:
+        r = load_recipe(recipe, set_ or [])
+        check_paths(r)
+        from llmtune.stages import run_stage
+
+        run_stage(r, local_rank=local_rank)
+    except UserError as e:
+        raise _fail(e, e.exit_code) from None
+    except TrainingError as e:
+        raise _fail(e, e.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("interrupted: the newest complete checkpoint in output_dir is kept")
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def version() -> None:
+    """Print the llmtune version."""
+    print(__version__)
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit:
+        raise
+    except UserError as e:  # raised outside a command (should not happen, but never show a traceback)
+        err.print(f"error: {e}")
+        sys.exit(e.exit_code)

@@ -1,0 +1,349 @@
+"""From recipe sources to tokenized examples: read -> canonical form -> tokens + labels -> mix / split.
+
+Every source is tokenized once and cached (keyed by the file contents, the tokenizer, the template and
+the settings); rows that cannot be used are dropped, counted and reported with their indices and reasons.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmtune.data.chat import IGNORE_INDEX, encode_conversation, encode_text
+from llmtune.data.formats import RowError, detect_format, to_conversation, to_text
+from llmtune.data.sources import read_rows
+from llmtune.errors import DataError
+from llmtune.recipe.schema import DataSource, RecipeBase, looks_local
+
+PIPELINE_VERSION = "1"  # bump when tokenization output changes, to invalidate caches
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class SourceReport:
+    name: str
+    rows: int = 0
+    kept: int = 0
+    examples: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+    first: list[tuple[int, str]] = field(default_factory=list)
+    cached: bool = False
+
+    @property
+    def dropped(self) -> int:
+        return self.rows - self.kept
+
+    def drop(self, index: int, reason: str) -> None:
+        self.reasons[reason] += 1
+        if len(self.first) < 5:
+            self.first.append((index, reason))
+
+
+@dataclass
+class DataBundle:
+    train: list[Example]
+    eval: list[Example]
+    reports: list[SourceReport]
+
+
+Encoder = Callable[[dict[str, Any], str, DataSource], list[Example]]
+
+
+def fingerprint_tokenizer(tokenizer: Any, template: str | None) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
+    h.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
+    h.update((template or "").encode())
+    return h.hexdigest()
+
+
+def _fingerprint_source(src: DataSource) -> str:
+    h = hashlib.sha256()
+    if not looks_local(src.path):
+        h.update(f"hub:{src.path}:{src.subset}:{src.split}".encode())
+        return h.hexdigest()
+    p = Path(src.path).expanduser()
+    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_root(recipe: RecipeBase) -> Path:
+    base = recipe.data.cache_dir or os.environ.get("LLMTUNE_CACHE") or "~/.cache/llmtune"
+    return Path(base).expanduser() / "data"
+
+
+def _save_cache(path: Path, examples: list[Example], report: SourceReport) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
+    ids = np.array([t for e in examples for t in e.input_ids], dtype=np.int64)
+    labels = np.array([t for e in examples for t in e.labels], dtype=np.int64)
+    tmp = path / "examples.tmp.npz"
+    np.savez(tmp, lengths=lengths, ids=ids, labels=labels)
+    meta = {
+        "rows": report.rows,
+        "kept": report.kept,
+        "reasons": dict(report.reasons),
+        "first": report.first,
+    }
+    (path / "report.json").write_text(json.dumps(meta))
+    os.replace(tmp, path / "examples.npz")  # the npz is written last: a cache entry is complete or absent
+
+
+def _load_cache(path: Path, name: str) -> tuple[list[Example], SourceReport] | None:
+    f = path / "examples.npz"
+    if not f.is_file() or not (path / "report.json").is_file():
+        return None
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            lengths, ids, labels = z["lengths"], z["ids"], z["labels"]
+        meta = json.loads((path / "report.json").read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    examples = [Example(ids[a:b].tolist(), labels[a:b].tolist()) for a, b in itertools.pairwise(bounds)]
+    report = SourceReport(name=name, rows=meta["rows"], kept=meta["kept"], cached=True)
+    report.reasons.update(meta["reasons"])
+    report.first = [tuple(x) for x in meta["first"]]  # type: ignore[misc]
+    return examples, report
+
+
+def load_source(
+    src: DataSource,
+    encode: Encoder,
+    default_format: str | None,
+    cache_dir: Path | None,
+    settings: str,
+) -> tuple[list[Example], SourceReport]:
+    """Tokenize one source (or take it from the cache); malformed rows are dropped and counted."""
+    key = None
+    if cache_dir is not None:
+        key = hashlib.sha256(
+            "|".join([PIPELINE_VERSION, _fingerprint_source(src), src.model_dump_json(), settings]).encode()
+        ).hexdigest()[:32]
+        hit = _load_cache(cache_dir / key, src.path)
+        if hit is not None:
+            return hit
+    rows = read_rows(src)
+    if src.max_samples is not None:
+        rows = rows[: src.max_samples]
+    report = SourceReport(name=src.path, rows=len(rows))
+    fmt = src.format or default_format
+    if fmt is None:
+        sample = [r.data for r in rows[:50] if r.data is not None]
+        if not sample:
+            raise DataError(f"{src.path}: no readable row in the first 50 rows", hint="check the file's format")
+        fmt = detect_format(sample)
+    examples: list[Example] = []
+    for row in rows:
+        if row.data is None:
+            report.drop(row.index, row.error or "unreadable row")
+            continue
+        try:
+            out = encode(row.data, fmt, src)
+        except RowError as e:
+            report.drop(row.index, str(e))
+            continue
+        report.kept += 1
+        examples.extend(out)
+    report.examples = len(examples)
+    if cache_dir is not None and key is not None:
+        _save_cache(cache_dir / key, examples, report)
+    return examples, report
+
+
+def _apply_weight(examples: list[Example], weight: float, rng: random.Random) -> list[Example]:
+    whole, frac = int(weight), weight - int(weight)
+    out = examples * whole
+    if frac > 0:
+        out += rng.sample(examples, round(frac * len(examples)))
+    return out
+
+
+def build_data(
+    recipe: RecipeBase,
+    encode: Encoder,
+    settings: str,
+    default_format: str | None = None,
+    use_cache: bool = True,
+) -> DataBundle:
+    """All train and eval sources of a recipe, tokenized, mixed and split."""
+    d = recipe.data
+    cache = cache_root(recipe) if use_cache else None
+    rng = random.Random(recipe.seed)
+    train: list[Example] = []
+    evals: list[Example] = []
+    reports: list[SourceReport] = []
+    for group, sources in (("train", d.train), ("eval", d.eval)):
+        for src in sources:
+            examples, report = load_source(src, encode, default_format, cache, settings)
+            report.examples = len(examples)
+            reports.append(report)
+            if not examples:
+                raise DataError(
+                    f"data source {src.path} yields no usable example ({report.rows} rows read, all dropped)",
+                    hint=_reasons_hint(report),
+                )
+            if group == "eval":
+                evals.extend(examples)
+                continue
+            if d.eval_split > 0:
+                order = list(range(len(examples)))
+                rng.shuffle(order)
+                n_eval = max(1, round(d.eval_split * len(examples)))
+                if n_eval >= len(examples):
+                    raise DataError(f"data.eval_split {d.eval_split} leaves no training example from {src.path}")
+                evals.extend(examples[i] for i in order[:n_eval])
+                examples = [examples[i] for i in order[n_eval:]]
+            train.extend(_apply_weight(examples, src.weight, rng))
+    if d.on_bad_row == "error":
+        bad = [r for r in reports if r.dropped]
+        if bad:
+            lines = [
+                f"{r.name}: {r.dropped} bad rows, e.g. " + "; ".join(f"row {i}: {why}" for i, why in r.first)
+                for r in bad
+            ]
+            raise DataError(
+                "data.on_bad_row is error and some rows cannot be used:\n  " + "\n  ".join(lines),
+                hint="fix those rows, or set data.on_bad_row: drop to skip them",
+            )
+    return DataBundle(train=train, eval=evals, reports=reports)
+
+
+def _reasons_hint(report: SourceReport) -> str:
+    top = "; ".join(f"{why} ({n}x)" for why, n in report.reasons.most_common(3))
+    return f"reasons: {top}. Check the format (set data.*.format / columns) and data.max_length"
+
+
+# --- encoders for the two text stages ------------------------------------------------------------------
+
+
+def conversation_encoder(tokenizer: Any, template: str, max_length: int, train_on_prompt: bool) -> Encoder:
+    def encode(row: dict[str, Any], fmt: str, src: DataSource) -> list[Example]:
+        if fmt == "text":
+            raise RowError("format text has no conversation: use stage cpt for raw text")
+        conv = to_conversation(row, fmt, default_system=src.system)
+        ids, labels = encode_conversation(tokenizer, template, conv, max_length, train_on_prompt)
+        return [Example(ids, labels)]
+
+    return encode
+
+
+def text_encoder(tokenizer: Any, max_length: int, packing: bool) -> Encoder:
+    """cpt: a document becomes one example (packing) or max_length chunks of it (no text is thrown away)."""
+
+    def encode(row: dict[str, Any], fmt: str, src: DataSource) -> list[Example]:
+        if fmt != "text":
+            raise RowError(f"format {fmt} is not raw text: stage cpt reads format text")
+        ids = encode_text(tokenizer, to_text(row))
+        if packing:
+            return [Example(ids, list(ids))]
+        chunks = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
+        return [Example(c, list(c)) for c in chunks if len(c) >= 2]
+
+    return encode
+
+
+# --- packing and batching ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One training row: token ids, labels, and position ids when several examples share the row."""
+
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int] | None = None
+
+
+def as_samples(examples: list[Example]) -> list[Sample]:
+    return [Sample(e.input_ids, e.labels) for e in examples]
+
+
+def pack_stream(examples: list[Example], max_length: int) -> list[Sample]:
+    """cpt packing: concatenate the documents (each ends in EOS) and cut into max_length rows."""
+    ids = [t for e in examples for t in e.input_ids]
+    rows = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
+    return [Sample(r, list(r)) for r in rows if len(r) >= 2]
+
+
+def pack_examples(examples: list[Example], max_length: int, seed: int) -> list[Sample]:
+    """sft packing: first-fit-decreasing into rows of max_length; position ids restart per example, so
+    that attention (flash-attention varlen, or transformers' packed-sequence mask) keeps examples apart."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = len(examples[i].input_ids)
+        for b, space in enumerate(free):
+            if space >= n:
+                bins[b].append(i)
+                free[b] -= n
+                break
+        else:
+            bins.append([i])
+            free.append(max_length - n)
+    random.Random(seed).shuffle(bins)
+    samples = []
+    for b in bins:
+        ids: list[int] = []
+        labels: list[int] = []
+        pos: list[int] = []
+        for i in b:
+            e = examples[i]
+            ids += e.input_ids
+            # the first token of an example is never predicted from the previous example
+            labels += [IGNORE_INDEX, *e.labels[1:]]
+            pos += list(range(len(e.input_ids)))
+        samples.append(Sample(ids, labels, pos))
+    return samples
+
+
+def collate(samples: list[Sample], pad_id: int, pad_to_multiple: int = 8) -> dict[str, Any]:
+    """Right-pad to the longest row (rounded up to a multiple of 8). Packed rows carry position_ids and no
+    attention_mask; the padding then forms its own trailing segment, whose labels are ignored."""
+    import torch
+
+    longest = max(len(s.input_ids) for s in samples)
+    width = -(-longest // pad_to_multiple) * pad_to_multiple
+    n = len(samples)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    packed = any(s.position_ids is not None for s in samples)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    pos = torch.zeros((n, width), dtype=torch.long)
+    for r, s in enumerate(samples):
+        k = len(s.input_ids)
+        ids[r, :k] = torch.tensor(s.input_ids)
+        labels[r, :k] = torch.tensor(s.labels)
+        mask[r, :k] = 1
+        if packed:
+            p = s.position_ids if s.position_ids is not None else list(range(k))
+            pos[r, :k] = torch.tensor(p)
+            pos[r, k:] = torch.arange(width - k)
+    batch: dict[str, Any] = {"input_ids": ids, "labels": labels}
+    if packed:
+        batch["position_ids"] = pos
+    else:
+        batch["attention_mask"] = mask
+    return batch

@@ -1,0 +1,1 @@
+"""The shared trainer core. The only package that imports deepspeed."""

@@ -1,0 +1,145 @@
+"""Checkpoints (resumable training state) and the final export (what the next stage loads).
+
+A checkpoint is ``output_dir/checkpoints/step-00000042/``: DeepSpeed's model / optimizer / scheduler
+states, ``trainer_state.json`` (counters and data position), ``rng_state_<rank>.json``, and ``COMPLETE``,
+written last: a directory without it is a partial write and is ignored (and removed on the next save).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+MARKER = "COMPLETE"
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch in progress
+    window_in_epoch: int = 0  # accumulation windows of this epoch already consumed
+    tokens: int = 0  # learned tokens seen, all ranks
+    world_size: int = 1
+    zero_stage: int = 0
+
+
+def checkpoint_dir(output_dir: Path) -> Path:
+    return output_dir / "checkpoints"
+
+
+def tag(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    root = checkpoint_dir(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / MARKER).is_file())
+
+
+def newest_checkpoint(output_dir: Path) -> Path | None:
+    done = complete_checkpoints(output_dir)
+    return done[-1] if done else None
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "python": repr(random.getstate()),
+        "numpy": np.random.get_state()[1].tolist(),
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import ast
+
+    random.setstate(_to_tuple(ast.literal_eval(state["python"])))
+    np_state = np.random.get_state()
+    np.random.set_state((np_state[0], np.array(state["numpy"], dtype=np.uint32), *np_state[2:]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def _to_tuple(x: Any) -> Any:
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_checkpoint(engine: Any, output_dir: Path, state: TrainerState, rank: int, keep: int) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory."""
+    root = checkpoint_dir(output_dir)
+    t = tag(state.step)
+    path = root / t
+    if rank == 0 and path.exists():  # a partial write from a killed run at the same step
+        shutil.rmtree(path)
+    _barrier()
+    engine.save_checkpoint(str(root), tag=t, save_latest=False)
+    (path / f"rng_state_{rank}.json").write_text(json.dumps(_rng_state()))
+    _barrier()
+    if rank == 0:
+        (path / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+        (path / MARKER).write_text("ok\n")
+        _rotate(output_dir, keep)
+    _barrier()
+    return path
+
+
+def _rotate(output_dir: Path, keep: int) -> None:
+    root = checkpoint_dir(output_dir)
+    done = complete_checkpoints(output_dir)
+    for old in done[: max(0, len(done) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    newest = done[-1] if done else None
+    for p in root.iterdir():  # partial checkpoints older than the newest complete one
+        if p.is_dir() and not (p / MARKER).is_file() and newest is not None and p.name < newest.name:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(engine: Any, path: Path, rank: int) -> TrainerState:
+    state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+    engine.load_checkpoint(str(path.parent), tag=path.name)
+    rng = path / f"rng_state_{rank}.json"
+    if rng.is_file():
+        _set_rng_state(json.loads(rng.read_text()))
+    return state
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+# --- final export -----------------------------------------------------------------------------------------
+
+
+def export_model(engine: Any, tokenizer: Any, output_dir: Path, zero_stage: int, rank: int) -> list[str]:
+    """Write the model the next stage loads: full weights or the peft adapter (safetensors), the tokenizer
+    and the generation config. Collective under ZeRO-3 (weights are gathered to rank 0)."""
+    model = engine.module
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+    if rank != 0:
+        return []
+    output_dir.mkdir(parents=True, exist_ok=True)
+    is_peft = hasattr(model, "peft_config")
+    if is_peft:
+        if state_dict is not None:
+            model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+        else:
+            model.save_pretrained(output_dir, safe_serialization=True)
+    else:
+        if state_dict is None:
+            state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    return sorted(p.name for p in output_dir.iterdir() if p.is_file())

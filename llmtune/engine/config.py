@@ -1,0 +1,117 @@
+"""The DeepSpeed config, optimizer and LR schedule a recipe asks for: plain functions returning plain objects."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from llmtune.errors import RecipeError
+from llmtune.recipe.schema import RecipeBase
+
+
+def check_precision(recipe: RecipeBase, device: torch.device) -> None:
+    """Refuse, before any work, a precision the device cannot train in."""
+    if device.type == "cpu" and recipe.precision == "fp16":
+        raise RecipeError(
+            "precision fp16 is not supported on CPU (DeepSpeed has no fp16 training there)",
+            hint="use precision: bf16 or precision: fp32 on CPU (fp16 is for older NVIDIA GPUs)",
+        )
+    if device.type == "cuda" and recipe.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise RecipeError(
+            f"precision bf16 is not supported by {torch.cuda.get_device_name(device)}",
+            hint="use precision: fp16 (with loss scaling) or fp32 on this GPU",
+        )
+    if recipe.precision == "fp16" and recipe.model.dtype == "bf16":
+        import warnings
+
+        warnings.warn(
+            "training a bf16 model in fp16: values beyond fp16's range (65504) overflow; prefer bf16",
+            stacklevel=2,
+        )
+
+
+def deepspeed_config(recipe: RecipeBase, world_size: int) -> dict[str, Any]:
+    t, d = recipe.train, recipe.distributed
+    zero: dict[str, Any] = {"stage": d.zero_stage}
+    if d.zero_stage >= 2:
+        zero.update(overlap_comm=False, contiguous_gradients=True)
+    if d.zero_stage == 3:
+        zero.update(
+            stage3_gather_16bit_weights_on_model_save=True,
+            stage3_param_persistence_threshold=0,
+        )
+    if d.offload in ("optimizer", "all"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if d.offload == "all":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": float(t.max_grad_norm or 0.0),
+        "zero_optimization": zero,
+        "bf16": {"enabled": recipe.precision == "bf16"},
+        "fp16": {
+            "enabled": recipe.precision == "fp16",
+            "loss_scale": 0,  # dynamic loss scaling
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return cfg
+
+
+def build_optimizer(recipe: RecipeBase, model: torch.nn.Module) -> torch.optim.Optimizer:
+    t = recipe.train
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": t.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    betas = (t.adam_beta1, t.adam_beta2)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr)
+    if t.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=t.lr, betas=betas, eps=t.adam_eps)
+    if recipe.distributed.offload != "none" and torch.cuda.is_available():
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=betas, eps=t.adam_eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=betas, eps=t.adam_eps)
+
+
+def lr_lambda(recipe: RecipeBase, total_steps: int):
+    t = recipe.train
+    warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
+    floor = t.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if t.lr_scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if t.lr_scheduler == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_scheduler(recipe: RecipeBase, optimizer: torch.optim.Optimizer, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total_steps))

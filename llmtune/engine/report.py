@@ -1,0 +1,92 @@
+"""What a run tells its user: the data summary, a progress bar, log lines and metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+from rich.table import Table
+
+
+class MetricsLog:
+    """One JSON object per line: step, loss, lr, ... and eval/* metrics. Only the main process writes."""
+
+    def __init__(self, path: Path, enabled: bool, append: bool = False) -> None:
+        self.path, self.enabled = path, enabled
+        if enabled and not append:
+            path.write_text("")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(clean) + "\n")
+            f.flush()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3e}" if (abs(v) < 1e-3 and v != 0) or abs(v) >= 1e5 else f"{v:.4f}"
+    return str(v)
+
+
+class Progress:
+    """A rich progress bar (loss, lr, tokens/s, ETA) on a terminal; plain log lines everywhere."""
+
+    def __init__(self, console: Console, total: int, start: int) -> None:
+        self.console = console
+        self.bar = RichProgress(
+            TextColumn("[bold]train[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=console.quiet or not console.is_terminal,
+            transient=False,
+        )
+        self.task = self.bar.add_task("train", total=total, completed=start, loss="-", lr="-")
+        self.bar.start()
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, loss: float, lr: float) -> None:
+        self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+
+    def log(self, record: dict[str, Any]) -> None:
+        parts = [f"{k}={_fmt(v)}" for k, v in record.items() if v is not None and k != "step"]
+        self.console.print(f"step {record['step']}: " + " ".join(parts))
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+def print_data_summary(console: Console, data: Any, recipe: Any) -> None:
+    """Rows read / kept / dropped per source, the first dropped rows with reasons, and the shape."""
+    table = Table(title="data", title_justify="left", show_edge=False)
+    for col in ("source", "rows", "kept", "dropped", "examples", "cached"):
+        table.add_column(col, justify="left" if col == "source" else "right")
+    for r in data.reports:
+        table.add_row(r.name, str(r.rows), str(r.kept), str(r.dropped), str(r.examples), "yes" if r.cached else "")
+    console.print(table)
+    for r in data.reports:
+        if r.dropped:
+            reasons = "; ".join(f"{why} ({n}x)" for why, n in r.reasons.most_common(4))
+            first = ", ".join(f"row {i}: {why}" for i, why in r.first[:3])
+            console.print(f"[yellow]dropped[/] {r.dropped} of {r.rows} rows of {r.name}: {reasons}. First: {first}")
+    lengths = [len(s.input_ids) for s in data.train]
+    if lengths:
+        learned = sum(sum(1 for x in s.labels[1:] if x != -100) for s in data.train)
+        console.print(
+            f"train rows: {len(lengths):,} (max_length {recipe.data.max_length}, packing "
+            f"{'on' if recipe.data.packing else 'off'}), tokens: {sum(lengths):,}, learned tokens: {learned:,}, "
+            f"longest row: {max(lengths)}; eval rows: {len(data.eval):,}"
+        )

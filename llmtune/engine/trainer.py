@@ -1,0 +1,311 @@
+"""The training loop every stage shares: setup -> (resume) -> train with accumulation, eval and
+checkpoints -> export. A stage contributes only its data and its step."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from llmtune import __version__
+from llmtune.data.chat import resolve_chat_template
+from llmtune.data.pipeline import Sample, collate
+from llmtune.engine.checkpoint import (
+    TrainerState,
+    export_model,
+    load_checkpoint,
+    newest_checkpoint,
+    save_checkpoint,
+)
+from llmtune.engine.config import build_optimizer, build_scheduler, check_precision, deepspeed_config
+from llmtune.engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
+from llmtune.engine.report import MetricsLog, Progress, print_data_summary
+from llmtune.errors import DataError, RecipeError, TrainingError
+from llmtune.model.load import describe, load_model, load_tokenizer
+from llmtune.recipe.load import dump_recipe
+from llmtune.recipe.schema import RecipeBase
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Batches:
+    """Deterministic data order: a seeded permutation per epoch, sharded over ranks, cut into micro-batches
+    and grouped into accumulation windows. Position = (epoch, window), so a resumed run continues exactly."""
+
+    def __init__(self, samples: list[Sample], recipe: RecipeBase, dist: DistInfo, pad_id: int) -> None:
+        self.samples, self.recipe, self.dist, self.pad_id = samples, recipe, dist, pad_id
+        t = recipe.train
+        per_rank = math.ceil(len(samples) / dist.world_size)
+        self.micro_per_rank = math.ceil(per_rank / t.micro_batch_size)
+        self.windows_per_epoch = self.micro_per_rank // t.grad_accum
+        if self.windows_per_epoch == 0:
+            raise DataError(
+                f"{len(samples)} training rows give {self.micro_per_rank} micro-batches per process per epoch, "
+                f"fewer than train.grad_accum={t.grad_accum}",
+                hint="lower train.grad_accum or train.micro_batch_size, or add data",
+            )
+
+    def epoch_windows(self, epoch: int, start_window: int = 0) -> Iterator[list[dict[str, torch.Tensor]]]:
+        t, n = self.recipe.train, len(self.samples)
+        order = list(range(n))
+        if self.recipe.data.shuffle:
+            random.Random(self.recipe.seed * 1000003 + epoch).shuffle(order)
+        world = self.dist.world_size
+        if n % world:  # every rank gets the same number of rows: wrap around
+            order += order[: world - n % world]
+        mine = order[self.dist.rank :: world]
+        micro = [mine[i : i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
+        for w in range(start_window, self.windows_per_epoch):
+            chunk = micro[w * t.grad_accum : (w + 1) * t.grad_accum]
+            yield [collate([self.samples[i] for i in idx], self.pad_id) for idx in chunk]
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def prepare_output_dir(recipe: RecipeBase, dist: DistInfo) -> Path:
+    out = Path(recipe.output_dir).expanduser()
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+    barrier()
+    return out
+
+
+def evaluate(engine: Any, stage: Any, samples: list[Sample], recipe: RecipeBase, dist: DistInfo, pad_id: int):
+    """Loss over the eval set (every rank takes a shard; sums are reduced). Returns name -> value."""
+    model = engine.module
+    was_training = model.training
+    model.eval()
+    bs = recipe.train.eval_batch_size or recipe.train.micro_batch_size
+    mine = samples[dist.rank :: dist.world_size]
+    loss = torch.zeros((), dtype=torch.float64, device=dist.device)
+    units = torch.zeros((), dtype=torch.float64, device=dist.device)
+    sums: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for i in range(0, len(mine), bs):
+            batch = _to(collate(mine[i : i + bs], pad_id), dist.device)
+            out = stage.step(engine, batch)
+            loss += out.loss_sum.double()
+            units += out.units.double()
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=dist.device)) + v.double()
+    if was_training:
+        model.train()
+    loss, units = all_reduce_sum(loss), all_reduce_sum(units)
+    n = max(units.item(), 1.0)
+    result = {"eval/loss": loss.item() / n, "eval/units": units.item()}
+    result["eval/perplexity"] = math.exp(min(result["eval/loss"], 50.0))
+    for k, v in sums.items():
+        result[f"eval/{k}"] = all_reduce_sum(v).item() / n
+    return result
+
+
+def train(recipe: RecipeBase, stage: Any, local_rank: int | None = None) -> None:
+    # --- setup: fail fast, before any heavy work ---------------------------------------------------------
+    dist = setup_distributed(recipe.distributed.backend, local_rank)
+    console = Console(quiet=not dist.is_main, highlight=False)
+    check_precision(recipe, dist.device)
+    seed_everything(recipe.seed)
+    out = prepare_output_dir(recipe, dist)
+    t = recipe.train
+
+    tokenizer = load_tokenizer(recipe.model)
+    template = resolve_chat_template(tokenizer, recipe.model.chat_template, required=stage.needs_chat_template)
+    if template is not None:
+        tokenizer.chat_template = template
+    # Rank 0 tokenizes first and fills the cache; the others then read it.
+    if dist.is_main:
+        data = stage.build_data(recipe, tokenizer, template)
+    barrier()
+    if not dist.is_main:
+        data = stage.build_data(recipe, tokenizer, template)
+    print_data_summary(console, data, recipe)
+    if not data.train:
+        raise DataError("no training example left after reading the data", hint="see the summary above")
+
+    batches = Batches(data.train, recipe, dist, tokenizer.pad_token_id)
+    if t.max_steps is not None:
+        total_steps = t.max_steps
+    else:
+        total_steps = max(1, round(t.epochs * batches.windows_per_epoch))
+
+    ds_config = deepspeed_config(recipe, dist.world_size)
+    import deepspeed
+
+    hf_ds = None
+    if recipe.distributed.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds_config)  # must stay alive while the model loads: partitioned init
+    loaded = load_model(recipe, dist.device, tokenizer)
+    describe(loaded, recipe, console)
+    model = loaded.model
+    optimizer = build_optimizer(recipe, model)
+    scheduler = build_scheduler(recipe, optimizer, total_steps)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    del hf_ds
+
+    state = TrainerState(world_size=dist.world_size, zero_stage=recipe.distributed.zero_stage)
+    ckpt = newest_checkpoint(out)
+    if ckpt is not None:
+        previous = json.loads((ckpt / "trainer_state.json").read_text())
+        if previous["world_size"] != dist.world_size or previous["zero_stage"] != recipe.distributed.zero_stage:
+            raise RecipeError(
+                f"{ckpt} was written with {previous['world_size']} processes and ZeRO-{previous['zero_stage']}; "
+                f"this run has {dist.world_size} and ZeRO-{recipe.distributed.zero_stage}",
+                hint="resume with the same launch settings, or use a new output_dir",
+            )
+        state = load_checkpoint(engine, ckpt, dist.rank)
+        console.print(f"resumed from {ckpt} (step {state.step})")
+
+    mb = t.micro_batch_size
+    console.print(
+        f"training: {len(data.train):,} rows, {batches.windows_per_epoch:,} steps/epoch, {total_steps:,} steps | "
+        f"batch {mb} x accum {t.grad_accum} x {dist.world_size} proc = {mb * t.grad_accum * dist.world_size} "
+        f"rows/step | ZeRO-{recipe.distributed.zero_stage} {recipe.precision} on {dist.device.type}"
+    )
+    log = MetricsLog(out / "metrics.jsonl", dist.is_main, append=ckpt is not None)
+    manifest = {
+        "llmtune": __version__,
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "stage": recipe.stage,
+        "world_size": dist.world_size,
+        "device": dist.device.type,
+        "total_steps": total_steps,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "status": "running",
+    }
+    _write_manifest(out, manifest, dist)
+
+    # --- train --------------------------------------------------------------------------------------------
+    engine.train()
+    progress = Progress(console, total_steps, state.step)
+    window_tokens = 0.0
+    t_last = time.perf_counter()
+    saved_step = state.step if ckpt is not None else -1
+    try:
+        while state.step < total_steps:
+            for window in batches.epoch_windows(state.epoch, state.window_in_epoch):
+                loss_val, units = _train_window(engine, stage, window, dist)
+                state.step += 1
+                state.window_in_epoch += 1
+                state.tokens += int(units)
+                window_tokens += units
+                if not math.isfinite(loss_val):
+                    raise TrainingError(
+                        f"the loss is {loss_val} at step {state.step}; training stopped "
+                        f"(newest complete checkpoint kept in {out / 'checkpoints'})\n"
+                        "  fix: lower train.lr, keep train.max_grad_norm on, use bf16 rather than fp16, "
+                        "and check the data for empty or extreme rows"
+                    )
+                lr = scheduler.get_last_lr()[0]
+                if state.step % t.log_every == 0 or state.step == total_steps or state.step == 1:
+                    now = time.perf_counter()
+                    record = {
+                        "step": state.step,
+                        "epoch": round(state.epoch + state.window_in_epoch / batches.windows_per_epoch, 4),
+                        "loss": loss_val,
+                        "lr": lr,
+                        "grad_norm": _grad_norm(engine),
+                        "tokens": state.tokens,
+                        "tokens_per_s": window_tokens / max(now - t_last, 1e-9),
+                    }
+                    window_tokens, t_last = 0.0, now
+                    log.write(record)
+                    progress.log(record)
+                progress.update(state.step, loss_val, lr)
+                if t.eval_every and data.eval and state.step % t.eval_every == 0 and state.step < total_steps:
+                    _eval_and_log(engine, stage, data.eval, recipe, dist, tokenizer, state, log, progress)
+                if t.save_every and state.step % t.save_every == 0 and state.step < total_steps:
+                    save_checkpoint(engine, out, state, dist.rank, t.keep_checkpoints)
+                    saved_step = state.step
+                if state.step >= total_steps:
+                    break
+            else:
+                state.epoch += 1
+                state.window_in_epoch = 0
+    except BaseException:
+        progress.stop()
+        manifest["status"] = "failed"
+        _write_manifest(out, manifest, dist)
+        raise
+    progress.stop()
+
+    if data.eval:
+        _eval_and_log(engine, stage, data.eval, recipe, dist, tokenizer, state, log, progress)
+    if t.save_every and saved_step != state.step:
+        save_checkpoint(engine, out, state, dist.rank, t.keep_checkpoints)
+
+    # --- export ---------------------------------------------------------------------------------------------
+    engine.module.config.use_cache = True
+    files = export_model(engine, tokenizer, out, recipe.distributed.zero_stage, dist.rank)
+    manifest.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), steps=state.step)
+    manifest["trainer_state"] = asdict(state)
+    _write_manifest(out, manifest, dist)
+    barrier()
+    console.print(f"[green]done[/]: {state.step} steps; model written to {out} ({', '.join(files)})")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _train_window(engine: Any, stage: Any, window: list[dict[str, torch.Tensor]], dist: DistInfo):
+    """One optimizer step over an accumulation window. The loss is normalised by the number of units
+    (tokens) in the whole window on all ranks, so the update does not depend on how rows are split into
+    micro-batches, accumulation steps and processes. DeepSpeed averages gradients over ranks, hence the
+    factor world_size."""
+    batches = [_to(b, dist.device) for b in window]
+    local_units = sum(stage.units(b).double() for b in batches)
+    global_units = all_reduce_sum(torch.as_tensor(local_units, dtype=torch.float64, device=dist.device))
+    denom = max(global_units.item(), 1.0)
+    loss_total = torch.zeros((), dtype=torch.float64, device=dist.device)
+    for b in batches:
+        out = stage.step(engine, b)
+        loss = out.loss_sum * (dist.world_size / denom)
+        engine.backward(loss, scale_wrt_gas=False)
+        engine.step()
+        loss_total += out.loss_sum.detach().double()
+    loss_total = all_reduce_sum(loss_total)
+    return loss_total.item() / denom, global_units.item()
+
+
+def _grad_norm(engine: Any) -> float | None:
+    try:
+        g = engine.get_global_grad_norm()
+    except Exception:
+        return None
+    if g is None:
+        return None
+    return float(g.item() if isinstance(g, torch.Tensor) else g)
+
+
+def _eval_and_log(engine, stage, samples, recipe, dist, tokenizer, state, log, progress) -> None:
+    result = evaluate(engine, stage, samples, recipe, dist, tokenizer.pad_token_id)
+    record = {"step": state.step, **result}
+    log.write(record)
+    progress.log(record)
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any], dist: DistInfo) -> None:
+    if dist.is_main:
+        tmp = out / "run.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, out / "run.json")

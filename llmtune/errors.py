@@ -1,0 +1,32 @@
+"""Errors that reach the user as a message (exit 2) rather than a traceback."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the recipe, the data, the arguments or the environment that the user can fix.
+
+    The CLI prints ``error: <message>`` and exits with ``exit_code`` (2), without a traceback.
+    Messages name the problem and the fix.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(message if hint is None else f"{message}\n  fix: {hint}")
+
+
+class RecipeError(UserError):
+    """The recipe file or an override is invalid."""
+
+
+class DataError(UserError):
+    """A data file is missing, unreadable, or yields nothing to train on."""
+
+
+class TrainingError(Exception):
+    """Training stopped for a reason found at run time (NaN loss, ...). Exit code 1; finished work is kept."""
+
+    exit_code = 1

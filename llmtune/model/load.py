@@ -1,0 +1,222 @@
+"""Loading the model and tokenizer a recipe names, and making the parts that train trainable.
+
+full: every weight; freeze: the last N decoder layers and named modules; lora: peft adapters;
+qlora: peft adapters on a 4-bit NF4 base (bitsandbytes), prepared for k-bit training.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from llmtune.errors import RecipeError, UserError
+from llmtune.recipe.schema import FinetuningConfig, ModelConfig, RecipeBase
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    trainable_params: int
+    total_params: int
+
+
+def _hub_kwargs(m: ModelConfig) -> dict[str, Any]:
+    kw: dict[str, Any] = {"trust_remote_code": m.trust_remote_code}
+    if m.revision:
+        kw["revision"] = m.revision
+    token = m.hub_token.get_secret_value() if m.hub_token is not None else None
+    if token:
+        kw["token"] = token
+    return kw
+
+
+def load_tokenizer(m: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    path = m.tokenizer or m.path
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **_hub_kwargs(m))
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"could not load the tokenizer from {path}: {str(e).splitlines()[0]}",
+            hint="check model.path / model.tokenizer (a local directory with tokenizer files, or a hub id; "
+            "offline machines need a local directory)",
+        ) from None
+    if tok.pad_token_id is None:
+        # Padding positions are masked by attention_mask and labels=-100 by position, never by comparing
+        # token ids, so reusing EOS as the pad token does not mask EOS out of the labels.
+        candidate = tok.eos_token or tok.unk_token
+        if candidate is None:
+            tok.add_special_tokens({"pad_token": "<|pad|>"})
+        else:
+            tok.pad_token = candidate
+    tok.padding_side = "right"
+    return tok
+
+
+def weight_dtype(recipe: RecipeBase) -> torch.dtype:
+    if recipe.model.dtype != "auto":
+        return DTYPES[recipe.model.dtype]
+    return DTYPES[recipe.precision]
+
+
+def load_model(recipe: RecipeBase, device: torch.device, tokenizer: Any) -> LoadedModel:
+    """Load the causal LM and apply the fine-tuning method. Call with HfDeepSpeedConfig alive for ZeRO-3."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m, ft = recipe.model, recipe.finetuning
+    if m.trust_remote_code:
+        warnings.warn(f"model.trust_remote_code is true: Python code shipped with {m.path} will run", stacklevel=2)
+    dtype = weight_dtype(recipe)
+    kwargs: dict[str, Any] = {"dtype": dtype, **_hub_kwargs(m)}
+    if m.attn_implementation != "auto":
+        kwargs["attn_implementation"] = m.attn_implementation
+    if ft.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.float32 if recipe.precision == "fp32" else DTYPES[recipe.precision]
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=ft.quant_type,
+            bnb_4bit_use_double_quant=ft.double_quant,
+            bnb_4bit_compute_dtype=compute,
+        )
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+    try:
+        AutoConfig.from_pretrained(m.path, **_hub_kwargs(m))
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"could not load a model config from {m.path}: {str(e).splitlines()[0]}",
+            hint="model.path must be a local directory with config.json and weights, or a hub id",
+        ) from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(m.path, **kwargs)
+    except ImportError as e:
+        if "flash" in str(e).lower():
+            raise RecipeError(
+                f"model.attn_implementation {m.attn_implementation} is not available here: {e}",
+                hint="use attn_implementation: sdpa (or install flash-attn on a CUDA machine)",
+            ) from None
+        raise
+    except ValueError as e:
+        if "attn_implementation" in str(e) or "attention" in str(e).lower():
+            raise RecipeError(
+                f"model.attn_implementation: {str(e).splitlines()[0]}", hint="use attn_implementation: sdpa"
+            ) from None
+        raise
+
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False
+
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    model = apply_method(model, ft, recipe.train.gradient_checkpointing)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    if trainable == 0:
+        raise RecipeError(
+            "no parameter is trainable with this finetuning setup",
+            hint="for method freeze, raise finetuning.trainable_layers or name finetuning.trainable_modules",
+        )
+    return LoadedModel(model=model, tokenizer=tokenizer, trainable_params=trainable, total_params=total)
+
+
+def apply_method(model: torch.nn.Module, ft: FinetuningConfig, grad_ckpt: bool) -> torch.nn.Module:
+    if ft.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if ft.method == "freeze":
+        return _freeze(model, ft)
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if ft.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=grad_ckpt,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    config = LoraConfig(
+        r=ft.lora_r,
+        lora_alpha=ft.lora_alpha,
+        lora_dropout=ft.lora_dropout,
+        target_modules=ft.target_modules,
+        modules_to_save=ft.modules_to_save or None,
+        use_rslora=ft.use_rslora,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as e:
+        raise RecipeError(
+            f"finetuning.target_modules {ft.target_modules!r}: {str(e).splitlines()[0]}",
+            hint="name modules that exist in the model (e.g. q_proj, v_proj), or use all-linear",
+        ) from None
+    if grad_ckpt:
+        model.enable_input_require_grads()
+    return model
+
+
+def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The model's list of transformer blocks: the longest ModuleList (model.layers, h, blocks, ...)."""
+    best: tuple[str, torch.nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and (best is None or len(mod) > len(best[1])):
+            best = (name, mod)
+    if best is None:
+        raise RecipeError(
+            "finetuning.method freeze: the model has no list of decoder layers",
+            hint="use finetuning.trainable_modules to name what trains, or another method",
+        )
+    return best
+
+
+def _freeze(model: torch.nn.Module, ft: FinetuningConfig) -> torch.nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if ft.trainable_layers:
+        _, layers = decoder_layers(model)
+        n = min(ft.trainable_layers, len(layers))
+        for layer in list(layers)[len(layers) - n :]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+    unmatched = []
+    for pattern in ft.trainable_modules:
+        hits = [p for name, p in model.named_parameters() if pattern in name]
+        if not hits:
+            unmatched.append(pattern)
+        for p in hits:
+            p.requires_grad_(True)
+    if unmatched:
+        names = sorted({n.rsplit(".", 1)[0] for n, _ in model.named_parameters()})[:12]
+        raise RecipeError(
+            f"finetuning.trainable_modules: no parameter name contains {', '.join(map(repr, unmatched))}",
+            hint=f"use substrings of parameter names, e.g. {', '.join(names[:6])}",
+        )
+    return model
+
+
+def describe(loaded: LoadedModel, recipe: RecipeBase, console: Console) -> None:
+    pct = 100.0 * loaded.trainable_params / max(loaded.total_params, 1)
+    console.print(
+        f"model: {recipe.model.path} | method {recipe.finetuning.method} | "
+        f"trainable {loaded.trainable_params:,} / {loaded.total_params:,} params ({pct:.2f}%)"
+    )
+
+
+def is_local_dir(path: str) -> bool:
+    return Path(os.path.expanduser(path)).is_dir()

@@ -1,0 +1,1 @@
+"""Pure torch losses: tensors in, tensors out. No model, no deepspeed."""

@@ -1,0 +1,267 @@
+"""The recipe schema: one pydantic model per stage, discriminated on ``stage:``.
+
+Every block forbids unknown keys, every field has a default and a description, and cross-field
+checks say how to fix what they reject. This module imports only pydantic (``llmtune validate``
+and ``llmtune --help`` must not import torch).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+DATA_FORMATS = ("alpaca", "sharegpt", "messages", "text")
+
+
+class Block(BaseModel):
+    """Base of every recipe block: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(Block):
+    path: str = Field(description="Hub id (e.g. Qwen/Qwen2.5-0.5B) or local directory of the model to start from.")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) to load.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto",
+        description="Dtype the weights are loaded in. auto: follow `precision` (fp32 when precision is fp32).",
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
+        default="sdpa", description="Attention kernel. auto lets transformers choose."
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Run Python code shipped with the model. Only for models you trust."
+    )
+    chat_template: str | None = Field(
+        default=None,
+        description="null: the tokenizer's own template; else a built-in name (chatml, llama3, alpaca) or a "
+        ".jinja file.",
+    )
+    tokenizer: str | None = Field(default=None, description="Tokenizer path if it differs from the model path.")
+    hub_token: SecretStr | None = Field(
+        default=None, description="Hub access token (never written to outputs; HF_TOKEN also works)."
+    )
+
+
+class FinetuningConfig(Block):
+    method: Literal["full", "freeze", "lora", "qlora"] = Field(
+        default="lora",
+        description="full: all weights; freeze: only the last layers / named modules; "
+        "lora: low-rank adapters; qlora: lora on a 4-bit NF4 base.",
+    )
+    lora_r: int = Field(default=16, ge=1, description="LoRA rank.")
+    lora_alpha: float = Field(default=32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        default="all-linear",
+        description="Modules that get adapters: all-linear, or a list of module names (q_proj, v_proj, ...).",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained in full and saved with the adapter (e.g. lm_head)."
+    )
+    use_rslora: bool = Field(default=False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    trainable_layers: int = Field(
+        default=2, ge=0, description="freeze: number of last decoder layers that are trained."
+    )
+    trainable_modules: list[str] = Field(
+        default_factory=list,
+        description="freeze: extra parameter-name substrings that are trained (e.g. embed_tokens, lm_head).",
+    )
+    quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="qlora: 4-bit data type.")
+    double_quant: bool = Field(default=True, description="qlora: quantize the quantization constants too.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, str) and v != "all-linear":
+            return [v]
+        if isinstance(v, list) and not v:
+            raise ValueError("is empty: name at least one module (e.g. [q_proj, v_proj]) or use all-linear")
+        return v
+
+
+class DataSource(Block):
+    path: str = Field(description="A file (json, jsonl, parquet, csv, txt), a directory of them, or a hub id.")
+    format: Literal["alpaca", "sharegpt", "messages", "text"] | None = Field(
+        default=None, description="Row format; omitted = detected from the first rows."
+    )
+    weight: float = Field(
+        default=1.0,
+        gt=0,
+        description="Mixing multiplier: 2.0 repeats the source twice, 0.5 takes a random half.",
+    )
+    max_samples: int | None = Field(default=None, ge=1, description="Use at most this many rows of this source.")
+    split: str = Field(default="train", description="Split to load for hub datasets.")
+    subset: str | None = Field(default=None, description="Hub dataset configuration name.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename columns to the names the format expects, e.g. {instruction: question, output: answer}.",
+    )
+    system: str | None = Field(default=None, description="System prompt for rows that have none.")
+
+
+class DataConfig(Block):
+    train: list[DataSource] = Field(description="One or more sources, mixed.")
+    eval: list[DataSource] = Field(default_factory=list, description="Held-out sources for evaluation.")
+    eval_split: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Fraction of train rows held out for evaluation when eval is empty.",
+    )
+    max_length: int = Field(default=2048, ge=8, description="Longest sequence, in tokens.")
+    packing: bool = Field(
+        default=False,
+        description="cpt: concatenate and chunk; sft: several examples per row with restarting position ids.",
+    )
+    on_bad_row: Literal["drop", "error"] = Field(
+        default="drop",
+        description="drop: skip malformed / empty / untrainable rows and count them; error: stop.",
+    )
+    cache_dir: str | None = Field(
+        default=None,
+        description="Where tokenized data is cached (default: $LLMTUNE_CACHE or ~/.cache/llmtune).",
+    )
+    shuffle: bool = Field(default=True, description="Shuffle training rows every epoch (seeded).")
+
+    @field_validator("train")
+    @classmethod
+    def _nonempty(cls, v: list[DataSource]) -> list[DataSource]:
+        if not v:
+            raise ValueError("is empty: list at least one source, e.g. [{path: data/train.jsonl}]")
+        return v
+
+    @model_validator(mode="after")
+    def _eval_choice(self) -> DataConfig:
+        if self.eval and self.eval_split > 0:
+            raise ValueError("set either data.eval (held-out files) or data.eval_split (a fraction), not both")
+        return self
+
+
+class TrainConfig(Block):
+    epochs: float = Field(default=1, gt=0, description="Passes over the training data (max_steps wins when set).")
+    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps to run; overrides epochs.")
+    micro_batch_size: int = Field(default=4, ge=1, description="Sequences per forward pass per process.")
+    grad_accum: int = Field(default=1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(default=2.0e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="LR decay after warmup."
+    )
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1, description="Fraction of steps for linear warmup.")
+    warmup_steps: int | None = Field(default=None, ge=0, description="Warmup steps; overrides warmup_ratio.")
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="Final LR as a fraction of lr (cosine, linear).")
+    optimizer: Literal["adamw", "adamw_8bit", "sgd"] = Field(default="adamw", description="Optimizer.")
+    weight_decay: float = Field(default=0.0, ge=0, description="Decoupled weight decay.")
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(default=0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_eps: float = Field(default=1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float | None = Field(default=1.0, description="Clip gradients to this norm; null or 0 = off.")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
+    log_every: int = Field(default=10, ge=1, description="Log every N optimizer steps.")
+    eval_every: int | None = Field(default=None, ge=1, description="Evaluate every N steps (and at the end).")
+    save_every: int | None = Field(default=None, ge=1, description="Write a resumable checkpoint every N steps.")
+    keep_checkpoints: int = Field(default=2, ge=1, description="Keep the newest N checkpoints.")
+    eval_batch_size: int | None = Field(default=None, ge=1, description="Eval micro-batch (default micro_batch_size).")
+
+    @field_validator("max_grad_norm")
+    @classmethod
+    def _clip(cls, v: float | None) -> float | None:
+        if v is not None and v < 0:
+            raise ValueError("must be >= 0 (0 or null turns clipping off)")
+        return v
+
+
+class DistributedConfig(Block):
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=0, description="DeepSpeed ZeRO stage.")
+    offload: Literal["none", "optimizer", "all"] = Field(
+        default="none",
+        description="ZeRO CPU offload: optimizer states (stage >= 1), or also parameters (stage 3).",
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        default="auto", description="Process-group backend. auto: nccl on GPU, gloo on CPU."
+    )
+
+    @model_validator(mode="after")
+    def _offload(self) -> DistributedConfig:
+        if self.offload == "optimizer" and self.zero_stage == 0:
+            raise ValueError("offload: optimizer needs zero_stage 1, 2 or 3 (set distributed.zero_stage: 2)")
+        if self.offload == "all" and self.zero_stage != 3:
+            raise ValueError("offload: all (parameters too) needs zero_stage: 3")
+        return self
+
+
+class SftConfig(Block):
+    train_on_prompt: bool = Field(
+        default=False,
+        description="Also learn the system / user / tool tokens (default: assistant turns only).",
+    )
+
+
+class RecipeBase(Block):
+    output_dir: str = Field(description="Everything the run writes goes here.")
+    seed: int = Field(default=42, description="Seed for data order, dropout and initialisation.")
+    model: ModelConfig
+    finetuning: FinetuningConfig = Field(default_factory=FinetuningConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    precision: Literal["bf16", "fp16", "fp32"] = Field(default="bf16", description="Training precision.")
+
+    @model_validator(mode="after")
+    def _cross(self) -> RecipeBase:
+        if self.finetuning.method == "qlora" and self.distributed.zero_stage == 3:
+            raise ValueError(
+                "finetuning.method qlora cannot be combined with distributed.zero_stage 3 in this version: "
+                "use zero_stage 0-2 (4-bit weights are already small), or method: lora with zero_stage 3"
+            )
+        if self.finetuning.method == "qlora" and self.precision == "fp16" and self.model.dtype == "bf16":
+            raise ValueError("precision fp16 with model.dtype bf16: set both to bf16, or both to fp16")
+        return self
+
+    def data_files(self) -> list[Path]:
+        """Local paths named by the data sources (hub ids excluded)."""
+        return [Path(s.path) for s in [*self.data.train, *self.data.eval] if looks_local(s.path)]
+
+
+class CptRecipe(RecipeBase):
+    """Continued pretraining on raw text: every token is learned."""
+
+    stage: Literal["cpt"]
+
+    @model_validator(mode="after")
+    def _text_only(self) -> CptRecipe:
+        for i, s in enumerate([*self.data.train, *self.data.eval]):
+            if s.format not in (None, "text"):
+                raise ValueError(
+                    f"data source {i} ({s.path}) has format {s.format}: cpt learns raw text; use format: text "
+                    "(or stage: sft for conversations)"
+                )
+        return self
+
+
+class SftRecipe(RecipeBase):
+    """Supervised fine-tuning on conversations: the assistant turns are learned."""
+
+    stage: Literal["sft"]
+    sft: SftConfig = Field(default_factory=SftConfig)
+
+
+Recipe = Annotated[CptRecipe | SftRecipe, Field(discriminator="stage")]
+STAGES = ("cpt", "sft")
+PLANNED_STAGES = ("rm", "dpo", "ppo", "rejection_sampling")
+
+_FILE_SUFFIXES = {".json", ".jsonl", ".parquet", ".csv", ".txt", ".tsv", ".arrow", ".gz"}
+
+
+def looks_local(path: str) -> bool:
+    """True when a data / model path names the local filesystem rather than a hub id.
+
+    A path that exists, starts with ``.``, ``/`` or ``~``, has a data-file suffix, or has more than one
+    ``/`` is local; ``name`` or ``owner/name`` that does not exist is a hub id.
+    """
+    p = Path(path).expanduser()
+    if p.exists() or path.startswith((".", "/", "~")) or p.suffix.lower() in _FILE_SUFFIXES:
+        return True
+    return path.count("/") > 1

@@ -1,0 +1,53 @@
+"""What a stage gives the trainer core: its data, and one step (batch -> summed loss, units, metrics)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from llmtune.data.pipeline import Sample, SourceReport
+from llmtune.recipe.schema import RecipeBase
+
+
+@dataclass
+class StageData:
+    train: list[Sample]
+    eval: list[Sample]
+    reports: list[SourceReport]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StepOutput:
+    """loss_sum: the loss summed over `units` (tokens for LM stages); metrics: sums over the same units."""
+
+    loss_sum: torch.Tensor
+    units: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Stage(Protocol):
+    name: str
+    needs_chat_template: bool
+
+    def build_data(self, recipe: Any, tokenizer: Any, template: str | None) -> StageData: ...
+
+    def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput: ...
+
+
+def forward_lm(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits (B, T, V) of a causal LM for a collated batch (padded or packed)."""
+    kwargs: dict[str, torch.Tensor] = {"input_ids": batch["input_ids"]}
+    for k in ("attention_mask", "position_ids"):
+        if k in batch:
+            kwargs[k] = batch[k]
+    return model(**kwargs, use_cache=False).logits
+
+
+def recipe_settings(recipe: RecipeBase, *parts: object) -> str:
+    """The settings that change tokenization, for the data cache key."""
+    return "|".join(map(str, (recipe.stage, recipe.data.max_length, *parts)))

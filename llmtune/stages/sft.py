@@ -1,0 +1,35 @@
+"""Supervised fine-tuning: conversations rendered with the chat template, assistant turns learned."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmtune.data.pipeline import (
+    as_samples,
+    build_data,
+    conversation_encoder,
+    fingerprint_tokenizer,
+    pack_examples,
+)
+from llmtune.recipe.schema import SftRecipe
+from llmtune.stages.base import StageData, recipe_settings
+from llmtune.stages.lm import LanguageModelStep
+
+
+class SftStage(LanguageModelStep):
+    name = "sft"
+    needs_chat_template = True
+
+    def build_data(self, recipe: SftRecipe, tokenizer: Any, template: str | None) -> StageData:
+        assert template is not None  # resolved with required=True by the trainer
+        d = recipe.data
+        on_prompt = recipe.sft.train_on_prompt
+        settings = recipe_settings(recipe, on_prompt, fingerprint_tokenizer(tokenizer, template))
+        encoder = conversation_encoder(tokenizer, template, d.max_length, on_prompt)
+        bundle = build_data(recipe, encoder, settings)
+        if d.packing:
+            train = pack_examples(bundle.train, d.max_length, recipe.seed)
+            evals = pack_examples(bundle.eval, d.max_length, recipe.seed)
+        else:
+            train, evals = as_samples(bundle.train), as_samples(bundle.eval)
+        return StageData(train=train, eval=evals, reports=bundle.reports)
