@@ -119,7 +119,7 @@ def evaluate(engine: Any, stage: Any, samples: list[Sample], recipe: RecipeBase,
 def train(recipe: RecipeBase, stage: Any, local_rank: int | None = None) -> None:
     # --- setup: fail fast, before any heavy work ---------------------------------------------------------
     dist = setup_distributed(recipe.distributed.backend, local_rank)
-    console = Console(quiet=not dist.is_main, highlight=False)
+    console = Console(quiet=not dist.is_main, highlight=False, soft_wrap=True)
     check_precision(recipe, dist.device)
     seed_everything(recipe.seed)
     out = prepare_output_dir(recipe, dist)
@@ -156,6 +156,13 @@ def train(recipe: RecipeBase, stage: Any, local_rank: int | None = None) -> None
     loaded = load_model(recipe, dist.device, tokenizer)
     describe(loaded, recipe, console)
     model = loaded.model
+    if recipe.distributed.zero_stage == 3 and recipe.precision != "fp32":
+        # ZeRO 0-2 cast the module to the training dtype; ZeRO-3 expects it done, and peft creates its
+        # adapter weights in fp32 next to the bf16 / fp16 base.
+        dtype = torch.bfloat16 if recipe.precision == "bf16" else torch.float16
+        for p in model.parameters():
+            if p.dtype.is_floating_point and p.dtype != dtype and not hasattr(p, "ds_id"):
+                p.data = p.data.to(dtype)
     optimizer = build_optimizer(recipe, model)
     scheduler = build_scheduler(recipe, optimizer, total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -205,7 +212,8 @@ def train(recipe: RecipeBase, stage: Any, local_rank: int | None = None) -> None
     try:
         while state.step < total_steps:
             for window in batches.epoch_windows(state.epoch, state.window_in_epoch):
-                loss_val, units = _train_window(engine, stage, window, dist)
+                lr = scheduler.get_last_lr()[0]  # the rate this step uses
+                loss_val, units, grad_norm = _train_window(engine, stage, window, dist)
                 state.step += 1
                 state.window_in_epoch += 1
                 state.tokens += int(units)
@@ -217,7 +225,6 @@ def train(recipe: RecipeBase, stage: Any, local_rank: int | None = None) -> None
                         "  fix: lower train.lr, keep train.max_grad_norm on, use bf16 rather than fp16, "
                         "and check the data for empty or extreme rows"
                     )
-                lr = scheduler.get_last_lr()[0]
                 if state.step % t.log_every == 0 or state.step == total_steps or state.step == 1:
                     now = time.perf_counter()
                     record = {
@@ -225,7 +232,7 @@ def train(recipe: RecipeBase, stage: Any, local_rank: int | None = None) -> None
                         "epoch": round(state.epoch + state.window_in_epoch / batches.windows_per_epoch, 4),
                         "loss": loss_val,
                         "lr": lr,
-                        "grad_norm": _grad_norm(engine),
+                        "grad_norm": grad_norm,
                         "tokens": state.tokens,
                         "tokens_per_s": window_tokens / max(now - t_last, 1e-9),
                     }
@@ -277,21 +284,28 @@ def _train_window(engine: Any, stage: Any, window: list[dict[str, torch.Tensor]]
     global_units = all_reduce_sum(torch.as_tensor(local_units, dtype=torch.float64, device=dist.device))
     denom = max(global_units.item(), 1.0)
     loss_total = torch.zeros((), dtype=torch.float64, device=dist.device)
-    for b in batches:
+    grad_norm = None
+    for i, b in enumerate(batches):
         out = stage.step(engine, b)
         loss = out.loss_sum * (dist.world_size / denom)
         engine.backward(loss, scale_wrt_gas=False)
+        if i == len(batches) - 1 and engine.zero_optimization_stage() == 0:
+            grad_norm = _local_grad_norm(engine.module)  # ZeRO-0 keeps whole gradients on every rank
         engine.step()
         loss_total += out.loss_sum.detach().double()
     loss_total = all_reduce_sum(loss_total)
-    return loss_total.item() / denom, global_units.item()
+    if grad_norm is None:
+        grad_norm = _engine_grad_norm(engine)
+    return loss_total.item() / denom, global_units.item(), grad_norm
 
 
-def _grad_norm(engine: Any) -> float | None:
-    try:
-        g = engine.get_global_grad_norm()
-    except Exception:
-        return None
+def _local_grad_norm(model: torch.nn.Module) -> float | None:
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return torch.stack(norms).norm().item() if norms else None
+
+
+def _engine_grad_norm(engine: Any) -> float | None:
+    g = engine.get_global_grad_norm()
     if g is None:
         return None
     return float(g.item() if isinstance(g, torch.Tensor) else g)

@@ -124,14 +124,18 @@ def load_model(recipe: RecipeBase, device: torch.device, tokenizer: Any) -> Load
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     model = apply_method(model, ft, recipe.train.gradient_checkpointing)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
     if trainable == 0:
         raise RecipeError(
             "no parameter is trainable with this finetuning setup",
             hint="for method freeze, raise finetuning.trainable_layers or name finetuning.trainable_modules",
         )
     return LoadedModel(model=model, tokenizer=tokenizer, trainable_params=trainable, total_params=total)
+
+
+def _numel(p: torch.nn.Parameter) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitions leave an empty local tensor
 
 
 def apply_method(model: torch.nn.Module, ft: FinetuningConfig, grad_ckpt: bool) -> torch.nn.Module:
@@ -144,6 +148,7 @@ def apply_method(model: torch.nn.Module, ft: FinetuningConfig, grad_ckpt: bool) 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if ft.method == "qlora":
+        _keep_4bit_layout(model)
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=grad_ckpt,
@@ -169,6 +174,17 @@ def apply_method(model: torch.nn.Module, ft: FinetuningConfig, grad_ckpt: bool) 
     if grad_ckpt:
         model.enable_input_require_grads()
     return model
+
+
+def _keep_4bit_layout(model: torch.nn.Module) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights in place the first time a layer runs in
+    eval mode without gradients (an inference-only layout, which also needs out_features % 32 == 0).
+    Evaluation inside a training run must leave the weights as training uses them, so turn that off."""
+    import bitsandbytes as bnb
+
+    for mod in model.modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            mod.support_avx512bf16_for_cpu = False
 
 
 def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:

@@ -17,7 +17,21 @@ def get_stage(name: str) -> Any:
     raise ValueError(f"unknown stage {name}")
 
 
+def quiet_libraries() -> None:
+    """Silence known-harmless library noise so that the run's own messages stay readable."""
+    import logging
+    import warnings
+
+    # peft probes this deprecated transformers property; the warning is not the user's to act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    # bitsandbytes reports that optional hub kernels are absent and falls back to its own CPU code.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
 def run_stage(recipe: Any, local_rank: int | None = None) -> None:
+    quiet_libraries()
     from llmtune.engine.trainer import train
 
     train(recipe, get_stage(recipe.stage), local_rank=local_rank)
