@@ -3,12 +3,14 @@ nothing heavy (torch, deepspeed, peft) is imported until a command needs it."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from llmtune import __version__
 from llmtune.errors import TrainingError, UserError
@@ -30,8 +32,19 @@ SetOption = Annotated[
 
 
 def _fail(e: Exception, code: int) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+    # escape: messages quote user text such as [q_proj, v_proj], which rich would take as markup
+    err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, soft_wrap=True)
     return typer.Exit(code)
+
+
+@app.callback()
+def _root(
+    local_rank: Annotated[int | None, typer.Option("--local_rank", "--local-rank", hidden=True)] = None,
+) -> None:
+    # `deepspeed --module llmtune train ...` passes --local_rank=N before the command name. The launcher
+    # also sets LOCAL_RANK, which the engine reads; accept the option here so that the form works.
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
 
 
 @app.command()
@@ -48,10 +61,10 @@ def validate(
         notes = check_paths(r)
     except UserError as e:
         raise _fail(e, e.exit_code) from None
-    out = Console(highlight=False)
+    out = Console(highlight=False, soft_wrap=True)  # never wrap: the resolved YAML must stay valid
     for note in notes:
-        out.print(f"note: {note}")
-    out.print(f"[green]ok[/]: {recipe} is a valid {r.stage} recipe. Resolved:", markup=True)
+        out.print(f"note: {note}", markup=False)
+    out.print(f"[green]ok[/]: {escape(str(recipe))} is a valid {r.stage} recipe. Resolved:", markup=True)
     out.print(dump_recipe(r), markup=False, end="")
 
 
@@ -92,5 +105,5 @@ def main() -> None:
     except SystemExit:
         raise
     except UserError as e:  # raised outside a command (should not happen, but never show a traceback)
-        err.print(f"error: {e}")
+        err.print(f"error: {e}", markup=False)
         sys.exit(e.exit_code)

@@ -125,10 +125,8 @@ def encode_conversation(
     if len(ids) > max_length:
         ids, labels = ids[:max_length], labels[:max_length]
     if all(x == IGNORE_INDEX for x in labels[1:]):
-        raise RowError(
-            f"no trainable token left after truncation to max_length={max_length} "
-            f"(the conversation is {len(enc['input_ids'])} tokens; the first reply starts after that)"
-        )
+        # The reason is the same text for every such row, so that the summary can count them together.
+        raise RowError(f"no trainable token left after truncation to max_length={max_length}")
     return ids, labels
 
 

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -119,7 +120,9 @@ def evaluate(engine: Any, stage: Any, samples: list[Sample], recipe: RecipeBase,
 def train(recipe: RecipeBase, stage: Any, local_rank: int | None = None) -> None:
     # --- setup: fail fast, before any heavy work ---------------------------------------------------------
     dist = setup_distributed(recipe.distributed.backend, local_rank)
-    console = Console(quiet=not dist.is_main, highlight=False, soft_wrap=True)
+    # Logs (not a terminal) get wide lines, so that paths and tables are not cut.
+    wide = None if sys.stdout.isatty() else 200
+    console = Console(quiet=not dist.is_main, highlight=False, soft_wrap=True, width=wide)
     check_precision(recipe, dist.device)
     seed_everything(recipe.seed)
     out = prepare_output_dir(recipe, dist)

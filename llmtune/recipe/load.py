@@ -27,7 +27,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise RecipeError(f"recipe {p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise RecipeError(
+            f"recipe {p} is not UTF-8 text ({e.reason} at byte {e.start})",
+            hint="save the file as UTF-8 (most editors: 'Save with encoding' -> UTF-8)",
+        ) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -100,7 +103,11 @@ def _list_index(node: list[Any], k: str, path: list[str]) -> int:
 def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> CptRecipe | SftRecipe:
     stage = raw.get("stage")
     if stage is None:
-        raise RecipeError(f"{source}: missing key `stage`", hint=f"add `stage: sft` (one of: {', '.join(STAGES)})")
+        close = difflib.get_close_matches("stage", [str(k) for k in raw], n=1, cutoff=0.6)
+        typo = f" (found {close[0]!r}. Did you mean 'stage'?)" if close else ""
+        raise RecipeError(
+            f"{source}: missing key `stage`{typo}", hint=f"add `stage: sft` (one of: {', '.join(STAGES)})"
+        )
     if stage not in STAGES:
         if stage in PLANNED_STAGES:
             raise RecipeError(

@@ -16,9 +16,15 @@ DATA_FORMATS = ("alpaca", "sharegpt", "messages", "text")
 
 
 class Block(BaseModel):
-    """Base of every recipe block: unknown keys are errors, assignments are validated."""
+    """Base of every recipe block: unknown keys are errors, assignments are validated.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    Numbers given for text keys are taken as text (``--set model.revision=20240101``,
+    ``output_dir: 2024``): YAML types them as numbers, the schema says they are names.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True
+    )
 
 
 class ModelConfig(Block):

@@ -1,0 +1,108 @@
+"""Shared fixtures: the tiny offline chat model, the shared data sets, recipe writing and CLI runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = ROOT / "recipes" / "quickstart" / "model"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    return TINY_MODEL
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not beside the repository")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from llmtune.model.load import load_tokenizer
+    from llmtune.recipe.schema import ModelConfig
+
+    return load_tokenizer(ModelConfig(path=str(TINY_MODEL)))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "llmtune-cache"))
+
+
+def base_recipe(tmp_path: Path, **sections: Any) -> dict[str, Any]:
+    """A small sft recipe on the tiny model; sections replace or extend top-level blocks."""
+    recipe: dict[str, Any] = {
+        "stage": "sft",
+        "output_dir": str(tmp_path / "out"),
+        "seed": 0,
+        "model": {"path": str(TINY_MODEL)},
+        "finetuning": {"method": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+        "data": {"train": [{"path": str(ROOT / "recipes" / "quickstart" / "sft.jsonl")}], "max_length": 128},
+        "train": {"max_steps": 4, "micro_batch_size": 4, "lr": 1e-3, "log_every": 1},
+        "precision": "fp32",
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    return recipe
+
+
+def write_recipe(tmp_path: Path, recipe: dict[str, Any], name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, nproc: int = 1) -> subprocess.CompletedProcess:
+    """Run the real CLI in a fresh process (DeepSpeed keeps process-global state)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    if nproc > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "llmtune",
+            *args,
+        ]
+    else:
+        cmd = [sys.executable, "-m", "llmtune", *args]
+    return subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def read_metrics(out: Path) -> list[dict[str, Any]]:
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
