@@ -12,7 +12,22 @@ from safetensors.torch import load_file
 
 from tests.conftest import TINY_MODEL, base_recipe, read_metrics, run_cli, write_recipe
 
-WORDS = "river stone cloud apple tiger lamp green paper seven music winter bread glass orange".split()
+WORDS = [
+    "river",
+    "stone",
+    "cloud",
+    "apple",
+    "tiger",
+    "lamp",
+    "green",
+    "paper",
+    "seven",
+    "music",
+    "winter",
+    "bread",
+    "glass",
+    "orange",
+]
 
 
 def unseen_sft_data(path: Path, n: int = 160, seed: int = 1) -> Path:
