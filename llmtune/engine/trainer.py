@@ -3,6 +3,7 @@ checkpoints -> export. A stage contributes only its data and its step."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -20,7 +21,6 @@ from rich.console import Console
 
 from llmtune import __version__
 from llmtune.data.chat import resolve_chat_template
-from llmtune.data.pipeline import Sample, collate
 from llmtune.engine.checkpoint import (
     TrainerState,
     export_model,
@@ -32,7 +32,7 @@ from llmtune.engine.config import build_optimizer, build_scheduler, check_precis
 from llmtune.engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
 from llmtune.engine.report import MetricsLog, Progress, print_data_summary
 from llmtune.errors import DataError, RecipeError, TrainingError
-from llmtune.model.load import describe, load_model, load_tokenizer
+from llmtune.model.load import describe, load_tokenizer
 from llmtune.recipe.load import dump_recipe
 from llmtune.recipe.schema import RecipeBase
 
@@ -47,8 +47,8 @@ class Batches:
     """Deterministic data order: a seeded permutation per epoch, sharded over ranks, cut into micro-batches
     and grouped into accumulation windows. Position = (epoch, window), so a resumed run continues exactly."""
 
-    def __init__(self, samples: list[Sample], recipe: RecipeBase, dist: DistInfo, pad_id: int) -> None:
-        self.samples, self.recipe, self.dist, self.pad_id = samples, recipe, dist, pad_id
+    def __init__(self, samples: list[Any], recipe: RecipeBase, dist: DistInfo, collate: Any) -> None:
+        self.samples, self.recipe, self.dist, self.collate = samples, recipe, dist, collate
         t = recipe.train
         per_rank = math.ceil(len(samples) / dist.world_size)
         self.micro_per_rank = math.ceil(per_rank / t.micro_batch_size)
@@ -72,7 +72,7 @@ class Batches:
         micro = [mine[i : i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
         for w in range(start_window, self.windows_per_epoch):
             chunk = micro[w * t.grad_accum : (w + 1) * t.grad_accum]
-            yield [collate([self.samples[i] for i in idx], self.pad_id) for idx in chunk]
+            yield [self.collate([self.samples[i] for i in idx]) for idx in chunk]
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -88,7 +88,7 @@ def prepare_output_dir(recipe: RecipeBase, dist: DistInfo) -> Path:
     return out
 
 
-def evaluate(engine: Any, stage: Any, samples: list[Sample], recipe: RecipeBase, dist: DistInfo, pad_id: int):
+def evaluate(engine: Any, stage: Any, samples: list[Any], recipe: RecipeBase, dist: DistInfo, collate: Any):
     """Loss over the eval set (every rank takes a shard; sums are reduced). Returns name -> value."""
     model = engine.module
     was_training = model.training
@@ -100,7 +100,7 @@ def evaluate(engine: Any, stage: Any, samples: list[Sample], recipe: RecipeBase,
     sums: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for i in range(0, len(mine), bs):
-            batch = _to(collate(mine[i : i + bs], pad_id), dist.device)
+            batch = _to(collate(mine[i : i + bs]), dist.device)
             out = stage.step(engine, batch)
             loss += out.loss_sum.double()
             units += out.units.double()
@@ -142,7 +142,8 @@ def train(recipe: RecipeBase, stage: Any, local_rank: int | None = None) -> None
     if not data.train:
         raise DataError("no training example left after reading the data", hint="see the summary above")
 
-    batches = Batches(data.train, recipe, dist, tokenizer.pad_token_id)
+    collate = functools.partial(stage.collate, pad_id=tokenizer.pad_token_id)
+    batches = Batches(data.train, recipe, dist, collate)
     if t.max_steps is not None:
         total_steps = t.max_steps
     else:
@@ -156,7 +157,7 @@ def train(recipe: RecipeBase, stage: Any, local_rank: int | None = None) -> None
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(ds_config)  # must stay alive while the model loads: partitioned init
-    loaded = load_model(recipe, dist.device, tokenizer)
+    loaded = stage.load_model(recipe, dist.device, tokenizer)
     describe(loaded, recipe, console)
     model = loaded.model
     if recipe.distributed.zero_stage == 3 and recipe.precision != "fp32":
@@ -207,6 +208,7 @@ def train(recipe: RecipeBase, stage: Any, local_rank: int | None = None) -> None
     _write_manifest(out, manifest, dist)
 
     # --- train --------------------------------------------------------------------------------------------
+    stage.before_training(engine, data, dist, collate)
     engine.train()
     progress = Progress(console, total_steps, state.step)
     window_tokens = 0.0
@@ -244,7 +246,7 @@ def train(recipe: RecipeBase, stage: Any, local_rank: int | None = None) -> None
                     progress.log(record)
                 progress.update(state.step, loss_val, lr)
                 if t.eval_every and data.eval and state.step % t.eval_every == 0 and state.step < total_steps:
-                    _eval_and_log(engine, stage, data.eval, recipe, dist, tokenizer, state, log, progress)
+                    _eval_and_log(engine, stage, data.eval, recipe, dist, collate, state, log, progress)
                 if t.save_every and state.step % t.save_every == 0 and state.step < total_steps:
                     save_checkpoint(engine, out, state, dist.rank, t.keep_checkpoints)
                     saved_step = state.step
@@ -261,7 +263,7 @@ def train(recipe: RecipeBase, stage: Any, local_rank: int | None = None) -> None
     progress.stop()
 
     if data.eval:
-        _eval_and_log(engine, stage, data.eval, recipe, dist, tokenizer, state, log, progress)
+        _eval_and_log(engine, stage, data.eval, recipe, dist, collate, state, log, progress)
     if t.save_every and saved_step != state.step:
         save_checkpoint(engine, out, state, dist.rank, t.keep_checkpoints)
 

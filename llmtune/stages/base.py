@@ -7,14 +7,15 @@ from typing import Any, Protocol
 
 import torch
 
-from llmtune.data.pipeline import Sample, SourceReport
+from llmtune.data.pipeline import Sample, SourceReport, collate
+from llmtune.model.load import LoadedModel, load_model
 from llmtune.recipe.schema import RecipeBase
 
 
 @dataclass
 class StageData:
-    train: list[Sample]
-    eval: list[Sample]
+    train: list[Sample] | list[Any]
+    eval: list[Sample] | list[Any]
     reports: list[SourceReport]
     notes: list[str] = field(default_factory=list)
 
@@ -29,14 +30,35 @@ class StepOutput:
 
 
 class Stage(Protocol):
+    """What the trainer core asks of a stage. StageDefaults gives the causal-LM answers to the hooks."""
+
     name: str
     needs_chat_template: bool
 
     def build_data(self, recipe: Any, tokenizer: Any, template: str | None) -> StageData: ...
 
+    def load_model(self, recipe: Any, device: torch.device, tokenizer: Any) -> LoadedModel: ...
+
+    def collate(self, samples: list[Any], pad_id: int) -> dict[str, torch.Tensor]: ...
+
+    def before_training(self, engine: Any, data: StageData, dist: Any, collate: Any) -> None: ...
+
     def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
     def step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput: ...
+
+
+class StageDefaults:
+    """Hooks most stages share: a causal LM, padded / packed token batches, nothing before training."""
+
+    def load_model(self, recipe: Any, device: torch.device, tokenizer: Any) -> LoadedModel:
+        return load_model(recipe, device, tokenizer)
+
+    def collate(self, samples: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
+        return collate(samples, pad_id)
+
+    def before_training(self, engine: Any, data: StageData, dist: Any, collate: Any) -> None:
+        """Runs once after DeepSpeed is set up and before the first step (e.g. reference log-probs)."""
 
 
 def forward_lm(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from llmtune.objectives.lm import count_targets, lm_loss_sum
-from llmtune.stages.base import StepOutput, forward_lm
+from llmtune.stages.base import StageDefaults, StepOutput, forward_lm
 
 
-class LanguageModelStep:
+class LanguageModelStep(StageDefaults):
     def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return count_targets(batch["labels"])
 
