@@ -25,13 +25,14 @@ from llmtune.data.sources import read_rows
 from llmtune.errors import DataError
 from llmtune.recipe.schema import DataSource, RecipeBase, looks_local
 
-PIPELINE_VERSION = "1"  # bump when tokenization output changes, to invalidate caches
+PIPELINE_VERSION = "2"  # bump when tokenization output changes, to invalidate caches
 
 
 @dataclass
 class Example:
     input_ids: list[int]
     labels: list[int]
+    row: int = 0  # index of the source row it came from (a long cpt document gives several examples)
 
 
 @dataclass
@@ -99,7 +100,8 @@ def _save_cache(path: Path, examples: list[Example], report: SourceReport) -> No
     ids = np.array([t for e in examples for t in e.input_ids], dtype=np.int64)
     labels = np.array([t for e in examples for t in e.labels], dtype=np.int64)
     tmp = path / "examples.tmp.npz"
-    np.savez(tmp, lengths=lengths, ids=ids, labels=labels)
+    rows = np.array([e.row for e in examples], dtype=np.int64)
+    np.savez(tmp, lengths=lengths, ids=ids, labels=labels, rows=rows)
     meta = {
         "rows": report.rows,
         "kept": report.kept,
@@ -116,12 +118,15 @@ def _load_cache(path: Path, name: str) -> tuple[list[Example], SourceReport] | N
         return None
     try:
         with np.load(f, allow_pickle=False) as z:
-            lengths, ids, labels = z["lengths"], z["ids"], z["labels"]
+            lengths, ids, labels, rows = z["lengths"], z["ids"], z["labels"], z["rows"]
         meta = json.loads((path / "report.json").read_text())
     except (OSError, ValueError, KeyError):
         return None
     bounds = np.concatenate([[0], np.cumsum(lengths)])
-    examples = [Example(ids[a:b].tolist(), labels[a:b].tolist()) for a, b in itertools.pairwise(bounds)]
+    examples = [
+        Example(ids[a:b].tolist(), labels[a:b].tolist(), int(r))
+        for (a, b), r in zip(itertools.pairwise(bounds), rows, strict=True)
+    ]
     report = SourceReport(name=name, rows=meta["rows"], kept=meta["kept"], cached=True)
     report.reasons.update(meta["reasons"])
     report.first = [tuple(x) for x in meta["first"]]  # type: ignore[misc]
@@ -165,6 +170,8 @@ def load_source(
             report.drop(row.index, str(e))
             continue
         report.kept += 1
+        for e in out:
+            e.row = row.index
         examples.extend(out)
     report.examples = len(examples)
     if cache_dir is not None and key is not None:
@@ -175,8 +182,8 @@ def load_source(
 def _apply_weight(examples: list[Example], weight: float, rng: random.Random) -> list[Example]:
     whole, frac = int(weight), weight - int(weight)
     out = examples * whole
-    if frac > 0:
-        out += rng.sample(examples, round(frac * len(examples)))
+    if frac > 0:  # at least one example, so that a small weight never silently removes a source
+        out += rng.sample(examples, max(1, round(frac * len(examples))))
     return out
 
 
@@ -207,14 +214,15 @@ def build_data(
             if group == "eval":
                 evals.extend(examples)
                 continue
-            if d.eval_split > 0:
-                order = list(range(len(examples)))
-                rng.shuffle(order)
-                n_eval = max(1, round(d.eval_split * len(examples)))
-                if n_eval >= len(examples):
+            if d.eval_split > 0:  # hold out whole source rows (all chunks of a document go to one side)
+                rows = sorted({e.row for e in examples})
+                rng.shuffle(rows)
+                n_eval = max(1, round(d.eval_split * len(rows)))
+                if n_eval >= len(rows):
                     raise DataError(f"data.eval_split {d.eval_split} leaves no training example from {src.path}")
-                evals.extend(examples[i] for i in order[:n_eval])
-                examples = [examples[i] for i in order[n_eval:]]
+                held = set(rows[:n_eval])
+                evals.extend(e for e in examples if e.row in held)
+                examples = [e for e in examples if e.row not in held]
             train.extend(_apply_weight(examples, src.weight, rng))
     if d.on_bad_row == "error":
         bad = [r for r in reports if r.dropped]

@@ -234,7 +234,7 @@ def test_missing_template_is_a_recipe_error_only_when_required():
     assert "<|im_start|>" in (resolve_chat_template(bare, "chatml", required=True) or "")
 
 
-def test_named_templates_use_the_default(tokenizer):
+def test_named_templates_use_the_default():
     named = SimpleNamespace(chat_template={"tool_use": "TOOL", "default": "DEFAULT"})
     assert resolve_chat_template(named, None, required=True) == "DEFAULT"
 

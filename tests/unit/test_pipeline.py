@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from llmtune.data.chat import IGNORE_INDEX, encode_text, resolve_chat_template
+from llmtune.data.formats import RowError
 from llmtune.data.pipeline import (
     DataBundle,
     Example,
@@ -170,6 +171,12 @@ def test_weight_half_takes_a_seeded_random_half(tmp_path, tokenizer, template, t
     assert len(half) == 5 and len(set(half)) == 5 and set(half) <= base
     again = [key(e) for e in sft_build(recipe, tokenizer, template, use_cache=False).train]
     assert again == half  # same seed, same half
+    # random, not the first half: other seeds pick other halves
+    halves = set()
+    for seed in range(5):
+        raw = base_recipe(tmp_path, seed=seed, data={"train": [{"path": str(ten_rows), "weight": 0.5}]})
+        halves.add(frozenset(key(e) for e in sft_build(validate_recipe(raw), tokenizer, template).train))
+    assert len(halves) > 1
 
 
 def test_mixing_two_sources(tmp_path, tokenizer, template, ten_rows):
@@ -296,7 +303,7 @@ def test_cpt_chunks_a_long_document_without_losing_tokens(tmp_path, tokenizer):
 
 def test_cpt_text_encoder_rejects_conversations(tokenizer):
     encode = text_encoder(tokenizer, 16, packing=True)
-    with pytest.raises(Exception, match="stage cpt reads format text"):
+    with pytest.raises(RowError, match="stage cpt reads format text"):
         encode(good(1), "messages", DataSource(path="x.jsonl"))
 
 
@@ -354,6 +361,26 @@ def test_pack_examples(quickstart_examples):
     assert sum(len(r.input_ids) for r in rows) == sum(len(e.input_ids) for e in examples)
     # deterministic for a seed
     assert [r.input_ids for r in pack_examples(examples, 128, seed=0)] == [r.input_ids for r in rows]
+
+
+def test_pack_examples_never_learns_across_examples():
+    """Even where every token is learned (train_on_prompt), an example's first token is not a target:
+    it would be predicted from the previous example's last token."""
+    examples = [
+        Example(list(range(100 + 10 * i, 100 + 10 * i + n)), list(range(100 + 10 * i, 100 + 10 * i + n)))
+        for i, n in enumerate([5, 3, 7, 2, 6, 4])
+    ]
+    rows = pack_examples(examples, 16, seed=3)
+    assert len(rows) == 2
+    for r in rows:
+        assert len(r.input_ids) <= 16
+        for a, b in segments(r):
+            assert r.labels[a] == IGNORE_INDEX and r.labels[a + 1 : b] == r.input_ids[a + 1 : b]
+    assert sorted(key(Example(r.input_ids[a:b], [])) for r in rows for a, b in segments(r)) == sorted(
+        key(e) for e in examples
+    )
+    units = count_targets(collate(rows, pad_id=0)["labels"]).item()
+    assert units == sum(len(e.input_ids) - 1 for e in examples)
 
 
 def test_sft_stage_packs_when_asked(tmp_path, tokenizer, template):
