@@ -72,9 +72,20 @@ def validate(
 def train(
     recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
     set_: SetOption = None,
+    resume_from: Annotated[
+        Path | None, typer.Option("--resume-from", help="Resume from this checkpoint directory.", show_default=False)
+    ] = None,
+    no_resume: Annotated[
+        bool, typer.Option("--no-resume", help="Start from scratch even if output_dir has checkpoints.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Allow writing into a non-empty output_dir that is not this run's.")
+    ] = False,
     local_rank: Annotated[int | None, typer.Option("--local_rank", "--local-rank", hidden=True)] = None,
 ) -> None:
-    """Run the stage a recipe describes; its outputs go to the recipe's output_dir."""
+    """Run the stage a recipe describes; its outputs go to the recipe's output_dir.
+
+    Started again with the same recipe, a run resumes from its newest complete checkpoint."""
     from llmtune.recipe import load_recipe
     from llmtune.recipe.checks import check_paths
 
@@ -83,7 +94,9 @@ def train(
         check_paths(r)
         from llmtune.stages import run_stage
 
-        run_stage(r, local_rank=local_rank)
+        if resume_from is not None and no_resume:
+            raise UserError("--resume-from and --no-resume contradict each other", hint="pass one of them")
+        run_stage(r, local_rank=local_rank, resume_from=resume_from, resume=not no_resume, overwrite=overwrite)
     except UserError as e:
         raise _fail(e, e.exit_code) from None
     except TrainingError as e:

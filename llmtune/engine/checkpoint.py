@@ -143,3 +143,68 @@ def export_model(engine: Any, tokenizer: Any, output_dir: Path, zero_stage: int,
         model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
     return sorted(p.name for p in output_dir.iterdir() if p.is_file())
+
+
+# --- what to do with an output directory ------------------------------------------------------------------
+
+
+@dataclass
+class RunPlan:
+    resume_from: Path | None = None  # a complete checkpoint to continue from
+    finished: bool = False  # the same recipe already finished here: nothing to do
+
+
+def plan_run(
+    out: Path, recipe_text: str, *, resume: bool = True, resume_from: Path | None = None, overwrite: bool = False
+) -> RunPlan:
+    """Decide, from what output_dir holds, whether this run starts fresh, resumes, or has nothing to do.
+
+    A non-empty output_dir that is not a run of the same recipe is refused unless ``overwrite``.
+    Pure apart from reading the directory; the caller removes stale checkpoints (``fresh_start``).
+    """
+    from llmtune.errors import UserError
+
+    if resume_from is not None:
+        path = Path(resume_from).expanduser()
+        if not (path / MARKER).is_file() or not (path / "trainer_state.json").is_file():
+            raise UserError(
+                f"--resume-from {path}: not a complete llmtune checkpoint (no {MARKER} marker)",
+                hint=f"pass a directory like {checkpoint_dir(out)}/step-00000100 that holds {MARKER}",
+            )
+        return RunPlan(resume_from=path)
+    if not out.exists() or not any(out.iterdir()):
+        return RunPlan()
+    saved = out / "recipe.yaml"
+    same = saved.is_file() and saved.read_text(encoding="utf-8") == recipe_text
+    if not same and not overwrite:
+        what = "a run of a different recipe" if saved.is_file() else "files that are not an llmtune run"
+        raise UserError(
+            f"output_dir {out} is not empty: it holds {what}",
+            hint="choose another output_dir, or pass --overwrite to train again in it "
+            "(its checkpoints are removed); to continue a run, use the recipe it was started with",
+        )
+    if overwrite or not resume:
+        return RunPlan()
+    manifest = out / "run.json"
+    if manifest.is_file():
+        try:
+            if json.loads(manifest.read_text()).get("status") == "finished":
+                return RunPlan(finished=True)
+        except ValueError:
+            pass
+    return RunPlan(resume_from=newest_checkpoint(out))
+
+
+def fresh_start(out: Path) -> None:
+    """Remove the checkpoints of an earlier run (only what llmtune wrote there)."""
+    shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+
+
+def remove_partial_checkpoints(out: Path) -> list[str]:
+    root = checkpoint_dir(out)
+    if not root.is_dir():
+        return []
+    partial = [p for p in root.iterdir() if p.is_dir() and not (p / MARKER).is_file()]
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in partial]

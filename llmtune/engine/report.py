@@ -17,10 +17,21 @@ from rich.table import Table
 class MetricsLog:
     """One JSON object per line: step, loss, lr, ... and eval/* metrics. Only the main process writes."""
 
-    def __init__(self, path: Path, enabled: bool, append: bool = False) -> None:
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None) -> None:
+        """A fresh log, or (resume_step) the old one cut back to the records up to the resumed step, so that
+        steps a killed run logged after its last checkpoint are not listed twice."""
         self.path, self.enabled = path, enabled
-        if enabled and not append:
-            path.write_text("")
+        if not enabled:
+            return
+        kept: list[str] = []
+        if resume_step is not None and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line + "\n")
+                except ValueError:
+                    continue  # a line cut short by a kill
+        path.write_text("".join(kept), encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -22,10 +22,13 @@ from rich.console import Console
 from llmtune import __version__
 from llmtune.data.chat import resolve_chat_template
 from llmtune.engine.checkpoint import (
+    RunPlan,
     TrainerState,
     export_model,
+    fresh_start,
     load_checkpoint,
-    newest_checkpoint,
+    plan_run,
+    remove_partial_checkpoints,
     save_checkpoint,
 )
 from llmtune.engine.config import build_optimizer, build_scheduler, check_precision, deepspeed_config
@@ -79,13 +82,22 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def prepare_output_dir(recipe: RecipeBase, dist: DistInfo) -> Path:
+def prepare_output_dir(recipe: RecipeBase, dist: DistInfo, console: Console, **options: Any) -> tuple[Path, RunPlan]:
+    """Refuse a foreign non-empty output_dir, clean partial / stale checkpoints, save the resolved recipe."""
     out = Path(recipe.output_dir).expanduser()
-    if dist.is_main:
+    text = dump_recipe(recipe)
+    plan = plan_run(out, text, **options)
+    if dist.is_main and not plan.finished:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+        if plan.resume_from is None:
+            fresh_start(out)
+        else:
+            removed = remove_partial_checkpoints(out)
+            if removed:
+                console.print(f"removed partial checkpoints (a write was interrupted): {', '.join(removed)}")
+        (out / "recipe.yaml").write_text(text, encoding="utf-8")
     barrier()
-    return out
+    return out, plan
 
 
 def evaluate(engine: Any, stage: Any, samples: list[Any], recipe: RecipeBase, dist: DistInfo, collate: Any):
@@ -117,7 +129,14 @@ def evaluate(engine: Any, stage: Any, samples: list[Any], recipe: RecipeBase, di
     return result
 
 
-def train(recipe: RecipeBase, stage: Any, local_rank: int | None = None) -> None:
+def train(
+    recipe: RecipeBase,
+    stage: Any,
+    local_rank: int | None = None,
+    resume: bool = True,
+    resume_from: Path | None = None,
+    overwrite: bool = False,
+) -> None:
     # --- setup: fail fast, before any heavy work ---------------------------------------------------------
     dist = setup_distributed(recipe.distributed.backend, local_rank)
     # Logs (not a terminal) get wide lines, so that paths and tables are not cut.
@@ -125,7 +144,13 @@ def train(recipe: RecipeBase, stage: Any, local_rank: int | None = None) -> None
     console = Console(quiet=not dist.is_main, highlight=False, soft_wrap=True, width=wide)
     check_precision(recipe, dist.device)
     seed_everything(recipe.seed)
-    out = prepare_output_dir(recipe, dist)
+    out, plan = prepare_output_dir(recipe, dist, console, resume=resume, resume_from=resume_from, overwrite=overwrite)
+    if plan.finished:
+        console.print(
+            f"{out} already holds a finished run of this recipe: nothing to do "
+            "(pass --no-resume or --overwrite to train again)"
+        )
+        return
     t = recipe.train
 
     tokenizer = load_tokenizer(recipe.model)
@@ -175,7 +200,7 @@ def train(recipe: RecipeBase, stage: Any, local_rank: int | None = None) -> None
     del hf_ds
 
     state = TrainerState(world_size=dist.world_size, zero_stage=recipe.distributed.zero_stage)
-    ckpt = newest_checkpoint(out)
+    ckpt = plan.resume_from
     if ckpt is not None:
         previous = json.loads((ckpt / "trainer_state.json").read_text())
         if previous["world_size"] != dist.world_size or previous["zero_stage"] != recipe.distributed.zero_stage:
@@ -193,7 +218,7 @@ def train(recipe: RecipeBase, stage: Any, local_rank: int | None = None) -> None
         f"batch {mb} x accum {t.grad_accum} x {dist.world_size} proc = {mb * t.grad_accum * dist.world_size} "
         f"rows/step | ZeRO-{recipe.distributed.zero_stage} {recipe.precision} on {dist.device.type}"
     )
-    log = MetricsLog(out / "metrics.jsonl", dist.is_main, append=ckpt is not None)
+    log = MetricsLog(out / "metrics.jsonl", dist.is_main, resume_step=state.step if ckpt is not None else None)
     manifest = {
         "llmtune": __version__,
         "torch": torch.__version__,

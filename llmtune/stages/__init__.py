@@ -30,8 +30,9 @@ def quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def run_stage(recipe: Any, local_rank: int | None = None) -> None:
+def run_stage(recipe: Any, local_rank: int | None = None, **options: Any) -> None:
+    """options: resume_from (a checkpoint dir), resume (bool), overwrite (bool); see llmtune.engine.trainer."""
     quiet_libraries()
     from llmtune.engine.trainer import train
 
-    train(recipe, get_stage(recipe.stage), local_rank=local_rank)
+    train(recipe, get_stage(recipe.stage), local_rank=local_rank, **options)

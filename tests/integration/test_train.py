@@ -222,13 +222,20 @@ def test_checkpoints_and_resume_match_uninterrupted_run(tmp_path: Path) -> None:
     ckpts = sorted(p.name for p in (out_b / "checkpoints").iterdir())
     assert ckpts == ["step-00000004", "step-00000006"]  # keep-last-2
     assert all((out_b / "checkpoints" / c / "COMPLETE").is_file() for c in ckpts)
-    # Pretend the run died after step 4: drop the newest checkpoint and the export, start again.
-    import shutil
+    # A finished run of the same recipe has nothing left to do.
+    _, proc = _train(tmp_path / "b", resumed)
+    assert "nothing to do" in proc.stdout
+    # Pretend the run died after step 4 (as a SIGKILL leaves it): newest checkpoint half-written, no export.
 
-    shutil.rmtree(out_b / "checkpoints" / "step-00000006")
+    (out_b / "checkpoints" / "step-00000006" / "COMPLETE").unlink()
     (out_b / "model.safetensors").unlink()
+    manifest = json.loads((out_b / "run.json").read_text())
+    (out_b / "run.json").write_text(json.dumps({**manifest, "status": "running"}))
     out_b, proc = _train(tmp_path / "b", resumed)
+    assert "removed partial checkpoints" in proc.stdout
     assert "resumed from" in proc.stdout and "step 4" in proc.stdout
+    steps = [m["step"] for m in read_metrics(out_b) if "loss" in m]
+    assert steps == [1, 2, 3, 4, 5, 6]  # steps logged after the checkpoint by the dead run are not doubled
     a, b = load_file(out_a / "model.safetensors"), load_file(out_b / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
