@@ -24,7 +24,6 @@ from llmtune.data.chat import resolve_chat_template
 from llmtune.engine.checkpoint import (
     RunPlan,
     TrainerState,
-    export_model,
     fresh_start,
     load_checkpoint,
     plan_run,
@@ -235,6 +234,7 @@ def train(
     # --- train --------------------------------------------------------------------------------------------
     stage.before_training(engine, data, dist, collate)
     engine.train()
+    unit = stage.unit_name
     progress = Progress(console, total_steps, state.step)
     window_tokens = 0.0
     t_last = time.perf_counter()
@@ -243,14 +243,19 @@ def train(
         while state.step < total_steps:
             for window in batches.epoch_windows(state.epoch, state.window_in_epoch):
                 lr = scheduler.get_last_lr()[0]  # the rate this step uses
-                loss_val, units, grad_norm = _train_window(engine, stage, window, dist)
+                loss_val, units, grad_norm, step_metrics = _train_window(engine, stage, window, dist)
                 state.step += 1
                 state.window_in_epoch += 1
                 state.tokens += int(units)
                 window_tokens += units
-                if not math.isfinite(loss_val):
+                if not math.isfinite(loss_val) or (grad_norm is not None and not math.isfinite(grad_norm)):
+                    what = (
+                        f"the loss is {loss_val}"
+                        if not math.isfinite(loss_val)
+                        else f"the gradient norm is {grad_norm}"
+                    )
                     raise TrainingError(
-                        f"the loss is {loss_val} at step {state.step}; training stopped "
+                        f"{what} at step {state.step}; training stopped "
                         f"(newest complete checkpoint kept in {out / 'checkpoints'})\n"
                         "  fix: lower train.lr, keep train.max_grad_norm on, use bf16 rather than fp16, "
                         "and check the data for empty or extreme rows"
@@ -263,8 +268,9 @@ def train(
                         "loss": loss_val,
                         "lr": lr,
                         "grad_norm": grad_norm,
-                        "tokens": state.tokens,
-                        "tokens_per_s": window_tokens / max(now - t_last, 1e-9),
+                        unit: state.tokens,
+                        f"{unit}_per_s": window_tokens / max(now - t_last, 1e-9),
+                        **step_metrics,
                     }
                     window_tokens, t_last = 0.0, now
                     log.write(record)
@@ -294,7 +300,7 @@ def train(
 
     # --- export ---------------------------------------------------------------------------------------------
     engine.module.config.use_cache = True
-    files = export_model(engine, tokenizer, out, recipe.distributed.zero_stage, dist.rank)
+    files = stage.export(engine, tokenizer, out, recipe, dist)
     manifest.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), steps=state.step)
     manifest["trainer_state"] = asdict(state)
     _write_manifest(out, manifest, dist)
@@ -314,6 +320,7 @@ def _train_window(engine: Any, stage: Any, window: list[dict[str, torch.Tensor]]
     global_units = all_reduce_sum(torch.as_tensor(local_units, dtype=torch.float64, device=dist.device))
     denom = max(global_units.item(), 1.0)
     loss_total = torch.zeros((), dtype=torch.float64, device=dist.device)
+    sums: dict[str, torch.Tensor] = {}
     grad_norm = None
     for i, b in enumerate(batches):
         out = stage.step(engine, b)
@@ -323,10 +330,15 @@ def _train_window(engine: Any, stage: Any, window: list[dict[str, torch.Tensor]]
             grad_norm = _local_grad_norm(engine.module)  # ZeRO-0 keeps whole gradients on every rank
         engine.step()
         loss_total += out.loss_sum.detach().double()
+        for k, v in out.metrics.items():
+            sums[k] = sums.get(k, 0) + v.detach().double()
     loss_total = all_reduce_sum(loss_total)
+    metrics = {
+        k: all_reduce_sum(torch.as_tensor(v, device=dist.device)).item() / denom for k, v in sorted(sums.items())
+    }
     if grad_norm is None:
         grad_norm = _engine_grad_norm(engine)
-    return loss_total.item() / denom, global_units.item(), grad_norm
+    return loss_total.item() / denom, global_units.item(), grad_norm, metrics
 
 
 def _local_grad_norm(model: torch.nn.Module) -> float | None:

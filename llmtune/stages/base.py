@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from llmtune.data.pipeline import Sample, SourceReport, collate
+from llmtune.engine.checkpoint import export_model
 from llmtune.model.load import LoadedModel, load_model
 from llmtune.recipe.schema import RecipeBase
 
@@ -34,6 +36,7 @@ class Stage(Protocol):
 
     name: str
     needs_chat_template: bool
+    unit_name: str
 
     def build_data(self, recipe: Any, tokenizer: Any, template: str | None) -> StageData: ...
 
@@ -43,6 +46,8 @@ class Stage(Protocol):
 
     def before_training(self, engine: Any, data: StageData, dist: Any, collate: Any) -> None: ...
 
+    def export(self, engine: Any, tokenizer: Any, out: Path, recipe: Any, dist: Any) -> list[str]: ...
+
     def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
     def step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput: ...
@@ -50,6 +55,8 @@ class Stage(Protocol):
 
 class StageDefaults:
     """Hooks most stages share: a causal LM, padded / packed token batches, nothing before training."""
+
+    unit_name = "tokens"  # what `units` counts: the loss is a mean over these
 
     def load_model(self, recipe: Any, device: torch.device, tokenizer: Any) -> LoadedModel:
         return load_model(recipe, device, tokenizer)
@@ -59,6 +66,10 @@ class StageDefaults:
 
     def before_training(self, engine: Any, data: StageData, dist: Any, collate: Any) -> None:
         """Runs once after DeepSpeed is set up and before the first step (e.g. reference log-probs)."""
+
+    def export(self, engine: Any, tokenizer: Any, out: Path, recipe: Any, dist: Any) -> list[str]:
+        """Write the final model to out (collective under ZeRO-3); returns the file names (rank 0)."""
+        return export_model(engine, tokenizer, out, recipe.distributed.zero_stage, dist.rank)
 
 
 def forward_lm(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
