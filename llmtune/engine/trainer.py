@@ -353,8 +353,8 @@ def _engine_grad_norm(engine: Any) -> float | None:
     return float(g.item() if isinstance(g, torch.Tensor) else g)
 
 
-def _eval_and_log(engine, stage, samples, recipe, dist, tokenizer, state, log, progress) -> None:
-    result = evaluate(engine, stage, samples, recipe, dist, tokenizer.pad_token_id)
+def _eval_and_log(engine, stage, samples, recipe, dist, collate, state, log, progress) -> None:
+    result = evaluate(engine, stage, samples, recipe, dist, collate)
     record = {"step": state.step, **result}
     log.write(record)
     progress.log(record)

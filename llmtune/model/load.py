@@ -57,6 +57,7 @@ def load_tokenizer(m: ModelConfig) -> Any:
         candidate = tok.eos_token or tok.unk_token
         if candidate is None:
             tok.add_special_tokens({"pad_token": "<|pad|>"})
+            tok.llmtune_added_tokens = 1
         else:
             tok.pad_token = candidate
     tok.padding_side = "right"
@@ -114,7 +115,16 @@ def load_model(recipe: RecipeBase, device: torch.device, tokenizer: Any) -> Load
             ) from None
         raise
 
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+    n_embed = model.get_input_embeddings().num_embeddings
+    added = getattr(tokenizer, "llmtune_added_tokens", 0)
+    if len(tokenizer) > n_embed + added:
+        raise RecipeError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model {m.path} has embeddings for {n_embed}: "
+            "the model was trained with another tokenizer",
+            hint="use the tokenizer saved with the model (leave model.tokenizer unset, or point it at that model's "
+            "directory)",
+        )
+    if len(tokenizer) > n_embed:  # only the pad token llmtune added
         model.resize_token_embeddings(len(tokenizer))
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -1,0 +1,168 @@
+"""Never lose a run: NaN stops, output-dir rules, secrets, exact resume (also after SIGKILL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, base_recipe, read_metrics, run_cli, write_recipe
+from tests.integration.test_train import unseen_sft_data
+
+
+def test_nan_loss_stops_with_step_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
+    data = unseen_sft_data(tmp_path / "echo.jsonl", n=64)
+    recipe = base_recipe(
+        tmp_path,
+        finetuning={"method": "full"},
+        data={"train": [{"path": str(data)}], "max_length": 64},
+        # an absurd learning rate without clipping: the weights overflow after the first update
+        train={"max_steps": 10, "lr": 1e30, "max_grad_norm": 0, "save_every": 1, "keep_checkpoints": 3},
+    )
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe)))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "is nan at step 2" in proc.stderr and "fix:" in proc.stderr
+    out = Path(recipe["output_dir"])
+    ckpt = out / "checkpoints" / "step-00000001"
+    assert (ckpt / "COMPLETE").is_file()
+    assert not (out / "model.safetensors").exists()  # no export of broken weights
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+
+
+def test_foreign_output_dir_is_refused_unless_overwrite(tmp_path: Path) -> None:
+    data = unseen_sft_data(tmp_path / "echo.jsonl", n=32)
+    recipe = base_recipe(tmp_path, data={"train": [{"path": str(data)}], "max_length": 64}, train={"max_steps": 2})
+    out = Path(recipe["output_dir"])
+    out.mkdir()
+    (out / "notes.txt").write_text("my own file")
+    path = write_recipe(tmp_path, recipe)
+    proc = run_cli("train", str(path))
+    assert proc.returncode == 2
+    assert "is not empty" in proc.stderr and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("train", str(path), "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "notes.txt").read_text() == "my own file"  # --overwrite never deletes the user's files
+    assert (out / "adapter_model.safetensors").is_file()
+    # the same recipe again: a finished run, nothing to do; a changed recipe: refused
+    proc = run_cli("train", str(path))
+    assert proc.returncode == 0 and "nothing to do" in proc.stdout
+    proc = run_cli("train", str(path), "--set", "train.lr=0.5")
+    assert proc.returncode == 2 and "different recipe" in proc.stderr
+
+
+def test_secrets_never_reach_outputs(tmp_path: Path) -> None:
+    secret_env, secret_recipe = "hf_ENVSECRET1234567890", "hf_RECIPESECRET0987654321"
+    data = unseen_sft_data(tmp_path / "echo.jsonl", n=32)
+    recipe = base_recipe(
+        tmp_path,
+        model={"hub_token": secret_recipe},
+        data={"train": [{"path": str(data)}], "max_length": 64, "eval_split": 0.2},
+        train={"max_steps": 3, "save_every": 2},
+    )
+    path = write_recipe(tmp_path, recipe)
+    env = {**os.environ, "HF_TOKEN": secret_env, "WANDB_API_KEY": secret_env}
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmtune", "train", str(path)], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for text in (proc.stdout, proc.stderr):
+        assert secret_env not in text and secret_recipe not in text
+    files = [p for p in Path(recipe["output_dir"]).rglob("*") if p.is_file()]
+    assert len(files) > 8
+    for f in files:
+        blob = f.read_bytes()
+        assert secret_env.encode() not in blob and secret_recipe.encode() not in blob, f
+
+
+def _resume_recipe(tmp_path: Path, data: Path, **train: object) -> dict:
+    return base_recipe(
+        tmp_path,
+        finetuning={"method": "lora", "lora_dropout": 0.2, "lora_r": 8},
+        data={"train": [{"path": str(data)}], "max_length": 64, "shuffle": True},
+        train={"micro_batch_size": 4, "lr": 2e-3, "log_every": 1, **train},
+    )
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapter_model.safetensors")
+
+
+def test_resume_is_exact_with_dropout_and_shuffling_across_an_epoch_boundary(tmp_path: Path) -> None:
+    data = unseen_sft_data(tmp_path / "echo.jsonl", n=32)  # 8 steps per epoch
+    (tmp_path / "a").mkdir()
+    straight = _resume_recipe(tmp_path / "a", data, max_steps=12)
+    assert run_cli("train", str(write_recipe(tmp_path / "a", straight))).returncode == 0
+
+    (tmp_path / "b").mkdir()
+    resumed = _resume_recipe(tmp_path / "b", data, max_steps=12, save_every=5, keep_checkpoints=3)
+    path = write_recipe(tmp_path / "b", resumed)
+    assert run_cli("train", str(path)).returncode == 0
+    out = Path(resumed["output_dir"])
+    # as if killed while writing the step-10 checkpoint: it never completed; the final step-12 checkpoint,
+    # the export and the finished status never happened
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step-00000012")
+    (out / "checkpoints" / "step-00000010" / "COMPLETE").unlink()
+    (out / "adapter_model.safetensors").unlink()
+    manifest = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**manifest, "status": "running"}))
+    proc = run_cli("train", str(path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "(step 5)" in proc.stdout
+    a, b = _adapter(Path(straight["output_dir"])), _adapter(out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-7, rtol=1e-6)
+    la = [m["loss"] for m in read_metrics(Path(straight["output_dir"])) if "loss" in m]
+    lb = [m["loss"] for m in read_metrics(out) if "loss" in m]
+    assert la == pytest.approx(lb, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_weights(tmp_path: Path) -> None:
+    data = unseen_sft_data(tmp_path / "echo.jsonl", n=96)
+    (tmp_path / "a").mkdir()
+    straight = _resume_recipe(tmp_path / "a", data, max_steps=120)
+    assert run_cli("train", str(write_recipe(tmp_path / "a", straight))).returncode == 0
+
+    (tmp_path / "b").mkdir()
+    recipe = _resume_recipe(tmp_path / "b", data, max_steps=120, save_every=7, keep_checkpoints=2)
+    path = write_recipe(tmp_path / "b", recipe)
+    out = Path(recipe["output_dir"])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmtune", "train", str(path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    target = random.Random(os.getpid()).choice([14, 21, 28, 35])
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        done = [p for p in (out / "checkpoints").glob("step-*") if (p / "COMPLETE").exists()] if out.exists() else []
+        if any(int(p.name.split("-")[1]) >= target for p in done):
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    time.sleep(random.Random(target).uniform(0, 0.3))  # somewhere in the following steps or a checkpoint write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "adapter_model.safetensors").exists()
+
+    again = run_cli("train", str(path))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout
+    a, b = _adapter(Path(straight["output_dir"])), _adapter(out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
