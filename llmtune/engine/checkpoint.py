@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ class TrainerState:
     tokens: int = 0  # learned tokens seen, all ranks
     world_size: int = 1
     zero_stage: int = 0
+    eval_step: int = -1  # the step of the last evaluation, and its results
+    eval_metrics: dict[str, float] = field(default_factory=dict)
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
@@ -76,7 +78,9 @@ def _to_tuple(x: Any) -> Any:
     return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save_checkpoint(engine: Any, output_dir: Path, state: TrainerState, rank: int, keep: int) -> Path:
+def save_checkpoint(
+    engine: Any, output_dir: Path, state: TrainerState, rank: int, keep: int, best: tuple[str, str] | None = None
+) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory."""
     root = checkpoint_dir(output_dir)
     t = tag(state.step)
@@ -90,16 +94,33 @@ def save_checkpoint(engine: Any, output_dir: Path, state: TrainerState, rank: in
     if rank == 0:
         (path / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
         (path / MARKER).write_text("ok\n")
-        _rotate(output_dir, keep)
+        _rotate(output_dir, keep, best)
     _barrier()
     return path
 
 
-def _rotate(output_dir: Path, keep: int) -> None:
+def best_checkpoint(done: list[Path], metric: str, mode: str) -> Path | None:
+    """The complete checkpoint whose own evaluation (at its step) has the best value of metric."""
+    scored = []
+    for p in done:
+        try:
+            st = json.loads((p / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        value = st.get("eval_metrics", {}).get(metric)
+        if st.get("eval_step") == st.get("step") and isinstance(value, (int, float)):
+            scored.append((value if mode == "min" else -value, p))
+    return min(scored)[1] if scored else None
+
+
+def _rotate(output_dir: Path, keep: int, best: tuple[str, str] | None = None) -> None:
+    """Keep the newest `keep` complete checkpoints, and the best one when a metric is named."""
     root = checkpoint_dir(output_dir)
     done = complete_checkpoints(output_dir)
+    spare = best_checkpoint(done, *best) if best else None
     for old in done[: max(0, len(done) - keep)]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != spare:
+            shutil.rmtree(old, ignore_errors=True)
     newest = done[-1] if done else None
     for p in root.iterdir():  # partial checkpoints older than the newest complete one
         if p.is_dir() and not (p / MARKER).is_file() and newest is not None and p.name < newest.name:
@@ -176,6 +197,10 @@ def plan_run(
         return RunPlan()
     saved = out / "recipe.yaml"
     same = saved.is_file() and saved.read_text(encoding="utf-8") == recipe_text
+    # A run of ours that stopped before it left anything of value (no checkpoint, no model): start over.
+    nothing_of_value = {p.name for p in out.iterdir()} <= {"recipe.yaml", "run.json", "metrics.jsonl", "checkpoints"}
+    if nothing_of_value and not complete_checkpoints(out):
+        return RunPlan()
     if not same and not overwrite:
         what = "a run of a different recipe" if saved.is_file() else "files that are not an llmtune run"
         raise UserError(

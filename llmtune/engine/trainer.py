@@ -122,7 +122,8 @@ def evaluate(engine: Any, stage: Any, samples: list[Any], recipe: RecipeBase, di
     loss, units = all_reduce_sum(loss), all_reduce_sum(units)
     n = max(units.item(), 1.0)
     result = {"eval/loss": loss.item() / n, "eval/units": units.item()}
-    result["eval/perplexity"] = math.exp(min(result["eval/loss"], 50.0))
+    if stage.unit_name == "tokens":  # a per-token cross entropy: perplexity means something
+        result["eval/perplexity"] = math.exp(min(result["eval/loss"], 50.0))
     for k, v in sums.items():
         result[f"eval/{k}"] = all_reduce_sum(v).item() / n
     return result
@@ -235,6 +236,7 @@ def train(
     stage.before_training(engine, data, dist, collate)
     engine.train()
     unit = stage.unit_name
+    best = (t.best_metric, t.best_mode) if t.best_metric else None
     progress = Progress(console, total_steps, state.step)
     window_tokens = 0.0
     t_last = time.perf_counter()
@@ -243,7 +245,12 @@ def train(
         while state.step < total_steps:
             for window in batches.epoch_windows(state.epoch, state.window_in_epoch):
                 lr = scheduler.get_last_lr()[0]  # the rate this step uses
-                loss_val, units, grad_norm, step_metrics = _train_window(engine, stage, window, dist)
+                try:
+                    loss_val, units, grad_norm, step_metrics = _train_window(engine, stage, window, dist)
+                except Exception as e:
+                    if is_fp16_scale_error(e):
+                        raise fp16_scale_error(e, state.step + 1, out) from None
+                    raise
                 state.step += 1
                 state.window_in_epoch += 1
                 state.tokens += int(units)
@@ -279,7 +286,7 @@ def train(
                 if t.eval_every and data.eval and state.step % t.eval_every == 0 and state.step < total_steps:
                     _eval_and_log(engine, stage, data.eval, recipe, dist, collate, state, log, progress)
                 if t.save_every and state.step % t.save_every == 0 and state.step < total_steps:
-                    save_checkpoint(engine, out, state, dist.rank, t.keep_checkpoints)
+                    save_checkpoint(engine, out, state, dist.rank, t.keep_checkpoints, best)
                     saved_step = state.step
                 if state.step >= total_steps:
                     break
@@ -296,7 +303,7 @@ def train(
     if data.eval:
         _eval_and_log(engine, stage, data.eval, recipe, dist, collate, state, log, progress)
     if t.save_every and saved_step != state.step:
-        save_checkpoint(engine, out, state, dist.rank, t.keep_checkpoints)
+        save_checkpoint(engine, out, state, dist.rank, t.keep_checkpoints, best)
 
     # --- export ---------------------------------------------------------------------------------------------
     engine.module.config.use_cache = True
@@ -341,6 +348,19 @@ def _train_window(engine: Any, stage: Any, window: list[dict[str, torch.Tensor]]
     return loss_total.item() / denom, global_units.item(), grad_norm, metrics
 
 
+def is_fp16_scale_error(e: BaseException) -> bool:
+    return "loss scale already at minimum" in str(e)
+
+
+def fp16_scale_error(e: BaseException, step: int, out: Path) -> TrainingError:
+    """DeepSpeed's dynamic loss scaler gave up: fp16 overflows even at the smallest loss scale."""
+    return TrainingError(
+        f"fp16 overflow at step {step}: the gradients overflow even at the minimum loss scale; training stopped "
+        f"(newest complete checkpoint kept in {out / 'checkpoints'})\n"
+        "  fix: use precision: bf16 (on Ampere or newer GPUs), or lower train.lr and keep train.max_grad_norm on"
+    )
+
+
 def _local_grad_norm(model: torch.nn.Module) -> float | None:
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
     return torch.stack(norms).norm().item() if norms else None
@@ -355,6 +375,7 @@ def _engine_grad_norm(engine: Any) -> float | None:
 
 def _eval_and_log(engine, stage, samples, recipe, dist, collate, state, log, progress) -> None:
     result = evaluate(engine, stage, samples, recipe, dist, collate)
+    state.eval_step, state.eval_metrics = state.step, result
     record = {"step": state.step, **result}
     log.write(record)
     progress.log(record)

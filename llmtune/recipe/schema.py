@@ -12,7 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-DATA_FORMATS = ("alpaca", "sharegpt", "messages", "text")
+DATA_FORMATS = ("alpaca", "sharegpt", "messages", "text", "pairs", "ranked", "pointwise", "unpaired")
+PREFERENCE_FORMATS = ("pairs", "ranked", "pointwise", "unpaired")
 
 
 class Block(BaseModel):
@@ -90,8 +91,13 @@ class FinetuningConfig(Block):
 
 class DataSource(Block):
     path: str = Field(description="A file (json, jsonl, parquet, csv, txt), a directory of them, or a hub id.")
-    format: Literal["alpaca", "sharegpt", "messages", "text"] | None = Field(
-        default=None, description="Row format; omitted = detected from the first rows."
+    format: Literal["alpaca", "sharegpt", "messages", "text", "pairs", "ranked", "pointwise", "unpaired"] | None = (
+        Field(
+            default=None,
+            description="Row format; omitted = detected from the first rows (rm / dpo: the format their loss reads). "
+            "pairs: prompt + chosen + rejected (also TRL's and LLaMA-Factory's shapes); ranked: prompt + responses "
+            "best first; pointwise: prompt + response + score; unpaired: prompt + completion + label (KTO).",
+        )
     )
     weight: float = Field(
         default=1.0,
@@ -169,6 +175,11 @@ class TrainConfig(Block):
     eval_every: int | None = Field(default=None, ge=1, description="Evaluate every N steps (and at the end).")
     save_every: int | None = Field(default=None, ge=1, description="Write a resumable checkpoint every N steps.")
     keep_checkpoints: int = Field(default=2, ge=1, description="Keep the newest N checkpoints.")
+    best_metric: str | None = Field(
+        default=None,
+        description="An evaluation metric (e.g. eval/loss): the checkpoint with its best value is kept as well.",
+    )
+    best_mode: Literal["min", "max"] = Field(default="min", description="best_metric: lower or higher is better.")
     eval_batch_size: int | None = Field(default=None, ge=1, description="Eval micro-batch (default micro_batch_size).")
 
     @field_validator("max_grad_norm")
@@ -177,6 +188,15 @@ class TrainConfig(Block):
         if v is not None and v < 0:
             raise ValueError("must be >= 0 (0 or null turns clipping off)")
         return v
+
+    @model_validator(mode="after")
+    def _best(self) -> TrainConfig:
+        if self.best_metric is not None and not self.best_metric.startswith("eval/"):
+            raise ValueError(
+                f"best_metric {self.best_metric!r} must name an evaluation metric such as eval/loss "
+                "(and needs data.eval or data.eval_split, eval_every and save_every)"
+            )
+        return self
 
 
 class DistributedConfig(Block):
@@ -203,6 +223,66 @@ class SftConfig(Block):
         default=False,
         description="Also learn the system / user / tool tokens (default: assistant turns only).",
     )
+
+
+class RmConfig(Block):
+    loss: Literal["pairwise", "ranked", "pointwise"] = Field(
+        default="pairwise",
+        description="pairwise: Bradley-Terry on (chosen, rejected), with the optional per-row `margin` column; "
+        "ranked: all pairs of a list of responses in preference order; pointwise: MSE to a per-response `score`.",
+    )
+    center_rewards_coefficient: float = Field(
+        default=0.0,
+        ge=0,
+        description="Reward centering: adds c * (r_chosen + r_rejected)^2 per pair so rewards stay near 0 "
+        "(e.g. 0.01); 0 = off.",
+    )
+    export_merged: bool = Field(
+        default=True,
+        description="lora / qlora: also write a merged full reward model to output_dir/merged "
+        "(loadable by AutoModelForSequenceClassification without peft).",
+    )
+
+
+class DpoConfig(Block):
+    beta: float = Field(
+        default=0.1, gt=0, description="Strength of the KL penalty to the reference (simpo: reward scale)."
+    )
+    loss: Literal["sigmoid", "robust", "ipo", "hinge", "simpo", "kto"] = Field(
+        default="sigmoid",
+        description="sigmoid: DPO (with label_smoothing: cDPO); robust: robust DPO (needs label_smoothing); ipo; "
+        "hinge (SLiC); simpo: reference-free, length-normalised, margin simpo_gamma; kto: unpaired rows "
+        "(format unpaired).",
+    )
+    label_smoothing: float = Field(
+        default=0.0, ge=0, lt=0.5, description="sigmoid / robust / simpo: assumed fraction of flipped labels."
+    )
+    simpo_gamma: float = Field(default=0.5, description="simpo: target reward margin gamma.")
+    sft_weight: float = Field(
+        default=0.0, ge=0, description="Adds weight x the per-token NLL of the chosen response (RPO); 0 = off."
+    )
+    reference: str | None = Field(
+        default=None,
+        description="Reference model (hub id or directory). null: with lora / qlora the same base with the adapter "
+        "disabled (no second copy); with full / freeze a frozen copy of model.path.",
+    )
+    precompute_reference: bool = Field(
+        default=True,
+        description="Compute the reference log-probs once before training (no-grad pass) and cache them, "
+        "so training runs one model.",
+    )
+    kto_desirable_weight: float = Field(default=1.0, gt=0, description="kto: weight of desirable rows.")
+    kto_undesirable_weight: float = Field(default=1.0, gt=0, description="kto: weight of undesirable rows.")
+
+    @model_validator(mode="after")
+    def _combos(self) -> DpoConfig:
+        if self.label_smoothing > 0 and self.loss not in ("sigmoid", "robust", "simpo"):
+            raise ValueError(f"label_smoothing applies to loss sigmoid, robust or simpo, not {self.loss}: set it to 0")
+        if self.loss == "robust" and self.label_smoothing == 0:
+            raise ValueError("loss robust needs label_smoothing > 0 (e.g. 0.1); with 0 it is plain sigmoid")
+        if self.loss == "simpo" and self.reference is not None:
+            raise ValueError("loss simpo is reference-free: remove dpo.reference (set it to null)")
+        return self
 
 
 class RecipeBase(Block):
@@ -253,10 +333,57 @@ class SftRecipe(RecipeBase):
     stage: Literal["sft"]
     sft: SftConfig = Field(default_factory=SftConfig)
 
+    @model_validator(mode="after")
+    def _conversations(self) -> SftRecipe:
+        for i, s in enumerate([*self.data.train, *self.data.eval]):
+            if s.format in PREFERENCE_FORMATS:
+                raise ValueError(
+                    f"data source {i} ({s.path}) has format {s.format}: that is preference data; "
+                    "use stage rm or dpo (sft reads alpaca, sharegpt or messages)"
+                )
+        return self
 
-Recipe = Annotated[CptRecipe | SftRecipe, Field(discriminator="stage")]
-STAGES = ("cpt", "sft")
-PLANNED_STAGES = ("rm", "dpo", "ppo", "rejection_sampling")
+
+def _preference_sources(recipe: RecipeBase, allowed: tuple[str, ...], what: str) -> None:
+    if recipe.data.packing:
+        raise ValueError(f"data.packing is not supported for stage {recipe.stage}: set data.packing: false")
+    for i, s in enumerate([*recipe.data.train, *recipe.data.eval]):
+        if s.format is not None and s.format not in allowed:
+            raise ValueError(
+                f"data source {i} ({s.path}) has format {s.format}: {what} reads format {' or '.join(allowed)} "
+                "(or omit format:)"
+            )
+
+
+class RmRecipe(RecipeBase):
+    """Reward model: the causal LM backbone with a scalar head, trained on preferences."""
+
+    stage: Literal["rm"]
+    rm: RmConfig = Field(default_factory=RmConfig)
+
+    @model_validator(mode="after")
+    def _formats(self) -> RmRecipe:
+        allowed = {"pairwise": ("pairs",), "ranked": ("ranked", "pairs"), "pointwise": ("pointwise",)}[self.rm.loss]
+        _preference_sources(self, allowed, f"rm.loss {self.rm.loss}")
+        return self
+
+
+class DpoRecipe(RecipeBase):
+    """Direct preference optimisation (and its family: ipo, hinge, simpo, kto) of a causal LM."""
+
+    stage: Literal["dpo"]
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
+
+    @model_validator(mode="after")
+    def _formats(self) -> DpoRecipe:
+        allowed = ("unpaired",) if self.dpo.loss == "kto" else ("pairs",)
+        _preference_sources(self, allowed, f"dpo.loss {self.dpo.loss}")
+        return self
+
+
+Recipe = Annotated[CptRecipe | SftRecipe | RmRecipe | DpoRecipe, Field(discriminator="stage")]
+STAGES = ("cpt", "sft", "rm", "dpo")
+PLANNED_STAGES = ("ppo", "rejection_sampling")
 
 _FILE_SUFFIXES = {".json", ".jsonl", ".parquet", ".csv", ".txt", ".tsv", ".arrow", ".gz"}
 

@@ -166,3 +166,53 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_weights(tm
     a, b = _adapter(Path(straight["output_dir"])), _adapter(out)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_tokenizer_problems_fail_before_training(tmp_path: Path, tiny_model: Path) -> None:
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    data = unseen_sft_data(tmp_path / "echo.jsonl", n=16)
+    # a model directory whose tokenizer has no chat template, used by sft
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model, bare)
+    (bare / "chat_template.jinja").unlink()
+    cfg = json.loads((bare / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(cfg))
+    recipe = base_recipe(tmp_path, model={"path": str(bare)}, data={"train": [{"path": str(data)}]})
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe)))
+    assert proc.returncode == 2 and "no chat template" in proc.stderr and "model.chat_template" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (Path(recipe["output_dir"]) / "metrics.jsonl").exists()
+    # the same with a built-in template named: trains (the failed attempt left nothing that needs --overwrite)
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe)), "--set", "model.chat_template=chatml")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    # a tokenizer with more tokens than the model has embeddings: trained with another tokenizer
+    other = tmp_path / "other-tokenizer"
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.add_tokens([f"<extra_{i}>" for i in range(10)])
+    tok.save_pretrained(other)
+    recipe = base_recipe(
+        tmp_path / "x", model={"path": str(tiny_model), "tokenizer": str(other)}, data={"train": [{"path": str(data)}]}
+    )
+    (tmp_path / "x").mkdir()
+    proc = run_cli("train", str(write_recipe(tmp_path / "x", recipe)))
+    assert proc.returncode == 2 and "another tokenizer" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_resume_with_another_world_size_is_refused(tmp_path: Path) -> None:
+    data = unseen_sft_data(tmp_path / "echo.jsonl", n=32)
+    recipe = base_recipe(
+        tmp_path, data={"train": [{"path": str(data)}], "max_length": 64}, train={"max_steps": 4, "save_every": 2}
+    )
+    path = write_recipe(tmp_path, recipe)
+    assert run_cli("train", str(path)).returncode == 0
+    out = Path(recipe["output_dir"])
+    manifest = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**manifest, "status": "running"}))
+    proc = run_cli("train", str(path), nproc=2)
+    assert proc.returncode != 0
+    assert "written with 1 processes" in proc.stderr and "this run has 2" in proc.stderr
