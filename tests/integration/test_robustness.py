@@ -132,11 +132,11 @@ def test_resume_is_exact_with_dropout_and_shuffling_across_an_epoch_boundary(tmp
 def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_weights(tmp_path: Path) -> None:
     data = unseen_sft_data(tmp_path / "echo.jsonl", n=96)
     (tmp_path / "a").mkdir()
-    straight = _resume_recipe(tmp_path / "a", data, max_steps=120)
+    straight = _resume_recipe(tmp_path / "a", data, max_steps=70)
     assert run_cli("train", str(write_recipe(tmp_path / "a", straight))).returncode == 0
 
     (tmp_path / "b").mkdir()
-    recipe = _resume_recipe(tmp_path / "b", data, max_steps=120, save_every=7, keep_checkpoints=2)
+    recipe = _resume_recipe(tmp_path / "b", data, max_steps=70, save_every=7, keep_checkpoints=2)
     path = write_recipe(tmp_path / "b", recipe)
     out = Path(recipe["output_dir"])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
