@@ -17,16 +17,18 @@ from llmtune.recipe.schema import (
     DataConfig,
     DataSource,
     DistributedConfig,
+    DpoConfig,
     FinetuningConfig,
     ModelConfig,
     RecipeBase,
+    RmConfig,
     SftConfig,
     TrainConfig,
 )
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "recipe-reference.md"
 BLOCKS: list[tuple[str, type[BaseModel], str]] = [
-    ("top level", RecipeBase, "Keys every stage shares. `stage:` is `cpt` or `sft`."),
+    ("top level", RecipeBase, "Keys every stage shares. `stage:` is `cpt`, `sft`, `rm` or `dpo`."),
     ("model", ModelConfig, "The model a stage starts from."),
     ("finetuning", FinetuningConfig, "What trains."),
     ("data", DataConfig, "Where the rows come from and how they become batches."),
@@ -34,6 +36,8 @@ BLOCKS: list[tuple[str, type[BaseModel], str]] = [
     ("train", TrainConfig, "The optimisation loop."),
     ("distributed", DistributedConfig, "DeepSpeed."),
     ("sft (stage sft only)", SftConfig, "Supervised fine-tuning options."),
+    ("rm (stage rm only)", RmConfig, "Reward model options."),
+    ("dpo (stage dpo only)", DpoConfig, "Direct preference optimisation options (and KTO, SimPO, IPO)."),
 ]
 
 

@@ -25,7 +25,7 @@ from llmtune.data.sources import read_rows
 from llmtune.errors import DataError
 from llmtune.recipe.schema import DataSource, RecipeBase, looks_local
 
-PIPELINE_VERSION = "2"  # bump when tokenization output changes, to invalidate caches
+PIPELINE_VERSION = "3"  # bump when tokenization output changes, to invalidate caches
 
 
 @dataclass
@@ -33,6 +33,20 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     row: int = 0  # index of the source row it came from (a long cpt document gives several examples)
+    # Several sequences in one example (preference rows: one per response, in order): the lengths of the
+    # consecutive pieces of input_ids / labels. None: one sequence.
+    parts: list[int] | None = None
+    values: list[float] | None = None  # numbers that go with the example (a margin, a score, a label)
+
+    def sequences(self) -> list[tuple[list[int], list[int]]]:
+        """(input_ids, labels) of each sequence the example holds."""
+        if not self.parts:
+            return [(self.input_ids, self.labels)]
+        out, start = [], 0
+        for n in self.parts:
+            out.append((self.input_ids[start : start + n], self.labels[start : start + n]))
+            start += n
+        return out
 
 
 @dataclass
@@ -101,7 +115,13 @@ def _save_cache(path: Path, examples: list[Example], report: SourceReport) -> No
     labels = np.array([t for e in examples for t in e.labels], dtype=np.int64)
     tmp = path / "examples.tmp.npz"
     rows = np.array([e.row for e in examples], dtype=np.int64)
-    np.savez(tmp, lengths=lengths, ids=ids, labels=labels, rows=rows)
+    extra: dict[str, np.ndarray] = {}
+    for name, dtype in (("parts", np.int64), ("values", np.float64)):  # optional per-example lists
+        lists = [getattr(e, name) for e in examples]
+        if any(v is not None for v in lists):
+            extra[f"{name}_counts"] = np.array([-1 if v is None else len(v) for v in lists], dtype=np.int64)
+            extra[name] = np.array([x for v in lists if v is not None for x in v], dtype=dtype)
+    np.savez(tmp, lengths=lengths, ids=ids, labels=labels, rows=rows, **extra)
     meta = {
         "rows": report.rows,
         "kept": report.kept,
@@ -119,6 +139,11 @@ def _load_cache(path: Path, name: str) -> tuple[list[Example], SourceReport] | N
     try:
         with np.load(f, allow_pickle=False) as z:
             lengths, ids, labels, rows = z["lengths"], z["ids"], z["labels"], z["rows"]
+            extra = {
+                key: _split_optional(z[f"{key}_counts"], z[key])
+                for key in ("parts", "values")
+                if f"{key}_counts" in z.files
+            }
         meta = json.loads((path / "report.json").read_text())
     except (OSError, ValueError, KeyError):
         return None
@@ -127,10 +152,25 @@ def _load_cache(path: Path, name: str) -> tuple[list[Example], SourceReport] | N
         Example(ids[a:b].tolist(), labels[a:b].tolist(), int(r))
         for (a, b), r in zip(itertools.pairwise(bounds), rows, strict=True)
     ]
+    for field_name, lists in extra.items():
+        for e, v in zip(examples, lists, strict=True):
+            setattr(e, field_name, v)
     report = SourceReport(name=name, rows=meta["rows"], kept=meta["kept"], cached=True)
     report.reasons.update(meta["reasons"])
     report.first = [tuple(x) for x in meta["first"]]  # type: ignore[misc]
     return examples, report
+
+
+def _split_optional(counts: np.ndarray, flat: np.ndarray) -> list[list | None]:
+    out: list[list | None] = []
+    start = 0
+    for n in counts.tolist():
+        if n < 0:
+            out.append(None)
+            continue
+        out.append(flat[start : start + n].tolist())
+        start += n
+    return out
 
 
 def load_source(

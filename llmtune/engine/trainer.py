@@ -106,13 +106,21 @@ def evaluate(engine: Any, stage: Any, samples: list[Any], recipe: RecipeBase, di
     model.eval()
     bs = recipe.train.eval_batch_size or recipe.train.micro_batch_size
     mine = samples[dist.rank :: dist.world_size]
+    # Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively): a rank
+    # with fewer rows repeats its first batch and leaves it out of the sums.
+    n_batches = math.ceil(math.ceil(len(samples) / dist.world_size) / bs)
     loss = torch.zeros((), dtype=torch.float64, device=dist.device)
     units = torch.zeros((), dtype=torch.float64, device=dist.device)
     sums: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for i in range(0, len(mine), bs):
-            batch = _to(collate(mine[i : i + bs]), dist.device)
+        for b in range(n_batches):
+            rows = mine[b * bs : (b + 1) * bs]
+            batch = _to(collate(rows or (mine or samples)[:bs]), dist.device)
             out = stage.step(engine, batch)
+            for k in out.metrics:
+                sums.setdefault(k, torch.zeros((), dtype=torch.float64, device=dist.device))
+            if not rows:
+                continue
             loss += out.loss_sum.double()
             units += out.units.double()
             for k, v in out.metrics.items():
@@ -124,8 +132,8 @@ def evaluate(engine: Any, stage: Any, samples: list[Any], recipe: RecipeBase, di
     result = {"eval/loss": loss.item() / n, "eval/units": units.item()}
     if stage.unit_name == "tokens":  # a per-token cross entropy: perplexity means something
         result["eval/perplexity"] = math.exp(min(result["eval/loss"], 50.0))
-    for k, v in sums.items():
-        result[f"eval/{k}"] = all_reduce_sum(v).item() / n
+    for k in sorted(sums):  # the same keys on every rank: each ran at least one batch
+        result[f"eval/{k}"] = all_reduce_sum(sums[k]).item() / n
     return result
 
 

@@ -6,8 +6,11 @@ qlora: peft adapters on a 4-bit NF4 base (bitsandbytes), prepared for k-bit trai
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,9 +73,12 @@ def weight_dtype(recipe: RecipeBase) -> torch.dtype:
     return DTYPES[recipe.precision]
 
 
-def load_model(recipe: RecipeBase, device: torch.device, tokenizer: Any) -> LoadedModel:
-    """Load the causal LM and apply the fine-tuning method. Call with HfDeepSpeedConfig alive for ZeRO-3."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_model(recipe: RecipeBase, device: torch.device, tokenizer: Any, head: str = "lm") -> LoadedModel:
+    """Load the model and apply the fine-tuning method. Call with HfDeepSpeedConfig alive for ZeRO-3.
+
+    head: "lm", the causal LM; "score", a reward model (AutoModelForSequenceClassification with one label: the
+    backbone of the checkpoint with a new scalar head on the last non-pad token, trained in full)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     m, ft = recipe.model, recipe.finetuning
     if m.trust_remote_code:
@@ -99,8 +105,13 @@ def load_model(recipe: RecipeBase, device: torch.device, tokenizer: Any) -> Load
             f"could not load a model config from {m.path}: {str(e).splitlines()[0]}",
             hint="model.path must be a local directory with config.json and weights, or a hub id",
         ) from None
+    auto_class: Any = AutoModelForCausalLM
+    if head == "score":
+        auto_class = AutoModelForSequenceClassification
+        kwargs.update(num_labels=1, pad_token_id=tokenizer.pad_token_id)
     try:
-        model = AutoModelForCausalLM.from_pretrained(m.path, **kwargs)
+        with quiet_load_report(head == "score"):
+            model = auto_class.from_pretrained(m.path, **kwargs)
     except ImportError as e:
         if "flash" in str(e).lower():
             raise RecipeError(
@@ -126,14 +137,18 @@ def load_model(recipe: RecipeBase, device: torch.device, tokenizer: Any) -> Load
         )
     if len(tokenizer) > n_embed:  # only the pad token llmtune added
         model.resize_token_embeddings(len(tokenizer))
-    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+    if head == "score":  # pooling takes the last token that is not padding: it needs the pad id
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
 
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    model = apply_method(model, ft, recipe.train.gradient_checkpointing)
+    model = apply_method(
+        model, ft, recipe.train.gradient_checkpointing, head_modules=["score"] if head == "score" else []
+    )
     trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(_numel(p) for p in model.parameters())
     if trainable == 0:
@@ -144,17 +159,62 @@ def load_model(recipe: RecipeBase, device: torch.device, tokenizer: Any) -> Load
     return LoadedModel(model=model, tokenizer=tokenizer, trainable_params=trainable, total_params=total)
 
 
+@contextlib.contextmanager
+def quiet_load_report(quiet: bool = True) -> Iterator[None]:
+    """Hide transformers' load report while a reward model loads: that lm_head is unused and the head
+    `score` is new is the point, not a problem."""
+    log = logging.getLogger("transformers.modeling_utils")
+    level = log.level
+    if quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def load_reference_model(recipe: RecipeBase, path: str, device: torch.device, tokenizer: Any) -> torch.nn.Module:
+    """A frozen causal LM in eval mode (a DPO reference): plain weights in the recipe's dtype, not quantized,
+    not partitioned. Call when no HfDeepSpeedConfig is alive."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": weight_dtype(recipe), **_hub_kwargs(recipe.model)}
+    if recipe.model.attn_implementation != "auto":
+        kwargs["attn_implementation"] = recipe.model.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"could not load the reference model from {path}: {str(e).splitlines()[0]}",
+            hint="dpo.reference must be a local model directory or a hub id (null: the starting model)",
+        ) from None
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.use_cache = False
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
 def _numel(p: torch.nn.Parameter) -> int:
     return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitions leave an empty local tensor
 
 
-def apply_method(model: torch.nn.Module, ft: FinetuningConfig, grad_ckpt: bool) -> torch.nn.Module:
+def apply_method(
+    model: torch.nn.Module, ft: FinetuningConfig, grad_ckpt: bool, head_modules: list[str] | None = None
+) -> torch.nn.Module:
+    """head_modules: new modules (a reward head) that train in full with every method and are saved with
+    the adapter."""
+    head_modules = head_modules or []
     if ft.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model
     if ft.method == "freeze":
-        return _freeze(model, ft)
+        model = _freeze(model, ft)
+        for name, p in model.named_parameters():
+            if any(name.split(".")[0] == h for h in head_modules):
+                p.requires_grad_(True)
+        return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if ft.method == "qlora":
@@ -169,9 +229,9 @@ def apply_method(model: torch.nn.Module, ft: FinetuningConfig, grad_ckpt: bool) 
         lora_alpha=ft.lora_alpha,
         lora_dropout=ft.lora_dropout,
         target_modules=ft.target_modules,
-        modules_to_save=ft.modules_to_save or None,
+        modules_to_save=[*ft.modules_to_save, *head_modules] or None,
         use_rslora=ft.use_rslora,
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if head_modules else "CAUSAL_LM",
         bias="none",
     )
     try:

@@ -1,14 +1,14 @@
 """Recipe schema, loading, overrides and error messages (imports no torch)."""
 
-from llmtune.recipe.load import dump_recipe, load_recipe, resolved_dict, validate_recipe
-from llmtune.recipe.schema import CptRecipe, RecipeBase, SftRecipe
-
-AnyRecipe = CptRecipe | SftRecipe
+from llmtune.recipe.load import AnyRecipe, dump_recipe, load_recipe, resolved_dict, validate_recipe
+from llmtune.recipe.schema import CptRecipe, DpoRecipe, RecipeBase, RmRecipe, SftRecipe
 
 __all__ = [
     "AnyRecipe",
     "CptRecipe",
+    "DpoRecipe",
     "RecipeBase",
+    "RmRecipe",
     "SftRecipe",
     "dump_recipe",
     "load_recipe",

@@ -11,10 +11,11 @@ import yaml
 from pydantic import BaseModel, SecretStr, TypeAdapter, ValidationError
 
 from llmtune.errors import RecipeError
-from llmtune.recipe.schema import PLANNED_STAGES, STAGES, CptRecipe, Recipe, RecipeBase, SftRecipe
+from llmtune.recipe.schema import PLANNED_STAGES, STAGES, CptRecipe, DpoRecipe, Recipe, RecipeBase, RmRecipe, SftRecipe
 
-_ADAPTER: TypeAdapter[CptRecipe | SftRecipe] = TypeAdapter(Recipe)
-_STAGE_MODELS: dict[str, type[BaseModel]] = {"cpt": CptRecipe, "sft": SftRecipe}
+AnyRecipe = CptRecipe | SftRecipe | RmRecipe | DpoRecipe
+_ADAPTER: TypeAdapter[AnyRecipe] = TypeAdapter(Recipe)
+_STAGE_MODELS: dict[str, type[BaseModel]] = {"cpt": CptRecipe, "sft": SftRecipe, "rm": RmRecipe, "dpo": DpoRecipe}
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -100,7 +101,7 @@ def _list_index(node: list[Any], k: str, path: list[str]) -> int:
     return idx
 
 
-def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> CptRecipe | SftRecipe:
+def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> AnyRecipe:
     stage = raw.get("stage")
     if stage is None:
         close = difflib.get_close_matches("stage", [str(k) for k in raw], n=1, cutoff=0.6)
@@ -125,7 +126,7 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> CptRecipe | 
         raise RecipeError(format_validation_error(e, source, _STAGE_MODELS[stage])) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> CptRecipe | SftRecipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> AnyRecipe:
     raw = apply_overrides(read_yaml(path), list(overrides or []))
     return validate_recipe(raw, str(path))
 

@@ -14,6 +14,14 @@ def get_stage(name: str) -> Any:
         from llmtune.stages.sft import SftStage
 
         return SftStage()
+    if name == "rm":
+        from llmtune.stages.rm import RmStage
+
+        return RmStage()
+    if name == "dpo":
+        from llmtune.stages.dpo import DpoStage
+
+        return DpoStage()
     raise ValueError(f"unknown stage {name}")
 
 

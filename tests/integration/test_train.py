@@ -245,16 +245,19 @@ def test_checkpoints_and_resume_match_uninterrupted_run(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("zero", "method"), [(2, "full"), (3, "full"), (3, "lora")])
 def test_two_process_zero(tmp_path: Path, zero: int, method: str) -> None:
     data = unseen_sft_data(tmp_path / "echo.jsonl", n=64)
+    held_out = unseen_sft_data(tmp_path / "held_out.jsonl", n=5, seed=7)  # uneven over 2 ranks x batch 2
     recipe = base_recipe(
         tmp_path,
         finetuning={"method": method},
-        data={"train": [{"path": str(data)}], "max_length": 64},
-        train={"max_steps": 4, "micro_batch_size": 4, "lr": 3e-3},
+        data={"train": [{"path": str(data)}], "eval": [{"path": str(held_out)}], "max_length": 64},
+        train={"max_steps": 4, "micro_batch_size": 4, "lr": 3e-3, "eval_every": 2, "eval_batch_size": 2},
         distributed={"zero_stage": zero},
         precision="bf16",
     )
     out, proc = _train(tmp_path, recipe, nproc=2)
     assert "x 2 proc" in proc.stdout
+    evals = [m for m in read_metrics(out) if "eval/loss" in m]
+    assert [m["step"] for m in evals] == [2, 4] and all(m["eval/units"] > 0 for m in evals)
     from transformers import AutoModelForCausalLM
 
     if method == "lora":

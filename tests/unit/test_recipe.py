@@ -146,11 +146,36 @@ def test_unknown_stage(tmp_path: Path) -> None:
     assert "cpt, sft" in msg
 
 
-@pytest.mark.parametrize("stage", ["rm", "dpo"])
+@pytest.mark.parametrize("stage", ["ppo", "rejection_sampling"])
 def test_planned_stage_is_not_available(tmp_path: Path, stage: str) -> None:
     msg = _error(tmp_path, base_recipe(tmp_path, stage=stage))
     assert f"stage `{stage}` is not available in this version" in msg
-    assert "available stages: cpt, sft" in msg
+    assert "available stages: cpt, sft, rm, dpo" in msg
+
+
+def test_rm_and_dpo_blocks_defaults_and_checks(tmp_path: Path) -> None:
+    from llmtune.recipe import load_recipe
+
+    rm = load_recipe(write_recipe(tmp_path, base_recipe(tmp_path, stage="rm")))
+    assert (rm.rm.loss, rm.rm.center_rewards_coefficient, rm.rm.export_merged) == ("pairwise", 0.0, True)
+    dpo = load_recipe(write_recipe(tmp_path, base_recipe(tmp_path, stage="dpo")))
+    assert (dpo.dpo.beta, dpo.dpo.loss, dpo.dpo.reference, dpo.dpo.precompute_reference) == (0.1, "sigmoid", None, True)
+    msg = _error(tmp_path, base_recipe(tmp_path, stage="dpo", dpo={"loss": "simpo", "reference": "x/y"}))
+    assert "reference-free" in msg
+    msg = _error(tmp_path, base_recipe(tmp_path, stage="dpo", dpo={"loss": "robust"}))
+    assert "needs label_smoothing" in msg
+    msg = _error(tmp_path, base_recipe(tmp_path, stage="dpo", dpo={"los": "ipo"}))
+    assert "Did you mean 'loss'?" in msg
+    src = {"path": "x.jsonl", "format": "alpaca"}
+    msg = _error(tmp_path, base_recipe(tmp_path, stage="rm", data={"train": [src]}))
+    assert "rm.loss pairwise reads format pairs" in msg
+    src = {"path": "x.jsonl", "format": "pairs"}
+    msg = _error(tmp_path, base_recipe(tmp_path, stage="dpo", dpo={"loss": "kto"}, data={"train": [src]}))
+    assert "format unpaired" in msg
+    msg = _error(tmp_path, base_recipe(tmp_path, data={"train": [src]}))
+    assert "use stage rm or dpo" in msg
+    msg = _error(tmp_path, base_recipe(tmp_path, stage="rm", data={"train": [{"path": "x.jsonl"}], "packing": True}))
+    assert "packing is not supported for stage rm" in msg
 
 
 def test_empty_train_sources(tmp_path: Path) -> None:

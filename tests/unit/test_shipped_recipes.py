@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from llmtune.data.formats import detect_format
+from llmtune.data.preference import detect_preference_format
 from llmtune.data.sources import read_rows
 from llmtune.recipe import load_recipe
 from llmtune.recipe.checks import check_paths
@@ -24,12 +25,13 @@ IDS = [p.stem for p in RECIPES]
 def test_recipes_are_found() -> None:
     names = {p.name for p in RECIPES}
     assert {"quickstart.yaml", "cpt.yaml", "sft_lora.yaml", "sft_qlora.yaml", "sft_full_zero3.yaml"} <= names
+    assert {"rm.yaml", "dpo_lora.yaml", "dpo_qlora.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=IDS)
 def test_recipe_is_schema_valid(path: Path) -> None:
     r = load_recipe(path)
-    assert r.stage in ("cpt", "sft")
+    assert r.stage in ("cpt", "sft", "rm", "dpo")
     assert r.output_dir.startswith("runs/")  # all runs land under runs/ (git-ignored)
 
 
@@ -111,6 +113,16 @@ EXPECTED = {
         "distributed.zero_stage": 3,
         "precision": "bf16",
     },
+    "rm": {"stage": "rm", "rm.loss": "pairwise", "finetuning.method": "lora", "rm.export_merged": True},
+    "dpo_lora": {
+        "stage": "dpo",
+        "finetuning.method": "lora",
+        "dpo.loss": "sigmoid",
+        "dpo.beta": 0.1,
+        "dpo.reference": None,
+        "dpo.precompute_reference": True,
+    },
+    "dpo_qlora": {"stage": "dpo", "finetuning.method": "qlora", "train.gradient_checkpointing": True},
 }
 
 
@@ -152,7 +164,8 @@ def test_named_demo_data_has_the_declared_format(path: Path, shared_data: Path) 
         local = shared_data / "llama-factory" / Path(src.path).name
         if not local.is_file():
             continue
-        rows = read_rows(DataSource(path=str(local)))
-        assert detect_format([row.data for row in rows if row.data is not None]) == src.format
+        rows = [row.data for row in read_rows(DataSource(path=str(local))) if row.data is not None]
+        found = detect_preference_format(rows) if r.stage in ("rm", "dpo") else detect_format(rows)
+        assert found == src.format
         checked += 1
     assert checked == len(r.data.train), f"{path.name} names data files not among the demo files"

@@ -1,0 +1,53 @@
+"""Reward models: a causal LM's backbone with a scalar head (``AutoModelForSequenceClassification``, one label).
+
+Loading goes through ``llmtune.model.load.load_model(..., head="score")``: the head ``score`` is new (randomly
+initialised), the reward is read at the last token that is not padding (right padding, so the config carries
+``pad_token_id``), and with lora / qlora the head trains in full and is saved with the adapter
+(``modules_to_save=["score"]``, peft task SEQ_CLS).
+
+What a run leaves in output_dir:
+- full / freeze: ``model.safetensors`` + ``config.json`` (``LlamaForSequenceClassification``-style, num_labels 1)
+  and the tokenizer: ``AutoModelForSequenceClassification.from_pretrained(out, num_labels=1)``.
+- lora / qlora: the peft adapter with the head (``PeftModel.from_pretrained(
+  AutoModelForSequenceClassification.from_pretrained(base, num_labels=1), out)``), and, unless
+  ``rm.export_merged: false``, ``out/merged/``: the adapter merged into the base (de-quantized for qlora),
+  loadable without peft.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmtune.model.load import DTYPES, _hub_kwargs, quiet_load_report
+from llmtune.recipe.schema import RecipeBase
+
+
+def save_merged_reward_model(recipe: RecipeBase, adapter_dir: Path, out: Path, tokenizer: Any) -> list[str]:
+    """Merge the adapter (and its head) saved in adapter_dir into a fresh, unquantized base and save it to out.
+
+    The base is loaded in the training precision on the CPU (a 4-bit base is never merged into: that is lossy).
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    dtype = DTYPES[recipe.precision] if recipe.model.dtype == "auto" else DTYPES[recipe.model.dtype]
+    with quiet_load_report():
+        base = AutoModelForSequenceClassification.from_pretrained(
+            recipe.model.path,
+            num_labels=1,
+            pad_token_id=tokenizer.pad_token_id,
+            dtype=dtype,
+            **_hub_kwargs(recipe.model),
+        )
+    base.config.pad_token_id = tokenizer.pad_token_id
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(len(tokenizer))
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return sorted(p.name for p in out.iterdir() if p.is_file())

@@ -1,0 +1,158 @@
+"""Direct preference optimisation of a causal LM (dpo.loss: sigmoid, robust, ipo, hinge, simpo; kto on unpaired rows).
+
+Chosen and rejected go through the policy in one forward pass (2B rows). The reference log-probs come from
+(dpo.reference) a separate model, or (null) the same base with the LoRA adapter disabled, or with full /
+freeze a frozen copy of model.path. With dpo.precompute_reference (the default) they are computed once
+before training, in a no-grad pass shared out over the ranks, and travel with the samples; training then
+runs one model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from llmtune.data.pipeline import fingerprint_tokenizer
+from llmtune.data.preference import PreferenceSample, build_preference_data, collate_preference
+from llmtune.engine.distributed import all_reduce_sum
+from llmtune.model.load import load_reference_model
+from llmtune.objectives.preference import (
+    dpo_loss,
+    kto_loss,
+    kto_reference_point,
+    sequence_logps,
+    simpo_loss,
+    token_logps,
+)
+from llmtune.recipe.schema import DpoRecipe
+from llmtune.stages.base import StageData, StageDefaults, StepOutput, forward_lm, recipe_settings
+
+
+def batch_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob (N,) of the labelled reply of every row, and its token count (N,)."""
+    lp, mask = token_logps(forward_lm(model, batch), batch["labels"])
+    return sequence_logps(lp, mask)
+
+
+class DpoStage(StageDefaults):
+    name = "dpo"
+    needs_chat_template = True
+    unit_name = "pairs"  # kto: completions
+
+    recipe: DpoRecipe
+    reference: torch.nn.Module | None = None  # kept only when reference log-probs are not precomputed
+
+    def build_data(self, recipe: DpoRecipe, tokenizer: Any, template: str | None) -> StageData:
+        assert template is not None
+        self.recipe, self.tokenizer = recipe, tokenizer
+        kto = recipe.dpo.loss == "kto"
+        if kto:
+            self.unit_name = "completions"
+        settings = recipe_settings(recipe, "preference", fingerprint_tokenizer(tokenizer, template))
+        train, evals, reports = build_preference_data(
+            recipe, tokenizer, template, settings, "unpaired" if kto else "pairs"
+        )
+        return StageData(train=train, eval=evals, reports=reports)
+
+    def collate(self, samples: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
+        return collate_preference(samples, pad_id)
+
+    def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.tensor(batch["value"].numel(), device=batch["value"].device)
+
+    # --- the reference ---------------------------------------------------------------------------------------
+
+    def _adapter_is_reference(self) -> bool:
+        return self.recipe.dpo.reference is None and self.recipe.finetuning.method in ("lora", "qlora")
+
+    def before_training(self, engine: Any, data: StageData, dist: Any, collate: Any) -> None:
+        cfg = self.recipe.dpo
+        if cfg.loss == "simpo":  # reference-free
+            return
+        ref: Any = None
+        if not self._adapter_is_reference():
+            path = cfg.reference or self.recipe.model.path
+            ref = load_reference_model(self.recipe, path, dist.device, self.tokenizer)
+        if not cfg.precompute_reference:
+            self.reference = ref
+            return
+        for samples in (data.train, data.eval):
+            self._precompute(engine, ref, samples, dist, collate)
+        del ref
+
+    def _reference_logps(self, model: Any, ref: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            if ref is not None:
+                return batch_logps(ref, batch)[0]
+            with model.module.disable_adapter():  # the policy's base: the reference, no second copy
+                return batch_logps(model, batch)[0]
+
+    def _precompute(self, engine: Any, ref: Any, samples: list[PreferenceSample], dist: Any, collate: Any) -> None:
+        """Reference log-probs of every response of every sample: each rank takes a shard (the same number of
+        forward passes on every rank, as ZeRO-3 needs), then the results are summed over ranks."""
+        if not samples:
+            return
+        bs = self.recipe.train.eval_batch_size or self.recipe.train.micro_batch_size
+        k = max(len(s.parts) for s in samples)
+        mine = list(range(dist.rank, len(samples), dist.world_size))
+        n_batches = math.ceil(math.ceil(len(samples) / dist.world_size) / bs)
+        table = torch.zeros(len(samples), k, dtype=torch.float64, device=dist.device)
+        was_training = engine.module.training
+        engine.module.eval()
+        for i in range(n_batches):
+            idx = mine[i * bs : (i + 1) * bs]
+            chunk = idx or mine[-1:] or [0]  # a rank with fewer rows repeats one (its result is not kept)
+            batch = {name: t.to(dist.device) for name, t in collate([samples[j] for j in chunk]).items()}
+            logps = self._reference_logps(engine, ref, batch).double()
+            if idx:
+                rows = torch.tensor(idx, device=dist.device)[batch["group"]]
+                table[rows, batch["rank"]] = logps
+        if was_training:
+            engine.module.train()
+        table = all_reduce_sum(table).cpu()
+        for j, s in enumerate(samples):
+            s.ref_logps = table[j, : len(s.parts)].tolist()
+
+    # --- the step ----------------------------------------------------------------------------------------------
+
+    def step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        cfg = self.recipe.dpo
+        logps, lengths = batch_logps(model, batch)  # (N,): one forward pass over chosen and rejected
+        ref = None
+        if cfg.loss != "simpo":
+            ref = batch["ref_logps"] if "ref_logps" in batch else self._reference_logps(model, self.reference, batch)
+            ref = ref.float()
+        b = batch["value"].numel()
+        if cfg.loss == "kto":
+            assert ref is not None
+            desirable = batch["value"] > 0.5
+            kl = kto_reference_point(logps, ref)
+            losses, rewards = kto_loss(
+                logps, ref, desirable, kl, cfg.beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight
+            )
+            metrics = {"reward": rewards.sum(), "logps": logps.detach().sum(), "kl": kl * b}
+            return StepOutput(losses.sum(), torch.tensor(b, device=logps.device), metrics)
+        pc, pr, lc, lr = logps[:b], logps[b:], lengths[:b], lengths[b:]
+        if cfg.loss == "simpo":
+            out = simpo_loss(pc, pr, lc, lr, cfg.beta, cfg.simpo_gamma, cfg.label_smoothing)
+        else:
+            assert ref is not None
+            rc, rr = ref[:b], ref[b:]
+            if cfg.loss == "ipo":  # IPO on per-token mean log-probs (as TRL does)
+                pc, pr, rc, rr = pc / lc, pr / lr, rc / lc, rr / lr
+            out = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.loss, cfg.label_smoothing)
+        losses = out.losses
+        if cfg.sft_weight > 0:  # RPO: per-token NLL of the chosen reply
+            losses = losses + cfg.sft_weight * (-logps[:b] / lengths[:b].clamp(min=1))
+        c, r = out.chosen_rewards, out.rejected_rewards
+        metrics = {
+            "accuracy": (c > r).float().sum(),
+            "margin": (c - r).sum(),
+            "reward_chosen": c.sum(),
+            "reward_rejected": r.sum(),
+            "logps_chosen": logps[:b].detach().sum(),
+            "logps_rejected": logps[b:].detach().sum(),
+        }
+        return StepOutput(losses.sum(), torch.tensor(b, device=logps.device), metrics)

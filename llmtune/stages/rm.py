@@ -1,0 +1,88 @@
+"""Reward model: a scalar head on the causal LM backbone, trained on preferences (pairwise / ranked / pointwise)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmtune.data.pipeline import fingerprint_tokenizer
+from llmtune.data.preference import build_preference_data, collate_preference
+from llmtune.engine.checkpoint import export_model
+from llmtune.model.load import LoadedModel, load_model
+from llmtune.objectives.preference import bradley_terry_loss, pointwise_loss, ranked_pairs, reward_centering
+from llmtune.recipe.schema import RmRecipe
+from llmtune.stages.base import StageData, StageDefaults, StepOutput, recipe_settings
+
+FORMAT_OF_LOSS = {"pairwise": "pairs", "ranked": "ranked", "pointwise": "pointwise"}
+
+
+class RmStage(StageDefaults):
+    name = "rm"
+    needs_chat_template = True
+    unit_name = "pairs"  # the loss is a mean over preference pairs (pointwise: over responses)
+
+    loss = "pairwise"
+    center = 0.0
+
+    def build_data(self, recipe: RmRecipe, tokenizer: Any, template: str | None) -> StageData:
+        assert template is not None
+        self.loss, self.center = recipe.rm.loss, recipe.rm.center_rewards_coefficient
+        if self.loss == "pointwise":
+            self.unit_name = "responses"
+        fmt = FORMAT_OF_LOSS[self.loss]
+        settings = recipe_settings(recipe, "preference", fingerprint_tokenizer(tokenizer, template))
+        train, evals, reports = build_preference_data(recipe, tokenizer, template, settings, fmt)
+        return StageData(train=train, eval=evals, reports=reports)
+
+    def load_model(self, recipe: RmRecipe, device: torch.device, tokenizer: Any) -> LoadedModel:
+        return load_model(recipe, device, tokenizer, head="score")
+
+    def collate(self, samples: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
+        return collate_preference(samples, pad_id)
+
+    def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.loss == "pointwise":
+            return torch.tensor(batch["group"].numel(), device=batch["group"].device)
+        k = torch.bincount(batch["group"])  # responses per row
+        return (k * (k - 1) // 2).sum()
+
+    def step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        rewards = out.logits.squeeze(-1).float()  # (N,): one per response, response-major
+        group, rank, value = batch["group"], batch["rank"], batch["value"]
+        if self.loss == "pointwise":
+            losses = pointwise_loss(rewards, value[group].float())
+            return StepOutput(
+                losses.sum(), torch.tensor(rewards.numel(), device=rewards.device), {"reward": rewards.detach().sum()}
+            )
+        b, k = value.numel(), int(rank.max().item()) + 1
+        scores = rewards.new_zeros(b, k).index_put((group, rank), rewards)  # (B, K), best first
+        present = torch.zeros(b, k, dtype=torch.bool, device=rewards.device).index_put(
+            (group, rank), torch.ones_like(group, dtype=torch.bool)
+        )
+        better, worse, valid = ranked_pairs(scores, present)
+        row = torch.arange(b, device=rewards.device).view(b, 1, 1).expand_as(valid)[valid]
+        chosen, rejected = better[valid], worse[valid]  # (P,) one entry per pair
+        margin = value[row].float() if self.loss == "pairwise" else None
+        losses = bradley_terry_loss(chosen, rejected, margin)
+        if self.center > 0:
+            losses = losses + reward_centering(chosen, rejected, self.center)
+        c, r = chosen.detach(), rejected.detach()
+        metrics = {
+            "accuracy": (c > r).float().sum(),
+            "margin": (c - r).sum(),
+            "reward_chosen": c.sum(),
+            "reward_rejected": r.sum(),
+        }
+        return StepOutput(losses.sum(), torch.tensor(chosen.numel(), device=rewards.device), metrics)
+
+    def export(self, engine: Any, tokenizer: Any, out: Path, recipe: RmRecipe, dist: Any) -> list[str]:
+        files = export_model(engine, tokenizer, out, recipe.distributed.zero_stage, dist.rank)
+        if dist.rank == 0 and recipe.finetuning.method in ("lora", "qlora") and recipe.rm.export_merged:
+            from llmtune.model.reward import save_merged_reward_model
+
+            save_merged_reward_model(recipe, out, out / "merged", tokenizer)
+            files.append("merged/")
+        return files
