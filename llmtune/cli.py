@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -18,7 +18,8 @@ from llmtune.errors import TrainingError, UserError
 app = typer.Typer(
     name="llmtune",
     help="Adapt open LLMs from YAML recipes: continued pretraining (cpt) and supervised fine-tuning (sft) "
-    "on one DeepSpeed trainer core, with full, freeze, LoRA and 4-bit QLoRA fine-tuning.",
+    "on one DeepSpeed trainer core, with full, freeze, LoRA and 4-bit QLoRA fine-tuning; merge adapters "
+    "(merge-lora, merge) and evaluate (eval).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -104,6 +105,179 @@ def train(
     except KeyboardInterrupt:
         err.print("interrupted: the newest complete checkpoint in output_dir is kept")
         raise typer.Exit(130) from None
+
+
+def _no_load_bars() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def _opt(help_: str, *names: str) -> Any:
+    return typer.Option(*names, help=help_, show_default=False)
+
+
+@app.command("merge-lora")
+def merge_lora(
+    adapter: Annotated[Path, _opt("The LoRA / QLoRA adapter directory (a training output).", "--adapter")],
+    out: Annotated[Path, _opt("Where the merged model is written.", "--out")],
+    base: Annotated[
+        str | None, _opt("The base model the adapter was trained on (default: the one it records).", "--base")
+    ] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (the base's dtype) | bf16 | fp16 | fp32.")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Allow a non-empty --out.")] = False,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard.")] = "5GB",
+    tolerance: Annotated[
+        float | None, _opt("Max |logit| difference allowed (default: by dtype, relative to the logits).", "--tolerance")
+    ] = None,
+) -> None:
+    """Merge a LoRA adapter into its base and write a standalone model; then check it against base + adapter.
+
+    QLoRA adapters are merged into the base loaded at --dtype from its full-precision weights (never into
+    4-bit weights). Reward-model adapters keep their score head."""
+    if dtype not in ("auto", "bf16", "fp16", "fp32"):
+        raise _fail(UserError(f"--dtype {dtype!r} is not one of auto, bf16, fp16, fp32"), 2)
+    out_console = Console(highlight=False, soft_wrap=True)
+    try:
+        from llmtune.model.merge import MergeCheckError
+        from llmtune.model.merge import merge_lora as do_merge
+        from llmtune.stages import quiet_libraries
+
+        quiet_libraries()
+        _no_load_bars()
+        with err.status("merging"):
+            r = do_merge(
+                base,
+                str(adapter),
+                out,
+                dtype=dtype,
+                overwrite=overwrite,
+                max_shard_size=max_shard_size,
+                tolerance=tolerance,
+            )
+    except UserError as e:
+        raise _fail(e, e.exit_code) from None
+    except MergeCheckError as e:
+        raise _fail(e, e.exit_code) from None
+    for note in r.notes:
+        out_console.print(f"note: {note}", markup=False)
+    out_console.print(f"merged {r.kind} written to {r.out} ({r.dtype}): {', '.join(r.files)}", markup=False)
+    out_console.print(
+        f"max |logit difference| vs base + adapter on probe inputs: {r.max_logit_diff:.3g} "
+        f"(tolerance {r.tolerance:.3g}): ok",
+        markup=False,
+    )
+
+
+@app.command()
+def merge(
+    models: Annotated[
+        list[str], _opt("A full model or LoRA adapter directory to average (repeat, two or more).", "--model")
+    ],
+    out: Annotated[Path, _opt("Where the averaged model is written.", "--out")],
+    weights: Annotated[
+        list[float] | None, _opt("Weight of each --model, in order (default: equal); normalised to sum 1.", "--weight")
+    ] = None,
+    base: Annotated[str | None, _opt("Base for adapters (default: the one each adapter records).", "--base")] = None,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="auto (the first model's dtype) | bf16 | fp16 | fp32.")
+    ] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Allow a non-empty --out.")] = False,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard.")] = "5GB",
+) -> None:
+    """Average several checkpoints or adapters with weights (model soup, EMA-style mixtures) into one model.
+
+    Adapters are merged into their base first, so the result is base + sum_i w_i * delta_i exactly."""
+    if dtype not in ("auto", "bf16", "fp16", "fp32"):
+        raise _fail(UserError(f"--dtype {dtype!r} is not one of auto, bf16, fp16, fp32"), 2)
+    try:
+        from llmtune.model.merge import average_models
+        from llmtune.stages import quiet_libraries
+
+        quiet_libraries()
+        _no_load_bars()
+        with err.status("averaging"):
+            r = average_models(
+                models, weights, out, base=base, dtype=dtype, overwrite=overwrite, max_shard_size=max_shard_size
+            )
+    except UserError as e:
+        raise _fail(e, e.exit_code) from None
+    out_console = Console(highlight=False, soft_wrap=True)
+    for note in r.notes:
+        out_console.print(f"note: {note}", markup=False)
+    mix = ", ".join(f"{w:.4g} x {m}" for m, w in zip(models, r.weights, strict=True))
+    out_console.print(f"averaged model ({r.dtype}) written to {r.out}: {mix}", markup=False)
+
+
+@app.command("eval")
+def eval_(
+    config: Annotated[
+        Path | None, typer.Argument(help="An eval YAML file with the same keys as the options (options override it).")
+    ] = None,
+    task: Annotated[str | None, _opt("perplexity | preference | reward | generate | compare", "--task")] = None,
+    model: Annotated[str | None, _opt("Model directory or hub id (or an adapter directory).", "--model")] = None,
+    adapter: Annotated[str | None, _opt("A peft adapter on --model.", "--adapter")] = None,
+    data: Annotated[str | None, _opt("Data file or directory.", "--data")] = None,
+    format_: Annotated[
+        str | None, _opt("text | alpaca | sharegpt | messages | prompts | pairs (default: detected)", "--format")
+    ] = None,
+    output: Annotated[str | None, _opt("Write the JSON report here.", "--output", "-o")] = None,
+    generations: Annotated[
+        str | None, _opt("Per-example JSONL (default: <output stem>.generations.jsonl).", "--generations")
+    ] = None,
+    max_samples: Annotated[int | None, _opt("Evaluate at most this many rows.", "--max-samples")] = None,
+    max_length: Annotated[int | None, _opt("Longest sequence in tokens (default 1024).", "--max-length")] = None,
+    batch_size: Annotated[int | None, _opt("Batch size (default 8).", "--batch-size")] = None,
+    seed: Annotated[int | None, _opt("Seed (default 0).", "--seed")] = None,
+    dtype: Annotated[str | None, _opt("auto | bf16 | fp16 | fp32", "--dtype")] = None,
+    device: Annotated[str | None, _opt("auto | cpu | cuda", "--device")] = None,
+    chat_template: Annotated[str | None, _opt("chatml | llama3 | alpaca | a .jinja file", "--chat-template")] = None,
+    system: Annotated[str | None, _opt("System prompt for rows without one.", "--system")] = None,
+    max_new_tokens: Annotated[int | None, _opt("Generation length (default 128).", "--max-new-tokens")] = None,
+    temperature: Annotated[float | None, _opt("0 = greedy (default).", "--temperature")] = None,
+    top_p: Annotated[float | None, _opt("Nucleus sampling mass.", "--top-p")] = None,
+    regex: Annotated[str | None, _opt("generate: also score regex_match with this pattern.", "--regex")] = None,
+    few_shot: Annotated[int | None, _opt("generate: k examples before each input.", "--few-shot")] = None,
+    few_shot_selection: Annotated[str | None, _opt("jaccard | random", "--few-shot-selection")] = None,
+    few_shot_data: Annotated[str | None, _opt("Where few-shot examples come from.", "--few-shot-data")] = None,
+    reward_models: Annotated[
+        list[str] | None, _opt("reward / compare: a reward model (repeatable).", "--reward-model")
+    ] = None,
+    rules: Annotated[
+        list[str] | None, _opt("reward: exact_match | contains | gsm8k | regex:PAT | module:fn", "--rule")
+    ] = None,
+    reward_weights: Annotated[
+        list[float] | None, _opt("reward: weight per reward (repeatable).", "--reward-weight")
+    ] = None,
+    model_b: Annotated[str | None, _opt("compare: the second model.", "--model-b")] = None,
+    adapter_b: Annotated[str | None, _opt("compare: an adapter on --model-b.", "--adapter-b")] = None,
+    tie_margin: Annotated[float | None, _opt("compare: score differences up to this are ties.", "--tie-margin")] = None,
+    reference: Annotated[str | None, _opt("preference: the reference model of a policy.", "--reference")] = None,
+    beta: Annotated[float | None, _opt("preference: DPO beta (default 0.1).", "--beta")] = None,
+) -> None:
+    """Evaluate a model on a data file and write a JSON report (and a table on the terminal).
+
+    llmtune eval --model PATH [--adapter PATH] --data FILE --task perplexity|preference|reward|generate|compare
+    llmtune eval EVAL.yaml [--options]"""
+    from llmtune.eval.config import load_eval_config
+
+    options = {
+        "task": task, "model": model, "adapter": adapter, "data": data, "format": format_, "output": output,
+        "generations": generations, "max_samples": max_samples, "max_length": max_length,
+        "batch_size": batch_size, "seed": seed, "dtype": dtype, "device": device, "chat_template": chat_template,
+        "system": system, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+        "regex": regex, "few_shot": few_shot, "few_shot_selection": few_shot_selection,
+        "few_shot_data": few_shot_data, "reward_models": reward_models, "rules": rules,
+        "reward_weights": reward_weights, "model_b": model_b, "adapter_b": adapter_b, "tie_margin": tie_margin,
+        "reference": reference, "beta": beta,
+    }  # fmt: skip
+    try:
+        cfg = load_eval_config(config, options)
+        from llmtune.eval.run import run_eval
+
+        run_eval(cfg, Console(highlight=False, soft_wrap=True), err)
+    except UserError as e:
+        raise _fail(e, e.exit_code) from None
 
 
 @app.command()

@@ -1,0 +1,1 @@
+"""``llmtune eval``: tasks (perplexity, preference, reward, generate, compare), metrics and reports."""

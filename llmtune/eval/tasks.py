@@ -1,0 +1,571 @@
+"""The five eval tasks. Each reads the data, runs the model(s) in batches and returns the report's metrics
+(plain names) plus per-example rows for the JSONL file.
+
+perplexity  loss = sum of -log p over learned tokens / their count (labels as training puts them:
+            assistant replies for conversations, every token for text); perplexity = exp(loss)
+preference  accuracy = share of pairs with score(chosen) > score(rejected); margin = mean difference.
+            score = a reward model's score, or a policy's implicit DPO reward
+            beta * (log pi(y|x) - log pi_ref(y|x)), summed over the reply tokens
+reward      generate, then score with reward models and rules: mean / std of the weighted total
+generate    generate, then exact_match / contains / gsm8k_accuracy (/ regex_match) against `answer`
+compare     generate with two models; a judge reward model scores both: win / tie / loss rates
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+from llmtune.data.chat import IGNORE_INDEX, encode_conversation, encode_text, resolve_chat_template
+from llmtune.data.formats import Conversation, RowError, detect_format, to_conversation, to_text
+from llmtune.data.pipeline import Sample, SourceReport, collate
+from llmtune.data.sources import read_rows
+from llmtune.errors import DataError, UserError
+from llmtune.eval import metrics
+from llmtune.eval.config import EvalConfig
+from llmtune.eval.fewshot import select_examples
+from llmtune.eval.models import (
+    Loaded,
+    free,
+    is_reward_model,
+    last_token_scores,
+    load_causal_lm,
+    load_reward_model,
+    pick_device,
+    pick_dtype,
+)
+from llmtune.eval.pairs import Pair, is_pair_row, to_pair
+from llmtune.eval.rules import get_rule
+from llmtune.generation.prompts import Prompt, render_prompt, to_prompt
+from llmtune.generation.sample import generate
+from llmtune.objectives.lm import lm_loss_sum
+from llmtune.recipe.schema import DataSource
+
+
+@dataclass
+class TaskResult:
+    metrics: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)  # per-example output (JSONL)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Env:
+    cfg: EvalConfig
+    console: Console
+    device: torch.device
+    dtype: torch.dtype
+
+
+def run_task(cfg: EvalConfig, console: Console) -> TaskResult:
+    device = pick_device(cfg.device)
+    env = Env(cfg, console, device, pick_dtype(cfg.dtype, device))
+    torch.manual_seed(cfg.seed)
+    tasks: dict[str, Callable[[Env], TaskResult]] = {
+        "perplexity": perplexity,
+        "preference": preference,
+        "reward": reward,
+        "generate": generate_task,
+        "compare": compare,
+    }
+    return tasks[cfg.task](env)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def read_data(path: str, max_samples: int | None) -> list[Any]:
+    rows = read_rows(DataSource(path=path))
+    return rows[:max_samples] if max_samples is not None else rows
+
+
+def convert(
+    rows: list[Any], fn: Callable[[dict], Any], name: str, what: str
+) -> tuple[list[tuple[int, Any]], SourceReport]:
+    """Apply fn to every readable row; bad rows are dropped and counted. No usable row is a DataError."""
+    report = SourceReport(name=name, rows=len(rows))
+    out: list[tuple[int, Any]] = []
+    for row in rows:
+        if row.data is None:
+            report.drop(row.index, row.error or "unreadable row")
+            continue
+        try:
+            out.append((row.index, fn(row.data)))
+            report.kept += 1
+        except RowError as e:
+            report.drop(row.index, str(e))
+    if not out:
+        top = "; ".join(f"row {i}: {why}" for i, why in report.first[:3])
+        raise DataError(f"{name}: no row is usable as {what} ({report.rows} rows; e.g. {top})", hint=_format_hint(what))
+    return out, report
+
+
+def _format_hint(what: str) -> str:
+    return {
+        "prompts": "rows need a prompt: prompt / question / instruction (+input) / messages, and `answer` to score",
+        "pairs": "rows need prompt, chosen and rejected (or LLaMA-Factory's conversations + chosen / rejected)",
+    }.get(what, "check --format and the file's columns")
+
+
+def _drop_metrics(report: SourceReport) -> dict[str, Any]:
+    out: dict[str, Any] = {"rows": report.rows, "dropped": report.dropped}
+    if report.dropped:
+        out["dropped_reasons"] = dict(report.reasons.most_common(5))
+    return out
+
+
+@contextmanager
+def progress(console: Console, total: int, label: str) -> Iterator[Callable[[int], None]]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True
+    ) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _template(tokenizer: Any, override: str | None, required: bool) -> str | None:
+    return resolve_chat_template(tokenizer, override, required=required)
+
+
+# ------------------------------------------------------------------------------------------ perplexity
+
+
+def perplexity(env: Env) -> TaskResult:
+    cfg = env.cfg
+    rows = read_data(cfg.data, cfg.max_samples)
+    fmt = cfg.format
+    if fmt is None:
+        fmt = detect_format([r.data for r in rows[:50] if r.data is not None])
+    if fmt in ("prompts", "pairs"):
+        raise UserError(
+            f"task perplexity reads text or sft data (text, alpaca, sharegpt, messages), not {fmt}",
+            hint="use --task generate for prompts, --task preference for pairs",
+        )
+    policy = load_causal_lm(cfg.model, cfg.adapter, env.dtype, env.device, "--model")
+    tok = policy.tokenizer
+    template = _template(tok, cfg.chat_template, required=fmt != "text")
+
+    def encode(row: dict) -> list[Sample]:
+        if fmt == "text":  # a document, cut into max_length pieces as cpt does; every token is learned
+            ids = encode_text(tok, to_text(row))
+            return [
+                Sample(c, list(c))
+                for c in (ids[i : i + cfg.max_length] for i in range(0, len(ids), cfg.max_length))
+                if len(c) >= 2
+            ]
+        assert template is not None
+        conv = to_conversation(row, fmt, default_system=cfg.system)
+        ids, labels = encode_conversation(tok, template, conv, cfg.max_length, train_on_prompt=False)
+        return [Sample(ids, labels)]
+
+    encoded, report = convert(rows, encode, cfg.data, fmt)
+    samples = [s for _, ss in encoded for s in ss]
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))  # less padding
+    loss_sum, count = 0.0, 0
+    with progress(env.console, len(samples), "perplexity") as advance, torch.no_grad():
+        for start in range(0, len(order), cfg.batch_size):
+            batch = collate([samples[i] for i in order[start : start + cfg.batch_size]], tok.pad_token_id)
+            logits = policy.model(
+                input_ids=batch["input_ids"].to(env.device), attention_mask=batch["attention_mask"].to(env.device)
+            ).logits
+            s, n = lm_loss_sum(logits, batch["labels"].to(env.device))
+            loss_sum += s.item()
+            count += int(n.item())
+            advance(min(cfg.batch_size, len(order) - start))
+    if count == 0:
+        raise DataError(f"{cfg.data}: no token to score", hint="check data.max_length and the rows")
+    loss = loss_sum / count
+    return TaskResult(
+        {
+            "perplexity": math.exp(loss),
+            "loss": loss,
+            "tokens": count,
+            "examples": len(samples),
+            "format": fmt,
+            **_drop_metrics(report),
+        }
+    )
+
+
+# ------------------------------------------------------------------------------------------- generation
+
+
+@dataclass
+class Generated:
+    index: int
+    prompt: Prompt
+    text: str  # the rendered prompt
+    completion: str
+    new_tokens: int
+
+
+def read_prompts(env: Env) -> tuple[list[tuple[int, Prompt]], SourceReport]:
+    cfg = env.cfg
+    if cfg.format not in (None, "prompts", "alpaca", "messages", "sharegpt"):
+        raise UserError(
+            f"task {cfg.task} reads prompts (prompts, alpaca, messages, sharegpt), not format {cfg.format}",
+            hint="rows like {prompt: ..., answer: ...} or {question, answer}",
+        )
+    rows = read_data(cfg.data, cfg.max_samples)
+    return convert(rows, lambda r: to_prompt(r, cfg.system), cfg.data, "prompts")
+
+
+def few_shot_messages(env: Env, prompts: list[tuple[int, Prompt]]) -> list[list[dict]]:
+    """Each prompt's turns, with k solved examples put before them as earlier user / assistant turns."""
+    cfg = env.cfg
+    if cfg.few_shot == 0:
+        return [p.messages for _, p in prompts]
+    if cfg.few_shot_data:
+        pool_rows = read_data(cfg.few_shot_data, None)
+        pool_all, _ = convert(pool_rows, lambda r: to_prompt(r, None), cfg.few_shot_data, "prompts")
+        same = False
+    else:
+        pool_all, same = prompts, True
+    pool = [(i, p) for i, p in pool_all if p.answer is not None]
+    if len(pool) < cfg.few_shot + (1 if same else 0):
+        raise DataError(
+            f"few_shot {cfg.few_shot} needs that many rows with an answer to draw from; there are {len(pool)}",
+            hint="lower --few-shot or pass --few-shot-data with solved examples",
+        )
+    position = {i: j for j, (i, _) in enumerate(pool)}
+    exclude = [position.get(i) if same else None for i, _ in prompts]
+    chosen = select_examples(
+        [p.user_text for _, p in prompts],
+        [p.user_text for _, p in pool],
+        cfg.few_shot,
+        cfg.few_shot_selection,
+        cfg.seed,
+        exclude,
+    )
+    out = []
+    for (_, p), picks in zip(prompts, chosen, strict=True):
+        shots: list[dict] = []
+        for j in picks:
+            shot = pool[j][1]
+            shots += [{"role": "user", "content": shot.user_text}, {"role": "assistant", "content": shot.answer or ""}]
+        head = [m for m in p.messages[:1] if m["role"] == "system"]
+        out.append([*head, *shots, *p.messages[len(head) :]])
+    return out
+
+
+def run_generation(
+    env: Env, model: str, adapter: str | None, prompts: list[tuple[int, Prompt]], messages: list[list[dict]], label: str
+) -> list[Generated]:
+    cfg = env.cfg
+    policy = load_causal_lm(model, adapter, env.dtype, env.device, label)
+    tok = policy.tokenizer
+    template = _template(tok, cfg.chat_template, required=False)
+    texts = [render_prompt(tok, template, m) for m in messages]
+    budget = max(1, cfg.max_length - cfg.max_new_tokens)
+    ids = [tok(t, add_special_tokens=template is None)["input_ids"][-budget:] for t in texts]
+    with progress(env.console, len(ids), f"generate ({label.lstrip('-')})") as advance:
+        outs = generate(
+            policy.model,
+            tok,
+            ids,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            device=env.device,
+            on_batch=advance,
+        )
+    free(policy)
+    return [
+        Generated(i, p, t, tok.decode(o, skip_special_tokens=True), len(o))
+        for (i, p), t, o in zip(prompts, texts, outs, strict=True)
+    ]
+
+
+def _gold(answer: str) -> str:
+    return metrics.gsm8k_gold(answer) if "####" in answer else answer
+
+
+def generate_task(env: Env) -> TaskResult:
+    cfg = env.cfg
+    prompts, report = read_prompts(env)
+    gens = run_generation(env, cfg.model, cfg.adapter, prompts, few_shot_messages(env, prompts), "--model")
+    names = ["exact_match", "contains", "gsm8k_accuracy", *(["regex_match"] if cfg.regex else [])]
+    hits = dict.fromkeys(names, 0)
+    rows = []
+    answered = 0
+    for g in gens:
+        row: dict[str, Any] = {"index": g.index, "prompt": g.text, "completion": g.completion}
+        if g.prompt.answer is not None:
+            answered += 1
+            gold = _gold(g.prompt.answer)
+            checks = {
+                "exact_match": metrics.exact_match(g.completion, gold),
+                "contains": metrics.contains(g.completion, gold),
+                "gsm8k_accuracy": metrics.gsm8k_match(g.completion, g.prompt.answer),
+            }
+            if cfg.regex:
+                checks["regex_match"] = metrics.regex_match(g.completion, gold, cfg.regex)
+            for k, v in checks.items():
+                hits[k] += int(v)
+            row.update({"answer": g.prompt.answer, "gold": gold, **checks})
+        rows.append(row)
+    out: dict[str, Any] = {}
+    notes = []
+    if answered:
+        out.update({k: hits[k] / answered for k in names})
+        out.update({f"{k}_count": hits[k] for k in names})
+    else:
+        notes.append("no row has an `answer`: generations are saved, no accuracy is computed")
+    out.update(
+        {
+            "examples": len(gens),
+            "answered": answered,
+            "mean_new_tokens": sum(g.new_tokens for g in gens) / len(gens),
+            "few_shot": cfg.few_shot,
+            **_drop_metrics(report),
+        }
+    )
+    return TaskResult(out, rows, notes)
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+def score_conversations(env: Env, rm: Loaded, convs: list[list[dict]], label: str) -> list[float]:
+    """A reward model's score of each conversation (prompt turns + the assistant reply): the score head's
+    output at the last real token."""
+    cfg = env.cfg
+    tok = rm.tokenizer
+    template = _template(tok, cfg.chat_template, required=False)
+    seqs = []
+    for msgs in convs:
+        if template is not None:
+            text = tok.apply_chat_template(msgs, chat_template=template, tokenize=False)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tok("\n\n".join(m["content"] for m in msgs), add_special_tokens=True)["input_ids"]
+        seqs.append(Sample(ids[: cfg.max_length], []))
+    scores: list[float] = [0.0] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].input_ids))
+    with (
+        progress(env.console, len(seqs), f"score ({label})") as advance,
+        torch.no_grad(),
+        last_token_scores(rm.model) as captured,
+    ):
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            batch = [Sample(seqs[i].input_ids, list(seqs[i].input_ids)) for i in idx]
+            b = collate(batch, tok.pad_token_id)
+            mask = b["attention_mask"].to(env.device)
+            captured.clear()
+            rm.model(input_ids=b["input_ids"].to(env.device), attention_mask=mask)
+            per_pos = captured[-1]  # (B, T)
+            last = mask.sum(dim=1) - 1
+            vals = per_pos[torch.arange(len(idx), device=per_pos.device), last].tolist()
+            for i, v in zip(idx, vals, strict=True):
+                scores[i] = float(v)
+            advance(len(idx))
+    return scores
+
+
+def _with_reply(messages: list[dict], reply: str) -> list[dict]:
+    return [*messages, {"role": "assistant", "content": reply}]
+
+
+def reward(env: Env) -> TaskResult:
+    cfg = env.cfg
+    prompts, report = read_prompts(env)
+    gens = run_generation(env, cfg.model, cfg.adapter, prompts, [p.messages for _, p in prompts], "--model")
+    sources: dict[str, list[float]] = {}
+    for path in cfg.reward_models:
+        rm = load_reward_model(path, env.dtype, env.device)
+        sources[path] = score_conversations(env, rm, [_with_reply(g.prompt.messages, g.completion) for g in gens], path)
+        free(rm)
+    for spec in cfg.rules:
+        rule, needs_answer = get_rule(spec)
+        missing = sum(1 for g in gens if g.prompt.answer is None)
+        if needs_answer and missing:
+            raise DataError(f"rule {spec} scores against `answer`, and {missing} of {len(gens)} rows have none")
+        sources[spec] = [rule(g.completion, _gold(g.prompt.answer) if g.prompt.answer else None) for g in gens]
+    weights = cfg.reward_weights or [1.0] * len(sources)
+    totals = [sum(w * s[i] for w, s in zip(weights, sources.values(), strict=True)) for i in range(len(gens))]
+    mean, std = metrics.mean_std(totals)
+    rows = [
+        {
+            "index": g.index,
+            "prompt": g.text,
+            "completion": g.completion,
+            "reward": totals[i],
+            "rewards": {name: s[i] for name, s in sources.items()},
+        }
+        for i, g in enumerate(gens)
+    ]
+    per_source = {}
+    for name, s in sources.items():
+        m, sd = metrics.mean_std(s)
+        per_source[name] = {"mean": m, "std": sd}
+    return TaskResult(
+        {
+            "mean_reward": mean,
+            "std_reward": std,
+            "min_reward": min(totals),
+            "max_reward": max(totals),
+            "examples": len(gens),
+            "rewards": per_source,
+            "weights": dict(zip(sources, weights, strict=True)),
+            **_drop_metrics(report),
+        },
+        rows,
+    )
+
+
+def compare(env: Env) -> TaskResult:
+    cfg = env.cfg
+    assert cfg.model_b is not None
+    prompts, report = read_prompts(env)
+    messages = [p.messages for _, p in prompts]
+    gens_a = run_generation(env, cfg.model, cfg.adapter, prompts, messages, "--model")
+    gens_b = run_generation(env, cfg.model_b, cfg.adapter_b, prompts, messages, "--model-b")
+    judge = load_reward_model(cfg.reward_models[0], env.dtype, env.device)
+    sa = score_conversations(env, judge, [_with_reply(g.prompt.messages, g.completion) for g in gens_a], "model")
+    sb = score_conversations(env, judge, [_with_reply(g.prompt.messages, g.completion) for g in gens_b], "model_b")
+    win, tie, loss = metrics.win_tie_loss(sa, sb, cfg.tie_margin)
+    n = len(sa)
+    rows = [
+        {
+            "index": a.index,
+            "prompt": a.prompt.messages,
+            "completion_a": a.completion,
+            "completion_b": b.completion,
+            "score_a": x,
+            "score_b": y,
+            "result": "win" if x - y > cfg.tie_margin else "loss" if y - x > cfg.tie_margin else "tie",
+        }
+        for a, b, x, y in zip(gens_a, gens_b, sa, sb, strict=True)
+    ]
+    return TaskResult(
+        {
+            "win_rate": win / n,
+            "tie_rate": tie / n,
+            "loss_rate": loss / n,
+            "wins": win,
+            "ties": tie,
+            "losses": loss,
+            "mean_reward_a": sum(sa) / n,
+            "mean_reward_b": sum(sb) / n,
+            "examples": n,
+            **_drop_metrics(report),
+        },
+        rows,
+    )
+
+
+# ------------------------------------------------------------------------------------------- preference
+
+
+def sequence_logps(env: Env, model: Any, samples: list[Sample], pad_id: int) -> list[float]:
+    """sum_t log p(y_t | y_<t, x) over each sample's labelled tokens (the reply)."""
+    cfg = env.cfg
+    out = [0.0] * len(samples)
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
+    with torch.no_grad():
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            b = collate([samples[i] for i in idx], pad_id)
+            logits = model(
+                input_ids=b["input_ids"].to(env.device), attention_mask=b["attention_mask"].to(env.device)
+            ).logits.float()  # (B, T, V)
+            labels = b["labels"][:, 1:].to(env.device)  # (B, T-1): logits[:, t] predicts token t + 1
+            logp = F.log_softmax(logits[:, :-1], dim=-1)
+            mask = labels != IGNORE_INDEX
+            tok_logp = torch.gather(logp, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+            for i, v in zip(idx, tok_logp.sum(dim=1).tolist(), strict=True):
+                out[i] = float(v)
+    return out
+
+
+def preference(env: Env) -> TaskResult:
+    cfg = env.cfg
+    if cfg.format not in (None, "pairs"):
+        raise UserError(f"task preference reads pairs, not format {cfg.format}", hint="rows {prompt, chosen, rejected}")
+    rows = read_data(cfg.data, cfg.max_samples)
+    if not any(is_pair_row(r.data) for r in rows[:50]):
+        keys = sorted({k for r in rows[:20] if r.data for k in r.data})
+        raise DataError(
+            f"{cfg.data} has no preference pairs (keys found: {', '.join(keys) or 'none'})",
+            hint=_format_hint("pairs"),
+        )
+    pairs, report = convert(rows, lambda r: to_pair(r, cfg.system), cfg.data, "pairs")
+    items: list[Pair] = [p for _, p in pairs]
+    if is_reward_model(cfg.model, cfg.adapter):
+        mode = "reward_model"
+        rm = load_reward_model(cfg.model, env.dtype, env.device, adapter=cfg.adapter)
+        chosen = score_conversations(env, rm, [_with_reply(p.messages, p.chosen) for p in items], "chosen")
+        rejected = score_conversations(env, rm, [_with_reply(p.messages, p.rejected) for p in items], "rejected")
+    else:
+        mode = "dpo_implicit_reward"
+        chosen, rejected = _implicit_rewards(env, items)
+    diffs = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    correct = sum(1 for d in diffs if d > 0)
+    rows_out = [
+        {"index": i, "chosen_score": c, "rejected_score": r, "correct": c > r}
+        for (i, _), c, r in zip(pairs, chosen, rejected, strict=True)
+    ]
+    return TaskResult(
+        {
+            "accuracy": correct / len(diffs),
+            "margin": sum(diffs) / len(diffs),
+            "correct": correct,
+            "pairs": len(diffs),
+            "mean_chosen": sum(chosen) / len(chosen),
+            "mean_rejected": sum(rejected) / len(rejected),
+            "scored_by": mode,
+            **({"beta": cfg.beta} if mode == "dpo_implicit_reward" else {}),
+            **_drop_metrics(report),
+        },
+        rows_out,
+    )
+
+
+def _implicit_rewards(env: Env, items: list[Pair]) -> tuple[list[float], list[float]]:
+    """beta * (log pi(y|x) - log pi_ref(y|x)) for the chosen and the rejected reply of every pair."""
+    cfg = env.cfg
+    policy = load_causal_lm(cfg.model, cfg.adapter, env.dtype, env.device, "--model")
+    if cfg.reference is None and not policy.has_adapter:
+        raise UserError(
+            "task preference on a policy needs a reference model for the implicit DPO reward",
+            hint="pass --reference PATH (the model DPO started from), or --adapter so that its base is the reference",
+        )
+    tok = policy.tokenizer
+    template = _template(tok, cfg.chat_template, required=True)
+    assert template is not None
+
+    def encode(messages: list[dict], reply: str) -> Sample:
+        conv = Conversation(_with_reply(messages, reply))
+        try:
+            ids, labels = encode_conversation(tok, template, conv, cfg.max_length, train_on_prompt=False)
+        except RowError as e:
+            raise DataError(f"a pair cannot be scored: {e}", hint="raise --max-length") from None
+        return Sample(ids, labels)
+
+    samples = [encode(p.messages, p.chosen) for p in items] + [encode(p.messages, p.rejected) for p in items]
+    with progress(env.console, 2, "log-probs") as advance:
+        pol = sequence_logps(env, policy.model, samples, tok.pad_token_id)
+        advance(1)
+        if cfg.reference is not None:
+            free(policy)
+            ref_model = load_causal_lm(cfg.reference, None, env.dtype, env.device, "--reference")
+            ref = sequence_logps(env, ref_model.model, samples, tok.pad_token_id)
+        else:
+            with policy.model.disable_adapter():
+                ref = sequence_logps(env, policy.model, samples, tok.pad_token_id)
+        advance(1)
+    rewards = [cfg.beta * (p - r) for p, r in zip(pol, ref, strict=True)]
+    n = len(items)
+    return rewards[:n], rewards[n:]

@@ -1,0 +1,414 @@
+"""Merging: a LoRA adapter into its base (``llmtune merge-lora``), and weighted averages of several
+checkpoints or adapters (``llmtune merge``: model soup, EMA-style mixtures).
+
+Every output is a standalone model directory (sharded safetensors, config, generation config,
+tokenizer with its chat template) that ``AutoModelForCausalLM`` (or, for reward models,
+``AutoModelForSequenceClassification``) and vLLM load as they are.
+
+QLoRA adapters are merged into the base loaded at the chosen dtype from its full-precision weights,
+never into 4-bit weights (re-quantizing the sum is lossy: logit errors near 1 on a tiny model).
+After writing, the output is reloaded and its logits on a few probe inputs are compared with the
+unmerged base + adapter; a difference beyond tolerance is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmtune.errors import UserError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# max |logit difference| allowed, relative to max(1, max |logit|) of the reference, per saved dtype:
+# fp32 leaves only summation-order noise; bf16 / fp16 round every merged weight once.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+class MergeCheckError(Exception):
+    """The merged model does not reproduce base + adapter within tolerance (exit 1; files are kept)."""
+
+    exit_code = 1
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    kind: str  # "causal-lm" | "reward-model"
+    dtype: str
+    max_logit_diff: float
+    tolerance: float
+    notes: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def check_out_dir(out: Path, overwrite: bool, inputs: list[str]) -> None:
+    """Refuse a non-empty output directory unless overwrite, and an output that is one of the inputs."""
+    for p in inputs:
+        if _is_local(p) and Path(p).expanduser().resolve() == out.expanduser().resolve():
+            raise UserError(f"--out {out} is one of the inputs", hint="write the merged model to a new directory")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory", hint="pass a directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(
+            f"--out {out} is not empty", hint="choose a new directory, or pass --overwrite to replace its files"
+        )
+
+
+def _is_local(path: str) -> bool:
+    p = str(path)
+    return p.startswith((".", "/", "~")) or Path(p).expanduser().exists()
+
+
+def read_adapter_config(adapter: str | Path) -> dict[str, Any]:
+    a = Path(adapter).expanduser()
+    if not a.exists():
+        raise UserError(f"adapter {adapter} does not exist", hint="pass the output directory of a lora / qlora run")
+    if not a.is_dir():
+        raise UserError(f"adapter {adapter} is not a directory", hint="pass the directory that holds the adapter")
+    cfg_file = a / "adapter_config.json"
+    if not cfg_file.is_file():
+        what = "full model weights" if (a / "config.json").is_file() else "no adapter files"
+        raise UserError(
+            f"{adapter} has no adapter_config.json ({what})",
+            hint="merge-lora takes a peft adapter directory (adapter_config.json + adapter_model.safetensors); "
+            "a full-weights output needs no merge",
+        )
+    if not any((a / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise UserError(
+            f"{adapter} has adapter_config.json but no adapter_model.safetensors",
+            hint="the adapter directory is incomplete: re-run or re-copy the training output",
+        )
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict) or "peft_type" not in cfg:
+        raise UserError(f"{cfg_file} is not a peft adapter config (no peft_type)")
+    if cfg.get("peft_type") != "LORA":
+        raise UserError(f"{adapter} is a {cfg.get('peft_type')} adapter; merge-lora merges LoRA adapters")
+    return cfg
+
+
+def training_method(adapter: str | Path) -> str | None:
+    """finetuning.method from the recipe.yaml an llmtune run leaves next to its adapter (None if absent)."""
+    recipe = Path(adapter).expanduser() / "recipe.yaml"
+    if not recipe.is_file():
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return None
+    ft = data.get("finetuning") if isinstance(data, dict) else None
+    return ft.get("method") if isinstance(ft, dict) else None
+
+
+def _load_config(path: str, what: str) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"could not load a model config from {what} {path}: {str(e).splitlines()[0]}",
+            hint="pass a local model directory (config.json + safetensors weights) or a hub id",
+        ) from None
+
+
+_SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+
+
+def resolve_base(base: str | None, adapter_cfg: dict[str, Any], adapter: str) -> tuple[str, list[str]]:
+    """The base to merge into, and notes. A base whose architecture differs from the adapter's is an error."""
+    recorded = adapter_cfg.get("base_model_name_or_path")
+    notes: list[str] = []
+    if base is None:
+        if not recorded:
+            raise UserError(f"{adapter}/adapter_config.json names no base model", hint="pass --base PATH")
+        base = str(recorded)
+    base_cfg = _load_config(base, "--base")
+    if recorded and str(recorded) != base:
+        same_path = _is_local(base) and _is_local(str(recorded)) and Path(base).resolve() == Path(recorded).resolve()
+        if not same_path:
+            if _is_local(str(recorded)) and Path(str(recorded)).expanduser().is_dir():
+                rec_cfg = _load_config(str(recorded), "the adapter's base")
+                diff = [k for k in _SHAPE_KEYS if getattr(rec_cfg, k, None) != getattr(base_cfg, k, None)]
+                if diff:
+                    raise UserError(
+                        f"the adapter was trained on {recorded}, which differs from --base {base} in "
+                        + ", ".join(f"{k} ({getattr(rec_cfg, k, None)} vs {getattr(base_cfg, k, None)})" for k in diff),
+                        hint=f"pass --base {recorded} (the model the adapter was trained on)",
+                    )
+            notes.append(f"the adapter records base {recorded}; merging into --base {base} as asked")
+    return base, notes
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _target_dtype(dtype: str, config: Any) -> torch.dtype:
+    if dtype != "auto":
+        return DTYPES[dtype]
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(saved, str):
+        saved = getattr(torch, saved, None)
+    return saved if saved in TOLERANCE else torch.float32
+
+
+def _auto_class(task_type: str | None) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
+
+
+def load_base(path: str, task_type: str | None, dtype: torch.dtype) -> torch.nn.Module:
+    cls = _auto_class(task_type)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if task_type == "SEQ_CLS":
+        kwargs["num_labels"] = 1
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the base model {path}: {str(e).splitlines()[0]}") from None
+
+
+def load_with_adapter(base: str, adapter: str, task_type: str | None, dtype: torch.dtype) -> torch.nn.Module:
+    from peft import PeftModel
+
+    model = load_base(base, task_type, dtype)
+    try:
+        return PeftModel.from_pretrained(model, adapter)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(
+            f"the adapter {adapter} does not fit the base {base}: {str(e).strip().splitlines()[0]}",
+            hint="pass the --base the adapter was trained on",
+        ) from None
+
+
+def load_tokenizer_for(*paths: str) -> Any:
+    """The tokenizer of the first path that has tokenizer files (the adapter's carries the chat template)."""
+    from transformers import AutoTokenizer
+
+    for p in paths:
+        d = Path(p).expanduser()
+        if d.is_dir() and not any((d / f).is_file() for f in _TOKENIZER_FILES):
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(p)
+        except (OSError, ValueError):
+            continue
+    raise UserError(f"no tokenizer found in {', '.join(paths)}", hint="the base model directory needs tokenizer files")
+
+
+# --------------------------------------------------------------------------------------------- probing
+
+
+def probe_inputs(vocab_size: int, seed: int = 0, n: int = 4, length: int = 24) -> torch.Tensor:
+    """A few seeded random token sequences (B, T): every weight of the model takes part in their logits."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (n, length), generator=g)
+
+
+@torch.no_grad()
+def probe_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    # one row at a time: a sequence-classification model without pad_token_id refuses batches
+    return torch.cat([model(input_ids=row[None]).logits.float() for row in ids])
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, max_shard_size: str) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        is_rm = type(model).__name__.endswith("ForSequenceClassification")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if is_rm and getattr(model.config, "pad_token_id", None) is None and pad is not None:
+            # AutoModelForSequenceClassification refuses batches without it (it finds the last real token)
+            model.config.pad_token_id = pad
+        tokenizer.save_pretrained(out)
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
+    return sorted(p.name for p in out.iterdir() if p.is_file())
+
+
+def _clear(out: Path) -> None:
+    """--overwrite: remove weight files a previous merge left, so no stale shard is loaded with the new ones."""
+    if not out.is_dir():
+        return
+    for p in out.iterdir():
+        if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")):
+            p.unlink()
+
+
+# ----------------------------------------------------------------------------------------------- merge
+
+
+def merge_lora(
+    base: str | None,
+    adapter: str,
+    out: Path,
+    *,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    max_shard_size: str = "5GB",
+    tolerance: float | None = None,
+) -> MergeResult:
+    """Merge ``adapter`` into ``base`` and write the standalone model to ``out``; then check its logits."""
+    adapter = str(adapter)
+    cfg = read_adapter_config(adapter)
+    base, notes = resolve_base(base, cfg, adapter)
+    check_out_dir(out, overwrite, [base, adapter])
+    task_type = cfg.get("task_type")
+    kind = "reward-model" if task_type == "SEQ_CLS" else "causal-lm"
+    target = _target_dtype(dtype, _load_config(base, "--base"))
+    if training_method(adapter) == "qlora":
+        notes.append(
+            f"qlora adapter: merged into the base loaded at {_dtype_name(target)} from its full-precision "
+            "weights (never into 4-bit weights)"
+        )
+
+    model = load_with_adapter(base, adapter, task_type, target)
+    merged = model.merge_and_unload()
+    tokenizer = load_tokenizer_for(adapter, base)
+    if overwrite:
+        _clear(out)
+    files = save_model(merged, tokenizer, out, max_shard_size)
+    del model, merged
+
+    # reload both from disk: base + adapter at fp32 (the exact sum), and the merged model as saved
+    reference = load_with_adapter(base, adapter, task_type, torch.float32)
+    reloaded = load_base(str(out), task_type, target)
+    vocab = reference.get_input_embeddings().num_embeddings
+    ids = probe_inputs(vocab)
+    ref_logits = probe_logits(reference, ids)
+    diff = max_diff(ref_logits, probe_logits(reloaded, ids))
+    tol = tolerance if tolerance is not None else TOLERANCE[target] * max(1.0, ref_logits.abs().max().item())
+    result = MergeResult(out, kind, _dtype_name(target), diff, tol, notes, files)
+    if not diff <= tol:
+        raise MergeCheckError(
+            f"the merged model in {out} differs from base + adapter by {diff:.3g} in max |logit| "
+            f"(tolerance {tol:.3g}); the files are kept for inspection"
+        )
+    return result
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+# --------------------------------------------------------------------------------------------- average
+
+
+@dataclass
+class AverageResult:
+    out: Path
+    weights: list[float]
+    dtype: str
+    notes: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+
+def average_models(
+    inputs: list[str],
+    weights: list[float] | None,
+    out: Path,
+    *,
+    base: str | None = None,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    max_shard_size: str = "5GB",
+) -> AverageResult:
+    """Weighted average of full checkpoints and / or LoRA adapters: sum_i w_i * theta_i, with sum_i w_i = 1.
+
+    Each adapter is first merged into its base (``base``, or the one its adapter_config names), so the
+    average of adapters on one base is exactly base + sum_i w_i * B_i A_i * scale_i. All inputs must
+    share one architecture (same parameter names and shapes); weights are normalised to sum to 1.
+    """
+    if len(inputs) < 2:
+        raise UserError("merge averages two or more models", hint="pass --model PATH at least twice")
+    if weights is None or not weights:
+        weights = [1.0] * len(inputs)
+    if len(weights) != len(inputs):
+        raise UserError(
+            f"{len(inputs)} models but {len(weights)} weights", hint="pass one --weight per --model, in the same order"
+        )
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise UserError(f"weights {weights} must be non-negative with a positive sum")
+    total = sum(weights)
+    weights = [w / total for w in weights]
+
+    notes: list[str] = []
+    kinds: list[tuple[str, str | None, str]] = []  # (base or model path, adapter or None, task_type)
+    for p in inputs:
+        d = Path(p).expanduser()
+        if d.is_dir() and (d / "adapter_config.json").is_file():
+            cfg = read_adapter_config(p)
+            b, n = resolve_base(base, cfg, p)
+            notes += n
+            kinds.append((b, p, cfg.get("task_type") or "CAUSAL_LM"))
+        elif d.is_dir() and (d / "config.json").is_file():
+            cfg = _load_config(p, "--model")
+            archs = getattr(cfg, "architectures", None) or []
+            task = "SEQ_CLS" if any(a.endswith("ForSequenceClassification") for a in archs) else "CAUSAL_LM"
+            kinds.append((p, None, task))
+        else:
+            raise UserError(
+                f"{p} is neither a model directory (config.json) nor an adapter (adapter_config.json)",
+                hint="pass the output directories of training runs",
+            )
+    tasks = {t for _, _, t in kinds}
+    if len(tasks) > 1:
+        raise UserError("cannot average causal LMs with reward models", hint="pass models of one kind")
+    task = tasks.pop()
+    check_out_dir(out, overwrite, [*inputs, *(b for b, _, _ in kinds)])
+    target = _target_dtype(dtype, _load_config(kinds[0][0], "--model"))
+
+    first: torch.nn.Module | None = None
+    acc: dict[str, torch.Tensor] = {}
+    for i, ((b, a, _), w) in enumerate(zip(kinds, weights, strict=True)):
+        model = (
+            load_with_adapter(b, a, task, torch.float32).merge_and_unload() if a else load_base(b, task, torch.float32)
+        )
+        state = model.state_dict()
+        if i == 0:
+            first = model
+            acc = {k: v.detach().float() * w for k, v in state.items()}
+            continue
+        if set(state) != set(acc):
+            extra = sorted(set(state) ^ set(acc))[:3]
+            raise UserError(
+                f"{inputs[i]} has different parameters from {inputs[0]} (e.g. {', '.join(extra)})",
+                hint="average models of one architecture (fine-tunes of the same base)",
+            )
+        for k, v in state.items():
+            if v.shape != acc[k].shape:
+                raise UserError(f"{inputs[i]}: {k} has shape {tuple(v.shape)}, {inputs[0]} has {tuple(acc[k].shape)}")
+            acc[k] += v.detach().float() * w
+        del model, state
+    assert first is not None
+    first.load_state_dict(acc)
+    first.to(target)
+    paths = [a or b for b, a, _ in kinds]
+    tokenizer = load_tokenizer_for(*paths, *(b for b, _, _ in kinds))
+    if overwrite:
+        _clear(out)
+    files = save_model(first, tokenizer, out, max_shard_size)
+    (out / "merge.json").write_text(
+        json.dumps({"models": inputs, "weights": weights, "dtype": _dtype_name(target)}, indent=2) + os.linesep
+    )
+    return AverageResult(out, weights, _dtype_name(target), notes, [*files, "merge.json"])
