@@ -9,6 +9,8 @@ Writes, relative to the repository root (or --out):
   steps. About 15% of rows start with a system message and about 15% are two-turn conversations.
 * ``recipes/quickstart/cpt.txt``: ~300 lines of plain synthetic text (one document per line) from the same
   facts, for a continued-pretraining quickstart.
+* ``recipes/quickstart/pairs.jsonl``: ~400 preference pairs ``{prompt, chosen, rejected}`` for the rm and
+  dpo stages: the chosen reply answers the question, the rejected one refuses or answers another question.
 
 Pure Python with a fixed seed: running it twice writes byte-identical files. All content is generated
 here; no external data set is used.
@@ -25,6 +27,8 @@ from pathlib import Path
 SEED = 20240601
 N_SFT = 600
 N_CPT = 300
+N_PAIRS = 400
+REFUSALS = ["I don't know.", "No idea, ask someone else.", "Figure it out yourself.", "Not telling."]
 SYSTEM_FRACTION = 0.15
 TWO_TURN_FRACTION = 0.15
 
@@ -180,6 +184,20 @@ def make_sft_rows(r: random.Random, n: int) -> list[dict]:
     return rows
 
 
+def make_pairs(r: random.Random, n: int) -> list[dict]:
+    rows = []
+    for _ in range(n):
+        q, a = r.choice(TASKS)(r)
+        if r.random() < 0.5:
+            bad = r.choice(REFUSALS)
+        else:
+            bad = a
+            while bad == a:
+                bad = r.choice(TASKS)(r)[1]
+        rows.append({"prompt": q, "chosen": a, "rejected": bad})
+    return rows
+
+
 def make_cpt_doc(r: random.Random) -> str:
     """One plain-text document: a few sentences of facts."""
     sentences = []
@@ -230,6 +248,13 @@ def main() -> None:
     with cpt.open("w", encoding="utf-8", newline="\n") as f:
         for _ in range(N_CPT):
             f.write(make_cpt_doc(r) + "\n")
+
+    r = random.Random(SEED + 2)
+    pairs = out / "pairs.jsonl"
+    with pairs.open("w", encoding="utf-8", newline="\n") as f:
+        for row in make_pairs(r, N_PAIRS):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"wrote {pairs} ({N_PAIRS} pairs; {pairs.stat().st_size} bytes)")
 
     n_sys = sum(row["messages"][0]["role"] == "system" for row in rows)
     n_two = sum(sum(m["role"] == "assistant" for m in row["messages"]) == 2 for row in rows)
