@@ -34,7 +34,7 @@ from llmtune.engine.config import build_optimizer, build_scheduler, check_precis
 from llmtune.engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
 from llmtune.engine.report import MetricsLog, Progress, print_data_summary
 from llmtune.errors import DataError, RecipeError, TrainingError
-from llmtune.model.load import describe, load_tokenizer
+from llmtune.model.load import describe, load_tokenizer, position_limit
 from llmtune.recipe.load import dump_recipe
 from llmtune.recipe.schema import RecipeBase
 
@@ -162,6 +162,13 @@ def train(
     t = recipe.train
 
     tokenizer = load_tokenizer(recipe.model)
+    limit = position_limit(recipe.model)
+    if limit is not None and recipe.data.max_length > limit:
+        console.print(
+            f"note: data.max_length {recipe.data.max_length} is more than the model's {limit} positions; "
+            f"rows are cut at {limit} tokens"
+        )
+        recipe.data.max_length = limit
     template = resolve_chat_template(tokenizer, recipe.model.chat_template, required=stage.needs_chat_template)
     if template is not None:
         tokenizer.chat_template = template

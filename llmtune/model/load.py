@@ -67,6 +67,22 @@ def load_tokenizer(m: ModelConfig) -> Any:
     return tok
 
 
+def position_limit(m: ModelConfig) -> int | None:
+    """The longest sequence the model's position embeddings cover (None when it does not say)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(m.path, **_hub_kwargs(m))
+    except (OSError, ValueError):
+        return None  # load_model reports an unreadable config with the fix
+    config = getattr(config, "text_config", None) or config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def weight_dtype(recipe: RecipeBase) -> torch.dtype:
     if recipe.model.dtype != "auto":
         return DTYPES[recipe.model.dtype]
