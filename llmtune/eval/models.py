@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from llmtune.errors import UserError
+from llmtune.model.load import load_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -77,23 +78,11 @@ def resolve(model: str, adapter: str | None, what: str = "--model") -> tuple[str
     return model, adapter, cfg
 
 
-def _config(path: str, what: str) -> Any:
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(
-            f"could not load a model from {what} {path}: {str(e).splitlines()[0]}",
-            hint="pass a local model directory (config.json + weights) or a hub id",
-        ) from None
-
-
 def is_reward_model(model: str, adapter: str | None) -> bool:
     base, adapter, cfg = resolve(model, adapter)
     if cfg is not None:
         return cfg.get("task_type") == "SEQ_CLS"
-    archs = getattr(_config(base, "--model"), "architectures", None) or []
+    archs = getattr(load_config(base, "--model"), "architectures", None) or []
     return any(a.endswith("ForSequenceClassification") for a in archs)
 
 
@@ -124,7 +113,7 @@ def load_causal_lm(model: str, adapter: str | None, dtype: torch.dtype, device: 
     from transformers import AutoModelForCausalLM
 
     base, adapter, _ = resolve(model, adapter, what)
-    _config(base, what)
+    load_config(base, what)
     try:
         m = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     except (OSError, ValueError) as e:
@@ -146,7 +135,7 @@ def load_reward_model(path: str, dtype: torch.dtype, device: torch.device, adapt
             f"{path} is a {cfg.get('task_type')} adapter, not a reward model",
             hint="a reward model is an rm-stage output (task_type SEQ_CLS) or a sequence-classification model",
         )
-    _config(base, "reward model")
+    load_config(base, "reward model")
     try:
         m = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype)
     except (OSError, ValueError) as e:

@@ -67,6 +67,19 @@ def load_tokenizer(m: ModelConfig) -> Any:
     return tok
 
 
+def load_config(path: str, what: str, **kwargs: Any) -> Any:
+    """A model's config, or a UserError naming where it was looked for and the fix."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"could not load a model config from {what} {path}: {str(e).splitlines()[0]}",
+            hint="pass a local model directory (config.json + safetensors weights) or a hub id",
+        ) from None
+
+
 def position_limit(m: ModelConfig) -> int | None:
     """The longest sequence the model's position embeddings cover (None when it does not say)."""
     from transformers import AutoConfig
@@ -94,7 +107,7 @@ def load_model(recipe: RecipeBase, device: torch.device, tokenizer: Any, head: s
 
     head: "lm", the causal LM; "score", a reward model (AutoModelForSequenceClassification with one label: the
     backbone of the checkpoint with a new scalar head on the last non-pad token, trained in full)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     m, ft = recipe.model, recipe.finetuning
     if m.trust_remote_code:
@@ -114,13 +127,7 @@ def load_model(recipe: RecipeBase, device: torch.device, tokenizer: Any, head: s
             bnb_4bit_compute_dtype=compute,
         )
         kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
-    try:
-        AutoConfig.from_pretrained(m.path, **_hub_kwargs(m))
-    except (OSError, ValueError) as e:
-        raise UserError(
-            f"could not load a model config from {m.path}: {str(e).splitlines()[0]}",
-            hint="model.path must be a local directory with config.json and weights, or a hub id",
-        ) from None
+    load_config(m.path, "model.path", **_hub_kwargs(m))
     auto_class: Any = AutoModelForCausalLM
     if head == "score":
         auto_class = AutoModelForSequenceClassification

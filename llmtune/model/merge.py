@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from llmtune.errors import UserError
+from llmtune.model.load import load_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # max |logit difference| allowed, relative to max(1, max |logit|) of the reference, per saved dtype:
@@ -113,18 +114,6 @@ def training_method(adapter: str | Path) -> str | None:
     return ft.get("method") if isinstance(ft, dict) else None
 
 
-def _load_config(path: str, what: str) -> Any:
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(
-            f"could not load a model config from {what} {path}: {str(e).splitlines()[0]}",
-            hint="pass a local model directory (config.json + safetensors weights) or a hub id",
-        ) from None
-
-
 _SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
 
 
@@ -136,12 +125,12 @@ def resolve_base(base: str | None, adapter_cfg: dict[str, Any], adapter: str) ->
         if not recorded:
             raise UserError(f"{adapter}/adapter_config.json names no base model", hint="pass --base PATH")
         base = str(recorded)
-    base_cfg = _load_config(base, "--base")
+    base_cfg = load_config(base, "--base")
     if recorded and str(recorded) != base:
         same_path = _is_local(base) and _is_local(str(recorded)) and Path(base).resolve() == Path(recorded).resolve()
         if not same_path:
             if _is_local(str(recorded)) and Path(str(recorded)).expanduser().is_dir():
-                rec_cfg = _load_config(str(recorded), "the adapter's base")
+                rec_cfg = load_config(str(recorded), "the adapter's base")
                 diff = [k for k in _SHAPE_KEYS if getattr(rec_cfg, k, None) != getattr(base_cfg, k, None)]
                 if diff:
                     raise UserError(
@@ -275,7 +264,7 @@ def merge_lora(
     check_out_dir(out, overwrite, [base, adapter])
     task_type = cfg.get("task_type")
     kind = "reward-model" if task_type == "SEQ_CLS" else "causal-lm"
-    target = _target_dtype(dtype, _load_config(base, "--base"))
+    target = _target_dtype(dtype, load_config(base, "--base"))
     if training_method(adapter) == "qlora":
         notes.append(
             f"qlora adapter: merged into the base loaded at {_dtype_name(target)} from its full-precision "
@@ -362,7 +351,7 @@ def average_models(
             notes += n
             kinds.append((b, p, cfg.get("task_type") or "CAUSAL_LM"))
         elif d.is_dir() and (d / "config.json").is_file():
-            cfg = _load_config(p, "--model")
+            cfg = load_config(p, "--model")
             archs = getattr(cfg, "architectures", None) or []
             task = "SEQ_CLS" if any(a.endswith("ForSequenceClassification") for a in archs) else "CAUSAL_LM"
             kinds.append((p, None, task))
@@ -376,7 +365,7 @@ def average_models(
         raise UserError("cannot average causal LMs with reward models", hint="pass models of one kind")
     task = tasks.pop()
     check_out_dir(out, overwrite, [*inputs, *(b for b, _, _ in kinds)])
-    target = _target_dtype(dtype, _load_config(kinds[0][0], "--model"))
+    target = _target_dtype(dtype, load_config(kinds[0][0], "--model"))
 
     first: torch.nn.Module | None = None
     acc: dict[str, torch.Tensor] = {}

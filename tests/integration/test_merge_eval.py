@@ -27,7 +27,7 @@ def _ok(proc) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def _refused(proc, *phrases: str) -> None:
+def _assert_refused(proc, *phrases: str) -> None:
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr + proc.stdout
     assert "error:" in proc.stderr
@@ -85,17 +85,17 @@ def test_merge_lora_matches_base_plus_adapter(trained: dict[str, Path], tmp_path
     assert (out / "chat_template.jinja").is_file() and (out / "generation_config.json").is_file()
 
     if method == "lora":  # a non-empty --out is refused (the message names --overwrite)
-        _refused(run_cli("merge-lora", "--adapter", str(adapter), "--out", str(out)), "is not empty", "--overwrite")
+        _assert_refused(run_cli("merge-lora", "--adapter", str(adapter), "--out", str(out)), "is not empty", "--overwrite")
 
 
 def test_merge_lora_bad_inputs(trained: dict[str, Path], tmp_path: Path) -> None:
-    _refused(
+    _assert_refused(
         run_cli(
             "merge-lora", "--base", str(TINY_MODEL), "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "o")
         ),
         "does not exist",
     )
-    _refused(
+    _assert_refused(
         run_cli(
             "merge-lora",
             "--base",
@@ -152,7 +152,7 @@ def test_eval_perplexity_matches_transformers_and_yaml_form(tmp_path: Path) -> N
 
     # a misspelled key in the file: exit 2 with a suggestion, before any model is loaded
     path.write_text(yaml.safe_dump({**cfg, "batchsize": 4}))
-    _refused(run_cli("eval", str(path)), "batchsize", "Did you mean 'batch_size'?")
+    _assert_refused(run_cli("eval", str(path)), "batchsize", "Did you mean 'batch_size'?")
 
 
 def _greedy(prompts: list[str], max_new: int) -> list[str]:
@@ -305,22 +305,22 @@ def test_eval_preference_reward_and_compare(trained: dict[str, Path], tmp_path: 
 def test_eval_bad_paths_and_formats(tmp_path: Path) -> None:
     text = tmp_path / "t.jsonl"
     text.write_text(json.dumps({"text": "hello"}) + "\n")
-    _refused(
+    _assert_refused(
         run_cli("eval", "--model", str(TINY_MODEL), "--data", str(tmp_path / "missing.jsonl"), "--task", "perplexity"),
         "does not exist",
     )
-    _refused(
+    _assert_refused(
         run_cli("eval", "--model", str(tmp_path / "nomodel"), "--data", str(text), "--task", "perplexity"),
         "does not exist",
     )
-    _refused(
+    _assert_refused(
         run_cli("eval", "--model", str(TINY_MODEL), "--data", str(text), "--task", "perplexity", "--format", "csv"),
         "format",
     )
-    _refused(
+    _assert_refused(
         run_cli("eval", "--model", str(TINY_MODEL), "--data", str(text), "--task", "perplx"), "Did you mean perplexity"
     )
-    _refused(
+    _assert_refused(
         run_cli("eval", "--model", str(TINY_MODEL), "--data", str(text), "--task", "preference"), "no preference pairs"
     )
-    _refused(run_cli("eval", str(tmp_path / "nope.yaml")), "does not exist")
+    _assert_refused(run_cli("eval", str(tmp_path / "nope.yaml")), "does not exist")
