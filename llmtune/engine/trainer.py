@@ -213,8 +213,9 @@ def train(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     del hf_ds
-    if dist.world_size == 1:
-        engine.enable_backward_allreduce = False  # nothing to average with: skip the gradient all-reduce
+    if dist.world_size == 1 and recipe.distributed.zero_stage == 0:
+        # nothing to average with: skip the gradient all-reduce (ZeRO 1-3 gather their gradients through it)
+        engine.enable_backward_allreduce = False
 
     state = TrainerState(world_size=dist.world_size, zero_stage=recipe.distributed.zero_stage)
     ckpt = plan.resume_from

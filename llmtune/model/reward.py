@@ -51,3 +51,46 @@ def save_merged_reward_model(recipe: RecipeBase, adapter_dir: Path, out: Path, t
         merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return sorted(p.name for p in out.iterdir() if p.is_file())
+
+
+def load_output_embedding(recipe: RecipeBase, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The base causal LM's output embedding (V, H), read from its safetensors without loading the model:
+    ``lm_head.weight``, or the input embedding when the two are tied. A frozen tensor for rm.lm_loss_weight."""
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoConfig
+    from transformers.utils import cached_file
+
+    from llmtune.errors import RecipeError
+
+    m = recipe.model
+    kw = _hub_kwargs(m)
+    hub = {k: v for k, v in kw.items() if k in ("revision", "token")}
+    config = AutoConfig.from_pretrained(m.path, **kw)
+    index = cached_file(m.path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
+    if index is not None:
+        weight_map: dict[str, str] = json.loads(Path(index).read_text())["weight_map"]
+    else:
+        single = cached_file(m.path, "model.safetensors", _raise_exceptions_for_missing_entries=False, **hub)
+        if single is None:
+            raise RecipeError(
+                f"rm.lm_loss_weight: {m.path} has no safetensors weights to read the output embedding from",
+                hint="convert the model to safetensors, or set rm.lm_loss_weight: 0",
+            )
+        with safe_open(single, "pt") as f:
+            weight_map = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    tied = getattr(getattr(config, "text_config", None) or config, "tie_word_embeddings", False)
+    suffixes = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight") if tied else ("lm_head.weight",)
+    key = next((k for k in weight_map if k.endswith(suffixes)), None)
+    if key is None and not tied:  # checkpoints that tie without saying so
+        key = next((k for k in weight_map if k.endswith(("embed_tokens.weight", "wte.weight"))), None)
+    if key is None:
+        raise RecipeError(
+            f"rm.lm_loss_weight: no output embedding found in {m.path}",
+            hint="use a causal LM checkpoint as model.path, or set rm.lm_loss_weight: 0",
+        )
+    shard = cached_file(m.path, weight_map[key], **hub)
+    with safe_open(shard, "pt") as f:
+        weight = f.get_tensor(key)
+    return weight.to(device=device, dtype=dtype).requires_grad_(False)

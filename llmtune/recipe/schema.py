@@ -242,6 +242,18 @@ class RmConfig(Block):
         description="lora / qlora: also write a merged full reward model to output_dir/merged "
         "(loadable by AutoModelForSequenceClassification without peft).",
     )
+    lm_loss_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="Adds this weight times the language-model loss (mean per token) on each row's preferred "
+        "response, computed with the base model's output embedding (frozen), as a regulariser; 0 = off.",
+    )
+
+    @model_validator(mode="after")
+    def _lm_loss(self) -> RmConfig:
+        if self.lm_loss_weight > 0 and self.loss == "pointwise":
+            raise ValueError("lm_loss_weight needs a preferred response: use loss pairwise or ranked, or set it to 0")
+        return self
 
 
 class DpoConfig(Block):

@@ -11,7 +11,13 @@ from llmtune.data.pipeline import fingerprint_tokenizer
 from llmtune.data.preference import build_preference_data, collate_preference
 from llmtune.engine.checkpoint import export_model
 from llmtune.model.load import LoadedModel, load_model
-from llmtune.objectives.preference import bradley_terry_loss, pointwise_loss, ranked_pairs, reward_centering
+from llmtune.objectives.preference import (
+    bradley_terry_loss,
+    pointwise_loss,
+    ranked_pairs,
+    reward_centering,
+    token_logps,
+)
 from llmtune.recipe.schema import RmRecipe
 from llmtune.stages.base import StageData, StageDefaults, StepOutput, recipe_settings
 
@@ -25,10 +31,13 @@ class RmStage(StageDefaults):
 
     loss = "pairwise"
     center = 0.0
+    lm_weight = 0.0
+    lm_head: torch.Tensor | None = None  # (V, H) frozen output embedding, for the LM regulariser
 
     def build_data(self, recipe: RmRecipe, tokenizer: Any, template: str | None) -> StageData:
         assert template is not None
         self.loss, self.center = recipe.rm.loss, recipe.rm.center_rewards_coefficient
+        self.lm_weight = recipe.rm.lm_loss_weight
         if self.loss == "pointwise":
             self.unit_name = "responses"
         fmt = FORMAT_OF_LOSS[self.loss]
@@ -37,7 +46,13 @@ class RmStage(StageDefaults):
         return StageData(train=train, eval=evals, reports=reports)
 
     def load_model(self, recipe: RmRecipe, device: torch.device, tokenizer: Any) -> LoadedModel:
-        return load_model(recipe, device, tokenizer, head="score")
+        loaded = load_model(recipe, device, tokenizer, head="score")
+        if recipe.rm.lm_loss_weight > 0:
+            from llmtune.model.reward import load_output_embedding
+
+            dtype = next(p.dtype for p in loaded.model.parameters() if p.dtype.is_floating_point)
+            self.lm_head = load_output_embedding(recipe, device, dtype)
+        return loaded
 
     def collate(self, samples: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
         return collate_preference(samples, pad_id)
@@ -49,7 +64,13 @@ class RmStage(StageDefaults):
         return (k * (k - 1) // 2).sum()
 
     def step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        want_hidden = self.lm_weight > 0 and self.lm_head is not None
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            use_cache=False,
+            output_hidden_states=want_hidden,
+        )
         rewards = out.logits.squeeze(-1).float()  # (N,): one per response, response-major
         group, rank, value = batch["group"], batch["rank"], batch["value"]
         if self.loss == "pointwise":
@@ -76,7 +97,19 @@ class RmStage(StageDefaults):
             "reward_chosen": c.sum(),
             "reward_rejected": r.sum(),
         }
-        return StepOutput(losses.sum(), torch.tensor(chosen.numel(), device=rewards.device), metrics)
+        loss_sum = losses.sum()
+        if want_hidden:
+            # LM regulariser: w * mean token NLL of each row's preferred response, counted once per pair of the row
+            best = (rank == 0).nonzero().squeeze(-1)  # (B,) rows of the preferred responses, in row order
+            hidden = out.hidden_states[-1][best]  # (B, T, H)
+            logits = hidden @ self.lm_head.T  # (B, T, V)
+            token_logp, mask = token_logps(logits, batch["labels"][best])
+            nll = -(token_logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
+            pairs_per_row = torch.bincount(row, minlength=b).to(nll.dtype)  # (B,)
+            lm_sum = (nll * pairs_per_row[group[best]]).sum()
+            loss_sum = loss_sum + self.lm_weight * lm_sum
+            metrics["lm_loss"] = lm_sum.detach()
+        return StepOutput(loss_sum, torch.tensor(chosen.numel(), device=rewards.device), metrics)
 
     def export(self, engine: Any, tokenizer: Any, out: Path, recipe: RmRecipe, dist: Any) -> list[str]:
         files = export_model(engine, tokenizer, out, recipe.distributed.zero_stage, dist.rank)

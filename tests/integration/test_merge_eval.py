@@ -85,7 +85,9 @@ def test_merge_lora_matches_base_plus_adapter(trained: dict[str, Path], tmp_path
     assert (out / "chat_template.jinja").is_file() and (out / "generation_config.json").is_file()
 
     if method == "lora":  # a non-empty --out is refused (the message names --overwrite)
-        _assert_refused(run_cli("merge-lora", "--adapter", str(adapter), "--out", str(out)), "is not empty", "--overwrite")
+        _assert_refused(
+            run_cli("merge-lora", "--adapter", str(adapter), "--out", str(out)), "is not empty", "--overwrite"
+        )
 
 
 def test_merge_lora_bad_inputs(trained: dict[str, Path], tmp_path: Path) -> None:

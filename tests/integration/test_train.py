@@ -289,3 +289,40 @@ def test_zero2_optimizer_offload(tmp_path: Path) -> None:
     out, _ = _train(tmp_path, recipe)
     assert (out / "model.safetensors").is_file()
     assert len(_losses(out)) == 3
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_single_process_zero_stages_bf16(tmp_path: Path, zero: int) -> None:
+    data = unseen_sft_data(tmp_path / "echo.jsonl", n=48)
+    recipe = base_recipe(
+        tmp_path,
+        data={"train": [{"path": str(data)}], "max_length": 64, "eval_split": 0.1},
+        train={"max_steps": 6, "micro_batch_size": 4, "grad_accum": 2, "lr": 3e-3},
+        distributed={"zero_stage": zero},
+        precision="bf16",
+    )
+    out, proc = _train(tmp_path, recipe)
+    assert f"ZeRO-{zero} bf16" in proc.stdout
+    records = read_metrics(out)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in records if "loss" in r)
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_reward_model_with_lm_regulariser_through_the_cli(tmp_path: Path) -> None:
+    from tests.conftest import ROOT
+
+    recipe = base_recipe(
+        tmp_path,
+        stage="rm",
+        finetuning={"method": "lora", "modules_to_save": []},
+        data={"train": [{"path": str(ROOT / "recipes" / "quickstart" / "pairs.jsonl"), "max_samples": 64}]},
+        train={"max_steps": 6, "micro_batch_size": 8},
+        rm={"lm_loss_weight": 0.5, "export_merged": False},
+        distributed={"zero_stage": 2},
+        precision="bf16",
+    )
+    out, _ = _train(tmp_path, recipe)
+    records = [r for r in read_metrics(out) if "loss" in r]
+    assert len(records) == 6 and all(r["lm_loss"] > 0 for r in records)
+    assert (out / "adapter_model.safetensors").is_file()
