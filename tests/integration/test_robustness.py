@@ -84,10 +84,11 @@ def test_secrets_never_reach_outputs(tmp_path: Path) -> None:
         assert secret_env.encode() not in blob and secret_recipe.encode() not in blob, f
 
 
-def _resume_recipe(tmp_path: Path, data: Path, **train: object) -> dict:
+def _resume_recipe(tmp_path: Path, data: Path, stage: str = "sft", **train: object) -> dict:
     return base_recipe(
         tmp_path,
-        finetuning={"method": "lora", "lora_dropout": 0.2, "lora_r": 8},
+        stage=stage,
+        finetuning={"method": "lora", "lora_dropout": 0.2, "lora_r": 8, "modules_to_save": []},
         data={"train": [{"path": str(data)}], "max_length": 64, "shuffle": True},
         train={"micro_batch_size": 4, "lr": 2e-3, "log_every": 1, **train},
     )
@@ -97,14 +98,20 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "adapter_model.safetensors")
 
 
-def test_resume_is_exact_with_dropout_and_shuffling_across_an_epoch_boundary(tmp_path: Path) -> None:
-    data = unseen_sft_data(tmp_path / "echo.jsonl", n=32)  # 8 steps per epoch
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_resume_is_exact_with_dropout_and_shuffling_across_an_epoch_boundary(tmp_path: Path, stage: str) -> None:
+    if stage == "sft":
+        data = unseen_sft_data(tmp_path / "echo.jsonl", n=32)  # 8 steps per epoch
+    else:  # 32 preference pairs; the reference log-probs are computed again on resume
+        lines = (ROOT / "recipes" / "quickstart" / "pairs.jsonl").read_text().splitlines()[:32]
+        data = tmp_path / "pairs.jsonl"
+        data.write_text("\n".join(lines) + "\n")
     (tmp_path / "a").mkdir()
-    straight = _resume_recipe(tmp_path / "a", data, max_steps=12)
+    straight = _resume_recipe(tmp_path / "a", data, stage, max_steps=12)
     assert run_cli("train", str(write_recipe(tmp_path / "a", straight))).returncode == 0
 
     (tmp_path / "b").mkdir()
-    resumed = _resume_recipe(tmp_path / "b", data, max_steps=12, save_every=5, keep_checkpoints=3)
+    resumed = _resume_recipe(tmp_path / "b", data, stage, max_steps=12, save_every=5, keep_checkpoints=3)
     path = write_recipe(tmp_path / "b", resumed)
     assert run_cli("train", str(path)).returncode == 0
     out = Path(resumed["output_dir"])
