@@ -7,7 +7,9 @@ written last: a directory without it is a partial write and is ignored (and remo
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -127,9 +129,50 @@ def _rotate(output_dir: Path, keep: int, best: tuple[str, str] | None = None) ->
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(engine: Any, path: Path, rank: int) -> TrainerState:
+def _safe_globals() -> list[Any]:
+    """The few non-tensor classes DeepSpeed pickles into its checkpoints (loss-scaler and ZeRO state)."""
+    import importlib
+
+    found = []
+    for name in _DEEPSPEED_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            continue  # another DeepSpeed version: a class it does not pickle
+    return found
+
+
+_DEEPSPEED_GLOBALS: tuple[str, ...] = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+@contextlib.contextmanager
+def weights_only_loading() -> Any:
+    """Every torch.load inside (DeepSpeed's included, which asks for full unpickling) reads tensors and plain
+    containers only, plus an allowlist of DeepSpeed's own state classes: a checkpoint cannot run code."""
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+
+
+def load_checkpoint(engine: Any, path: Path, rank: int, quantized: bool = False) -> TrainerState:
+    """quantized: the frozen 4-bit base is rebuilt from model.path (quantization is deterministic); its
+    quantization-state entries in the saved module state are not loaded back (bitsandbytes cannot take
+    them through peft's wrapper), while every trainable parameter is."""
     state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
-    engine.load_checkpoint(str(path.parent), tag=path.name)
+    with weights_only_loading():
+        engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=not quantized)
     rng = path / f"rng_state_{rank}.json"
     if rng.is_file():
         _set_rng_state(json.loads(rng.read_text()))

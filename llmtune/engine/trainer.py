@@ -227,7 +227,7 @@ def train(
                 f"this run has {dist.world_size} and ZeRO-{recipe.distributed.zero_stage}",
                 hint="resume with the same launch settings, or use a new output_dir",
             )
-        state = load_checkpoint(engine, ckpt, dist.rank)
+        state = load_checkpoint(engine, ckpt, dist.rank, quantized=recipe.finetuning.method == "qlora")
         console.print(f"resumed from {ckpt} (step {state.step})")
 
     mb = t.micro_batch_size

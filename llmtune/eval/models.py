@@ -13,9 +13,7 @@ from typing import Any
 import torch
 
 from llmtune.errors import UserError
-from llmtune.model.load import load_config
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from llmtune.model.load import DTYPES, load_config
 
 
 @dataclass

@@ -22,9 +22,8 @@ from typing import Any
 import torch
 
 from llmtune.errors import UserError
-from llmtune.model.load import load_config
+from llmtune.model.load import DTYPES, load_config
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # max |logit difference| allowed, relative to max(1, max |logit|) of the reference, per saved dtype:
 # fp32 leaves only summation-order noise; bf16 / fp16 round every merged weight once.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}

@@ -98,8 +98,10 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
-def test_resume_is_exact_with_dropout_and_shuffling_across_an_epoch_boundary(tmp_path: Path, stage: str) -> None:
+@pytest.mark.parametrize(("stage", "method"), [("sft", "lora"), ("dpo", "lora"), ("sft", "qlora")])
+def test_resume_is_exact_with_dropout_and_shuffling_across_an_epoch_boundary(
+    tmp_path: Path, stage: str, method: str
+) -> None:
     if stage == "sft":
         data = unseen_sft_data(tmp_path / "echo.jsonl", n=32)  # 8 steps per epoch
     else:  # 32 preference pairs; the reference log-probs are computed again on resume
@@ -108,10 +110,12 @@ def test_resume_is_exact_with_dropout_and_shuffling_across_an_epoch_boundary(tmp
         data.write_text("\n".join(lines) + "\n")
     (tmp_path / "a").mkdir()
     straight = _resume_recipe(tmp_path / "a", data, stage, max_steps=12)
+    straight["finetuning"]["method"] = method
     assert run_cli("train", str(write_recipe(tmp_path / "a", straight))).returncode == 0
 
     (tmp_path / "b").mkdir()
     resumed = _resume_recipe(tmp_path / "b", data, stage, max_steps=12, save_every=5, keep_checkpoints=3)
+    resumed["finetuning"]["method"] = method
     path = write_recipe(tmp_path / "b", resumed)
     assert run_cli("train", str(path)).returncode == 0
     out = Path(resumed["output_dir"])
@@ -223,3 +227,30 @@ def test_resume_with_another_world_size_is_refused(tmp_path: Path) -> None:
     proc = run_cli("train", str(path), nproc=2)
     assert proc.returncode != 0
     assert "written with 1 processes" in proc.stderr and "this run has 2" in proc.stderr
+
+
+def test_a_tampered_checkpoint_cannot_run_code(tmp_path: Path) -> None:
+    """Checkpoints are read with weights-only unpickling: a pickle that would run a command is refused."""
+    data = unseen_sft_data(tmp_path / "echo.jsonl", n=32)
+    recipe = base_recipe(
+        tmp_path, data={"train": [{"path": str(data)}], "max_length": 64}, train={"max_steps": 4, "save_every": 2}
+    )
+    path = write_recipe(tmp_path, recipe)
+    assert run_cli("train", str(path)).returncode == 0
+    out = Path(recipe["output_dir"])
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    manifest = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**manifest, "status": "running"}))
+    marker = tmp_path / "pwned"
+    target = next((out / "checkpoints" / "step-00000002").rglob("mp_rank_00_model_states.pt"))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"module": Evil()}, target)
+    proc = run_cli("train", str(path))
+    assert proc.returncode != 0
+    assert not marker.exists(), "unpickling the checkpoint ran code"
