@@ -23,13 +23,28 @@ def check_precision(recipe: RecipeBase, device: torch.device) -> None:
             f"precision bf16 is not supported by {torch.cuda.get_device_name(device)}",
             hint="use precision: fp16 (with loss scaling) or fp32 on this GPU",
         )
-    if recipe.precision == "fp16" and recipe.model.dtype == "bf16":
+    if recipe.precision == "fp16" and (recipe.model.dtype == "bf16" or saved_dtype(recipe) == torch.bfloat16):
         import warnings
 
         warnings.warn(
-            "training a bf16 model in fp16: values beyond fp16's range (65504) overflow; prefer bf16",
+            f"precision fp16 for {recipe.model.path}, a model trained in bf16: activations beyond fp16's range "
+            "(65504) overflow and the loss scale collapses; prefer precision: bf16 on a GPU that has it",
             stacklevel=2,
         )
+
+
+def saved_dtype(recipe: RecipeBase) -> torch.dtype | None:
+    """The dtype the model's config records (None when it records none or cannot be read)."""
+    from llmtune.model.load import load_config
+
+    try:
+        config = load_config(recipe.model.path, "model.path")
+    except Exception:
+        return None
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def deepspeed_config(recipe: RecipeBase, world_size: int) -> dict[str, Any]:
