@@ -106,3 +106,20 @@ def read_metrics(out: Path) -> list[dict[str, Any]]:
     import json
 
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def as_if_killed(out: Path, *, drop: tuple[str, ...] = (), unmark: tuple[str, ...] = (), export: bool = True) -> None:
+    """Leave output_dir as a SIGKILL would: the named checkpoints never written (drop) or never completed
+    (unmark), no exported model (export=True removes it), run.json still saying running."""
+    import json
+    import shutil
+
+    for name in drop:
+        shutil.rmtree(out / "checkpoints" / name)
+    for name in unmark:
+        (out / "checkpoints" / name / "COMPLETE").unlink()
+    if export:
+        for f in ("model.safetensors", "adapter_model.safetensors"):
+            (out / f).unlink(missing_ok=True)
+    manifest = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**manifest, "status": "running"}))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, base_recipe, read_metrics, run_cli, write_recipe
+from tests.conftest import ROOT, as_if_killed, base_recipe, read_metrics, run_cli, write_recipe
 from tests.integration.test_train import unseen_sft_data
 
 
@@ -121,13 +121,7 @@ def test_resume_is_exact_with_dropout_and_shuffling_across_an_epoch_boundary(
     out = Path(resumed["output_dir"])
     # as if killed while writing the step-10 checkpoint: it never completed; the final step-12 checkpoint,
     # the export and the finished status never happened
-    import shutil
-
-    shutil.rmtree(out / "checkpoints" / "step-00000012")
-    (out / "checkpoints" / "step-00000010" / "COMPLETE").unlink()
-    (out / "adapter_model.safetensors").unlink()
-    manifest = json.loads((out / "run.json").read_text())
-    (out / "run.json").write_text(json.dumps({**manifest, "status": "running"}))
+    as_if_killed(out, drop=("step-00000012",), unmark=("step-00000010",))
     proc = run_cli("train", str(path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "(step 5)" in proc.stdout
@@ -222,8 +216,7 @@ def test_resume_with_another_world_size_is_refused(tmp_path: Path) -> None:
     path = write_recipe(tmp_path, recipe)
     assert run_cli("train", str(path)).returncode == 0
     out = Path(recipe["output_dir"])
-    manifest = json.loads((out / "run.json").read_text())
-    (out / "run.json").write_text(json.dumps({**manifest, "status": "running"}))
+    as_if_killed(out, drop=("step-00000004",))
     proc = run_cli("train", str(path), nproc=2)
     assert proc.returncode != 0
     assert "written with 1 processes" in proc.stderr and "this run has 2" in proc.stderr
@@ -238,11 +231,7 @@ def test_a_tampered_checkpoint_cannot_run_code(tmp_path: Path) -> None:
     path = write_recipe(tmp_path, recipe)
     assert run_cli("train", str(path)).returncode == 0
     out = Path(recipe["output_dir"])
-    import shutil
-
-    shutil.rmtree(out / "checkpoints" / "step-00000004")
-    manifest = json.loads((out / "run.json").read_text())
-    (out / "run.json").write_text(json.dumps({**manifest, "status": "running"}))
+    as_if_killed(out, drop=("step-00000004",))
     marker = tmp_path / "pwned"
     target = next((out / "checkpoints" / "step-00000002").rglob("mp_rank_00_model_states.pt"))
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TINY_MODEL, base_recipe, read_metrics, run_cli, write_recipe
+from tests.conftest import TINY_MODEL, as_if_killed, base_recipe, read_metrics, run_cli, write_recipe
 
 WORDS = [
     "river",
@@ -226,11 +226,7 @@ def test_checkpoints_and_resume_match_uninterrupted_run(tmp_path: Path) -> None:
     _, proc = _train(tmp_path / "b", resumed)
     assert "nothing to do" in proc.stdout
     # Pretend the run died after step 4 (as a SIGKILL leaves it): newest checkpoint half-written, no export.
-
-    (out_b / "checkpoints" / "step-00000006" / "COMPLETE").unlink()
-    (out_b / "model.safetensors").unlink()
-    manifest = json.loads((out_b / "run.json").read_text())
-    (out_b / "run.json").write_text(json.dumps({**manifest, "status": "running"}))
+    as_if_killed(out_b, unmark=("step-00000006",))
     out_b, proc = _train(tmp_path / "b", resumed)
     assert "removed partial checkpoints" in proc.stdout
     assert "resumed from" in proc.stdout and "step 4" in proc.stdout
