@@ -17,9 +17,9 @@ from llmtune.errors import TrainingError, UserError
 
 app = typer.Typer(
     name="llmtune",
-    help="Adapt open LLMs from YAML recipes: continued pretraining (cpt) and supervised fine-tuning (sft) "
-    "on one DeepSpeed trainer core, with full, freeze, LoRA and 4-bit QLoRA fine-tuning; merge adapters "
-    "(merge-lora, merge) and evaluate (eval).",
+    help="Adapt open LLMs from YAML recipes: continued pretraining (cpt), supervised fine-tuning (sft), "
+    "reward models (rm) and preference optimisation (dpo, kto) on one DeepSpeed trainer core, with full, "
+    "freeze, LoRA and 4-bit QLoRA fine-tuning; merge adapters (merge-lora, merge) and evaluate (eval).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
