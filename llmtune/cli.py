@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from llmtune import __version__
-from llmtune.errors import TrainingError, UserError
+from llmtune.errors import LlmtuneError, UserError
 
 app = typer.Typer(
     name="llmtune",
@@ -32,10 +32,9 @@ SetOption = Annotated[
 ]
 
 
-def _fail(e: Exception, code: int) -> typer.Exit:
+def _report(e: Exception) -> None:
     # escape: messages quote user text such as [q_proj, v_proj], which rich would take as markup
     err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, soft_wrap=True)
-    return typer.Exit(code)
 
 
 @app.callback()
@@ -57,11 +56,8 @@ def validate(
     from llmtune.recipe import dump_recipe, load_recipe
     from llmtune.recipe.checks import check_paths
 
-    try:
-        r = load_recipe(recipe, set_ or [])
-        notes = check_paths(r)
-    except UserError as e:
-        raise _fail(e, e.exit_code) from None
+    r = load_recipe(recipe, set_ or [])
+    notes = check_paths(r)
     out = Console(highlight=False, soft_wrap=True)  # never wrap: the resolved YAML must stay valid
     for note in notes:
         out.print(f"note: {note}", markup=False)
@@ -98,10 +94,6 @@ def train(
         if resume_from is not None and no_resume:
             raise UserError("--resume-from and --no-resume contradict each other", hint="pass one of them")
         run_stage(r, local_rank=local_rank, resume_from=resume_from, resume=not no_resume, overwrite=overwrite)
-    except UserError as e:
-        raise _fail(e, e.exit_code) from None
-    except TrainingError as e:
-        raise _fail(e, e.exit_code) from None
     except KeyboardInterrupt:
         err.print("interrupted: the newest complete checkpoint in output_dir is kept")
         raise typer.Exit(130) from None
@@ -136,29 +128,23 @@ def merge_lora(
     QLoRA adapters are merged into the base loaded at --dtype from its full-precision weights (never into
     4-bit weights). Reward-model adapters keep their score head."""
     if dtype not in ("auto", "bf16", "fp16", "fp32"):
-        raise _fail(UserError(f"--dtype {dtype!r} is not one of auto, bf16, fp16, fp32"), 2)
+        raise UserError(f"--dtype {dtype!r} is not one of auto, bf16, fp16, fp32")
     out_console = Console(highlight=False, soft_wrap=True)
-    try:
-        from llmtune.model.merge import MergeCheckError
-        from llmtune.model.merge import merge_lora as do_merge
-        from llmtune.stages import quiet_libraries
+    from llmtune.model.merge import merge_lora as do_merge
+    from llmtune.stages import quiet_libraries
 
-        quiet_libraries()
-        _no_load_bars()
-        with err.status("merging"):
-            r = do_merge(
-                base,
-                str(adapter),
-                out,
-                dtype=dtype,
-                overwrite=overwrite,
-                max_shard_size=max_shard_size,
-                tolerance=tolerance,
-            )
-    except UserError as e:
-        raise _fail(e, e.exit_code) from None
-    except MergeCheckError as e:
-        raise _fail(e, e.exit_code) from None
+    quiet_libraries()
+    _no_load_bars()
+    with err.status("merging"):
+        r = do_merge(
+            base,
+            str(adapter),
+            out,
+            dtype=dtype,
+            overwrite=overwrite,
+            max_shard_size=max_shard_size,
+            tolerance=tolerance,
+        )
     for note in r.notes:
         out_console.print(f"note: {note}", markup=False)
     out_console.print(f"merged {r.kind} written to {r.out} ({r.dtype}): {', '.join(r.files)}", markup=False)
@@ -189,19 +175,16 @@ def merge(
 
     Adapters are merged into their base first, so the result is base + sum_i w_i * delta_i exactly."""
     if dtype not in ("auto", "bf16", "fp16", "fp32"):
-        raise _fail(UserError(f"--dtype {dtype!r} is not one of auto, bf16, fp16, fp32"), 2)
-    try:
-        from llmtune.model.merge import average_models
-        from llmtune.stages import quiet_libraries
+        raise UserError(f"--dtype {dtype!r} is not one of auto, bf16, fp16, fp32")
+    from llmtune.model.merge import average_models
+    from llmtune.stages import quiet_libraries
 
-        quiet_libraries()
-        _no_load_bars()
-        with err.status("averaging"):
-            r = average_models(
-                models, weights, out, base=base, dtype=dtype, overwrite=overwrite, max_shard_size=max_shard_size
-            )
-    except UserError as e:
-        raise _fail(e, e.exit_code) from None
+    quiet_libraries()
+    _no_load_bars()
+    with err.status("averaging"):
+        r = average_models(
+            models, weights, out, base=base, dtype=dtype, overwrite=overwrite, max_shard_size=max_shard_size
+        )
     out_console = Console(highlight=False, soft_wrap=True)
     for note in r.notes:
         out_console.print(f"note: {note}", markup=False)
@@ -271,13 +254,10 @@ def eval_(
         "reward_weights": reward_weights, "model_b": model_b, "adapter_b": adapter_b, "tie_margin": tie_margin,
         "reference": reference, "beta": beta,
     }  # fmt: skip
-    try:
-        cfg = load_eval_config(config, options)
-        from llmtune.eval.run import run_eval
+    cfg = load_eval_config(config, options)
+    from llmtune.eval.run import run_eval
 
-        run_eval(cfg, Console(highlight=False, soft_wrap=True), err)
-    except UserError as e:
-        raise _fail(e, e.exit_code) from None
+    run_eval(cfg, Console(highlight=False, soft_wrap=True), err)
 
 
 @app.command()
@@ -287,10 +267,10 @@ def version() -> None:
 
 
 def main() -> None:
+    """Every command's known failures (bad input: exit 2; a run that had to stop: exit 1) end here as one
+    message without a traceback; anything else is a bug and keeps its traceback."""
     try:
         app()
-    except SystemExit:
-        raise
-    except UserError as e:  # raised outside a command (should not happen, but never show a traceback)
-        err.print(f"error: {e}", markup=False)
+    except LlmtuneError as e:
+        _report(e)
         sys.exit(e.exit_code)

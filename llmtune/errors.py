@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 
-class UserError(Exception):
+class LlmtuneError(Exception):
+    """An error the CLI reports as ``error: <message>`` with ``exit_code``, without a traceback."""
+
+    exit_code = 1
+
+
+class UserError(LlmtuneError):
     """A problem with the recipe, the data, the arguments or the environment that the user can fix.
 
     The CLI prints ``error: <message>`` and exits with ``exit_code`` (2), without a traceback.
@@ -26,7 +32,7 @@ class DataError(UserError):
     """A data file is missing, unreadable, or yields nothing to train on."""
 
 
-class TrainingError(Exception):
+class TrainingError(LlmtuneError):
     """Training stopped for a reason found at run time (NaN loss, ...). Exit code 1; finished work is kept."""
 
     exit_code = 1

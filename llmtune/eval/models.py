@@ -4,7 +4,6 @@ tokenizer that goes with each. Bad paths are UserErrors."""
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,9 @@ from typing import Any
 import torch
 
 from llmtune.errors import UserError
-from llmtune.model.load import DTYPES, load_config
+from llmtune.model.load import DTYPES, load_config, tokenizer_from
+from llmtune.model.merge import adapter_config_or_none
+from llmtune.recipe.schema import looks_local
 
 
 @dataclass
@@ -40,27 +41,13 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _adapter_config(path: str) -> dict[str, Any] | None:
-    f = Path(path).expanduser() / "adapter_config.json"
-    if not f.is_file():
-        return None
-    try:
-        return json.loads(f.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{f} is not valid JSON") from None
-
-
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or Path(path).expanduser().exists() or path.count("/") != 1
-
-
 def resolve(model: str, adapter: str | None, what: str = "--model") -> tuple[str, str | None, dict | None]:
     """(base path, adapter path or None, adapter config). A --model that is an adapter directory stands
     for its recorded base with that adapter."""
-    if _looks_local(model) and not Path(model).expanduser().exists():
+    if looks_local(model) and not Path(model).expanduser().exists():
         raise UserError(f"{what} {model} does not exist", hint="pass a model directory or a hub id")
     if adapter is None:
-        cfg = _adapter_config(model)
+        cfg = adapter_config_or_none(model)
         if cfg is not None and not (Path(model).expanduser() / "config.json").is_file():
             base = cfg.get("base_model_name_or_path")
             if not base:
@@ -70,7 +57,7 @@ def resolve(model: str, adapter: str | None, what: str = "--model") -> tuple[str
     p = Path(adapter).expanduser()
     if not p.is_dir():
         raise UserError(f"adapter {adapter} does not exist", hint="pass the output directory of a lora / qlora run")
-    cfg = _adapter_config(adapter)
+    cfg = adapter_config_or_none(adapter)
     if cfg is None:
         raise UserError(f"{adapter} has no adapter_config.json", hint="--adapter takes a peft adapter directory")
     return model, adapter, cfg
@@ -84,43 +71,11 @@ def is_reward_model(model: str, adapter: str | None) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in archs)
 
 
-def load_tokenizer(*paths: str | None) -> Any:
-    """The first loadable tokenizer among paths (an adapter's carries the training chat template);
-    a missing pad token becomes EOS (padding is masked by position, never by id)."""
-    from transformers import AutoTokenizer
-
-    last = ""
-    for p in paths:
-        if p is None:
-            continue
-        d = Path(p).expanduser()
-        if d.is_dir() and not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            continue
-        try:
-            tok = AutoTokenizer.from_pretrained(p)
-        except (OSError, ValueError) as e:
-            last = str(e).splitlines()[0]
-            continue
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token or tok.unk_token
-        return tok
-    raise UserError(f"no tokenizer could be loaded from {', '.join(p for p in paths if p)} {last}".strip())
-
-
 def load_causal_lm(model: str, adapter: str | None, dtype: torch.dtype, device: torch.device, what: str) -> Loaded:
     from transformers import AutoModelForCausalLM
 
     base, adapter, _ = resolve(model, adapter, what)
-    load_config(base, what)
-    try:
-        m = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load {what} {base}: {str(e).splitlines()[0]}") from None
-    if adapter is not None:
-        m = _with_adapter(m, base, adapter)
-    tok = load_tokenizer(adapter, base)
-    m.to(device).eval()
-    return Loaded(m, tok, adapter or base, adapter is not None)
+    return _load(AutoModelForCausalLM, base, adapter, dtype, device, what)
 
 
 def load_reward_model(path: str, dtype: torch.dtype, device: torch.device, adapter: str | None = None) -> Loaded:
@@ -133,16 +88,22 @@ def load_reward_model(path: str, dtype: torch.dtype, device: torch.device, adapt
             f"{path} is a {cfg.get('task_type')} adapter, not a reward model",
             hint="a reward model is an rm-stage output (task_type SEQ_CLS) or a sequence-classification model",
         )
-    load_config(base, "reward model")
+    return _load(AutoModelForSequenceClassification, base, adapter, dtype, device, "the reward model", num_labels=1)
+
+
+def _load(
+    auto_class: Any, base: str, adapter: str | None, dtype: torch.dtype, device: torch.device, what: str, **kwargs: Any
+) -> Loaded:
+    """base (+ adapter) through auto_class, with the tokenizer the adapter (or else the base) carries."""
+    load_config(base, what)
     try:
-        m = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype)
+        m = auto_class.from_pretrained(base, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
-        raise UserError(f"could not load the reward model {base}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"could not load {what} {base}: {str(e).splitlines()[0]}") from None
     if adapter is not None:
         m = _with_adapter(m, base, adapter)
-    tok = load_tokenizer(adapter, base)
     m.to(device).eval()
-    return Loaded(m, tok, adapter or base, adapter is not None)
+    return Loaded(m, tokenizer_from(adapter, base), adapter or base, adapter is not None)
 
 
 def _with_adapter(model: Any, base: str, adapter: str) -> Any:

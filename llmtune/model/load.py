@@ -96,6 +96,33 @@ def position_limit(m: ModelConfig) -> int | None:
     return None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def tokenizer_from(*paths: str | None, set_pad: bool = True) -> Any:
+    """The tokenizer of the first path that has one (an adapter's carries the chat template it was trained
+    with). set_pad: a missing pad token becomes EOS (padding is masked by position, never by id)."""
+    from transformers import AutoTokenizer
+
+    last = ""
+    for p in filter(None, paths):
+        d = Path(p).expanduser()
+        if d.is_dir() and not any((d / f).is_file() for f in TOKENIZER_FILES):
+            continue
+        try:
+            tok = AutoTokenizer.from_pretrained(p)
+        except (OSError, ValueError) as e:
+            last = str(e).splitlines()[0]
+            continue
+        if set_pad and tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token or tok.unk_token
+        return tok
+    raise UserError(
+        f"no tokenizer could be loaded from {', '.join(p for p in paths if p)} {last}".strip(),
+        hint="the model (or adapter) directory needs tokenizer files",
+    )
+
+
 def weight_dtype(recipe: RecipeBase) -> torch.dtype:
     if recipe.model.dtype != "auto":
         return DTYPES[recipe.model.dtype]

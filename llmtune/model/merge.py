@@ -21,16 +21,16 @@ from typing import Any
 
 import torch
 
-from llmtune.errors import UserError
-from llmtune.model.load import DTYPES, load_config
+from llmtune.errors import LlmtuneError, UserError
+from llmtune.model.load import DTYPES, load_config, tokenizer_from
+from llmtune.recipe.schema import looks_local
 
 # max |logit difference| allowed, relative to max(1, max |logit|) of the reference, per saved dtype:
 # fp32 leaves only summation-order noise; bf16 / fp16 round every merged weight once.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-class MergeCheckError(Exception):
+class MergeCheckError(LlmtuneError):
     """The merged model does not reproduce base + adapter within tolerance (exit 1; files are kept)."""
 
     exit_code = 1
@@ -53,7 +53,7 @@ class MergeResult:
 def check_out_dir(out: Path, overwrite: bool, inputs: list[str]) -> None:
     """Refuse a non-empty output directory unless overwrite, and an output that is one of the inputs."""
     for p in inputs:
-        if _is_local(p) and Path(p).expanduser().resolve() == out.expanduser().resolve():
+        if looks_local(p) and Path(p).expanduser().resolve() == out.expanduser().resolve():
             raise UserError(f"--out {out} is one of the inputs", hint="write the merged model to a new directory")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory", hint="pass a directory path")
@@ -63,9 +63,15 @@ def check_out_dir(out: Path, overwrite: bool, inputs: list[str]) -> None:
         )
 
 
-def _is_local(path: str) -> bool:
-    p = str(path)
-    return p.startswith((".", "/", "~")) or Path(p).expanduser().exists()
+def adapter_config_or_none(path: str | Path) -> dict[str, Any] | None:
+    """adapter_config.json of a directory, None when there is none; invalid JSON is an error."""
+    f = Path(path).expanduser() / "adapter_config.json"
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{f} is not valid JSON: {e}") from None
 
 
 def read_adapter_config(adapter: str | Path) -> dict[str, Any]:
@@ -87,10 +93,7 @@ def read_adapter_config(adapter: str | Path) -> dict[str, Any]:
             f"{adapter} has adapter_config.json but no adapter_model.safetensors",
             hint="the adapter directory is incomplete: re-run or re-copy the training output",
         )
-    try:
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{cfg_file} is not valid JSON: {e}") from None
+    cfg = adapter_config_or_none(a)
     if not isinstance(cfg, dict) or "peft_type" not in cfg:
         raise UserError(f"{cfg_file} is not a peft adapter config (no peft_type)")
     if cfg.get("peft_type") != "LORA":
@@ -126,9 +129,11 @@ def resolve_base(base: str | None, adapter_cfg: dict[str, Any], adapter: str) ->
         base = str(recorded)
     base_cfg = load_config(base, "--base")
     if recorded and str(recorded) != base:
-        same_path = _is_local(base) and _is_local(str(recorded)) and Path(base).resolve() == Path(recorded).resolve()
+        same_path = (
+            looks_local(base) and looks_local(str(recorded)) and Path(base).resolve() == Path(recorded).resolve()
+        )
         if not same_path:
-            if _is_local(str(recorded)) and Path(str(recorded)).expanduser().is_dir():
+            if looks_local(str(recorded)) and Path(str(recorded)).expanduser().is_dir():
                 rec_cfg = load_config(str(recorded), "the adapter's base")
                 diff = [k for k in _SHAPE_KEYS if getattr(rec_cfg, k, None) != getattr(base_cfg, k, None)]
                 if diff:
@@ -181,21 +186,6 @@ def load_with_adapter(base: str, adapter: str, task_type: str | None, dtype: tor
             f"the adapter {adapter} does not fit the base {base}: {str(e).strip().splitlines()[0]}",
             hint="pass the --base the adapter was trained on",
         ) from None
-
-
-def load_tokenizer_for(*paths: str) -> Any:
-    """The tokenizer of the first path that has tokenizer files (the adapter's carries the chat template)."""
-    from transformers import AutoTokenizer
-
-    for p in paths:
-        d = Path(p).expanduser()
-        if d.is_dir() and not any((d / f).is_file() for f in _TOKENIZER_FILES):
-            continue
-        try:
-            return AutoTokenizer.from_pretrained(p)
-        except (OSError, ValueError):
-            continue
-    raise UserError(f"no tokenizer found in {', '.join(paths)}", hint="the base model directory needs tokenizer files")
 
 
 # --------------------------------------------------------------------------------------------- probing
@@ -272,7 +262,7 @@ def merge_lora(
 
     model = load_with_adapter(base, adapter, task_type, target)
     merged = model.merge_and_unload()
-    tokenizer = load_tokenizer_for(adapter, base)
+    tokenizer = tokenizer_from(adapter, base, set_pad=False)
     if overwrite:
         _clear(out)
     files = save_model(merged, tokenizer, out, max_shard_size)
@@ -392,7 +382,7 @@ def average_models(
     first.load_state_dict(acc)
     first.to(target)
     paths = [a or b for b, a, _ in kinds]
-    tokenizer = load_tokenizer_for(*paths, *(b for b, _, _ in kinds))
+    tokenizer = tokenizer_from(*paths, *(b for b, _, _ in kinds), set_pad=False)
     if overwrite:
         _clear(out)
     files = save_model(first, tokenizer, out, max_shard_size)

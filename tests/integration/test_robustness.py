@@ -207,8 +207,8 @@ def test_tokenizer_problems_fail_before_training(tmp_path: Path, tiny_model: Pat
     assert proc.returncode == 2 and "another tokenizer" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow
-def test_resume_with_another_world_size_is_refused(tmp_path: Path) -> None:
+def _killed_after_step_2(tmp_path: Path) -> tuple[Path, Path]:
+    """A 4-step run with checkpoints every 2 steps, left as if killed after its step-2 checkpoint."""
     data = unseen_sft_data(tmp_path / "echo.jsonl", n=32)
     recipe = base_recipe(
         tmp_path, data={"train": [{"path": str(data)}], "max_length": 64}, train={"max_steps": 4, "save_every": 2}
@@ -217,6 +217,12 @@ def test_resume_with_another_world_size_is_refused(tmp_path: Path) -> None:
     assert run_cli("train", str(path)).returncode == 0
     out = Path(recipe["output_dir"])
     as_if_killed(out, drop=("step-00000004",))
+    return path, out
+
+
+@pytest.mark.slow
+def test_resume_with_another_world_size_is_refused(tmp_path: Path) -> None:
+    path, _ = _killed_after_step_2(tmp_path)
     proc = run_cli("train", str(path), nproc=2)
     assert proc.returncode != 0
     assert "written with 1 processes" in proc.stderr and "this run has 2" in proc.stderr
@@ -224,14 +230,7 @@ def test_resume_with_another_world_size_is_refused(tmp_path: Path) -> None:
 
 def test_a_tampered_checkpoint_cannot_run_code(tmp_path: Path) -> None:
     """Checkpoints are read with weights-only unpickling: a pickle that would run a command is refused."""
-    data = unseen_sft_data(tmp_path / "echo.jsonl", n=32)
-    recipe = base_recipe(
-        tmp_path, data={"train": [{"path": str(data)}], "max_length": 64}, train={"max_steps": 4, "save_every": 2}
-    )
-    path = write_recipe(tmp_path, recipe)
-    assert run_cli("train", str(path)).returncode == 0
-    out = Path(recipe["output_dir"])
-    as_if_killed(out, drop=("step-00000004",))
+    path, out = _killed_after_step_2(tmp_path)
     marker = tmp_path / "pwned"
     target = next((out / "checkpoints" / "step-00000002").rglob("mp_rank_00_model_states.pt"))
 
