@@ -32,6 +32,8 @@ class TrainerState:
     zero_stage: int = 0
     eval_step: int = -1  # the step of the last evaluation, and its results
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    nan_skips: int = 0  # steps skipped for a NaN / Inf loss or gradient (train.on_nan: skip)
+    overflow_skips: int = 0  # fp16 steps the dynamic loss scaler skipped
 
 
 def checkpoint_dir(output_dir: Path) -> Path:

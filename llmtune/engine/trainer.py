@@ -11,7 +11,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +209,7 @@ def train(
                 p.data = p.data.to(dtype)
     optimizer = build_optimizer(recipe, model)
     scheduler = build_scheduler(recipe, optimizer, total_steps)
+    guard = StepGuard(optimizer)  # after the scheduler, which wraps optimizer.step itself
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
@@ -264,28 +265,20 @@ def train(
             for window in batches.epoch_windows(state.epoch, state.window_in_epoch):
                 lr = scheduler.get_last_lr()[0]  # the rate this step uses
                 try:
-                    loss_val, units, grad_norm, step_metrics = _train_window(engine, stage, window, dist)
+                    result = _train_window(engine, stage, window, dist, guard)
                 except Exception as e:
                     if is_fp16_scale_error(e):
                         raise fp16_scale_error(e, state.step + 1, out) from None
                     raise
                 state.step += 1
                 state.window_in_epoch += 1
-                state.tokens += int(units)
-                window_tokens += units
-                if not math.isfinite(loss_val) or (grad_norm is not None and not math.isfinite(grad_norm)):
-                    what = (
-                        f"the loss is {loss_val}"
-                        if not math.isfinite(loss_val)
-                        else f"the gradient norm is {grad_norm}"
-                    )
-                    raise TrainingError(
-                        f"{what} at step {state.step}; training stopped "
-                        f"(newest complete checkpoint kept in {out / 'checkpoints'})\n"
-                        "  fix: lower train.lr, keep train.max_grad_norm on, use bf16 rather than fp16, "
-                        "and check the data for empty or extreme rows"
-                    )
-                if state.step % t.log_every == 0 or state.step == total_steps or state.step == 1:
+                state.tokens += int(result.units)
+                window_tokens += result.units
+                loss_val, grad_norm, step_metrics = result.loss, result.grad_norm, result.metrics
+                skipped = _check_numbers(result, recipe, state, out, console)
+                if skipped == "nan" and not result.applied:
+                    scheduler.step()  # DeepSpeed saw the overflow and held the schedule: a skipped step moves it on
+                if state.step % t.log_every == 0 or state.step == total_steps or state.step == 1 or skipped:
                     now = time.perf_counter()
                     record = {
                         "step": state.step,
@@ -297,6 +290,12 @@ def train(
                         f"{unit}_per_s": window_tokens / max(now - t_last, 1e-9),
                         **step_metrics,
                     }
+                    if skipped:
+                        record["skipped"] = skipped
+                    if state.nan_skips:
+                        record["nan_skips"] = state.nan_skips
+                    if state.overflow_skips:
+                        record["overflow_skips"] = state.overflow_skips
                     window_tokens, t_last = 0.0, now
                     log.write(record)
                     progress.log(record)
@@ -330,40 +329,124 @@ def train(
     manifest["trainer_state"] = asdict(state)
     _write_manifest(out, manifest, dist)
     barrier()
-    console.print(f"[green]done[/]: {state.step} steps; model written to {out} ({', '.join(files)})")
+    skips = f" ({state.nan_skips} skipped for NaN / Inf)" if state.nan_skips else ""
+    console.print(f"[green]done[/]: {state.step} steps{skips}; model written to {out} ({', '.join(files)})")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
-def _train_window(engine: Any, stage: Any, window: list[dict[str, torch.Tensor]], dist: DistInfo):
+class StepGuard:
+    """Lets the trainer veto one optimizer update. The step function of the optimizer llmtune builds is
+    wrapped, and every DeepSpeed wrapper (ZeRO 1-3, bf16 / fp16 master weights) updates the weights only
+    through it: a vetoed step leaves weights, moments and the optimizer's step count as they were, and
+    DeepSpeed still zeroes the gradients and keeps its micro-step counters in order."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.block = False
+        inner = optimizer.step
+
+        @functools.wraps(inner)
+        def step(*args: Any, **kwargs: Any) -> Any:
+            return None if self.block else inner(*args, **kwargs)
+
+        optimizer.step = step  # type: ignore[method-assign]
+
+
+@dataclass
+class WindowResult:
+    loss: float  # mean over the window's units, all ranks
+    units: float
+    grad_norm: float | None
+    metrics: dict[str, float]
+    nonfinite: str | None  # "loss" / "gradient": llmtune vetoed the update for a NaN / Inf
+    applied: bool  # DeepSpeed's view: it took the step (and moved the LR schedule), not seeing an overflow
+
+
+def _train_window(engine: Any, stage: Any, window: list[dict[str, torch.Tensor]], dist: DistInfo, guard: StepGuard):
     """One optimizer step over an accumulation window. The loss is normalised by the number of units
     (tokens) in the whole window on all ranks, so the update does not depend on how rows are split into
     micro-batches, accumulation steps and processes. DeepSpeed averages gradients over ranks, hence the
-    factor world_size."""
+    factor world_size. Before the update, a NaN / Inf loss on any rank (or, under ZeRO-0, a non-finite
+    gradient) vetoes it on every rank."""
     batches = [_to(b, dist.device) for b in window]
     local_units = sum(stage.units(b).double() for b in batches)
     global_units = all_reduce_sum(torch.as_tensor(local_units, dtype=torch.float64, device=dist.device))
     denom = max(global_units.item(), 1.0)
     loss_total = torch.zeros((), dtype=torch.float64, device=dist.device)
+    bad_losses = torch.zeros((), dtype=torch.float64, device=dist.device)
     sums: dict[str, torch.Tensor] = {}
     grad_norm = None
     for i, b in enumerate(batches):
         out = stage.step(engine, b)
         loss = out.loss_sum * (dist.world_size / denom)
         engine.backward(loss, scale_wrt_gas=False)
-        if i == len(batches) - 1 and engine.zero_optimization_stage() == 0:
-            grad_norm = _local_grad_norm(engine.module)  # ZeRO-0 keeps whole gradients on every rank
-        engine.step()
         loss_total += out.loss_sum.detach().double()
+        bad_losses += (~torch.isfinite(out.loss_sum.detach())).double().sum()
         for k, v in out.metrics.items():
             sums[k] = sums.get(k, 0) + v.detach().double()
-    loss_total = all_reduce_sum(loss_total)
+        if i < len(batches) - 1:
+            engine.step()  # a micro-step: DeepSpeed only counts it
+    # the boundary: one reduction decides, on every rank alike, whether the update may happen
+    if engine.zero_optimization_stage() == 0:
+        grad_norm = _local_grad_norm(engine.module)  # ZeRO-0 keeps whole gradients on every rank
+    totals = all_reduce_sum(torch.stack([loss_total, bad_losses]))
+    nonfinite = "loss" if totals[1].item() > 0 or not math.isfinite(totals[0].item()) else None
+    if nonfinite is None and grad_norm is not None and not math.isfinite(grad_norm):
+        nonfinite = "gradient"
+    guard.block = nonfinite is not None
+    try:
+        engine.step()
+    finally:
+        guard.block = False
+    applied = engine.was_step_applied()
     metrics = {
         k: all_reduce_sum(torch.as_tensor(v, device=dist.device)).item() / denom for k, v in sorted(sums.items())
     }
     if grad_norm is None:
         grad_norm = _engine_grad_norm(engine)
-    return loss_total.item() / denom, global_units.item(), grad_norm, metrics
+    return WindowResult(totals[0].item() / denom, global_units.item(), grad_norm, metrics, nonfinite, applied)
+
+
+def _check_numbers(result: WindowResult, recipe: RecipeBase, state: TrainerState, out: Path, console: Console):
+    """After a step: None when it was fine; "overflow" for an fp16 step the loss scaler skipped (normal while
+    the scale settles); "nan" for a step skipped for a NaN / Inf (train.on_nan: skip). Stops the run with the
+    step and the cause when on_nan is stop, or once more than max_nan_skips steps were skipped."""
+    t = recipe.train
+    fp16 = recipe.precision == "fp16"
+    cause = None
+    if not math.isfinite(result.loss):
+        cause = f"the loss is {result.loss}"
+    elif result.nonfinite == "gradient" or (not result.applied and not fp16):
+        # without fp16 loss scaling, DeepSpeed skips a step only for a non-finite gradient norm
+        norm = result.grad_norm
+        cause = f"the gradient norm is {norm}" if norm is not None and not math.isfinite(norm) else None
+        cause = cause or "the gradient is not finite"
+    elif not result.applied:
+        state.overflow_skips += 1
+        return "overflow"
+    if cause is None:
+        return None
+    checkpoints = f"newest complete checkpoint kept in {out / 'checkpoints'}"
+    fix = (
+        "  fix: lower train.lr, keep train.max_grad_norm on, use bf16 rather than fp16, and check the data for "
+        "empty or extreme rows"
+    )
+    if t.on_nan == "stop":
+        raise TrainingError(
+            f"{cause} at step {state.step}; training stopped ({checkpoints})\n{fix} "
+            "(or set train.on_nan: skip to skip such steps)"
+        )
+    state.nan_skips += 1
+    if state.nan_skips > t.max_nan_skips:
+        raise TrainingError(
+            f"{cause} at step {state.step}: {state.nan_skips} steps skipped for NaN / Inf, more than "
+            f"train.max_nan_skips={t.max_nan_skips}; training stopped ({checkpoints})\n{fix}"
+        )
+    console.print(
+        f"[yellow]step {state.step} skipped[/]: {cause}; no weight changed "
+        f"({state.nan_skips} of at most {t.max_nan_skips} skips)"
+    )
+    return "nan"
 
 
 def is_fp16_scale_error(e: BaseException) -> bool:

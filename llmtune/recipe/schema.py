@@ -181,6 +181,15 @@ class TrainConfig(Block):
     )
     best_mode: Literal["min", "max"] = Field(default="min", description="best_metric: lower or higher is better.")
     eval_batch_size: int | None = Field(default=None, ge=1, description="Eval micro-batch (default micro_batch_size).")
+    on_nan: Literal["stop", "skip"] = Field(
+        default="stop",
+        description="A step whose loss or gradient is NaN / Inf: stop (the newest checkpoint is kept, nothing is "
+        "exported) or skip (that step changes no weight and no optimizer state; skips are counted in "
+        "metrics.jsonl and run.json).",
+    )
+    max_nan_skips: int = Field(
+        default=10, ge=1, description="on_nan: skip stops the run once more than this many steps were skipped."
+    )
 
     @field_validator("max_grad_norm")
     @classmethod

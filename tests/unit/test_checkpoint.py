@@ -82,9 +82,76 @@ def test_plan_run(tmp_path: Path) -> None:
 
 
 def test_fp16_minimum_scale_becomes_a_training_error(tmp_path: Path) -> None:
+    """DeepSpeed's own dynamic loss scaler, driven to its minimum scale, raises what the trainer maps."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
     from llmtune.engine.trainer import fp16_scale_error, is_fp16_scale_error
 
-    e = Exception("Current loss scale already at minimum - cannot decrease scale anymore. Exiting run.")
+    scaler = DynamicLossScaler(
+        init_scale=1.0, scale_window=1000, min_scale=1.0, delayed_shift=1, consecutive_hysteresis=False
+    )
+    with pytest.raises(Exception) as caught:  # DeepSpeed raises a bare Exception
+        scaler.update_scale(True)
+    e = caught.value
     assert is_fp16_scale_error(e) and not is_fp16_scale_error(ValueError("shapes"))
     err = fp16_scale_error(e, 7, tmp_path)
     assert err.exit_code == 1 and "step 7" in str(err) and "bf16" in str(err)
+
+
+def _result(loss: float = 1.0, grad_norm: float | None = 0.5, nonfinite: str | None = None, applied: bool = True):
+    from llmtune.engine.trainer import WindowResult
+
+    return WindowResult(loss, 10.0, grad_norm, {}, nonfinite, applied)
+
+
+def _numbers_recipe(tmp_path: Path, **train: object):
+    from llmtune.recipe.load import validate_recipe
+
+    return validate_recipe(
+        {
+            "stage": "sft",
+            "output_dir": str(tmp_path),
+            "model": {"path": "m"},
+            "data": {"train": [{"path": "d"}]},
+            "train": train,
+        }
+    )
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_check_numbers_decides_stop_skip_and_overflow(tmp_path: Path, precision: str) -> None:
+    from rich.console import Console
+
+    from llmtune.engine.checkpoint import TrainerState
+    from llmtune.engine.trainer import _check_numbers
+    from llmtune.errors import TrainingError
+
+    console = Console(quiet=True)
+    stop = _numbers_recipe(tmp_path)
+    stop.precision = precision
+    state = TrainerState(step=5)
+    assert _check_numbers(_result(), stop, state, tmp_path, console) is None
+    with pytest.raises(TrainingError, match=r"the loss is nan at step 5(.|\n)*train\.on_nan: skip"):
+        _check_numbers(_result(loss=float("nan"), nonfinite="loss"), stop, state, tmp_path, console)
+    with pytest.raises(TrainingError, match="gradient norm is inf at step 5"):
+        _check_numbers(_result(grad_norm=float("inf"), nonfinite="gradient"), stop, state, tmp_path, console)
+    # DeepSpeed skipped the step itself, the loss being finite: fp16's loss scaler settling, else a bad gradient
+    if precision == "fp16":
+        assert _check_numbers(_result(grad_norm=float("inf"), applied=False), stop, state, tmp_path, console) == (
+            "overflow"
+        )
+        assert state.overflow_skips == 1 and state.nan_skips == 0
+    else:
+        with pytest.raises(TrainingError, match="gradient"):
+            _check_numbers(_result(grad_norm=float("inf"), applied=False), stop, state, tmp_path, console)
+
+    skip = _numbers_recipe(tmp_path, on_nan="skip", max_nan_skips=2)
+    skip.precision = precision
+    state = TrainerState(step=9)
+    assert _check_numbers(_result(loss=float("inf"), nonfinite="loss"), skip, state, tmp_path, console) == "nan"
+    assert _check_numbers(_result(grad_norm=float("nan"), nonfinite="gradient"), skip, state, tmp_path, console) == (
+        "nan"
+    )
+    assert state.nan_skips == 2
+    with pytest.raises(TrainingError, match=r"3 steps skipped for NaN / Inf, more than train\.max_nan_skips=2"):
+        _check_numbers(_result(loss=float("nan"), nonfinite="loss"), skip, state, tmp_path, console)
