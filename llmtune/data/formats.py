@@ -263,6 +263,8 @@ def _parse_tools(tools: Any) -> list | None:
             tools = json.loads(tools)
         except json.JSONDecodeError as e:
             raise RowError(f"'tools' is not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise RowError("'tools' is JSON nested too deeply") from None
     if isinstance(tools, dict):
         tools = [tools]
     if not isinstance(tools, list):

@@ -155,6 +155,13 @@ def _read_json(text: str, path: Path, label: str) -> list[Parsed]:
         return []
     try:
         obj = json.loads(text)
+    except RecursionError:
+        if _looks_like_jsonl(text):
+            return _read_jsonl(text, path, label)
+        raise DataError(
+            f"data file {path} is nested too deeply to read as JSON",
+            hint="rows are flat objects (a .json file holds one array of them; a .jsonl file one per line)",
+        ) from None
     except json.JSONDecodeError as e:
         if _looks_like_jsonl(text):
             return _read_jsonl(text, path, label)
@@ -183,7 +190,7 @@ def _looks_like_jsonl(text: str) -> bool:
         return False
     try:
         return all(isinstance(json.loads(line), dict) for line in lines)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
 
 
@@ -208,7 +215,7 @@ def _read_jsonl(text: str, path: Path, label: str) -> list[Parsed]:
     if stripped.startswith("["):  # a JSON array saved as .jsonl
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             pass
         else:
             if isinstance(obj, list):
@@ -221,6 +228,9 @@ def _read_jsonl(text: str, path: Path, label: str) -> list[Parsed]:
             item = json.loads(line)
         except json.JSONDecodeError as e:
             rows.append((None, f"{label}line {lineno}: not valid JSON ({e.msg} at column {e.colno})"))
+            continue
+        except RecursionError:
+            rows.append((None, f"{label}line {lineno}: JSON nested too deeply"))
             continue
         if isinstance(item, dict):
             rows.append((item, None))

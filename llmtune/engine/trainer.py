@@ -253,6 +253,8 @@ def train(
 
     # --- train --------------------------------------------------------------------------------------------
     stage.before_training(engine, data, dist, collate)
+    if t.best_metric:
+        _check_best_metric(engine, stage, data.eval, recipe, dist, collate)
     engine.train()
     unit = stage.unit_name
     best = (t.best_metric, t.best_mode) if t.best_metric else None
@@ -472,6 +474,27 @@ def _engine_grad_norm(engine: Any) -> float | None:
     if g is None:
         return None
     return float(g.item() if isinstance(g, torch.Tensor) else g)
+
+
+def _check_best_metric(engine, stage, samples, recipe, dist, collate) -> None:
+    """Before the first step: train.best_metric must be a metric this stage's evaluation reports (found by
+    evaluating one batch, with the random state put back), so that a typo does not surface hours later."""
+    name = recipe.train.best_metric
+    if not samples:
+        raise RecipeError(
+            f"train.best_metric {name} needs evaluation data, and this run has none",
+            hint="add data.eval or data.eval_split, or remove train.best_metric",
+        )
+    bs = recipe.train.eval_batch_size or recipe.train.micro_batch_size
+    devices = [dist.device] if dist.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        names = evaluate(engine, stage, samples[: bs * dist.world_size], recipe, dist, collate)
+    if name not in names:
+        raise RecipeError(
+            f"train.best_metric {name} is not a metric of this stage's evaluation, which reports "
+            f"{', '.join(sorted(names))}",
+            hint="name one of those (e.g. best_metric: eval/loss, best_mode: min)",
+        )
 
 
 def _eval_and_log(engine, stage, samples, recipe, dist, collate, state, log, progress) -> None:

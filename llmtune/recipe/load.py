@@ -34,6 +34,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         ) from None
     try:
         raw = yaml.safe_load(text)
+    except RecursionError:
+        raise RecipeError(
+            f"recipe {p} is nested too deeply to read", hint="a recipe is a few levels of `key: value` blocks"
+        ) from None
     except yaml.YAMLError as e:
         where = ""
         mark = getattr(e, "problem_mark", None)
@@ -61,7 +65,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise RecipeError(f"--set {item!r} is not of the form key.path=value", hint="e.g. --set train.lr=1e-4")
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         parsed = value
     return key.split("."), parsed
 

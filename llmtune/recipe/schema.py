@@ -205,6 +205,11 @@ class TrainConfig(Block):
                 f"best_metric {self.best_metric!r} must name an evaluation metric such as eval/loss "
                 "(and needs data.eval or data.eval_split, eval_every and save_every)"
             )
+        if self.best_metric is not None and (self.eval_every is None or self.save_every is None):
+            raise ValueError(
+                f"best_metric {self.best_metric!r} keeps the checkpoint with the best evaluation: set eval_every and "
+                "save_every too (e.g. both 500)"
+            )
         return self
 
 

@@ -39,6 +39,35 @@ def test_nan_loss_stops_with_step_and_keeps_the_last_checkpoint(tmp_path: Path) 
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
 
 
+def test_best_checkpoint_is_kept_and_a_misspelled_metric_fails_before_training(tmp_path: Path) -> None:
+    data = unseen_sft_data(tmp_path / "echo.jsonl", n=64)
+    train = {"max_steps": 12, "lr": 3e-3, "eval_every": 2, "save_every": 2, "keep_checkpoints": 1}
+    # best_mode max on eval/loss: the worst checkpoint by loss, an early one, is the "best" that must survive
+    recipe = base_recipe(
+        tmp_path,
+        data={"train": [{"path": str(data)}], "max_length": 64, "eval_split": 0.25},
+        train={**train, "best_metric": "eval/loss", "best_mode": "max"},
+    )
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = Path(recipe["output_dir"])
+    evals = {r["step"]: r["eval/loss"] for r in read_metrics(out) if "eval/loss" in r and r["step"] < 12}
+    best = max(evals, key=lambda s: evals[s])
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == sorted({f"step-{best:08d}", "step-00000012"}), (kept, evals)
+
+    recipe = base_recipe(
+        tmp_path,
+        output_dir=str(tmp_path / "typo"),
+        data={"train": [{"path": str(data)}], "max_length": 64, "eval_split": 0.25},
+        train={**train, "best_metric": "eval/los"},
+    )
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe)))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "train.best_metric eval/los is not a metric" in proc.stderr and "eval/loss" in proc.stderr
+    assert not (tmp_path / "typo" / "checkpoints").exists() or not any((tmp_path / "typo" / "checkpoints").iterdir())
+
+
 def test_foreign_output_dir_is_refused_unless_overwrite(tmp_path: Path) -> None:
     data = unseen_sft_data(tmp_path / "echo.jsonl", n=32)
     recipe = base_recipe(tmp_path, data={"train": [{"path": str(data)}], "max_length": 64}, train={"max_steps": 2})

@@ -99,6 +99,19 @@ def test_json_file_that_is_really_jsonl(tmp_path: Path) -> None:
     assert datas(read(p)) == ROWS
 
 
+def test_json_nested_too_deeply_is_a_dropped_row_or_a_data_error(tmp_path: Path) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    p = tmp_path / "deep.jsonl"
+    p.write_text(deep + "\n" + json.dumps(ROWS[0]) + "\n", encoding="utf-8")
+    rows = read(p)
+    assert rows[0].data is None and "nested too deeply" in (rows[0].error or "")
+    assert rows[1].data == ROWS[0]
+    p = tmp_path / "deep.json"
+    p.write_text(deep, encoding="utf-8")
+    with pytest.raises(DataError, match="nested too deeply"):
+        read(p)
+
+
 def test_invalid_json_gives_line_and_column(tmp_path: Path) -> None:
     p = tmp_path / "bad.json"
     p.write_text(

@@ -196,6 +196,12 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
     assert "indentation" in msg
 
 
+def test_yaml_nested_too_deeply_is_a_recipe_error(tmp_path: Path) -> None:
+    path = _write_text(tmp_path, "stage: sft\nmodel: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(RecipeError, match="nested too deeply"):
+        load_recipe(path)
+
+
 def test_tab_indentation_names_the_line(tmp_path: Path) -> None:
     path = _write_text(tmp_path, "stage: sft\nmodel:\n\tpath: x\n")
     with pytest.raises(RecipeError, match=r"not valid YAML at line 3"):
@@ -499,3 +505,12 @@ def test_check_paths_notes_hub_ids(tmp_path: Path) -> None:
     assert len(notes) == 2
     assert any(n.startswith("data.train.1.path 'tatsu-lab/alpaca'") and "hub dataset" in n for n in notes)
     assert any(n.startswith("model.path 'Qwen/Qwen2.5-0.5B'") and "from the hub" in n for n in notes)
+
+
+def test_best_metric_needs_an_eval_metric_and_eval_and_save_steps(tmp_path: Path) -> None:
+    msg = _error(tmp_path, base_recipe(tmp_path, train={"best_metric": "loss", "eval_every": 5, "save_every": 5}))
+    assert "must name an evaluation metric such as eval/loss" in msg
+    msg = _error(tmp_path, base_recipe(tmp_path, train={"best_metric": "eval/loss", "save_every": 5}))
+    assert "set eval_every and save_every too" in msg
+    ok = base_recipe(tmp_path, train={"best_metric": "eval/loss", "eval_every": 5, "save_every": 5})
+    assert load_recipe(write_recipe(tmp_path, ok)).train.best_metric == "eval/loss"
