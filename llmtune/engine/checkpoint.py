@@ -251,7 +251,8 @@ def plan_run(
         raise UserError(
             f"output_dir {out} is not empty: it holds {what}",
             hint="choose another output_dir, or pass --overwrite to train again in it "
-            "(its checkpoints are removed); to continue a run, use the recipe it was started with",
+            "(its checkpoints are removed); to continue a run, use the recipe it was started with, or, after a "
+            "deliberate change, --resume-from one of its checkpoints",
         )
     if overwrite or not resume:
         return RunPlan()

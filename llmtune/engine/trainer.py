@@ -34,7 +34,7 @@ from llmtune.engine.config import build_optimizer, build_scheduler, check_precis
 from llmtune.engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
 from llmtune.engine.report import MetricsLog, Progress, print_data_summary
 from llmtune.errors import DataError, RecipeError, TrainingError
-from llmtune.model.load import describe, load_tokenizer, position_limit
+from llmtune.model.load import describe, load_tokenizer, position_limit, tokenizer_record
 from llmtune.recipe.load import dump_recipe
 from llmtune.recipe.schema import RecipeBase
 
@@ -246,6 +246,7 @@ def train(
         "world_size": dist.world_size,
         "device": dist.device.type,
         "total_steps": total_steps,
+        "tokenizer": tokenizer_record(tokenizer),  # later stages check the tokenizer they load against it
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "status": "running",
     }

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from llmtune.errors import UserError
-from llmtune.model.load import DTYPES, load_config, tokenizer_from
+from llmtune.model.load import DTYPES, check_tokenizers_agree, load_config, tokenizer_from
 from llmtune.model.merge import adapter_config_or_none
 from llmtune.recipe.schema import looks_local
 
@@ -63,6 +63,21 @@ def resolve(model: str, adapter: str | None, what: str = "--model") -> tuple[str
     return model, adapter, cfg
 
 
+def check_reference_tokenizer(model: str, adapter: str | None, reference: str) -> None:
+    """A reference model scores the policy's token ids: it must have been trained with the policy's tokenizer."""
+    base, adapter, _ = resolve(model, adapter)
+    ref_base, ref_adapter, _ = resolve(reference, None, "--reference")
+    check_tokenizers_agree(
+        [
+            (adapter, "the adapter"),
+            (base, "--model"),
+            (ref_adapter, "the adapter of --reference"),
+            (ref_base, "--reference"),
+        ],
+        hint="pass as --reference the model the policy was trained from (with the same tokenizer)",
+    )
+
+
 def is_reward_model(model: str, adapter: str | None) -> bool:
     base, adapter, cfg = resolve(model, adapter)
     if cfg is not None:
@@ -96,6 +111,11 @@ def _load(
 ) -> Loaded:
     """base (+ adapter) through auto_class, with the tokenizer the adapter (or else the base) carries."""
     load_config(base, what)
+    if adapter is not None:
+        check_tokenizers_agree(
+            [(adapter, "the adapter"), (base, "the base model")],
+            hint="pass the base model the adapter was trained on (it saved that model's tokenizer)",
+        )
     try:
         m = auto_class.from_pretrained(base, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:

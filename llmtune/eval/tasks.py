@@ -33,6 +33,7 @@ from llmtune.eval.config import EvalConfig
 from llmtune.eval.fewshot import select_examples
 from llmtune.eval.models import (
     Loaded,
+    check_reference_tokenizer,
     free,
     is_reward_model,
     last_token_scores,
@@ -536,6 +537,8 @@ def preference(env: Env) -> TaskResult:
 def _implicit_rewards(env: Env, items: list[Pair]) -> tuple[list[float], list[float]]:
     """beta * (log pi(y|x) - log pi_ref(y|x)) for the chosen and the rejected reply of every pair."""
     cfg = env.cfg
+    if cfg.reference is not None:
+        check_reference_tokenizer(cfg.model, cfg.adapter, cfg.reference)  # before loading any model
     policy = load_causal_lm(cfg.model, cfg.adapter, env.dtype, env.device, "--model")
     if cfg.reference is None and not policy.has_adapter:
         raise UserError(

@@ -7,10 +7,12 @@ qlora: peft adapters on a 4-bit NF4 base (bitsandbytes), prepared for k-bit trai
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import torch
 from rich.console import Console
 
 from llmtune.errors import RecipeError, UserError
-from llmtune.recipe.schema import FinetuningConfig, ModelConfig, RecipeBase
+from llmtune.recipe.schema import FinetuningConfig, ModelConfig, RecipeBase, looks_local
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -64,7 +66,33 @@ def load_tokenizer(m: ModelConfig) -> Any:
         else:
             tok.pad_token = candidate
     tok.padding_side = "right"
+    _check_model_tokenizer(m, tok)
     return tok
+
+
+def _check_model_tokenizer(m: ModelConfig, tok: Any) -> None:
+    """The tokenizer loaded for m must be the one m.path was trained with: the same vocabulary as the tokenizer
+    saved with the model (when model.tokenizer points elsewhere), and the vocabulary the run.json of an llmtune
+    output records."""
+    override = m.tokenizer is not None and not same_path(m.tokenizer, m.path)
+    if override:
+        own = own_tokenizer(m.path, **_hub_kwargs(m))
+        if own is not None:
+            compare_vocabularies(
+                tok, f"model.tokenizer {m.tokenizer}", own, f"the tokenizer saved with model.path {m.path}"
+            )
+    record = saved_tokenizer_record(m.path)
+    if record is not None:
+        check_tokenizer_record(
+            tok,
+            record,
+            f"model.path {m.path}",
+            tok_label=f"model.tokenizer {m.tokenizer}" if override else f"the tokenizer saved in {m.path}",
+            hint=TOKENIZER_HINT
+            if override
+            else "restore the tokenizer files the run saved in that directory, or set model.tokenizer to the "
+            "tokenizer the model was trained with",
+        )
 
 
 def load_config(path: str, what: str, **kwargs: Any) -> Any:
@@ -121,6 +149,173 @@ def tokenizer_from(*paths: str | None, set_pad: bool = True) -> Any:
         f"no tokenizer could be loaded from {', '.join(p for p in paths if p)} {last}".strip(),
         hint="the model (or adapter) directory needs tokenizer files",
     )
+
+
+# ------------------------------------------------------------------------------- tokenizer vocabularies
+
+TOKENIZER_HINT = (
+    "use the tokenizer saved with the model (leave model.tokenizer unset, or point it at the model's directory), "
+    "and train every stage of a pipeline with one tokenizer"
+)
+
+
+def same_path(a: str, b: str) -> bool:
+    """Two model / tokenizer paths name the same place (local directories compared resolved)."""
+    if a == b:
+        return True
+    if looks_local(a) and looks_local(b):
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return False
+
+
+def vocab_by_id(tok: Any) -> list[str | None]:
+    """The token string of every id, in id order (added tokens included); None for an id no token has.
+
+    One get_vocab() call: fast for 150k-token vocabularies."""
+    vocab = tok.get_vocab()
+    size = max(len(tok), max(vocab.values(), default=-1) + 1)
+    out: list[str | None] = [None] * size
+    for token, i in vocab.items():
+        out[i] = token
+    return out
+
+
+def _show(token: str | None) -> str:
+    return "(no token)" if token is None else repr(token)
+
+
+def compare_vocabularies(tok_a: Any, label_a: str, tok_b: Any, label_b: str, *, hint: str | None = None) -> None:
+    """RecipeError when an id both tokenizers have stands for different tokens. Tokens one of them has after
+    the end of the other (a pad token llmtune added) are not compared."""
+    a, b = vocab_by_id(tok_a), vocab_by_id(tok_b)
+    shared = min(len(a), len(b))
+    if a[:shared] == b[:shared]:
+        return
+    differ = [i for i in range(shared) if a[i] != b[i]]
+    examples = ", ".join(f"id {i}: {_show(a[i])} vs {_show(b[i])}" for i in differ[:2])
+    sizes = f"; {len(a)} vs {len(b)} tokens" if len(a) != len(b) else ""
+    raise RecipeError(
+        f"tokenizer mismatch: the tokenizer vocabulary of {label_a} differs from that of {label_b}: "
+        f"{len(differ)} of the {shared} token ids they share stand for other tokens ({examples}{sizes}). "
+        "A model reads the ids of another tokenizer as other words",
+        hint=hint or TOKENIZER_HINT,
+    )
+
+
+def _has_tokenizer_files(d: Path) -> bool:
+    return any((d / f).is_file() for f in TOKENIZER_FILES)
+
+
+def own_tokenizer(path: str | None, **kwargs: Any) -> Any | None:
+    """The tokenizer saved with a model (or adapter) path, None when there is none (never raises for that):
+    a local directory without tokenizer files, a missing path, a hub id without a loadable tokenizer.
+    kwargs go to AutoTokenizer.from_pretrained (revision, token, trust_remote_code)."""
+    from transformers import AutoTokenizer
+
+    if not path:
+        return None
+    d = Path(path).expanduser()
+    if d.is_dir():
+        if not _has_tokenizer_files(d):
+            return None
+    elif looks_local(path):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, ImportError):
+        return None
+
+
+def _sha256_tokens(tokens: Sequence[str | None]) -> str:
+    # JSON with ASCII escapes: unambiguous (token boundaries, None) and encodable whatever the strings hold
+    return hashlib.sha256(json.dumps(list(tokens), ensure_ascii=True).encode("ascii")).hexdigest()
+
+
+def tokenizer_record(tok: Any) -> dict[str, Any]:
+    """A fingerprint of a tokenizer's vocabulary for run.json: {"size": number of ids, "vocab_sha256": sha256
+    over the id-ordered token strings of all ids}. check_tokenizer_record reads it back."""
+    tokens = vocab_by_id(tok)
+    return {"size": len(tokens), "vocab_sha256": _sha256_tokens(tokens)}
+
+
+def check_tokenizer_record(
+    tok: Any, record: dict[str, Any], label: str, *, tok_label: str = "the tokenizer", hint: str | None = None
+) -> None:
+    """RecipeError unless the first record["size"] ids of tok are the vocabulary the record was made from
+    (tokens appended after them, e.g. a pad token, are allowed). label: what the record belongs to (the model
+    trained with that vocabulary); tok_label: where tok comes from."""
+    size, sha = int(record["size"]), str(record["vocab_sha256"])
+    tokens = vocab_by_id(tok)
+    if len(tokens) < size:
+        problem = f"has {len(tokens)} tokens, fewer than the {size} of the tokenizer {label} was trained with"
+    elif _sha256_tokens(tokens[:size]) != sha:
+        problem = (
+            f"has a different vocabulary from the tokenizer {label} was trained with (its run.json records "
+            f"{size} tokens, vocab_sha256 {sha[:12]}...)"
+        )
+    else:
+        return
+    raise RecipeError(f"tokenizer mismatch: {tok_label} {problem}", hint=hint or TOKENIZER_HINT)
+
+
+def saved_tokenizer_record(path: str | None) -> dict[str, Any] | None:
+    """The "tokenizer" record of the run.json in a local llmtune output directory; None when there is no
+    such directory, file or key, or it cannot be read."""
+    if not path:
+        return None
+    f = Path(path).expanduser() / "run.json"
+    try:
+        record = json.loads(f.read_text(encoding="utf-8")).get("tokenizer")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    size, sha = record.get("size"), record.get("vocab_sha256")
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or not isinstance(sha, str):
+        return None
+    return record
+
+
+def check_tokenizers_agree(
+    sources: Sequence[tuple[str | None, str]],
+    loaded: tuple[Any, str] | None = None,
+    *,
+    hint: str | None = None,
+    **kwargs: Any,
+) -> None:
+    """Fail fast when models that are to work together were trained with different tokenizers.
+
+    sources: (path, label) of models / adapters (None paths are skipped). The tokenizer saved with each one
+    (when it has one) must agree with the run.json record next to it and with the others' (and with
+    `loaded`, a (tokenizer, label) already in use); a source with a record but no tokenizer files is checked
+    against the first tokenizer found. kwargs go to own_tokenizer."""
+    anchor = loaded
+    pending: list[tuple[dict[str, Any], str]] = []
+    for path, label in sources:
+        if not path:
+            continue
+        name = f"{label} {path}"
+        tok = own_tokenizer(path, **kwargs)
+        record = saved_tokenizer_record(path)
+        if tok is None:
+            if record is not None:
+                pending.append((record, name))
+            continue
+        if record is not None:
+            check_tokenizer_record(
+                tok,
+                record,
+                name,
+                tok_label=f"the tokenizer saved in {path}",
+                hint="restore the tokenizer files that run saved in that directory",
+            )
+        if anchor is None:
+            anchor = (tok, name)
+        else:
+            compare_vocabularies(anchor[0], anchor[1], tok, name, hint=hint)
+    if anchor is not None:
+        for record, name in pending:
+            check_tokenizer_record(anchor[0], record, name, tok_label=f"the tokenizer of {anchor[1]}", hint=hint)
 
 
 def weight_dtype(recipe: RecipeBase) -> torch.dtype:
@@ -223,11 +418,28 @@ def quiet_load_report(quiet: bool = True) -> Iterator[None]:
         log.setLevel(level)
 
 
+def check_reference_tokenizer(recipe: RecipeBase, path: str, tokenizer: Any) -> None:
+    """A DPO reference at another path than model.path must have been trained with the policy's tokenizer:
+    its log-probs are read at the policy's token ids."""
+    if same_path(path, recipe.model.path):
+        return  # load_tokenizer checked that one
+    m = recipe.model
+    policy = f"model.tokenizer {m.tokenizer}" if m.tokenizer else f"model.path {m.path}"
+    check_tokenizers_agree(
+        [(path, "dpo.reference")],
+        loaded=(tokenizer, f"the policy ({policy})"),
+        hint="use as dpo.reference a model trained with the policy's tokenizer (null: the starting model), "
+        "and train every stage of a pipeline with one tokenizer",
+        **_hub_kwargs(m),
+    )
+
+
 def load_reference_model(recipe: RecipeBase, path: str, device: torch.device, tokenizer: Any) -> torch.nn.Module:
     """A frozen causal LM in eval mode (a DPO reference): plain weights in the recipe's dtype, not quantized,
     not partitioned. Call when no HfDeepSpeedConfig is alive."""
     from transformers import AutoModelForCausalLM
 
+    check_reference_tokenizer(recipe, path, tokenizer)
     kwargs: dict[str, Any] = {"dtype": weight_dtype(recipe), **_hub_kwargs(recipe.model)}
     if recipe.model.attn_implementation != "auto":
         kwargs["attn_implementation"] = recipe.model.attn_implementation

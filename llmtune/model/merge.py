@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from llmtune.errors import LlmtuneError, UserError
-from llmtune.model.load import DTYPES, load_config, tokenizer_from
+from llmtune.model.load import DTYPES, check_tokenizers_agree, load_config, tokenizer_from
 from llmtune.recipe.schema import looks_local
 
 # max |logit difference| allowed, relative to max(1, max |logit|) of the reference, per saved dtype:
@@ -251,6 +251,10 @@ def merge_lora(
     cfg = read_adapter_config(adapter)
     base, notes = resolve_base(base, cfg, adapter)
     check_out_dir(out, overwrite, [base, adapter])
+    check_tokenizers_agree(
+        [(adapter, "--adapter"), (base, "--base")],
+        hint="merge the adapter into the base it was trained on, whose tokenizer it saved (pass that as --base)",
+    )
     task_type = cfg.get("task_type")
     kind = "reward-model" if task_type == "SEQ_CLS" else "causal-lm"
     target = _target_dtype(dtype, load_config(base, "--base"))
@@ -354,6 +358,11 @@ def average_models(
         raise UserError("cannot average causal LMs with reward models", hint="pass models of one kind")
     task = tasks.pop()
     check_out_dir(out, overwrite, [*inputs, *(b for b, _, _ in kinds)])
+    bases = list(dict.fromkeys(b for b, a, _ in kinds if a))  # adapters' bases, each once
+    check_tokenizers_agree(
+        [*((p, "--model") for p in inputs), *((b, "the adapters' base") for b in bases)],
+        hint="average models fine-tuned with one tokenizer (from one base model)",
+    )
     target = _target_dtype(dtype, load_config(kinds[0][0], "--model"))
 
     first: torch.nn.Module | None = None

@@ -17,7 +17,7 @@ import torch
 from llmtune.data.pipeline import fingerprint_tokenizer
 from llmtune.data.preference import PreferenceSample, build_preference_data, collate_preference
 from llmtune.engine.distributed import all_reduce_sum
-from llmtune.model.load import load_reference_model
+from llmtune.model.load import check_reference_tokenizer, load_reference_model
 from llmtune.objectives.preference import (
     dpo_loss,
     kto_loss,
@@ -47,6 +47,8 @@ class DpoStage(StageDefaults):
     def build_data(self, recipe: DpoRecipe, tokenizer: Any, template: str | None) -> StageData:
         assert template is not None
         self.recipe, self.tokenizer = recipe, tokenizer
+        if recipe.dpo.reference is not None and recipe.dpo.loss != "simpo":
+            check_reference_tokenizer(recipe, recipe.dpo.reference, tokenizer)  # before any data or model work
         kto = recipe.dpo.loss == "kto"
         if kto:
             self.unit_name = "completions"
