@@ -34,7 +34,9 @@ SetOption = Annotated[
 
 def _report(e: Exception) -> None:
     # escape: messages quote user text such as [q_proj, v_proj], which rich would take as markup
-    err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, soft_wrap=True)
+    label = getattr(e, "label", "error")
+    color = "red" if label == "error" else "yellow"
+    err.print(f"[bold {color}]{label}:[/] {escape(str(e))}", markup=True, soft_wrap=True)
 
 
 @app.callback()

@@ -58,6 +58,7 @@ class SourceReport:
     reasons: Counter[str] = field(default_factory=Counter)
     first: list[tuple[int, str]] = field(default_factory=list)
     cached: bool = False
+    fingerprint: str = ""  # the source's file contents and settings: a resume checks the data did not change
 
     @property
     def dropped(self) -> int:
@@ -182,17 +183,20 @@ def load_source(
 ) -> tuple[list[Example], SourceReport]:
     """Tokenize one source (or take it from the cache); malformed rows are dropped and counted."""
     key = None
+    fingerprint = ""
     if cache_dir is not None:
-        key = hashlib.sha256(
-            "|".join([PIPELINE_VERSION, _fingerprint_source(src), src.model_dump_json(), settings]).encode()
+        fingerprint = hashlib.sha256(
+            "|".join([_fingerprint_source(src), src.model_dump_json(), settings]).encode()
         ).hexdigest()[:32]
+        key = hashlib.sha256(f"{PIPELINE_VERSION}|{fingerprint}".encode()).hexdigest()[:32]
         hit = _load_cache(cache_dir / key, src.path)
         if hit is not None:
+            hit[1].fingerprint = fingerprint
             return hit
     rows = read_rows(src)
     if src.max_samples is not None:
         rows = rows[: src.max_samples]
-    report = SourceReport(name=src.path, rows=len(rows))
+    report = SourceReport(name=src.path, rows=len(rows), fingerprint=fingerprint)
     fmt = src.format or default_format
     if fmt is None:
         sample = [r.data for r in rows[:50] if r.data is not None]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -34,6 +35,7 @@ class TrainerState:
     eval_metrics: dict[str, float] = field(default_factory=dict)
     nan_skips: int = 0  # steps skipped for a NaN / Inf loss or gradient (train.on_nan: skip)
     overflow_skips: int = 0  # fp16 steps the dynamic loss scaler skipped
+    data_fingerprint: str = ""  # the training data's contents: a resume with changed data is refused
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
@@ -92,8 +94,24 @@ def save_checkpoint(
     if rank == 0 and path.exists():  # a partial write from a killed run at the same step
         shutil.rmtree(path)
     _barrier()
-    engine.save_checkpoint(str(root), tag=t, save_latest=False)
-    (path / f"rng_state_{rank}.json").write_text(json.dumps(_rng_state()))
+    try:
+        engine.save_checkpoint(str(root), tag=t, save_latest=False)
+        (path / f"rng_state_{rank}.json").write_text(json.dumps(_rng_state()))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        from llmtune.errors import TrainingError
+
+        done = complete_checkpoints(output_dir)
+        kept = f"the newest complete checkpoint, {done[-1]}, is kept" if done else "no complete checkpoint exists yet"
+        detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        if isinstance(e, OSError) and e.strerror:
+            detail = e.strerror
+        elif isinstance(e, RuntimeError):
+            detail = f"a file write failed: {detail}"
+        raise TrainingError(
+            f"could not write checkpoint {path} ({detail}); training stopped ({kept})\n"
+            "  fix: free disk space (or lower train.keep_checkpoints, or move output_dir to a larger disk), then "
+            "run the same command again"
+        ) from None
     _barrier()
     if rank == 0:
         (path / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
@@ -112,7 +130,7 @@ def best_checkpoint(done: list[Path], metric: str, mode: str) -> Path | None:
         except (OSError, ValueError):
             continue
         value = st.get("eval_metrics", {}).get(metric)
-        if st.get("eval_step") == st.get("step") and isinstance(value, (int, float)):
+        if st.get("eval_step") == st.get("step") and isinstance(value, (int, float)) and math.isfinite(value):
             scored.append((value if mode == "min" else -value, p))
     return min(scored)[1] if scored else None
 

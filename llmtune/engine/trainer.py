@@ -4,11 +4,14 @@ checkpoints -> export. A stage contributes only its data and its step."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -29,6 +32,7 @@ from llmtune.engine.checkpoint import (
     plan_run,
     remove_partial_checkpoints,
     save_checkpoint,
+    tag,
 )
 from llmtune.engine.config import build_optimizer, build_scheduler, check_precision, deepspeed_config
 from llmtune.engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
@@ -179,6 +183,9 @@ def train(
     if not dist.is_main:
         data = stage.build_data(recipe, tokenizer, template)
     print_data_summary(console, data, recipe)
+    data_fingerprint = _data_fingerprint(data.reports)
+    if plan.resume_from is not None:  # before the model loads: a resume that cannot be exact fails fast
+        _check_resumable(plan.resume_from, recipe, dist, data_fingerprint, resume_from is not None, console)
     if not data.train:
         raise DataError("no training example left after reading the data", hint="see the summary above")
 
@@ -218,17 +225,13 @@ def train(
         # nothing to average with: skip the gradient all-reduce (ZeRO 1-3 gather their gradients through it)
         engine.enable_backward_allreduce = False
 
-    state = TrainerState(world_size=dist.world_size, zero_stage=recipe.distributed.zero_stage)
+    state = TrainerState(
+        world_size=dist.world_size, zero_stage=recipe.distributed.zero_stage, data_fingerprint=data_fingerprint
+    )
     ckpt = plan.resume_from
     if ckpt is not None:
-        previous = json.loads((ckpt / "trainer_state.json").read_text())
-        if previous["world_size"] != dist.world_size or previous["zero_stage"] != recipe.distributed.zero_stage:
-            raise RecipeError(
-                f"{ckpt} was written with {previous['world_size']} processes and ZeRO-{previous['zero_stage']}; "
-                f"this run has {dist.world_size} and ZeRO-{recipe.distributed.zero_stage}",
-                hint="resume with the same launch settings, or use a new output_dir",
-            )
         state = load_checkpoint(engine, ckpt, dist.rank, quantized=recipe.finetuning.method == "qlora")
+        state.data_fingerprint = data_fingerprint
         console.print(f"resumed from {ckpt} (step {state.step})")
 
     mb = t.micro_batch_size
@@ -263,12 +266,14 @@ def train(
     window_tokens = 0.0
     t_last = time.perf_counter()
     saved_step = state.step if ckpt is not None else -1
+    stopper = StopRequest(console)
     try:
+        stopper.__enter__()
         while state.step < total_steps:
             for window in batches.epoch_windows(state.epoch, state.window_in_epoch):
                 lr = scheduler.get_last_lr()[0]  # the rate this step uses
                 try:
-                    result = _train_window(engine, stage, window, dist, guard)
+                    result = _train_window(engine, stage, window, dist, guard, stopper.signum != 0)
                 except Exception as e:
                     if is_fp16_scale_error(e):
                         raise fp16_scale_error(e, state.step + 1, out) from None
@@ -308,16 +313,23 @@ def train(
                 if t.save_every and state.step % t.save_every == 0 and state.step < total_steps:
                     save_checkpoint(engine, out, state, dist.rank, t.keep_checkpoints, best)
                     saved_step = state.step
+                if result.stop and state.step < total_steps:
+                    if saved_step != state.step:
+                        save_checkpoint(engine, out, state, dist.rank, t.keep_checkpoints, best)
+                        saved_step = state.step
+                    raise Stopped(stopper.signum or signal.SIGTERM, state.step, out / "checkpoints" / tag(state.step))
                 if state.step >= total_steps:
                     break
             else:
                 state.epoch += 1
                 state.window_in_epoch = 0
-    except BaseException:
+    except BaseException as e:
+        stopper.__exit__()
         progress.stop()
-        manifest["status"] = "failed"
+        manifest["status"] = "stopped" if isinstance(e, Stopped) else "failed"
         _write_manifest(out, manifest, dist)
         raise
+    stopper.__exit__()
     progress.stop()
 
     if data.eval:
@@ -355,6 +367,53 @@ class StepGuard:
         optimizer.step = step  # type: ignore[method-assign]
 
 
+class StopRequest:
+    """SIGTERM (a scheduler preempting the job) or Ctrl-C while training: finish the step in progress, write a
+    checkpoint, and stop with a message; a second signal stops at once. Every process votes in the step's
+    reduction, so all of them stop after the same step and write the checkpoint together."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, console: Console) -> None:
+        self.console, self.signum = console, 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum:  # the second one: stop now, as the signal would without llmtune
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        self.console.print(
+            f"\n[yellow]{signal.Signals(signum).name}[/]: finishing this step, writing a checkpoint, then stopping "
+            "(send it again to stop at once)"
+        )
+
+
+class Stopped(TrainingError):
+    """Stopped on request with a checkpoint written: exit 128 + the signal number (130 Ctrl-C, 143 SIGTERM)."""
+
+    label = "stopped"
+
+    def __init__(self, signum: int, step: int, ckpt: Path) -> None:
+        self.exit_code = 128 + signum
+        super().__init__(
+            f"by {signal.Signals(signum).name} after step {step}; checkpoint {ckpt} written\n"
+            "  to continue: run the same command again (it resumes from there)"
+        )
+
+
 @dataclass
 class WindowResult:
     loss: float  # mean over the window's units, all ranks
@@ -363,9 +422,17 @@ class WindowResult:
     metrics: dict[str, float]
     nonfinite: str | None  # "loss" / "gradient": llmtune vetoed the update for a NaN / Inf
     applied: bool  # DeepSpeed's view: it took the step (and moved the LR schedule), not seeing an overflow
+    stop: bool = False  # some process was asked to stop (SIGTERM / Ctrl-C)
 
 
-def _train_window(engine: Any, stage: Any, window: list[dict[str, torch.Tensor]], dist: DistInfo, guard: StepGuard):
+def _train_window(
+    engine: Any,
+    stage: Any,
+    window: list[dict[str, torch.Tensor]],
+    dist: DistInfo,
+    guard: StepGuard,
+    stop_requested: bool = False,
+):
     """One optimizer step over an accumulation window. The loss is normalised by the number of units
     (tokens) in the whole window on all ranks, so the update does not depend on how rows are split into
     micro-batches, accumulation steps and processes. DeepSpeed averages gradients over ranks, hence the
@@ -392,7 +459,8 @@ def _train_window(engine: Any, stage: Any, window: list[dict[str, torch.Tensor]]
     # the boundary: one reduction decides, on every rank alike, whether the update may happen
     if engine.zero_optimization_stage() == 0:
         grad_norm = _local_grad_norm(engine.module)  # ZeRO-0 keeps whole gradients on every rank
-    totals = all_reduce_sum(torch.stack([loss_total, bad_losses]))
+    stop = torch.ones_like(loss_total) if stop_requested else torch.zeros_like(loss_total)
+    totals = all_reduce_sum(torch.stack([loss_total, bad_losses, stop]))
     nonfinite = "loss" if totals[1].item() > 0 or not math.isfinite(totals[0].item()) else None
     if nonfinite is None and grad_norm is not None and not math.isfinite(grad_norm):
         nonfinite = "gradient"
@@ -407,7 +475,9 @@ def _train_window(engine: Any, stage: Any, window: list[dict[str, torch.Tensor]]
     }
     if grad_norm is None:
         grad_norm = _engine_grad_norm(engine)
-    return WindowResult(totals[0].item() / denom, global_units.item(), grad_norm, metrics, nonfinite, applied)
+    return WindowResult(
+        totals[0].item() / denom, global_units.item(), grad_norm, metrics, nonfinite, applied, totals[2].item() > 0
+    )
 
 
 def _check_numbers(result: WindowResult, recipe: RecipeBase, state: TrainerState, out: Path, console: Console):
@@ -475,6 +545,38 @@ def _engine_grad_norm(engine: Any) -> float | None:
     if g is None:
         return None
     return float(g.item() if isinstance(g, torch.Tensor) else g)
+
+
+def _data_fingerprint(reports: list[Any]) -> str:
+    """One hash of every source's contents and settings ("" when a source has none, e.g. caching is off)."""
+    parts = [getattr(r, "fingerprint", "") for r in reports]
+    if not parts or not all(parts):
+        return ""
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def _check_resumable(
+    ckpt: Path, recipe: RecipeBase, dist: DistInfo, data_fingerprint: str, explicit: bool, console: Console
+) -> None:
+    """A checkpoint continues exactly only with the launch settings and the data it was written with."""
+    previous = json.loads((ckpt / "trainer_state.json").read_text())
+    if previous["world_size"] != dist.world_size or previous["zero_stage"] != recipe.distributed.zero_stage:
+        raise RecipeError(
+            f"{ckpt} was written with {previous['world_size']} processes and ZeRO-{previous['zero_stage']}; "
+            f"this run has {dist.world_size} and ZeRO-{recipe.distributed.zero_stage}",
+            hint="resume with the same launch settings, or use a new output_dir",
+        )
+    before = previous.get("data_fingerprint", "")
+    if before and data_fingerprint and before != data_fingerprint:
+        what = f"the training data (file contents) changed since {ckpt} was written"
+        if explicit:
+            console.print(f"[yellow]warning[/]: {what}; continuing from it as --resume-from asks")
+            return
+        raise DataError(
+            f"{what}: resuming would not continue the same run",
+            hint="restore the data files, or start over with --no-resume, or pass --resume-from "
+            f"{ckpt} to continue with the new data deliberately",
+        )
 
 
 def _check_best_metric(engine, stage, samples, recipe, dist, collate) -> None:

@@ -251,6 +251,119 @@ def test_sigkill_during_a_checkpoint_write_then_resume_gives_the_uninterrupted_w
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
 
 
+def _wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file():
+            steps = [r.get("step", 0) for r in read_metrics_lenient(out)]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"the run did not reach step {step} (exit {proc.poll()})")
+
+
+def read_metrics_lenient(out: Path) -> list[dict]:
+    records = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line being written
+    return records
+
+
+def test_sigterm_and_ctrl_c_write_a_checkpoint_and_the_resumed_run_ends_as_an_uninterrupted_one(
+    tmp_path: Path,
+) -> None:
+    """A scheduler's SIGTERM (or Ctrl-C) finishes the step, writes a checkpoint even without save_every, and
+    exits 143 (130) with a message; the same command then resumes, and the final weights are unchanged."""
+    data = unseen_sft_data(tmp_path / "echo.jsonl", n=64)
+    (tmp_path / "a").mkdir()
+    straight = _resume_recipe(tmp_path / "a", data, max_steps=30)
+    assert run_cli("train", str(write_recipe(tmp_path / "a", straight))).returncode == 0
+
+    (tmp_path / "b").mkdir()
+    recipe = _resume_recipe(tmp_path / "b", data, max_steps=30)  # no save_every
+    path = write_recipe(tmp_path / "b", recipe)
+    out = Path(recipe["output_dir"])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    for sig, code, at in ((signal.SIGTERM, 143, 5), (signal.SIGINT, 130, 15)):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llmtune", "train", str(path)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _wait_for_step(proc, out, at)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == code, stdout[-2000:] + stderr[-3000:]
+        assert "Traceback" not in stderr
+        assert f"stopped: by {sig.name} after step" in stderr and "run the same command again" in stderr
+        step = int(stderr.split("after step ")[1].split(";")[0])
+        assert step >= at
+        assert (out / "checkpoints" / f"step-{step:08d}" / "COMPLETE").is_file()
+        assert json.loads((out / "run.json").read_text())["status"] == "stopped"
+        assert not (out / "adapter_model.safetensors").exists()
+
+    again = run_cli("train", str(path))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"(step {step})" in again.stdout
+    a, b = _adapter(Path(straight["output_dir"])), _adapter(out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_both_processes_after_the_same_step_with_one_checkpoint(tmp_path: Path) -> None:
+    data = unseen_sft_data(tmp_path / "echo.jsonl", n=64)
+    zero = {"zero_stage": 2}
+    (tmp_path / "a").mkdir()
+    straight = _resume_recipe(tmp_path / "a", data, max_steps=16)
+    straight["distributed"] = zero
+    assert run_cli("train", str(write_recipe(tmp_path / "a", straight)), nproc=2).returncode == 0
+
+    (tmp_path / "b").mkdir()
+    recipe = _resume_recipe(tmp_path / "b", data, max_steps=16)
+    recipe["distributed"] = zero
+    path = write_recipe(tmp_path / "b", recipe)
+    out = Path(recipe["output_dir"])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    proc = subprocess.Popen(
+        [*cmd, "-m", "llmtune", "train", str(path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_step(proc, out, 4)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert stderr.count("stopped: by SIGTERM after step") == 2, stderr[-3000:]
+    steps = {int(part.split(";")[0]) for part in stderr.split("after step ")[1:]}
+    assert len(steps) == 1  # both processes stopped after the same step
+    ckpt = out / "checkpoints" / f"step-{steps.pop():08d}"
+    assert (ckpt / "COMPLETE").is_file() and (ckpt / "rng_state_1.json").is_file()
+
+    again = run_cli("train", str(path), nproc=2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {ckpt}" in again.stdout
+    a, b = _adapter(Path(straight["output_dir"])), _adapter(out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
 def test_tokenizer_problems_fail_before_training(tmp_path: Path, tiny_model: Path) -> None:
     import shutil
 
@@ -320,3 +433,59 @@ def test_a_tampered_checkpoint_cannot_run_code(tmp_path: Path) -> None:
     proc = run_cli("train", str(path))
     assert proc.returncode != 0
     assert not marker.exists(), "unpickling the checkpoint ran code"
+
+
+def test_resume_after_the_data_changed_is_refused_unless_asked_for(tmp_path: Path) -> None:
+    path, out = _killed_after_step_2(tmp_path)
+    data = tmp_path / "echo.jsonl"
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # same rows, another order
+    proc = run_cli("train", str(path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "the training data (file contents) changed since" in proc.stderr and "--resume-from" in proc.stderr
+    ckpt = out / "checkpoints" / "step-00000002"
+    assert (ckpt / "COMPLETE").is_file()  # refusing kept the checkpoint
+    proc = run_cli("train", str(path), "--resume-from", str(ckpt))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning" in proc.stdout and f"resumed from {ckpt}" in proc.stdout
+    # the next resume compares with the data of the checkpoints this run wrote: no complaint
+    as_if_killed(out)  # killed before its export: the newest checkpoint (step 4) has the new data's fingerprint
+    proc = run_cli("train", str(path))
+    assert proc.returncode == 0 and "changed since" not in proc.stdout + proc.stderr
+    assert "resumed from" in proc.stdout and "step-00000004" in proc.stdout
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_the_fix(tmp_path: Path) -> None:
+    """A full disk, simulated by a file-size limit on the process (writes past 300 kB fail with EFBIG)."""
+    import resource
+
+    data = unseen_sft_data(tmp_path / "echo.jsonl", n=32)
+    recipe = base_recipe(
+        tmp_path, data={"train": [{"path": str(data)}], "max_length": 64}, train={"max_steps": 4, "save_every": 2}
+    )
+    path = write_recipe(tmp_path, recipe)
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmtune", "train", str(path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_file_size,
+    )
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "could not write checkpoint" in proc.stderr and "step-00000002" in proc.stderr
+    assert "free disk space" in proc.stderr and "no complete checkpoint exists yet" in proc.stderr
+    out = Path(recipe["output_dir"])
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    # with room again, the same command starts over cleanly (the partial checkpoint is removed)
+    proc = run_cli("train", str(path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "checkpoints" / "step-00000004" / "COMPLETE").is_file()

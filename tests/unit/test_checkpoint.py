@@ -43,6 +43,14 @@ def test_rotation_keeps_the_best_as_well(tmp_path: Path) -> None:
     assert _names(tmp_path) == ["step-00000002", "step-00000004"]
 
 
+def test_a_nan_evaluation_is_never_the_best(tmp_path: Path) -> None:
+    for s, loss in ((1, 2.0), (2, float("nan")), (3, 1.5), (4, float("inf"))):
+        _ckpt(tmp_path, s, loss)
+    done = sorted((tmp_path / "checkpoints").iterdir())
+    assert best_checkpoint(done, "eval/loss", "min").name == "step-00000003"
+    assert best_checkpoint(done, "eval/loss", "max").name == "step-00000001"
+
+
 def test_rotation_never_counts_or_keeps_old_partial_writes(tmp_path: Path) -> None:
     _ckpt(tmp_path, 1)
     _ckpt(tmp_path, 2, complete=False)  # a write that was interrupted
