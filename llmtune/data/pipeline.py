@@ -186,7 +186,7 @@ def load_source(
     fingerprint = ""
     if cache_dir is not None:
         fingerprint = hashlib.sha256(
-            "|".join([_fingerprint_source(src), src.model_dump_json(), settings]).encode()
+            "|".join([_fingerprint_source(src), src.model_dump_json(), str(default_format), settings]).encode()
         ).hexdigest()[:32]
         key = hashlib.sha256(f"{PIPELINE_VERSION}|{fingerprint}".encode()).hexdigest()[:32]
         hit = _load_cache(cache_dir / key, src.path)

@@ -8,7 +8,8 @@ Formats (``format:`` of a data source; rm and dpo pick the one their loss reads 
   alpaca ``{instruction, input, chosen, rejected}``. An optional numeric ``margin`` column (rm).
 - ``ranked``: ``{prompt, responses: [...]}``, best first.
 - ``pointwise``: ``{prompt, response, score}`` (or ``{messages, score}``, the last message the response).
-- ``unpaired`` (KTO): ``{prompt, completion, label: bool}`` or ``{messages, label}``.
+- ``unpaired`` (KTO): ``{prompt, completion, label: bool}`` or ``{messages, label}``. KTO also reads
+  ``pairs`` rows: the chosen reply becomes a desirable example, the rejected one an undesirable example.
 
 ``system`` / ``tools`` columns work as in the conversation formats. Rows with an empty or a repeated
 response are dropped with a reason (counted in the data summary). Every response is rendered after the
@@ -232,10 +233,21 @@ def encode_reply(tokenizer: Any, template: str, conv: Conversation, max_length: 
     return ids, labels
 
 
-def preference_encoder(tokenizer: Any, template: str, max_length: int) -> Encoder:
-    """Encoder for build_data: one Example per row holding one sequence per response (Example.parts)."""
+def preference_encoder(tokenizer: Any, template: str, max_length: int, unpair: bool = False) -> Encoder:
+    """Encoder for build_data: one Example per row holding one sequence per response (Example.parts).
+
+    unpair (KTO): a pairs row becomes two unpaired examples, its chosen reply desirable (label 1) and its
+    rejected reply undesirable (label 0)."""
 
     def encode(row: dict[str, Any], fmt: str, src: DataSource) -> list[Example]:
+        is_pair = fmt == "pairs" or (fmt == "unpaired" and "label" not in row and {"chosen", "rejected"} <= set(row))
+        if unpair and is_pair:
+            pair = to_preference(row, "pairs", default_system=src.system)
+            examples = []
+            for conv, label in zip(pair.conversations, (1.0, 0.0), strict=True):
+                ids, labels = encode_reply(tokenizer, template, conv, max_length)
+                examples.append(Example(input_ids=ids, labels=labels, parts=[len(ids)], values=[label]))
+            return examples
         pref = to_preference(row, fmt, default_system=src.system)
         seqs = [encode_reply(tokenizer, template, c, max_length) for c in pref.conversations]
         return [
@@ -328,6 +340,9 @@ def build_preference_data(recipe: Any, tokenizer: Any, template: str, settings: 
     from llmtune.data.pipeline import build_data
 
     bundle = build_data(
-        recipe, preference_encoder(tokenizer, template, recipe.data.max_length), settings, default_format
+        recipe,
+        preference_encoder(tokenizer, template, recipe.data.max_length, unpair=default_format == "unpaired"),
+        settings,
+        default_format,
     )
     return as_preference_samples(bundle.train), as_preference_samples(bundle.eval), bundle.reports

@@ -50,6 +50,14 @@ def setup_distributed(backend: str = "auto", local_rank: int | None = None) -> D
     lrank = int(os.environ.get("LOCAL_RANK", "0"))
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
+    if backend == "nccl" and (not cuda or not torch.distributed.is_nccl_available()):
+        from llmtune.errors import RecipeError
+
+        raise RecipeError(
+            "distributed.backend nccl needs NVIDIA GPUs and a torch built with NCCL; this machine has "
+            + ("no CUDA device" if not cuda else "a torch without NCCL"),
+            hint="use distributed.backend: auto (nccl on GPUs, gloo on CPU) or gloo",
+        )
     if cuda:
         torch.cuda.set_device(lrank)
         device = torch.device("cuda", lrank)

@@ -486,6 +486,14 @@ def apply_method(
             use_gradient_checkpointing=grad_ckpt,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+    names = [n for n, _ in model.named_modules() if n]
+    for wanted in ft.modules_to_save:
+        if not any(n == wanted or n.endswith("." + wanted) for n in names):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
+            raise RecipeError(
+                f"finetuning.modules_to_save: no module of the model is called {wanted!r}",
+                hint=f"name modules that exist (this model has {', '.join(leaves)}), or remove it",
+            )
     config = LoraConfig(
         r=ft.lora_r,
         lora_alpha=ft.lora_alpha,

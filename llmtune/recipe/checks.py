@@ -25,7 +25,11 @@ def check_paths(recipe: RecipeBase) -> list[str]:
             else:
                 notes.append(f"data.{group}.{i}.path {src.path!r} is not a local file: it is loaded as a hub dataset")
     m = recipe.model
-    for key, value in (("model.path", m.path), ("model.tokenizer", m.tokenizer)):
+    models = [("model.path", m.path), ("model.tokenizer", m.tokenizer)]
+    dpo = getattr(recipe, "dpo", None)
+    if dpo is not None:
+        models.append(("dpo.reference", dpo.reference))
+    for key, value in models:
         if value is None:
             continue
         if looks_local(value) and not Path(value).expanduser().exists():

@@ -278,7 +278,7 @@ class DpoConfig(Block):
         default="sigmoid",
         description="sigmoid: DPO (with label_smoothing: cDPO); robust: robust DPO (needs label_smoothing); ipo; "
         "hinge (SLiC); simpo: reference-free, length-normalised, margin simpo_gamma; kto: unpaired rows "
-        "(format unpaired).",
+        "(format unpaired; pairs rows are split into a desirable chosen and an undesirable rejected example).",
     )
     label_smoothing: float = Field(
         default=0.0, ge=0, lt=0.5, description="sigmoid / robust / simpo: assumed fraction of flipped labels."
@@ -402,7 +402,7 @@ class DpoRecipe(RecipeBase):
 
     @model_validator(mode="after")
     def _formats(self) -> DpoRecipe:
-        allowed = ("unpaired",) if self.dpo.loss == "kto" else ("pairs",)
+        allowed = ("unpaired", "pairs") if self.dpo.loss == "kto" else ("pairs",)
         _preference_sources(self, allowed, f"dpo.loss {self.dpo.loss}")
         return self
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 
@@ -36,6 +37,10 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if not sys.stderr.isatty():  # in a log file, transformers' "Loading weights" bars are only noise
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def run_stage(recipe: Any, local_rank: int | None = None, **options: Any) -> None:

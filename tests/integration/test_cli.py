@@ -116,6 +116,34 @@ def test_train_fp16_on_cpu_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     _assert_clean_failure(proc, ["fp16 is not supported on CPU", "bf16", "fp32"])
 
 
+# Recipes that validate but name what cannot work on this machine or model: refused before training.
+RUNTIME_BAD: dict[str, tuple[dict[str, Any], list[str]]] = {
+    "nccl-on-cpu": ({"distributed": {"backend": "nccl"}}, ["distributed.backend nccl", "gloo"]),
+    "missing-reference": (
+        {"stage": "dpo", "dpo": {"reference": "/nonexistent/ref-model"}},
+        ["dpo.reference: /nonexistent/ref-model does not exist"],
+    ),
+    "unknown-module-to-save": (
+        {"finetuning": {"method": "lora", "modules_to_save": ["lm_haed"]}},
+        ["finetuning.modules_to_save", "'lm_haed'", "lm_head"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(RUNTIME_BAD))
+def test_train_refuses_what_cannot_run_here_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    sections, expected = RUNTIME_BAD[case]
+    recipe = base_recipe(tmp_path, train={"max_steps": 1}, **sections)
+    if recipe["stage"] == "dpo":
+        recipe["data"]["train"] = [{"path": str(ROOT / "recipes" / "quickstart" / "pairs.jsonl")}]
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe)), timeout=300)
+    _assert_clean_failure(proc, expected)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
 # Runs the CLI in-process (--help, validate, validate as the deepspeed launcher calls it) and reports which heavy modules got imported.
 _NO_TORCH_PROBE = """
 import json, runpy, sys

@@ -175,12 +175,13 @@ def test_dpo_lora_raises_held_out_implicit_reward_accuracy(tmp_path: Path) -> No
 
 def test_shared_demo_files_train(tmp_path: Path, shared_data: Path) -> None:
     """LLaMA-Factory's dpo_en / dpo_zh pairs (rm with lora, dpo in full with a per-step reference) and
-    kto_en unpaired rows (kto) load and train a few steps."""
+    kto_en unpaired rows and dpo_en pairs (kto) load and train a few steps."""
     lf = shared_data / "llama-factory"
     runs = [
         ("rm", {"method": "lora"}, "dpo_en_demo.json", {}),
         ("dpo", {"method": "full"}, "dpo_zh_demo.json", {"dpo": {"precompute_reference": False, "sft_weight": 0.1}}),
         ("dpo", {"method": "lora"}, "kto_en_demo.json", {"dpo": {"loss": "kto"}}),
+        ("dpo", {"method": "lora"}, "dpo_en_demo.json", {"dpo": {"loss": "kto"}}),  # pairs split for KTO
     ]
     for i, (stage, ft, name, extra) in enumerate(runs):
         sub = tmp_path / str(i)

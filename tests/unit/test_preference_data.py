@@ -219,6 +219,30 @@ def test_drops_are_counted_and_the_cache_keeps_parts_and_values(tmp_path: Path, 
     assert [e.values for e in again.train] == [[0.5], [0.0]]
 
 
+def test_kto_reads_pairs_as_two_unpaired_examples_and_the_cache_tells_the_modes_apart(
+    tmp_path: Path, tokenizer
+) -> None:
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "Q1", "chosen": "good", "rejected": "bad"}, {"prompt": "Q2", "chosen": "ok", "rejected": "no"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    recipe = _recipe(tmp_path, [{"path": str(path)}])
+    pairs = build_data(recipe, preference_encoder(tokenizer, tokenizer.chat_template, 2048), "s", "pairs")
+    assert [len(e.parts) for e in pairs.train] == [2, 2]
+    # the same file and settings read for KTO: not the pairs cache entry, but one example per reply
+    enc = preference_encoder(tokenizer, tokenizer.chat_template, 2048, unpair=True)
+    kto = build_data(recipe, enc, "s", "unpaired")
+    assert not kto.reports[0].cached
+    assert [(len(e.parts), e.values, e.row) for e in kto.train] == [
+        (1, [1.0], 0),
+        (1, [0.0], 0),
+        (1, [1.0], 1),
+        (1, [0.0], 1),
+    ]
+    first = pairs.train[0]
+    n = first.parts[0]
+    assert kto.train[0].input_ids == first.input_ids[:n] and kto.train[1].input_ids == first.input_ids[n:]
+
+
 @pytest.mark.parametrize(
     ("name", "fmt", "loss"),
     [

@@ -169,9 +169,10 @@ def test_rm_and_dpo_blocks_defaults_and_checks(tmp_path: Path) -> None:
     src = {"path": "x.jsonl", "format": "alpaca"}
     msg = _error(tmp_path, base_recipe(tmp_path, stage="rm", data={"train": [src]}))
     assert "rm.loss pairwise reads format pairs" in msg
-    src = {"path": "x.jsonl", "format": "pairs"}
+    src = {"path": "x.jsonl", "format": "ranked"}
     msg = _error(tmp_path, base_recipe(tmp_path, stage="dpo", dpo={"loss": "kto"}, data={"train": [src]}))
-    assert "format unpaired" in msg
+    assert "dpo.loss kto reads format unpaired or pairs" in msg
+    src = {"path": "x.jsonl", "format": "pairs"}
     msg = _error(tmp_path, base_recipe(tmp_path, data={"train": [src]}))
     assert "use stage rm or dpo" in msg
     msg = _error(tmp_path, base_recipe(tmp_path, stage="rm", data={"train": [{"path": "x.jsonl"}], "packing": True}))
