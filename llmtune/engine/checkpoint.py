@@ -23,6 +23,9 @@ import torch
 MARKER = "COMPLETE"
 
 
+EXPORT_STAGING = ".export-in-progress"  # the final model is written here, then moved into output_dir
+
+
 @dataclass
 class TrainerState:
     step: int = 0  # optimizer steps done
@@ -261,7 +264,8 @@ def plan_run(
     saved = out / "recipe.yaml"
     same = saved.is_file() and saved.read_text(encoding="utf-8") == recipe_text
     # A run of ours that stopped before it left anything of value (no checkpoint, no model): start over.
-    nothing_of_value = {p.name for p in out.iterdir()} <= {"recipe.yaml", "run.json", "metrics.jsonl", "checkpoints"}
+    ours = {"recipe.yaml", "run.json", "metrics.jsonl", "checkpoints", EXPORT_STAGING}
+    nothing_of_value = {p.name for p in out.iterdir()} <= ours
     if nothing_of_value and not complete_checkpoints(out):
         return RunPlan()
     if not same and not overwrite:

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -25,6 +26,7 @@ from rich.console import Console
 from llmtune import __version__
 from llmtune.data.chat import resolve_chat_template
 from llmtune.engine.checkpoint import (
+    EXPORT_STAGING,
     RunPlan,
     TrainerState,
     fresh_start,
@@ -98,6 +100,7 @@ def prepare_output_dir(recipe: RecipeBase, dist: DistInfo, console: Console, **o
             removed = remove_partial_checkpoints(out)
             if removed:
                 console.print(f"removed partial checkpoints (a write was interrupted): {', '.join(removed)}")
+        shutil.rmtree(out / EXPORT_STAGING, ignore_errors=True)  # an export a kill interrupted
         (out / "recipe.yaml").write_text(text, encoding="utf-8")
     barrier()
     return out, plan
@@ -339,7 +342,14 @@ def train(
 
     # --- export ---------------------------------------------------------------------------------------------
     engine.module.config.use_cache = True
-    files = stage.export(engine, tokenizer, out, recipe, dist)
+    # Written to a staging directory, then moved into place file by file: a kill mid-export leaves no
+    # truncated weights in output_dir (and run.json says finished only after the move).
+    staging = out / EXPORT_STAGING
+    if dist.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+    barrier()
+    stage.export(engine, tokenizer, staging, recipe, dist)
+    files = _publish(staging, out) if dist.is_main else []
     manifest.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), steps=state.step)
     manifest["trainer_state"] = asdict(state)
     _write_manifest(out, manifest, dist)
@@ -606,6 +616,21 @@ def _eval_and_log(engine, stage, samples, recipe, dist, collate, state, log, pro
     record = {"step": state.step, **result}
     log.write(record)
     progress.log(record)
+
+
+def _publish(staging: Path, out: Path) -> list[str]:
+    """Move what the export wrote into output_dir (replacing an earlier export's files); returns the names."""
+    names = []
+    for entry in sorted(staging.iterdir()):
+        target = out / entry.name
+        if entry.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+            names.append(entry.name + "/")
+        else:
+            names.append(entry.name)
+        os.replace(entry, target)
+    staging.rmdir()
+    return names
 
 
 def _write_manifest(out: Path, manifest: dict[str, Any], dist: DistInfo) -> None:

@@ -14,6 +14,7 @@ import torch
 from llmtune.errors import UserError
 from llmtune.model.load import DTYPES, check_tokenizers_agree, load_config, tokenizer_from
 from llmtune.model.merge import adapter_config_or_none
+from llmtune.recipe.checks import check_finished
 from llmtune.recipe.schema import looks_local
 
 
@@ -46,6 +47,8 @@ def resolve(model: str, adapter: str | None, what: str = "--model") -> tuple[str
     for its recorded base with that adapter."""
     if looks_local(model) and not Path(model).expanduser().exists():
         raise UserError(f"{what} {model} does not exist", hint="pass a model directory or a hub id")
+    check_finished(model, what)
+    check_finished(adapter, "--adapter")
     if adapter is None:
         cfg = adapter_config_or_none(model)
         if cfg is not None and not (Path(model).expanduser() / "config.json").is_file():

@@ -23,6 +23,7 @@ import torch
 
 from llmtune.errors import LlmtuneError, UserError
 from llmtune.model.load import DTYPES, check_tokenizers_agree, load_config, tokenizer_from
+from llmtune.recipe.checks import check_finished
 from llmtune.recipe.schema import looks_local
 
 # max |logit difference| allowed, relative to max(1, max |logit|) of the reference, per saved dtype:
@@ -248,6 +249,8 @@ def merge_lora(
 ) -> MergeResult:
     """Merge ``adapter`` into ``base`` and write the standalone model to ``out``; then check its logits."""
     adapter = str(adapter)
+    check_finished(adapter, "--adapter")
+    check_finished(base, "--base")
     cfg = read_adapter_config(adapter)
     base, notes = resolve_base(base, cfg, adapter)
     check_out_dir(out, overwrite, [base, adapter])
@@ -321,6 +324,8 @@ def average_models(
     average of adapters on one base is exactly base + sum_i w_i * B_i A_i * scale_i. All inputs must
     share one architecture (same parameter names and shapes); weights are normalised to sum to 1.
     """
+    for p in inputs:
+        check_finished(p, "--model")
     if len(inputs) < 2:
         raise UserError("merge averages two or more models", hint="pass --model PATH at least twice")
     if weights is None or not weights:

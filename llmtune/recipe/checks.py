@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from llmtune.errors import DataError, RecipeError
+from llmtune.errors import DataError, RecipeError, UserError
 from llmtune.recipe.schema import RecipeBase, looks_local
 
 BUILTIN_TEMPLATES = ("chatml", "llama3", "alpaca")
+
+
+def unfinished_run(path: str | None) -> str | None:
+    """The run.json status of an llmtune output directory whose run has not finished (running, failed,
+    stopped); None for a finished run and for anything that is not an llmtune output."""
+    if not path or not looks_local(path):
+        return None
+    f = Path(path).expanduser() / "run.json"
+    try:
+        status = json.loads(f.read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None if status in (None, "finished") else str(status)
+
+
+def check_finished(path: str | None, what: str) -> None:
+    """A model input that is an llmtune run must have finished: until then its top-level weights are
+    missing, or stale ones of an earlier run."""
+    status = unfinished_run(path)
+    if status is not None:
+        raise UserError(
+            f"{what} {path} is an llmtune run that has not finished (run.json status: {status}): "
+            "the model there is missing or out of date",
+            hint="finish that run first (the same `llmtune train` command resumes it), or point to a finished run",
+        )
 
 
 def check_paths(recipe: RecipeBase) -> list[str]:
@@ -39,6 +65,14 @@ def check_paths(recipe: RecipeBase) -> list[str]:
             )
         if not looks_local(value):
             notes.append(f"{key} {value!r} is not a local directory: it is loaded from the hub")
+        check_finished(value, key)
+        d = Path(value).expanduser()
+        if key != "model.tokenizer" and (d / "adapter_config.json").is_file() and not (d / "config.json").is_file():
+            raise RecipeError(
+                f"{key}: {value} is a LoRA adapter (adapter_config.json), not a whole model",
+                hint=f"merge it into its base first: llmtune merge-lora --adapter {value} --out "
+                f"{value.rstrip('/')}-merged, then set {key}: {value.rstrip('/')}-merged",
+            )
     tpl = m.chat_template
     if tpl is not None and tpl not in BUILTIN_TEMPLATES and not Path(tpl).expanduser().is_file():
         raise RecipeError(

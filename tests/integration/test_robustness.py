@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, as_if_killed, base_recipe, read_metrics, run_cli, write_recipe
+from tests.conftest import ROOT, TINY_MODEL, as_if_killed, base_recipe, read_metrics, run_cli, write_recipe
 from tests.integration.test_train import unseen_sft_data
 
 
@@ -489,3 +489,30 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_the_fix(tmp_path
     proc = run_cli("train", str(path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "checkpoints" / "step-00000004" / "COMPLETE").is_file()
+
+
+def test_an_unfinished_run_is_not_taken_as_a_model(tmp_path: Path) -> None:
+    """A killed run's output_dir holds no final model (or an earlier one): the next stage, eval and
+    merge-lora refuse it and say how to finish it; once finished, it is accepted."""
+    path, out = _killed_after_step_2(tmp_path)
+    nxt = base_recipe(tmp_path, output_dir=str(tmp_path / "next"), model={"path": str(out)}, train={"max_steps": 1})
+    nxt_path = write_recipe(tmp_path, nxt, "next.yaml")
+    pairs = ROOT / "recipes" / "quickstart" / "pairs.jsonl"
+    for args in (
+        ("train", str(nxt_path)),
+        ("validate", str(nxt_path)),
+        ("eval", "--model", str(TINY_MODEL), "--adapter", str(out), "--data", str(pairs), "--task", "preference"),
+        ("merge-lora", "--adapter", str(out), "--base", str(TINY_MODEL), "--out", str(tmp_path / "merged")),
+    ):
+        proc = run_cli(*args)
+        assert proc.returncode == 2, (args, proc.stdout[-1000:], proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr
+        assert "has not finished (run.json status: running)" in proc.stderr and "resumes it" in proc.stderr
+    assert not (tmp_path / "next").exists() and not (tmp_path / "merged").exists()
+    assert run_cli("train", str(path)).returncode == 0  # finish it
+    assert not (out / ".export-in-progress").exists()
+    proc = run_cli("merge-lora", "--adapter", str(out), "--base", str(TINY_MODEL), "--out", str(tmp_path / "merged"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # a LoRA output as the next stage's model.path: the message says to merge it first
+    proc = run_cli("train", str(nxt_path))
+    assert proc.returncode == 2 and "is a LoRA adapter" in proc.stderr and "llmtune merge-lora" in proc.stderr
