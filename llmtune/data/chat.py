@@ -95,6 +95,8 @@ def assistant_spans(tokenizer: Any, template: str, conv: Conversation) -> tuple[
         # Learn the reply and the end-of-turn text, but not trailing whitespace between turns.
         while end > start and full[end - 1] in " \n" and end - 1 > start + len(msg["content"].rstrip()):
             end -= 1
+        if not full[start:end].strip():
+            raise RowError(f"the chat template renders assistant turn {i + 1} as no text: check model.chat_template")
         spans.append((start, end))
         cursor = end
     if not spans:
@@ -122,6 +124,8 @@ def encode_conversation(
                 break
             if e > spans[k][0] and s < spans[k][1]:
                 labels[j] = ids[j]
+    if all(x == IGNORE_INDEX for x in labels[1:]):
+        raise RowError("the chat template leaves no assistant token to learn: check model.chat_template")
     if len(ids) > max_length:
         ids, labels = ids[:max_length], labels[:max_length]
     if all(x == IGNORE_INDEX for x in labels[1:]):

@@ -18,6 +18,7 @@ prompt with the chat template; labels cover the last assistant reply only (with 
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
@@ -157,9 +158,21 @@ def _pairs(row: dict, default_system: str | None) -> PreferenceRow:
     if not convs:
         convs = [_with_response(row, t, default_system) for t in texts]
     margin = row.get("margin")
-    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, numbers.Real)):
-        raise RowError(f"'margin' is not a number (got {margin!r})")
+    if margin is not None:
+        _check_number(margin, "margin")
     return PreferenceRow(convs, float(margin or 0.0))
+
+
+LARGEST_VALUE = 1e6  # a margin or score beyond this overflows the losses: rescale the column
+
+
+def _check_number(value: Any, key: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise RowError(f"'{key}' is not a number (got {value!r})")
+    if not math.isfinite(value):
+        raise RowError(f"'{key}' is not a finite number (got {value!r})")
+    if abs(value) > LARGEST_VALUE:
+        raise RowError(f"'{key}' is beyond +-{LARGEST_VALUE:g} (got {value!r}): rescale the column")
 
 
 def _ranked(row: dict, default_system: str | None) -> PreferenceRow:
@@ -187,8 +200,7 @@ def _single(row: dict, keys: tuple[str, ...], value_key: str, default_system: st
             raise RowError(f"'label' is not true / false (got {value!r})")
         number = 1.0 if value else 0.0
     else:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise RowError(f"'{value_key}' is not a number (got {value!r})")
+        _check_number(value, value_key)
         number = float(value)
     key = next((k for k in keys if k in row), None)
     if key is not None:

@@ -253,6 +253,11 @@ def plan_run(
 
     if resume_from is not None:
         path = Path(resume_from).expanduser()
+        if not path.is_dir():
+            raise UserError(
+                f"--resume-from {path}: " + ("does not exist" if not path.exists() else "is not a directory"),
+                hint=f"pass a checkpoint directory like {checkpoint_dir(out)}/step-00000100",
+            )
         if not (path / MARKER).is_file() or not (path / "trainer_state.json").is_file():
             raise UserError(
                 f"--resume-from {path}: not a complete llmtune checkpoint (no {MARKER} marker)",

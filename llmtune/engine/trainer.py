@@ -29,6 +29,7 @@ from llmtune.engine.checkpoint import (
     EXPORT_STAGING,
     RunPlan,
     TrainerState,
+    complete_checkpoints,
     fresh_start,
     load_checkpoint,
     plan_run,
@@ -233,8 +234,10 @@ def train(
     )
     ckpt = plan.resume_from
     if ckpt is not None:
+        base_lrs = list(scheduler.base_lrs)
         state = load_checkpoint(engine, ckpt, dist.rank, quantized=recipe.finetuning.method == "qlora")
         state.data_fingerprint = data_fingerprint
+        _schedule_from_recipe(scheduler, base_lrs)
         console.print(f"resumed from {ckpt} (step {state.step})")
 
     mb = t.micro_batch_size
@@ -509,7 +512,7 @@ def _check_numbers(result: WindowResult, recipe: RecipeBase, state: TrainerState
         return "overflow"
     if cause is None:
         return None
-    checkpoints = f"newest complete checkpoint kept in {out / 'checkpoints'}"
+    checkpoints = _kept(out)
     fix = (
         "  fix: lower train.lr, keep train.max_grad_norm on, use bf16 rather than fp16, and check the data for "
         "empty or extreme rows"
@@ -532,6 +535,14 @@ def _check_numbers(result: WindowResult, recipe: RecipeBase, state: TrainerState
     return "nan"
 
 
+def _kept(out: Path) -> str:
+    """What a stopped run leaves to resume from, for its message."""
+    done = complete_checkpoints(out)
+    if done:
+        return f"the newest complete checkpoint, {done[-1]}, is kept: the same command resumes from it"
+    return "no checkpoint had been written yet: set train.save_every to keep them"
+
+
 def is_fp16_scale_error(e: BaseException) -> bool:
     return "loss scale already at minimum" in str(e)
 
@@ -540,7 +551,7 @@ def fp16_scale_error(e: BaseException, step: int, out: Path) -> TrainingError:
     """DeepSpeed's dynamic loss scaler gave up: fp16 overflows even at the smallest loss scale."""
     return TrainingError(
         f"fp16 overflow at step {step}: the gradients overflow even at the minimum loss scale; training stopped "
-        f"(newest complete checkpoint kept in {out / 'checkpoints'})\n"
+        f"({_kept(out)})\n"
         "  fix: use precision: bf16 (on Ampere or newer GPUs), or lower train.lr and keep train.max_grad_norm on"
     )
 
@@ -555,6 +566,18 @@ def _engine_grad_norm(engine: Any) -> float | None:
     if g is None:
         return None
     return float(g.item() if isinstance(g, torch.Tensor) else g)
+
+
+def _schedule_from_recipe(scheduler: Any, base_lrs: list[float]) -> None:
+    """After a checkpoint is loaded, the learning rate follows this recipe's schedule at the restored step.
+    The same recipe gives the very values the checkpoint holds; after a deliberate change (--resume-from with
+    another train.lr, max_steps or warmup), the next step does not run at the old schedule's rate."""
+    scheduler.base_lrs = base_lrs
+    step = scheduler.last_epoch
+    lrs = [base * fn(step) for base, fn in zip(base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr, base in zip(scheduler.optimizer.param_groups, lrs, base_lrs, strict=True):
+        group["lr"], group["initial_lr"] = lr, base
+    scheduler._last_lr = lrs
 
 
 def _data_fingerprint(reports: list[Any]) -> str:

@@ -349,14 +349,19 @@ def load_model(recipe: RecipeBase, device: torch.device, tokenizer: Any, head: s
             bnb_4bit_compute_dtype=compute,
         )
         kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
-    load_config(m.path, "model.path", **_hub_kwargs(m))
+    config = load_config(m.path, "model.path", **_hub_kwargs(m))
+    if head == "lm":
+        refuse_reward_model(config, f"model.path {m.path}")
     auto_class: Any = AutoModelForCausalLM
     if head == "score":
         auto_class = AutoModelForSequenceClassification
         kwargs.update(num_labels=1, pad_token_id=tokenizer.pad_token_id)
     try:
         with quiet_load_report(head == "score"):
-            model = auto_class.from_pretrained(m.path, **kwargs)
+            # a local model by its absolute path: adapters record it as their base, and relative to the
+            # directory training ran in it would not be found from anywhere else
+            where = str(Path(m.path).expanduser().resolve()) if looks_local(m.path) else m.path
+            model = auto_class.from_pretrained(where, **kwargs)
     except ImportError as e:
         if "flash" in str(e).lower():
             raise RecipeError(
@@ -434,12 +439,26 @@ def check_reference_tokenizer(recipe: RecipeBase, path: str, tokenizer: Any) -> 
     )
 
 
+def refuse_reward_model(config: Any, what: str) -> None:
+    """A reward model (a *ForSequenceClassification checkpoint) where a causal LM is needed: its language-model
+    head would be created at random, silently."""
+    archs = getattr(config, "architectures", None) or []
+    if archs and all(a.endswith("ForSequenceClassification") for a in archs):
+        raise RecipeError(
+            f"{what} is a reward model ({archs[0]}): it has no language-model head, and a random one would be "
+            "used in its place",
+            hint="use a causal LM here (e.g. the sft model the reward model was trained from); reward models are "
+            "for stage rm and eval --reward-model",
+        )
+
+
 def load_reference_model(recipe: RecipeBase, path: str, device: torch.device, tokenizer: Any) -> torch.nn.Module:
     """A frozen causal LM in eval mode (a DPO reference): plain weights in the recipe's dtype, not quantized,
     not partitioned. Call when no HfDeepSpeedConfig is alive."""
     from transformers import AutoModelForCausalLM
 
     check_reference_tokenizer(recipe, path, tokenizer)
+    refuse_reward_model(load_config(path, "dpo.reference", **_hub_kwargs(recipe.model)), f"dpo.reference {path}")
     kwargs: dict[str, Any] = {"dtype": weight_dtype(recipe), **_hub_kwargs(recipe.model)}
     if recipe.model.attn_implementation != "auto":
         kwargs["attn_implementation"] = recipe.model.attn_implementation

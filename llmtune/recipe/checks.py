@@ -36,6 +36,32 @@ def check_finished(path: str | None, what: str) -> None:
         )
 
 
+def _check_output_dir(recipe: RecipeBase, inputs: list[str]) -> None:
+    """output_dir must be (or become) a directory of its own: not a file, not under a file, and neither one of
+    the run's inputs nor a directory that holds one (--overwrite would write into a model or data)."""
+    out = Path(recipe.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"output_dir: {recipe.output_dir} is a file", hint="give a directory path for the outputs")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise RecipeError(
+                f"output_dir: {recipe.output_dir} is under {parent}, which is a file",
+                hint="give a directory path for the outputs",
+            )
+        if parent.exists():
+            break
+    resolved = out.resolve()
+    for value in inputs:
+        if not looks_local(value):
+            continue
+        p = Path(value).expanduser().resolve()
+        if p == resolved or resolved in p.parents:
+            raise RecipeError(
+                f"output_dir: {recipe.output_dir} is or holds {value}, an input of this run",
+                hint="write the outputs to a new directory (e.g. runs/<name>)",
+            )
+
+
 def check_paths(recipe: RecipeBase) -> list[str]:
     """Raise a clear error for a missing local file; return notes about names taken as hub ids."""
     notes: list[str] = []
@@ -73,6 +99,9 @@ def check_paths(recipe: RecipeBase) -> list[str]:
                 hint=f"merge it into its base first: llmtune merge-lora --adapter {value} --out "
                 f"{value.rstrip('/')}-merged, then set {key}: {value.rstrip('/')}-merged",
             )
+    _check_output_dir(
+        recipe, [v for _, v in models if v] + [src.path for src in [*recipe.data.train, *recipe.data.eval]]
+    )
     tpl = m.chat_template
     if tpl is not None and tpl not in BUILTIN_TEMPLATES and not Path(tpl).expanduser().is_file():
         raise RecipeError(

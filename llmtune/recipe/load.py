@@ -18,6 +18,31 @@ _ADAPTER: TypeAdapter[AnyRecipe] = TypeAdapter(Recipe)
 _STAGE_MODELS: dict[str, type[BaseModel]] = {"cpt": CptRecipe, "sft": SftRecipe, "rm": RmRecipe, "dpo": DpoRecipe}
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line = key, line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys in a mapping without a word; a recipe refuses them."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -33,7 +58,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             hint="save the file as UTF-8 (most editors: 'Save with encoding' -> UTF-8)",
         ) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
+    except _DuplicateKey as e:
+        raise RecipeError(
+            f"recipe {p} has the key {e.key!r} twice in one block (line {e.line}); YAML would keep only the last",
+            hint="remove one of them",
+        ) from None
     except RecursionError:
         raise RecipeError(
             f"recipe {p} is nested too deeply to read", hint="a recipe is a few levels of `key: value` blocks"

@@ -24,7 +24,11 @@ class Block(BaseModel):
     """
 
     model_config = ConfigDict(
-        extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True
+        extra="forbid",
+        validate_assignment=True,
+        protected_namespaces=(),
+        coerce_numbers_to_str=True,
+        allow_inf_nan=False,  # lr: .inf passes `gt=0`; no recipe number is meant to be infinite or NaN
     )
 
 

@@ -180,3 +180,48 @@ def test_validate_and_help_do_not_import_torch(tmp_path: Path) -> None:
     assert result["codes"] == [0, 0, 0], proc.stdout + proc.stderr
     assert "is a valid sft recipe" in proc.stdout  # validate really ran
     assert result["heavy"] == [], f"imported by --help / validate: {result['heavy']}"
+
+
+@pytest.mark.parametrize("case", ["a-file", "under-a-file", "the-model", "holds-the-data"])
+def test_an_output_dir_that_cannot_be_ours_is_refused(tmp_path: Path, case: str) -> None:
+    recipe = base_recipe(tmp_path)
+    data = tmp_path / "data.jsonl"
+    data.write_text((ROOT / "recipes" / "quickstart" / "sft.jsonl").read_text())
+    recipe["data"]["train"] = [{"path": str(data)}]
+    (tmp_path / "afile").write_text("x")
+    recipe["output_dir"] = {
+        "a-file": str(tmp_path / "afile"),
+        "under-a-file": str(tmp_path / "afile" / "out"),
+        "the-model": recipe["model"]["path"],
+        "holds-the-data": str(tmp_path),
+    }[case]
+    path = write_recipe(tmp_path, recipe)
+    for command in ("validate", "train"):
+        proc = run_cli(command, str(path), "--overwrite") if command == "train" else run_cli(command, str(path))
+        _assert_clean_failure(proc, ["output_dir:"])
+
+
+def test_a_reward_model_as_model_path_is_refused(tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tests.conftest import TINY_MODEL
+
+    rm = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_pretrained(TINY_MODEL, num_labels=1).save_pretrained(rm)
+    AutoTokenizer.from_pretrained(TINY_MODEL).save_pretrained(rm)
+    recipe = base_recipe(tmp_path, model={"path": str(rm)}, train={"max_steps": 1})
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe)), timeout=300)
+    _assert_clean_failure(proc, ["is a reward model (LlamaForSequenceClassification)", "no language-model head"])
+
+
+def test_an_adapter_records_its_base_so_that_it_is_found_from_anywhere(tmp_path: Path) -> None:
+    recipe = base_recipe(tmp_path, model={"path": "recipes/quickstart/model"}, train={"max_steps": 1})
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe)), timeout=300)  # run from the repository root
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = Path(recipe["output_dir"])
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base).is_absolute() and Path(base) == (ROOT / "recipes" / "quickstart" / "model").resolve()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run_cli("merge-lora", "--adapter", str(out), "--out", str(tmp_path / "merged"), cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr[-2000:]

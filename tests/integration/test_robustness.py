@@ -516,3 +516,27 @@ def test_an_unfinished_run_is_not_taken_as_a_model(tmp_path: Path) -> None:
     # a LoRA output as the next stage's model.path: the message says to merge it first
     proc = run_cli("train", str(nxt_path))
     assert proc.returncode == 2 and "is a LoRA adapter" in proc.stderr and "llmtune merge-lora" in proc.stderr
+
+
+def test_resume_from_with_a_longer_schedule_follows_the_new_schedule(tmp_path: Path) -> None:
+    """--resume-from after raising max_steps: the first resumed step runs at the new schedule's rate (not
+    at the old one's, which had decayed to about 0), and a fresh run of the new recipe agrees on every rate."""
+    data = unseen_sft_data(tmp_path / "echo.jsonl", n=64)
+    short = base_recipe(
+        tmp_path,
+        output_dir=str(tmp_path / "short"),
+        data={"train": [{"path": str(data)}], "max_length": 64},
+        train={"max_steps": 4, "save_every": 2, "lr": 2e-3, "log_every": 1, "warmup_steps": 1},
+    )
+    assert run_cli("train", str(write_recipe(tmp_path, short, "short.yaml"))).returncode == 0
+    long = {**short, "output_dir": str(tmp_path / "long"), "train": {**short["train"], "max_steps": 8}}
+    assert run_cli("train", str(write_recipe(tmp_path, long, "long.yaml"))).returncode == 0
+    cont = {**long, "output_dir": str(tmp_path / "cont")}
+    ckpt = tmp_path / "short" / "checkpoints" / "step-00000002"
+    proc = run_cli("train", str(write_recipe(tmp_path, cont, "cont.yaml")), "--resume-from", str(ckpt))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "long") if "lr" in r}
+    resumed = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "cont") if "lr" in r}
+    assert sorted(resumed) == [3, 4, 5, 6, 7, 8]
+    for step, lr in resumed.items():
+        assert lr == pytest.approx(fresh[step], rel=1e-9), (step, lr, fresh[step])

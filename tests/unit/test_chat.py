@@ -252,6 +252,20 @@ def test_template_that_rejects_a_conversation_raises_row_error(tokenizer):
     assert learned(tokenizer, ids, labels) == f"{REPLY1}<|im_end|>{REPLY2}<|im_end|>"
 
 
+@pytest.mark.parametrize(
+    "tmpl",
+    [
+        "",  # renders nothing
+        "{%- for m in messages -%}{%- if m['role'] != 'assistant' -%}{{ m['content'] }}{%- endif -%}{%- endfor -%}",
+    ],
+)
+def test_a_template_that_drops_the_replies_is_named_as_the_cause(tokenizer, tmpl):
+    with pytest.raises(
+        RowError, match=r"chat template renders assistant turn 2 as no text: check model\.chat_template"
+    ):
+        encode_conversation(tokenizer, tmpl, two_turns(system=False), 512)
+
+
 def test_no_assistant_turn_is_a_row_error(tokenizer, template):
     with pytest.raises(RowError, match="no assistant turn"):
         assistant_spans(tokenizer, template, Conversation([{"role": "user", "content": "hello"}]))

@@ -78,6 +78,10 @@ def test_plan_run(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not a complete llmtune checkpoint"):
         plan_run(out, "a: 1\n", resume_from=_ckpt(out, 6, complete=False))
     assert plan_run(out, "a: 9\n", resume_from=ckpt).resume_from == ckpt
+    with pytest.raises(UserError, match="does not exist"):
+        plan_run(out, "a: 1\n", resume_from=out / "checkpoints" / "step-00000099")
+    with pytest.raises(UserError, match="is not a directory"):
+        plan_run(out, "a: 1\n", resume_from=out / "recipe.yaml")
     # a run that stopped before leaving a checkpoint or a model can be started over with another recipe
     fresh = tmp_path / "fresh"
     fresh.mkdir()

@@ -77,6 +77,8 @@ def test_pair_margin_system_and_multi_turn_prompt() -> None:
         ({"prompt": "Q", "chosen": "x"}, "missing key 'rejected'"),
         ({"chosen": "x", "rejected": "y"}, "no prompt"),
         ({"prompt": "Q", "chosen": "x", "rejected": "y", "margin": "big"}, "'margin' is not a number"),
+        ({"prompt": "Q", "chosen": "x", "rejected": "y", "margin": float("nan")}, "'margin' is not a finite number"),
+        ({"prompt": "Q", "chosen": "x", "rejected": "y", "margin": 1e30}, "'margin' is beyond"),
         (
             {
                 "chosen": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "x"}],
@@ -90,6 +92,12 @@ def test_pair_margin_system_and_multi_turn_prompt() -> None:
 def test_bad_pairs_are_rejected_with_a_reason(row: dict, reason: str) -> None:
     with pytest.raises(RowError, match=reason):
         to_preference(row, "pairs")
+
+
+@pytest.mark.parametrize("score", [float("nan"), float("inf"), -1e9])
+def test_a_score_that_is_not_a_usable_number_is_a_row_error(score: float) -> None:
+    with pytest.raises(RowError, match="'score' is"):
+        to_preference({"prompt": "Q", "response": "A", "score": score}, "pointwise")
 
 
 def test_ranked_pointwise_unpaired_shapes() -> None:

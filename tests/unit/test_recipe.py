@@ -515,3 +515,21 @@ def test_best_metric_needs_an_eval_metric_and_eval_and_save_steps(tmp_path: Path
     assert "set eval_every and save_every too" in msg
     ok = base_recipe(tmp_path, train={"best_metric": "eval/loss", "eval_every": 5, "save_every": 5})
     assert load_recipe(write_recipe(tmp_path, ok)).train.best_metric == "eval/loss"
+
+
+def test_a_key_given_twice_is_an_error_and_merge_keys_still_work(tmp_path: Path) -> None:
+    text = "stage: sft\nmodel:\n  path: m\ndata:\n  train: [{path: d.jsonl}]\ntrain:\n  lr: 1e-4\n  lr: 1e-3\n"
+    with pytest.raises(RecipeError, match=r"the key 'lr' twice in one block \(line 8\)"):
+        load_recipe(_write_text(tmp_path, text))
+    text = (
+        "stage: sft\noutput_dir: o\nmodel:\n  path: m\n"
+        "data:\n  train: [&src {path: d.jsonl, max_samples: 5}]\n  eval: [{<<: *src, max_samples: 2}]\n"
+    )
+    r = load_recipe(_write_text(tmp_path, text))  # a merge key's values may be overridden: not a duplicate
+    assert (r.data.eval[0].path, r.data.eval[0].max_samples, r.data.train[0].max_samples) == ("d.jsonl", 2, 5)
+
+
+@pytest.mark.parametrize("value", ["inf", ".inf", "-.inf", ".nan"])
+def test_infinite_and_nan_numbers_are_refused(tmp_path: Path, value: str) -> None:
+    with pytest.raises(RecipeError, match="finite number"):
+        load_recipe(write_recipe(tmp_path, base_recipe(tmp_path)), [f"train.lr={value}"])
