@@ -10,6 +10,7 @@ fast tokenizer and any template that renders a conversation as a prefix of its c
 from __future__ import annotations
 
 import json
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ def resolve_chat_template(tokenizer: Any, override: str | None, *, required: boo
     """The Jinja template to render with: the override (a built-in name or a file), or the tokenizer's."""
     if override is not None:
         if override in BUILTIN_TEMPLATES:
+            _warn_missing_markers(tokenizer, override)
             return resources.files("llmtune.templates").joinpath(f"{override}.jinja").read_text("utf-8")
         p = Path(override).expanduser()
         if not p.is_file():
@@ -43,6 +45,26 @@ def resolve_chat_template(tokenizer: Any, override: str | None, *, required: boo
             "for a base model, chatml is a good choice",
         )
     return template
+
+
+_MARKERS = {"chatml": ("<|im_start|>", "<|im_end|>"), "llama3": ("<|start_header_id|>", "<|eot_id|>")}
+
+
+def _warn_missing_markers(tokenizer: Any, name: str) -> None:
+    """A built-in template whose turn markers are not tokens of this tokenizer still trains, but the model
+    learns the end-of-turn marker as text pieces, and generation does not stop at it."""
+    if not hasattr(tokenizer, "get_vocab"):
+        return
+    vocab = tokenizer.get_vocab()
+    missing = [m for m in _MARKERS.get(name, ()) if m not in vocab]
+    if missing:
+        warnings.warn(
+            f"model.chat_template {name}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+            "a token of this tokenizer, so the model learns the turn markers as text and generation will not stop "
+            "at the end of a reply; prefer the tokenizer's own template (chat_template: null) if it has one, or a "
+            "template built from its special tokens",
+            stacklevel=2,
+        )
 
 
 def _render(tokenizer: Any, template: str, messages: list[dict], tools: Any, gen_prompt: bool) -> str:

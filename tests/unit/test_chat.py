@@ -202,6 +202,16 @@ def test_builtin_templates_label_the_replies(tokenizer, name, end):
     assert SYSTEM in full and USER2 in full
 
 
+def test_a_builtin_template_whose_markers_are_not_tokens_warns(tokenizer):
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"<\|start_header_id\|>, <\|eot_id\|> are not a token"):
+        resolve_chat_template(tokenizer, "llama3", required=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_chat_template(tokenizer, "chatml", required=True)  # the tiny tokenizer has chatml's tokens
+
+
 def test_template_file_path(tokenizer, tmp_path: Path):
     path = tmp_path / "plain.jinja"
     path.write_text(
