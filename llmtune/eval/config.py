@@ -16,7 +16,7 @@ EVAL_FORMATS = ("text", "alpaca", "sharegpt", "messages", "prompts", "pairs")
 
 
 class EvalConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), coerce_numbers_to_str=True)
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), coerce_numbers_to_str=True, allow_inf_nan=False)
 
     task: Literal["perplexity", "preference", "reward", "generate", "compare"] = Field(
         description="perplexity | preference | reward | generate | compare"

@@ -55,7 +55,21 @@ def resolve(model: str, adapter: str | None, what: str = "--model") -> tuple[str
             base = cfg.get("base_model_name_or_path")
             if not base:
                 raise UserError(f"{model} is an adapter without a recorded base", hint=f"pass {what} BASE --adapter")
-            return str(base), model, cfg
+            base = str(base)
+            if looks_local(base) and not Path(base).expanduser().exists():
+                absolute = Path(base).expanduser().is_absolute()
+                raise UserError(
+                    f"{what} {model} is an adapter whose recorded base {base} does not exist "
+                    + (
+                        "(moved, or on another machine)"
+                        if absolute
+                        else f"from the current directory ({Path.cwd()}): a relative base path is recorded relative "
+                        "to the directory training ran in"
+                    ),
+                    hint=f"pass the base explicitly: {what} BASE --adapter {model}"
+                    + ("" if absolute else " (or run from the directory training ran in)"),
+                )
+            return base, model, cfg
         return model, None, None
     p = Path(adapter).expanduser()
     if not p.is_dir():
@@ -81,52 +95,172 @@ def check_reference_tokenizer(model: str, adapter: str | None, reference: str) -
     )
 
 
+def _architectures(base: str, what: str) -> list[str]:
+    return list(getattr(load_config(base, what), "architectures", None) or [])
+
+
+def _is_seq_cls(archs: list[str]) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
 def is_reward_model(model: str, adapter: str | None) -> bool:
+    """A SEQ_CLS adapter, or (without an adapter) a model whose config names a *ForSequenceClassification
+    architecture: something with a trained score head."""
     base, adapter, cfg = resolve(model, adapter)
     if cfg is not None:
         return cfg.get("task_type") == "SEQ_CLS"
-    archs = getattr(load_config(base, "--model"), "architectures", None) or []
-    return any(a.endswith("ForSequenceClassification") for a in archs)
+    return _is_seq_cls(_architectures(base, "--model"))
+
+
+REWARD_MODEL_HINT = (
+    "pass the output of an rm run (`llmtune train` with stage: rm): its output directory (with lora / qlora the "
+    "adapter, which carries the score head) or its merged/ export"
+)
+
+
+def require_causal_lm(model: str, adapter: str | None, what: str, hint: str | None = None) -> None:
+    """Refuse a reward model (a SEQ_CLS adapter or a *ForSequenceClassification model) where a causal LM is
+    needed: loaded as one, its language-model head would be random."""
+    base, adapter, cfg = resolve(model, adapter, what)
+    shown = model if adapter is None or adapter == model else f"{model} --adapter {adapter}"
+    hint = hint or "pass a causal LM (a cpt / sft / dpo output, or a base model); reward models are judges"
+    if cfg is not None and cfg.get("task_type") == "SEQ_CLS":
+        raise UserError(
+            f"{what} {shown} is a reward-model adapter (task_type SEQ_CLS): it has a score head, not a "
+            "language-model head, so it cannot generate or give token log-probabilities",
+            hint=hint,
+        )
+    archs = _architectures(base, what)
+    if _is_seq_cls(archs):
+        raise UserError(
+            f"{what} {base} is a reward model ({', '.join(archs)}): it has a score head, not a language-model "
+            "head, so it cannot generate or give token log-probabilities",
+            hint=hint,
+        )
+
+
+def require_reward_model(path: str, what: str = "--reward-model") -> None:
+    """Refuse what has no trained score head: a causal LM would get a randomly initialised one."""
+    base, _, cfg = resolve(path, None, what)
+    if cfg is not None:
+        if cfg.get("task_type") != "SEQ_CLS":
+            raise UserError(
+                f"{what} {path} is a {cfg.get('task_type') or 'non-reward'} adapter, not a reward model "
+                "(a reward-model adapter has task_type SEQ_CLS and carries the score head)",
+                hint=REWARD_MODEL_HINT,
+            )
+        return
+    archs = _architectures(base, what)
+    if archs and not _is_seq_cls(archs):
+        raise UserError(
+            f"{what} {path} is not a reward model: its config's architectures are {', '.join(archs)} "
+            "(no score head), and it is not a SEQ_CLS adapter; its scores would come from a random head",
+            hint=REWARD_MODEL_HINT,
+        )
 
 
 def load_causal_lm(model: str, adapter: str | None, dtype: torch.dtype, device: torch.device, what: str) -> Loaded:
     from transformers import AutoModelForCausalLM
 
+    require_causal_lm(model, adapter, what)
     base, adapter, _ = resolve(model, adapter, what)
     return _load(AutoModelForCausalLM, base, adapter, dtype, device, what)
 
 
-def load_reward_model(path: str, dtype: torch.dtype, device: torch.device, adapter: str | None = None) -> Loaded:
+def load_reward_model(
+    path: str, dtype: torch.dtype, device: torch.device, adapter: str | None = None, what: str = "--reward-model"
+) -> Loaded:
     """A reward model: AutoModelForSequenceClassification(num_labels=1), or a SEQ_CLS adapter on its base."""
     from transformers import AutoModelForSequenceClassification
 
-    base, adapter, cfg = resolve(path, adapter, "reward model")
+    if adapter is None:
+        require_reward_model(path, what)
+    base, adapter, cfg = resolve(path, adapter, what)
     if cfg is not None and cfg.get("task_type") != "SEQ_CLS":
-        raise UserError(
-            f"{path} is a {cfg.get('task_type')} adapter, not a reward model",
-            hint="a reward model is an rm-stage output (task_type SEQ_CLS) or a sequence-classification model",
-        )
-    return _load(AutoModelForSequenceClassification, base, adapter, dtype, device, "the reward model", num_labels=1)
+        raise UserError(f"{adapter} is a {cfg.get('task_type')} adapter, not a reward model", hint=REWARD_MODEL_HINT)
+    return _load(AutoModelForSequenceClassification, base, adapter, dtype, device, what, num_labels=1)
+
+
+def _head(auto_class: Any) -> str:
+    return "score" if auto_class.__name__.endswith("ForSequenceClassification") else "lm_head"
 
 
 def _load(
     auto_class: Any, base: str, adapter: str | None, dtype: torch.dtype, device: torch.device, what: str, **kwargs: Any
 ) -> Loaded:
-    """base (+ adapter) through auto_class, with the tokenizer the adapter (or else the base) carries."""
+    """base (+ adapter) through auto_class, with the tokenizer the adapter (or else the base) carries.
+
+    A head that the weights do not hold (it would be randomly initialised) is an error. A reward model's
+    config gets the tokenizer's pad_token_id: transformers' sequence classifiers refuse batches without it
+    (the score is read at the last real token by the attention mask in any case)."""
     load_config(base, what)
     if adapter is not None:
         check_tokenizers_agree(
             [(adapter, "the adapter"), (base, "the base model")],
             hint="pass the base model the adapter was trained on (it saved that model's tokenizer)",
         )
+    tok = tokenizer_from(adapter, base)
+    head = _head(auto_class)
     try:
-        m = auto_class.from_pretrained(base, dtype=dtype, **kwargs)
+        # a reward model's score head is checked below: transformers' load report about it would only confuse
+        with _quiet_load_report(head == "score"):
+            m, info = auto_class.from_pretrained(base, dtype=dtype, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load {what} {base}: {str(e).splitlines()[0]}") from None
+    head_missing = any(k.split(".")[0] == head for k in info.get("missing_keys", ()))
+    if head == "score" and head_missing and (adapter is None or not _adapter_has(adapter, "score")):
+        raise UserError(
+            f"{what} {adapter or base} has no trained score head (its weights hold no score.*): "
+            "it is not a reward model, and its scores would come from a random head",
+            hint=REWARD_MODEL_HINT,
+        )
+    if head == "lm_head" and head_missing:
+        raise UserError(
+            f"{what} {base} has no language-model head in its weights (lm_head is missing); "
+            "it would generate from a random one",
+            hint="pass a causal LM (a cpt / sft / dpo output, or a base model)",
+        )
+    if head == "score" and getattr(m.config, "pad_token_id", None) is None:
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        m.config.pad_token_id = pad if pad is not None else 0
     if adapter is not None:
         m = _with_adapter(m, base, adapter)
     m.to(device).eval()
-    return Loaded(m, tokenizer_from(adapter, base), adapter or base, adapter is not None)
+    return Loaded(m, tok, adapter or base, adapter is not None)
+
+
+@contextmanager
+def _quiet_load_report(quiet: bool):
+    """Hide transformers' load report (and the tensor-parallel note it then logs instead) while a reward model
+    loads: a SEQ_CLS adapter's base has no score head of its own, the adapter brings it."""
+    import logging
+
+    loggers = [
+        logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")
+    ]
+    levels = [log.level for log in loggers]
+    if quiet:
+        for log in loggers:
+            log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
+
+
+def _adapter_has(adapter: str, module: str) -> bool:
+    """Whether an adapter's saved weights hold `module` in full (modules_to_save); True when unsure."""
+    f = Path(adapter).expanduser() / "adapter_model.safetensors"
+    if not f.is_file():
+        return True
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), "pt") as st:
+            return any(module in k.split(".") for k in st.keys())  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception:  # an unreadable file is reported by peft when it loads
+        return True
 
 
 def _with_adapter(model: Any, base: str, adapter: str) -> Any:

@@ -41,6 +41,8 @@ from llmtune.eval.models import (
     load_reward_model,
     pick_device,
     pick_dtype,
+    require_causal_lm,
+    require_reward_model,
 )
 from llmtune.eval.pairs import Pair, is_pair_row, to_pair
 from llmtune.eval.rules import get_rule
@@ -68,6 +70,7 @@ class Env:
 def run_task(cfg: EvalConfig, console: Console) -> TaskResult:
     device = pick_device(cfg.device)
     env = Env(cfg, console, device, pick_dtype(cfg.dtype, device))
+    check_models(cfg)
     torch.manual_seed(cfg.seed)
     tasks: dict[str, Callable[[Env], TaskResult]] = {
         "perplexity": perplexity,
@@ -77,6 +80,36 @@ def run_task(cfg: EvalConfig, console: Console) -> TaskResult:
         "compare": compare,
     }
     return tasks[cfg.task](env)
+
+
+def check_models(cfg: EvalConfig) -> None:
+    """Each model is of the kind its role needs, from configs only (before any data is read or model loaded):
+    generating and token log-probabilities need a causal LM (a reward model's lm_head would be random), and
+    judging needs a reward model (a causal LM's score head would be random)."""
+    if cfg.task == "preference":
+        if is_reward_model(cfg.model, cfg.adapter):
+            return  # a reward model scores the pairs itself
+        policy_hint = (
+            "task preference takes a reward model as --model (scored directly) or a causal-LM policy "
+            "(scored by its implicit DPO reward against --reference)"
+        )
+        require_causal_lm(cfg.model, cfg.adapter, "--model", policy_hint)
+        if cfg.reference is not None:
+            require_causal_lm(cfg.reference, None, "--reference", "pass the causal LM the policy was trained from")
+        return
+    require_causal_lm(cfg.model, cfg.adapter, "--model", _causal_hint(cfg.task))
+    if cfg.task == "compare" and cfg.model_b is not None:
+        require_causal_lm(cfg.model_b, cfg.adapter_b, "--model-b", _causal_hint(cfg.task))
+    if cfg.task in ("reward", "compare"):
+        for path in cfg.reward_models:
+            require_reward_model(path, "--reward-model")
+
+
+def _causal_hint(task: str) -> str:
+    if task == "perplexity":
+        return "task perplexity scores a causal LM; for a reward model use --task preference on pairs"
+    judge = "; a reward model goes in --reward-model" if task in ("reward", "compare") else ""
+    return f"task {task} generates with a causal LM (a cpt / sft / dpo output, or a base model){judge}"
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -103,7 +136,7 @@ def convert(
         except RowError as e:
             report.drop(row.index, str(e))
     if not out:
-        top = "; ".join(f"row {i}: {why}" for i, why in report.first[:3])
+        top = _eval_names("; ".join(f"row {i}: {why}" for i, why in report.first[:3]))
         raise DataError(f"{name}: no row is usable as {what} ({report.rows} rows; e.g. {top})", hint=_format_hint(what))
     return out, report
 
@@ -134,7 +167,34 @@ def progress(console: Console, total: int, label: str) -> Iterator[Callable[[int
 
 
 def _template(tokenizer: Any, override: str | None, required: bool) -> str | None:
-    return resolve_chat_template(tokenizer, override, required=required)
+    try:
+        return resolve_chat_template(tokenizer, override, required=required)
+    except UserError as e:  # the shared message names the recipe key; eval's is --chat-template
+        raise type(e)(_eval_names(e.message), hint=_eval_names(e.hint) if e.hint else None) from None
+
+
+def _eval_names(text: str) -> str:
+    """A shared (recipe-side) message in eval's terms: its options rather than recipe keys."""
+    for recipe_key, option in (
+        ("set model.chat_template to", "pass --chat-template"),
+        ("check model.chat_template", "check --chat-template"),
+        ("model.chat_template", "--chat-template"),
+        ("this stage renders", "this task renders"),
+    ):
+        text = text.replace(recipe_key, option)
+    return text
+
+
+def _detect_format(rows: list[Any], path: str) -> str:
+    """detect_format, with eval's fix: the --format option (the shared hint names a recipe's `format:`)."""
+    try:
+        return detect_format([r.data for r in rows[:50] if r.data is not None])
+    except DataError as e:
+        raise DataError(
+            f"{path}: {e.message}",
+            hint="pass --format text|alpaca|sharegpt|messages (format: in an eval file), "
+            "or rename the file's columns to the names of one of those formats",
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------ perplexity
@@ -145,7 +205,7 @@ def perplexity(env: Env) -> TaskResult:
     rows = read_data(cfg.data, cfg.max_samples)
     fmt = cfg.format
     if fmt is None:
-        fmt = detect_format([r.data for r in rows[:50] if r.data is not None])
+        fmt = _detect_format(rows, cfg.data)
     if fmt in ("prompts", "pairs"):
         raise UserError(
             f"task perplexity reads text or sft data (text, alpaca, sharegpt, messages), not {fmt}",
@@ -183,7 +243,7 @@ def perplexity(env: Env) -> TaskResult:
             count += int(n.item())
             advance(min(cfg.batch_size, len(order) - start))
     if count == 0:
-        raise DataError(f"{cfg.data}: no token to score", hint="check data.max_length and the rows")
+        raise DataError(f"{cfg.data}: no token to score", hint="check --max-length and the rows")
     loss = loss_sum / count
     return TaskResult(
         {
@@ -385,7 +445,7 @@ def reward(env: Env) -> TaskResult:
     gens = run_generation(env, cfg.model, cfg.adapter, prompts, [p.messages for _, p in prompts], "--model")
     sources: dict[str, list[float]] = {}
     for path in cfg.reward_models:
-        rm = load_reward_model(path, env.dtype, env.device)
+        rm = load_reward_model(path, env.dtype, env.device, what="--reward-model")
         sources[path] = score_conversations(env, rm, [_with_reply(g.prompt.messages, g.completion) for g in gens], path)
         free(rm)
     for spec in cfg.rules:
@@ -433,7 +493,7 @@ def compare(env: Env) -> TaskResult:
     messages = [p.messages for _, p in prompts]
     gens_a = run_generation(env, cfg.model, cfg.adapter, prompts, messages, "--model")
     gens_b = run_generation(env, cfg.model_b, cfg.adapter_b, prompts, messages, "--model-b")
-    judge = load_reward_model(cfg.reward_models[0], env.dtype, env.device)
+    judge = load_reward_model(cfg.reward_models[0], env.dtype, env.device, what="--reward-model")
     sa = score_conversations(env, judge, [_with_reply(g.prompt.messages, g.completion) for g in gens_a], "model")
     sb = score_conversations(env, judge, [_with_reply(g.prompt.messages, g.completion) for g in gens_b], "model_b")
     win, tie, loss = metrics.win_tie_loss(sa, sb, cfg.tie_margin)
@@ -506,7 +566,7 @@ def preference(env: Env) -> TaskResult:
     items: list[Pair] = [p for _, p in pairs]
     if is_reward_model(cfg.model, cfg.adapter):
         mode = "reward_model"
-        rm = load_reward_model(cfg.model, env.dtype, env.device, adapter=cfg.adapter)
+        rm = load_reward_model(cfg.model, env.dtype, env.device, adapter=cfg.adapter, what="--model")
         chosen = score_conversations(env, rm, [_with_reply(p.messages, p.chosen) for p in items], "chosen")
         rejected = score_conversations(env, rm, [_with_reply(p.messages, p.rejected) for p in items], "rejected")
     else:
@@ -554,7 +614,7 @@ def _implicit_rewards(env: Env, items: list[Pair]) -> tuple[list[float], list[fl
         try:
             ids, labels = encode_conversation(tok, template, conv, cfg.max_length, train_on_prompt=False)
         except RowError as e:
-            raise DataError(f"a pair cannot be scored: {e}", hint="raise --max-length") from None
+            raise DataError(_eval_names(f"a pair cannot be scored: {e}"), hint="raise --max-length") from None
         return Sample(ids, labels)
 
     samples = [encode(p.messages, p.chosen) for p in items] + [encode(p.messages, p.rejected) for p in items]

@@ -14,6 +14,7 @@ unmerged base + adapter; a difference beyond tolerance is an error.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,23 @@ def resolve_base(base: str | None, adapter_cfg: dict[str, Any], adapter: str) ->
         if not recorded:
             raise UserError(f"{adapter}/adapter_config.json names no base model", hint="pass --base PATH")
         base = str(recorded)
+        if looks_local(base) and not Path(base).expanduser().exists():
+            raise UserError(
+                f"the adapter {adapter} records its base model as {base}, which does not exist "
+                + (
+                    "(moved, or on another machine)"
+                    if Path(base).expanduser().is_absolute()
+                    else f"from the current directory ({Path.cwd()}): a relative path is recorded relative to "
+                    "the directory training ran in"
+                ),
+                hint="pass --base PATH (the model the adapter was trained on)"
+                + ("" if Path(base).expanduser().is_absolute() else ", or run from the directory training ran in"),
+            )
+    elif looks_local(base) and not Path(base).expanduser().exists():
+        raise UserError(
+            f"could not load a model config from --base {base}: that path does not exist",
+            hint="pass the directory of the model the adapter was trained on (or its hub id)",
+        )
     base_cfg = load_config(base, "--base")
     if recorded and str(recorded) != base:
         same_path = (
@@ -248,6 +266,11 @@ def merge_lora(
     tolerance: float | None = None,
 ) -> MergeResult:
     """Merge ``adapter`` into ``base`` and write the standalone model to ``out``; then check its logits."""
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
+        raise UserError(
+            f"--tolerance {tolerance} must be a finite number above 0 (the largest |logit| difference allowed)",
+            hint="e.g. --tolerance 1e-3, or leave it out for the default of the dtype",
+        )
     adapter = str(adapter)
     check_finished(adapter, "--adapter")
     check_finished(base, "--base")
@@ -299,6 +322,41 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------------------------- average
 
 
+def check_weights(inputs: list[str], weights: list[float] | None) -> list[float]:
+    """The weights of an average normalised to sum 1 (equal when none are given): one per input, finite,
+    non-negative, not all 0, so that the result is a weighted mean of the inputs."""
+    if len(inputs) < 2:
+        raise UserError("merge averages two or more models", hint="pass --model PATH at least twice")
+    if not weights:
+        return [1.0 / len(inputs)] * len(inputs)
+    if len(weights) != len(inputs):
+        raise UserError(
+            f"{len(inputs)} models but {len(weights)} weights", hint="pass one --weight per --model, in the same order"
+        )
+    bad = [w for w in weights if not math.isfinite(w)]
+    if bad:
+        raise UserError(
+            f"--weight {bad[0]} is not a finite number (weights {weights})",
+            hint="pass finite weights such as --weight 0.7 --weight 0.3",
+        )
+    if any(w < 0 for w in weights):
+        raise UserError(
+            f"weights {weights} include a negative weight; merge takes a weighted mean of the models",
+            hint="pass non-negative weights (they are normalised to sum 1)",
+        )
+    top = max(weights)
+    if top <= 0:
+        raise UserError(
+            f"weights {weights} sum to 0; they are normalised to sum 1, which needs a positive sum",
+            hint="give at least one model a positive weight, e.g. --weight 1 --weight 1",
+        )
+    total = sum(weights)
+    if not math.isfinite(total):  # huge finite weights: normalise by the largest first
+        weights = [w / top for w in weights]
+        total = sum(weights)
+    return [w / total for w in weights]
+
+
 @dataclass
 class AverageResult:
     out: Path
@@ -324,20 +382,9 @@ def average_models(
     average of adapters on one base is exactly base + sum_i w_i * B_i A_i * scale_i. All inputs must
     share one architecture (same parameter names and shapes); weights are normalised to sum to 1.
     """
+    weights = check_weights(inputs, weights)  # before anything is loaded
     for p in inputs:
         check_finished(p, "--model")
-    if len(inputs) < 2:
-        raise UserError("merge averages two or more models", hint="pass --model PATH at least twice")
-    if weights is None or not weights:
-        weights = [1.0] * len(inputs)
-    if len(weights) != len(inputs):
-        raise UserError(
-            f"{len(inputs)} models but {len(weights)} weights", hint="pass one --weight per --model, in the same order"
-        )
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise UserError(f"weights {weights} must be non-negative with a positive sum")
-    total = sum(weights)
-    weights = [w / total for w in weights]
 
     notes: list[str] = []
     kinds: list[tuple[str, str | None, str]] = []  # (base or model path, adapter or None, task_type)

@@ -135,3 +135,38 @@ def test_average_full_models_and_adapters(tmp_path: Path) -> None:
         average_models([str(a), str(b)], [1.0], tmp_path / "soup3")
     with pytest.raises(UserError, match="two or more"):
         average_models([str(a)], None, tmp_path / "soup3")
+
+
+def test_average_weights_must_be_finite_and_non_negative(tmp_path: Path) -> None:
+    from llmtune.model.merge import check_weights
+
+    models = ["a", "b"]  # nothing is read: the weights are checked before any input
+    for bad in ([float("nan"), 1.0], [float("inf"), 1.0], [1.0, float("-inf")]):
+        with pytest.raises(UserError, match="not a finite number"):
+            average_models(models, bad, tmp_path / "soup")
+    with pytest.raises(UserError, match="negative"):
+        average_models(models, [-1.0, 2.0], tmp_path / "soup")
+    with pytest.raises(UserError, match="sum to 0"):
+        average_models(models, [0.0, 0.0], tmp_path / "soup")
+    assert not (tmp_path / "soup").exists()
+    assert check_weights(models, [1, 3]) == [0.25, 0.75]
+    assert check_weights(models, None) == [0.5, 0.5]
+    assert check_weights(models, [2.0, 0.0]) == [1.0, 0.0]
+    assert check_weights(models, [1e308, 1e308]) == [0.5, 0.5]  # a finite sum would overflow: no NaN
+
+
+def test_merge_lora_tolerance_and_missing_base(tmp_path: Path) -> None:
+    adapter = _lora(tmp_path, "lora")
+    for tol in (-1.0, 0.0, float("nan"), float("inf")):
+        with pytest.raises(UserError, match="finite number above 0"):
+            merge_lora(str(TINY_MODEL), str(adapter), tmp_path / "o1", tolerance=tol)
+    assert not (tmp_path / "o1").exists()
+    with pytest.raises(UserError, match="does not exist") as e:
+        merge_lora(str(tmp_path / "no" / "base"), str(adapter), tmp_path / "o2")
+    assert "repo" not in str(e.value).lower()
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "some/relative/base"
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="relative to the directory training ran in") as e:
+        merge_lora(None, str(adapter), tmp_path / "o3")
+    assert "--base" in str(e.value)
