@@ -234,6 +234,9 @@ def eval_(
     reward_weights: Annotated[
         list[float] | None, _opt("reward: weight per reward (repeatable).", "--reward-weight")
     ] = None,
+    trust_reward_code: Annotated[
+        bool, typer.Option("--trust-reward-code", help="reward: allow module:fn rules (they run that code).")
+    ] = False,
     model_b: Annotated[str | None, _opt("compare: the second model.", "--model-b")] = None,
     adapter_b: Annotated[str | None, _opt("compare: an adapter on --model-b.", "--adapter-b")] = None,
     tie_margin: Annotated[float | None, _opt("compare: score differences up to this are ties.", "--tie-margin")] = None,
@@ -254,7 +257,7 @@ def eval_(
         "regex": regex, "few_shot": few_shot, "few_shot_selection": few_shot_selection,
         "few_shot_data": few_shot_data, "reward_models": reward_models, "rules": rules,
         "reward_weights": reward_weights, "model_b": model_b, "adapter_b": adapter_b, "tie_margin": tie_margin,
-        "reference": reference, "beta": beta,
+        "reference": reference, "beta": beta, "trust_reward_code": trust_reward_code or None,
     }  # fmt: skip
     cfg = load_eval_config(config, options)
     from llmtune.eval.run import run_eval

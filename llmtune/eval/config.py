@@ -75,6 +75,10 @@ class EvalConfig(BaseModel):
         default_factory=list,
         description="reward: rule rewards: exact_match, contains, gsm8k, regex:PATTERN, module:function.",
     )
+    trust_reward_code: bool = Field(
+        default=False,
+        description="Allow module:function rules: they import and run that module's Python code.",
+    )
     reward_weights: list[float] | None = Field(
         default=None, description="reward: weight of each reward model then each rule in the total (default 1)."
     )
@@ -96,6 +100,12 @@ class EvalConfig(BaseModel):
                 raise ValueError("task compare needs model_b (--model-b PATH), the model to compare against")
             if len(self.reward_models) != 1:
                 raise ValueError("task compare needs exactly one judge in reward_models (--reward-model PATH)")
+        code = [r for r in self.rules if ":" in r and not r.startswith("regex:")]
+        if code and not self.trust_reward_code:
+            raise ValueError(
+                f"rule {code[0]!r} imports and runs Python code from module {code[0].partition(':')[0]!r}; that "
+                "happens only when asked for: pass --trust-reward-code (trust_reward_code: true in an eval file)"
+            )
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_models) + len(self.rules):
             raise ValueError(
                 f"reward_weights has {len(self.reward_weights)} entries for "

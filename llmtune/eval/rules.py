@@ -32,6 +32,9 @@ def get_rule(spec: str) -> tuple[Rule, bool]:
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
         raise UserError(f"unknown rule {spec!r}", hint=f"use one of {', '.join(BUILTIN_RULES)}, or module:function")
+    import warnings
+
+    warnings.warn(f"rule {spec}: running Python code from module {module} (trust_reward_code is on)", stacklevel=2)
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:

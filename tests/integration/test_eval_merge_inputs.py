@@ -213,3 +213,32 @@ def test_eval_format_hint_names_the_option(tmp_path: Path) -> None:
     proc = run_cli("eval", "--model", str(TINY_MODEL), "--data", str(data), "--task", "perplexity")
     _refused(proc, "cannot detect the data format", "--format")
     assert "on the source" not in proc.stderr and "columns:" not in proc.stderr
+
+
+def test_a_code_rule_runs_only_with_trust_reward_code(tmp_path: Path) -> None:
+    """A module:function rule imports user code: without --trust-reward-code it is refused and never imported."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "myrule.py").write_text(
+        "from pathlib import Path\n"
+        "Path(__file__).with_name('imported').write_text('yes')\n"
+        "def score(completion, answer):\n    return float(len(completion))\n"
+    )
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Say a word."}\n{"prompt": "Say another."}\n')
+    args = ["eval", "--model", str(TINY_MODEL), "--data", str(prompts), "--task", "reward", "--rule", "myrule:score"]
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+    def cli(*extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "llmtune", *args, "--max-new-tokens", "2", *extra]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    proc = cli()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--trust-reward-code" in proc.stderr and not (tmp_path / "imported").exists()
+    proc = cli("--trust-reward-code", "--output", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "imported").exists()
+    assert json.loads((tmp_path / "r.json").read_text())["rewards"]["myrule:score"]["mean"] >= 0

@@ -137,7 +137,8 @@ def test_rules() -> None:
     assert needs and em("Paris", "paris") == 1.0 and em("Lyon", "paris") == 0.0
     rx, needs = get_rule(r"regex:\d+")
     assert not needs and rx("abc 12", None) == 1.0 and rx("abc", None) == 0.0
-    mod, _ = get_rule("tests.unit.test_eval_metrics:length_rule")
+    with pytest.warns(UserWarning, match="running Python code from module tests.unit.test_eval_metrics"):
+        mod, _ = get_rule("tests.unit.test_eval_metrics:length_rule")
     assert mod("abcd", None) == 4.0
     from llmtune.errors import UserError
 
@@ -148,3 +149,15 @@ def test_rules() -> None:
 
 def length_rule(completion: str, answer: str | None) -> float:
     return float(len(completion))
+
+
+def test_code_rules_need_trust_reward_code(tmp_path) -> None:
+    from llmtune.errors import RecipeError
+    from llmtune.eval.config import load_eval_config
+
+    options = {"task": "reward", "model": "m", "data": "d.jsonl", "rules": ["contains", "mymod:score"]}
+    with pytest.raises(RecipeError, match="imports and runs Python code from module 'mymod'"):
+        load_eval_config(None, options)
+    assert load_eval_config(None, {**options, "trust_reward_code": True}).trust_reward_code
+    # built-in and regex rules need nothing
+    assert load_eval_config(None, {**options, "rules": ["contains", r"regex:\d+"]}).rules[1] == r"regex:\d+"
