@@ -38,7 +38,7 @@ def check_finished(path: str | None, what: str) -> None:
 
 def _check_output_dir(recipe: RecipeBase, inputs: list[str]) -> None:
     """output_dir must be (or become) a directory of its own: not a file, not under a file, and neither one of
-    the run's inputs nor a directory that holds one (--overwrite would write into a model or data)."""
+    the run's inputs nor inside one (--overwrite would write into a model's directory)."""
     out = Path(recipe.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise RecipeError(f"output_dir: {recipe.output_dir} is a file", hint="give a directory path for the outputs")
@@ -55,9 +55,9 @@ def _check_output_dir(recipe: RecipeBase, inputs: list[str]) -> None:
         if not looks_local(value):
             continue
         p = Path(value).expanduser().resolve()
-        if p == resolved or resolved in p.parents:
+        if p == resolved or p in resolved.parents:
             raise RecipeError(
-                f"output_dir: {recipe.output_dir} is or holds {value}, an input of this run",
+                f"output_dir: {recipe.output_dir} is {value} or inside it, an input of this run",
                 hint="write the outputs to a new directory (e.g. runs/<name>)",
             )
 

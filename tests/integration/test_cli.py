@@ -182,7 +182,7 @@ def test_validate_and_help_do_not_import_torch(tmp_path: Path) -> None:
     assert result["heavy"] == [], f"imported by --help / validate: {result['heavy']}"
 
 
-@pytest.mark.parametrize("case", ["a-file", "under-a-file", "the-model", "holds-the-data"])
+@pytest.mark.parametrize("case", ["a-file", "under-a-file", "the-model", "inside-the-model"])
 def test_an_output_dir_that_cannot_be_ours_is_refused(tmp_path: Path, case: str) -> None:
     recipe = base_recipe(tmp_path)
     data = tmp_path / "data.jsonl"
@@ -193,7 +193,7 @@ def test_an_output_dir_that_cannot_be_ours_is_refused(tmp_path: Path, case: str)
         "a-file": str(tmp_path / "afile"),
         "under-a-file": str(tmp_path / "afile" / "out"),
         "the-model": recipe["model"]["path"],
-        "holds-the-data": str(tmp_path),
+        "inside-the-model": str(Path(recipe["model"]["path"]) / "out"),
     }[case]
     path = write_recipe(tmp_path, recipe)
     for command in ("validate", "train"):
