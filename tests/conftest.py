@@ -71,27 +71,57 @@ def write_recipe(tmp_path: Path, recipe: dict[str, Any], name: str = "recipe.yam
     return path
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, nproc: int = 1) -> subprocess.CompletedProcess:
-    """Run the real CLI in a fresh process (DeepSpeed keeps process-global state)."""
+def cli_command(*args: str, nproc: int = 1) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of the real CLI in a fresh process (under torchrun when nproc > 1)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
+    cmd = [sys.executable, "-m", "llmtune", *args]
     if nproc > 1:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_port",
-            str(_free_port()),
-            "-m",
-            "llmtune",
-            *args,
-        ]
-    else:
-        cmd = [sys.executable, "-m", "llmtune", *args]
-    return subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port())]
+        cmd = [sys.executable, *launcher, "-m", "llmtune", *args]
+    return cmd, env
+
+
+def run_cli(
+    *args: str,
+    cwd: Path | None = None,
+    timeout: int = 600,
+    nproc: int = 1,
+    env: dict[str, str] | None = None,
+    **popen: Any,
+) -> subprocess.CompletedProcess:
+    """Run the real CLI in a fresh process (DeepSpeed keeps process-global state). env: added variables;
+    popen: further subprocess.run arguments (e.g. preexec_fn)."""
+    cmd, base = cli_command(*args, nproc=nproc)
+    return subprocess.run(
+        cmd, cwd=cwd or ROOT, env={**base, **(env or {})}, capture_output=True, text=True, timeout=timeout, **popen
+    )
+
+
+def start_cli(*args: str, nproc: int = 1, output: int = subprocess.PIPE) -> subprocess.Popen:
+    """Start the real CLI and return at once (for tests that signal or kill it). output=subprocess.DEVNULL
+    for long runs whose output nobody reads (a full pipe would block them)."""
+    cmd, env = cli_command(*args, nproc=nproc)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=output, stderr=output, text=True)
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "Traceback" not in proc.stderr
+
+
+def assert_refused(proc: subprocess.CompletedProcess, *phrases: str, fix: bool = True) -> str:
+    """A clean refusal: exit 2, `error:` (and a `fix:` line), no traceback, every phrase in stderr. Returns
+    stderr for further checks."""
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "error:" in proc.stderr, proc.stderr
+    if fix:
+        assert "fix:" in proc.stderr, proc.stderr
+    for phrase in phrases:
+        assert phrase in proc.stderr, proc.stderr
+    return proc.stderr
 
 
 def _free_port() -> int:

@@ -20,6 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmtune.errors import TrainingError, UserError
+from llmtune.recipe.checks import run_manifest
+
 MARKER = "COMPLETE"
 
 
@@ -101,17 +104,13 @@ def save_checkpoint(
         engine.save_checkpoint(str(root), tag=t, save_latest=False)
         (path / f"rng_state_{rank}.json").write_text(json.dumps(_rng_state()))
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        from llmtune.errors import TrainingError
-
-        done = complete_checkpoints(output_dir)
-        kept = f"the newest complete checkpoint, {done[-1]}, is kept" if done else "no complete checkpoint exists yet"
         detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         if isinstance(e, OSError) and e.strerror:
             detail = e.strerror
         elif isinstance(e, RuntimeError):
             detail = f"a file write failed: {detail}"
         raise TrainingError(
-            f"could not write checkpoint {path} ({detail}); training stopped ({kept})\n"
+            f"could not write checkpoint {path} ({detail}); training stopped ({resume_point(output_dir)})\n"
             "  fix: free disk space (or lower train.keep_checkpoints, or move output_dir to a larger disk), then "
             "run the same command again"
         ) from None
@@ -122,6 +121,14 @@ def save_checkpoint(
         _rotate(output_dir, keep, best)
     _barrier()
     return path
+
+
+def resume_point(output_dir: Path) -> str:
+    """What a stopped run leaves to resume from, for its message."""
+    done = complete_checkpoints(output_dir)
+    if done:
+        return f"the newest complete checkpoint, {done[-1]}, is kept: the same command resumes from it"
+    return "no checkpoint had been written yet: set train.save_every to keep them"
 
 
 def best_checkpoint(done: list[Path], metric: str, mode: str) -> Path | None:
@@ -249,8 +256,6 @@ def plan_run(
     A non-empty output_dir that is not a run of the same recipe is refused unless ``overwrite``.
     Pure apart from reading the directory; the caller removes stale checkpoints (``fresh_start``).
     """
-    from llmtune.errors import UserError
-
     if resume_from is not None:
         path = Path(resume_from).expanduser()
         if not path.is_dir():
@@ -283,13 +288,8 @@ def plan_run(
         )
     if overwrite or not resume:
         return RunPlan()
-    manifest = out / "run.json"
-    if manifest.is_file():
-        try:
-            if json.loads(manifest.read_text()).get("status") == "finished":
-                return RunPlan(finished=True)
-        except ValueError:
-            pass
+    if run_manifest(out).get("status") == "finished":
+        return RunPlan(finished=True)
     return RunPlan(resume_from=newest_checkpoint(out))
 
 

@@ -29,11 +29,11 @@ from llmtune.engine.checkpoint import (
     EXPORT_STAGING,
     RunPlan,
     TrainerState,
-    complete_checkpoints,
     fresh_start,
     load_checkpoint,
     plan_run,
     remove_partial_checkpoints,
+    resume_point,
     save_checkpoint,
     tag,
 )
@@ -272,70 +272,69 @@ def train(
     window_tokens = 0.0
     t_last = time.perf_counter()
     saved_step = state.step if ckpt is not None else -1
-    stopper = StopRequest(console)
-    try:
-        stopper.__enter__()
-        while state.step < total_steps:
-            for window in batches.epoch_windows(state.epoch, state.window_in_epoch):
-                lr = scheduler.get_last_lr()[0]  # the rate this step uses
-                try:
-                    result = _train_window(engine, stage, window, dist, guard, stopper.signum != 0)
-                except Exception as e:
-                    if is_fp16_scale_error(e):
-                        raise fp16_scale_error(e, state.step + 1, out) from None
-                    raise
-                state.step += 1
-                state.window_in_epoch += 1
-                state.tokens += int(result.units)
-                window_tokens += result.units
-                loss_val, grad_norm, step_metrics = result.loss, result.grad_norm, result.metrics
-                skipped = _check_numbers(result, recipe, state, out, console)
-                if skipped == "nan" and not result.applied:
-                    scheduler.step()  # DeepSpeed saw the overflow and held the schedule: a skipped step moves it on
-                if state.step % t.log_every == 0 or state.step == total_steps or state.step == 1 or skipped:
-                    now = time.perf_counter()
-                    record = {
-                        "step": state.step,
-                        "epoch": round(state.epoch + state.window_in_epoch / batches.windows_per_epoch, 4),
-                        "loss": loss_val,
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        unit: state.tokens,
-                        f"{unit}_per_s": window_tokens / max(now - t_last, 1e-9),
-                        **step_metrics,
-                    }
-                    if skipped:
-                        record["skipped"] = skipped
-                    if state.nan_skips:
-                        record["nan_skips"] = state.nan_skips
-                    if state.overflow_skips:
-                        record["overflow_skips"] = state.overflow_skips
-                    window_tokens, t_last = 0.0, now
-                    log.write(record)
-                    progress.log(record)
-                progress.update(state.step, loss_val, lr)
-                if t.eval_every and data.eval and state.step % t.eval_every == 0 and state.step < total_steps:
-                    _eval_and_log(engine, stage, data.eval, recipe, dist, collate, state, log, progress)
-                if t.save_every and state.step % t.save_every == 0 and state.step < total_steps:
-                    save_checkpoint(engine, out, state, dist.rank, t.keep_checkpoints, best)
-                    saved_step = state.step
-                if result.stop and state.step < total_steps:
-                    if saved_step != state.step:
+    with StopRequest(console) as stopper:  # SIGTERM / Ctrl-C: finish the step, checkpoint, stop
+        try:
+            while state.step < total_steps:
+                for window in batches.epoch_windows(state.epoch, state.window_in_epoch):
+                    lr = scheduler.get_last_lr()[0]  # the rate this step uses
+                    try:
+                        result = _train_window(engine, stage, window, dist, guard, stopper.signum != 0)
+                    except Exception as e:
+                        if is_fp16_scale_error(e):
+                            raise fp16_scale_error(e, state.step + 1, out) from None
+                        raise
+                    state.step += 1
+                    state.window_in_epoch += 1
+                    state.tokens += int(result.units)
+                    window_tokens += result.units
+                    loss_val, grad_norm, step_metrics = result.loss, result.grad_norm, result.metrics
+                    skipped = _check_numbers(result, recipe, state, out, console)
+                    if skipped == "nan" and not result.applied:
+                        scheduler.step()  # DeepSpeed saw the overflow and held the schedule: a skipped step moves it on
+                    if state.step % t.log_every == 0 or state.step == total_steps or state.step == 1 or skipped:
+                        now = time.perf_counter()
+                        record = {
+                            "step": state.step,
+                            "epoch": round(state.epoch + state.window_in_epoch / batches.windows_per_epoch, 4),
+                            "loss": loss_val,
+                            "lr": lr,
+                            "grad_norm": grad_norm,
+                            unit: state.tokens,
+                            f"{unit}_per_s": window_tokens / max(now - t_last, 1e-9),
+                            **step_metrics,
+                        }
+                        if skipped:
+                            record["skipped"] = skipped
+                        if state.nan_skips:
+                            record["nan_skips"] = state.nan_skips
+                        if state.overflow_skips:
+                            record["overflow_skips"] = state.overflow_skips
+                        window_tokens, t_last = 0.0, now
+                        log.write(record)
+                        progress.log(record)
+                    progress.update(state.step, loss_val, lr)
+                    if t.eval_every and data.eval and state.step % t.eval_every == 0 and state.step < total_steps:
+                        _eval_and_log(engine, stage, data.eval, recipe, dist, collate, state, log, progress)
+                    if t.save_every and state.step % t.save_every == 0 and state.step < total_steps:
                         save_checkpoint(engine, out, state, dist.rank, t.keep_checkpoints, best)
                         saved_step = state.step
-                    raise Stopped(stopper.signum or signal.SIGTERM, state.step, out / "checkpoints" / tag(state.step))
-                if state.step >= total_steps:
-                    break
-            else:
-                state.epoch += 1
-                state.window_in_epoch = 0
-    except BaseException as e:
-        stopper.__exit__()
-        progress.stop()
-        manifest["status"] = "stopped" if isinstance(e, Stopped) else "failed"
-        _write_manifest(out, manifest, dist)
-        raise
-    stopper.__exit__()
+                    if result.stop and state.step < total_steps:
+                        if saved_step != state.step:
+                            save_checkpoint(engine, out, state, dist.rank, t.keep_checkpoints, best)
+                            saved_step = state.step
+                        raise Stopped(
+                            stopper.signum or signal.SIGTERM, state.step, out / "checkpoints" / tag(state.step)
+                        )
+                    if state.step >= total_steps:
+                        break
+                else:
+                    state.epoch += 1
+                    state.window_in_epoch = 0
+        except BaseException as e:
+            progress.stop()
+            manifest["status"] = "stopped" if isinstance(e, Stopped) else "failed"
+            _write_manifest(out, manifest, dist)
+            raise
     progress.stop()
 
     if data.eval:
@@ -512,7 +511,7 @@ def _check_numbers(result: WindowResult, recipe: RecipeBase, state: TrainerState
         return "overflow"
     if cause is None:
         return None
-    checkpoints = _kept(out)
+    checkpoints = resume_point(out)
     fix = (
         "  fix: lower train.lr, keep train.max_grad_norm on, use bf16 rather than fp16, and check the data for "
         "empty or extreme rows"
@@ -535,14 +534,6 @@ def _check_numbers(result: WindowResult, recipe: RecipeBase, state: TrainerState
     return "nan"
 
 
-def _kept(out: Path) -> str:
-    """What a stopped run leaves to resume from, for its message."""
-    done = complete_checkpoints(out)
-    if done:
-        return f"the newest complete checkpoint, {done[-1]}, is kept: the same command resumes from it"
-    return "no checkpoint had been written yet: set train.save_every to keep them"
-
-
 def is_fp16_scale_error(e: BaseException) -> bool:
     return "loss scale already at minimum" in str(e)
 
@@ -551,7 +542,7 @@ def fp16_scale_error(e: BaseException, step: int, out: Path) -> TrainingError:
     """DeepSpeed's dynamic loss scaler gave up: fp16 overflows even at the smallest loss scale."""
     return TrainingError(
         f"fp16 overflow at step {step}: the gradients overflow even at the minimum loss scale; training stopped "
-        f"({_kept(out)})\n"
+        f"({resume_point(out)})\n"
         "  fix: use precision: bf16 (on Ampere or newer GPUs), or lower train.lr and keep train.max_grad_norm on"
     )
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from llmtune.errors import UserError
-from llmtune.model.load import DTYPES, check_tokenizers_agree, load_config, tokenizer_from
+from llmtune.model.load import DTYPES, check_tokenizers_agree, is_reward_architecture, load_config, tokenizer_from
 from llmtune.model.merge import adapter_config_or_none
 from llmtune.recipe.checks import check_finished
 from llmtune.recipe.schema import looks_local
@@ -99,17 +99,13 @@ def _architectures(base: str, what: str) -> list[str]:
     return list(getattr(load_config(base, what), "architectures", None) or [])
 
 
-def _is_seq_cls(archs: list[str]) -> bool:
-    return any(a.endswith("ForSequenceClassification") for a in archs)
-
-
 def is_reward_model(model: str, adapter: str | None) -> bool:
     """A SEQ_CLS adapter, or (without an adapter) a model whose config names a *ForSequenceClassification
     architecture: something with a trained score head."""
     base, adapter, cfg = resolve(model, adapter)
     if cfg is not None:
         return cfg.get("task_type") == "SEQ_CLS"
-    return _is_seq_cls(_architectures(base, "--model"))
+    return is_reward_architecture(_architectures(base, "--model"))
 
 
 REWARD_MODEL_HINT = (
@@ -131,7 +127,7 @@ def require_causal_lm(model: str, adapter: str | None, what: str, hint: str | No
             hint=hint,
         )
     archs = _architectures(base, what)
-    if _is_seq_cls(archs):
+    if is_reward_architecture(archs):
         raise UserError(
             f"{what} {base} is a reward model ({', '.join(archs)}): it has a score head, not a language-model "
             "head, so it cannot generate or give token log-probabilities",
@@ -151,7 +147,7 @@ def require_reward_model(path: str, what: str = "--reward-model") -> None:
             )
         return
     archs = _architectures(base, what)
-    if archs and not _is_seq_cls(archs):
+    if archs and not is_reward_architecture(archs):
         raise UserError(
             f"{what} {path} is not a reward model: its config's architectures are {', '.join(archs)} "
             "(no score head), and it is not a SEQ_CLS adapter; its scores would come from a random head",

@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 
 from llmtune.errors import RecipeError, UserError
+from llmtune.recipe.checks import run_manifest
 from llmtune.recipe.schema import FinetuningConfig, ModelConfig, RecipeBase, looks_local
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -261,13 +262,7 @@ def check_tokenizer_record(
 def saved_tokenizer_record(path: str | None) -> dict[str, Any] | None:
     """The "tokenizer" record of the run.json in a local llmtune output directory; None when there is no
     such directory, file or key, or it cannot be read."""
-    if not path:
-        return None
-    f = Path(path).expanduser() / "run.json"
-    try:
-        record = json.loads(f.read_text(encoding="utf-8")).get("tokenizer")
-    except (OSError, ValueError, AttributeError):
-        return None
+    record = run_manifest(path).get("tokenizer")
     if not isinstance(record, dict):
         return None
     size, sha = record.get("size"), record.get("vocab_sha256")
@@ -439,11 +434,16 @@ def check_reference_tokenizer(recipe: RecipeBase, path: str, tokenizer: Any) -> 
     )
 
 
+def is_reward_architecture(archs: list[str]) -> bool:
+    """A config's `architectures` name a reward model (a sequence classifier with a score head)."""
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
 def refuse_reward_model(config: Any, what: str) -> None:
     """A reward model (a *ForSequenceClassification checkpoint) where a causal LM is needed: its language-model
     head would be created at random, silently."""
     archs = getattr(config, "architectures", None) or []
-    if archs and all(a.endswith("ForSequenceClassification") for a in archs):
+    if is_reward_architecture(archs):
         raise RecipeError(
             f"{what} is a reward model ({archs[0]}): it has no language-model head, and a random one would be "
             "used in its place",
@@ -457,7 +457,6 @@ def load_reference_model(recipe: RecipeBase, path: str, device: torch.device, to
     not partitioned. Call when no HfDeepSpeedConfig is alive."""
     from transformers import AutoModelForCausalLM
 
-    check_reference_tokenizer(recipe, path, tokenizer)
     refuse_reward_model(load_config(path, "dpo.reference", **_hub_kwargs(recipe.model)), f"dpo.reference {path}")
     kwargs: dict[str, Any] = {"dtype": weight_dtype(recipe), **_hub_kwargs(recipe.model)}
     if recipe.model.attn_implementation != "auto":

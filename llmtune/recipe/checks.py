@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from llmtune.errors import DataError, RecipeError, UserError
 from llmtune.recipe.schema import RecipeBase, looks_local
@@ -11,16 +12,21 @@ from llmtune.recipe.schema import RecipeBase, looks_local
 BUILTIN_TEMPLATES = ("chatml", "llama3", "alpaca")
 
 
+def run_manifest(path: str | Path | None) -> dict[str, Any]:
+    """The run.json of a local llmtune output directory; {} when there is none or it cannot be read."""
+    if not path or not looks_local(str(path)):
+        return {}
+    try:
+        manifest = json.loads((Path(path).expanduser() / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
 def unfinished_run(path: str | None) -> str | None:
     """The run.json status of an llmtune output directory whose run has not finished (running, failed,
     stopped); None for a finished run and for anything that is not an llmtune output."""
-    if not path or not looks_local(path):
-        return None
-    f = Path(path).expanduser() / "run.json"
-    try:
-        status = json.loads(f.read_text(encoding="utf-8")).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
+    status = run_manifest(path).get("status")
     return None if status in (None, "finished") else str(status)
 
 

@@ -11,23 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_MODEL, base_recipe, run_cli, write_recipe
+from tests.conftest import ROOT, TINY_MODEL, assert_ok, assert_refused, base_recipe, run_cli, write_recipe
 
 PAIRS = ROOT / "recipes" / "quickstart" / "pairs.jsonl"
 SFT = ROOT / "recipes" / "quickstart" / "sft.jsonl"
-
-
-def _ok(proc) -> None:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "Traceback" not in proc.stderr
-
-
-def _refused(proc, *phrases: str) -> None:
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr + proc.stdout
-    assert "error:" in proc.stderr and "fix:" in proc.stderr, proc.stderr
-    for phrase in phrases:
-        assert phrase in proc.stderr, proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +23,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     outs = {}
     tmp = tmp_path_factory.mktemp("sft")
     sft = base_recipe(tmp, train={"max_steps": 2, "micro_batch_size": 4, "lr": 1e-3, "log_every": 1})
-    _ok(run_cli("train", str(write_recipe(tmp, sft))))
+    assert_ok(run_cli("train", str(write_recipe(tmp, sft))))
     outs["sft"] = Path(sft["output_dir"])
     tmp = tmp_path_factory.mktemp("rm")
     rm = base_recipe(
@@ -45,7 +32,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         data={"train": [{"path": str(PAIRS)}], "max_length": 128},
         train={"max_steps": 2, "micro_batch_size": 4, "lr": 1e-3, "log_every": 1},
     )
-    _ok(run_cli("train", str(write_recipe(tmp, rm))))
+    assert_ok(run_cli("train", str(write_recipe(tmp, rm))))
     outs["rm"] = Path(rm["output_dir"])
     assert json.loads((outs["rm"] / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
     assert (outs["rm"] / "merged" / "config.json").is_file()
@@ -64,15 +51,15 @@ def test_reward_model_adapter_and_merged_without_pad_id_score_in_batches(runs: d
     rm = runs["rm"]
     one, many = tmp_path / "one.json", tmp_path / "many.json"
     common = ["eval", "--data", str(PAIRS), "--task", "preference", "--max-samples", "8"]
-    _ok(run_cli(*common, "--model", str(rm), "--batch-size", "1", "--output", str(one)))
-    _ok(run_cli(*common, "--model", str(rm), "--batch-size", "8", "--output", str(many)))
+    assert_ok(run_cli(*common, "--model", str(rm), "--batch-size", "1", "--output", str(one)))
+    assert_ok(run_cli(*common, "--model", str(rm), "--batch-size", "8", "--output", str(many)))
     got = json.loads(many.read_text())
     assert got["scored_by"] == "reward_model" and got["pairs"] == 8
     assert _scores(many) == pytest.approx(_scores(one), abs=1e-4)
 
     # the same adapter as --model BASE --adapter RM
     both = tmp_path / "both.json"
-    _ok(run_cli(*common, "--model", str(TINY_MODEL), "--adapter", str(rm), "--output", str(both)))
+    assert_ok(run_cli(*common, "--model", str(TINY_MODEL), "--adapter", str(rm), "--output", str(both)))
     assert _scores(both) == pytest.approx(_scores(one), abs=1e-4)
 
     # a merged (full) reward model whose config lost pad_token_id: the tokenizer's is used
@@ -82,12 +69,12 @@ def test_reward_model_adapter_and_merged_without_pad_id_score_in_batches(runs: d
     cfg.pop("pad_token_id", None)
     (merged / "config.json").write_text(json.dumps(cfg))
     full = tmp_path / "full.json"
-    _ok(run_cli(*common, "--model", str(merged), "--batch-size", "8", "--output", str(full)))
+    assert_ok(run_cli(*common, "--model", str(merged), "--batch-size", "8", "--output", str(full)))
     assert _scores(full) == pytest.approx(_scores(one), abs=1e-4)
 
     # as the judge of task reward, in batches
     rew = tmp_path / "reward.json"
-    _ok(run_cli(
+    assert_ok(run_cli(
         "eval", "--model", str(TINY_MODEL), "--reward-model", str(rm), "--data", str(SFT), "--task", "reward",
         "--max-samples", "3", "--max-new-tokens", "3", "--output", str(rew),
     ))  # fmt: skip
@@ -97,7 +84,7 @@ def test_reward_model_adapter_and_merged_without_pad_id_score_in_batches(runs: d
 def test_causal_lm_is_refused_as_a_reward_model(runs: dict[str, Path], tmp_path: Path) -> None:
     # with --batch-size 1 this used to exit 0, scoring with a randomly initialised head
     for extra in ([], ["--batch-size", "1"]):
-        _refused(
+        assert_refused(
             run_cli(
                 "eval", "--model", str(TINY_MODEL), "--reward-model", str(TINY_MODEL), "--data", str(SFT),
                 "--task", "reward", "--max-samples", "2", "--max-new-tokens", "2", *extra,
@@ -107,7 +94,7 @@ def test_causal_lm_is_refused_as_a_reward_model(runs: dict[str, Path], tmp_path:
         )  # fmt: skip
         assert not (tmp_path / "r.json").exists()
     # a causal-LM adapter as the judge of compare
-    _refused(
+    assert_refused(
         run_cli(
             "eval", "--model", str(TINY_MODEL), "--model-b", str(runs["sft"]), "--reward-model", str(runs["sft"]),
             "--data", str(SFT), "--task", "compare", "--max-samples", "2", "--max-new-tokens", "2",
@@ -119,50 +106,56 @@ def test_causal_lm_is_refused_as_a_reward_model(runs: dict[str, Path], tmp_path:
 def test_reward_model_is_refused_where_a_causal_lm_is_needed(runs: dict[str, Path], tmp_path: Path) -> None:
     rm, merged = runs["rm"], runs["rm"] / "merged"
     short = ["--max-samples", "2", "--max-new-tokens", "2"]
-    _refused(
-        run_cli("eval", "--model", str(rm), "--data", str(SFT), "--task", "perplexity", "--max-samples", "2"),
-        "reward-model adapter",
-        "--task preference",
+    messages: list[str] = []
+    messages.append(
+        assert_refused(
+            run_cli("eval", "--model", str(rm), "--data", str(SFT), "--task", "perplexity", "--max-samples", "2"),
+            "reward-model adapter",
+            "--task preference",
+        )
     )
-    _refused(
-        run_cli("eval", "--model", str(merged), "--data", str(SFT), "--task", "generate", *short),
-        "is a reward model",
-        "LlamaForSequenceClassification",
+    messages.append(
+        assert_refused(
+            run_cli("eval", "--model", str(merged), "--data", str(SFT), "--task", "generate", *short),
+            "is a reward model",
+            "LlamaForSequenceClassification",
+        )
     )
-    _refused(
+    messages.append(assert_refused(
         run_cli("eval", "--model", str(TINY_MODEL), "--adapter", str(rm), "--data", str(SFT), "--task", "generate",
                 *short),
         "reward-model adapter",
-    )  # fmt: skip
-    _refused(
+    ))  # fmt: skip
+    messages.append(assert_refused(
         run_cli(
             "eval", "--model", str(merged), "--model-b", str(TINY_MODEL), "--reward-model", str(rm),
             "--data", str(SFT), "--task", "compare", *short,
         ),
         "--model", "is a reward model", "--reward-model",
-    )  # fmt: skip
-    _refused(
+    ))  # fmt: skip
+    messages.append(assert_refused(
         run_cli(
             "eval", "--model", str(TINY_MODEL), "--model-b", str(rm), "--reward-model", str(rm),
             "--data", str(SFT), "--task", "compare", *short,
         ),
         "--model-b", "reward-model adapter",
-    )  # fmt: skip
+    ))  # fmt: skip
     # preference: a policy's reference must be a causal LM (a reward model as --model is scored directly)
-    _refused(
+    messages.append(assert_refused(
         run_cli(
             "eval", "--model", str(runs["sft"]), "--reference", str(merged), "--data", str(PAIRS),
             "--task", "preference", "--max-samples", "2",
         ),
         "--reference", "is a reward model",
-    )  # fmt: skip
+    ))  # fmt: skip
+    assert len(messages) == 6 and all("not a language-model head" in m for m in messages), messages
 
 
 def test_merge_refuses_non_finite_weights(runs: dict[str, Path], tmp_path: Path) -> None:
     a = str(runs["sft"])
     out = tmp_path / "soup"
     for w in ("nan", "-inf"):  # inf, negative and all-zero weights: tests/unit/test_merge.py
-        _refused(
+        assert_refused(
             run_cli("merge", "--model", a, "--model", a, "--weight", w, "--weight", "1", "--out", str(out)),
             "not a finite number",
         )
@@ -172,7 +165,7 @@ def test_merge_refuses_non_finite_weights(runs: dict[str, Path], tmp_path: Path)
 def test_merge_lora_refuses_a_bad_tolerance_before_merging(runs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "merged"
     for tol in ("-1", "nan"):  # inf and 0: tests/unit/test_merge.py
-        _refused(
+        assert_refused(
             run_cli("merge-lora", "--adapter", str(runs["sft"]), "--out", str(out), "--tolerance", tol),
             "--tolerance",
             "finite number above 0",
@@ -183,7 +176,7 @@ def test_merge_lora_refuses_a_bad_tolerance_before_merging(runs: dict[str, Path]
 def test_missing_base_paths_are_named_as_such(runs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "merged"
     proc = run_cli("merge-lora", "--adapter", str(runs["sft"]), "--out", str(out), "--base", "/does/not/exist")
-    _refused(proc, "/does/not/exist", "does not exist")
+    assert_refused(proc, "/does/not/exist", "does not exist")
     assert "repo" not in proc.stderr.lower()
 
     # an adapter that recorded its base relative to where training ran, used from elsewhere
@@ -195,31 +188,29 @@ def test_missing_base_paths_are_named_as_such(runs: dict[str, Path], tmp_path: P
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     proc = run_cli("merge-lora", "--adapter", str(adapter), "--out", str(out), cwd=elsewhere)
-    _refused(proc, "recipes/quickstart/model", "does not exist", "relative", "--base")
+    assert_refused(proc, "recipes/quickstart/model", "does not exist", "relative", "--base")
     assert "repo" not in proc.stderr.lower() and not out.exists()
     proc = run_cli(
         "eval", "--model", str(adapter), "--data", str(SFT), "--task", "perplexity", "--max-samples", "2", cwd=elsewhere
     )
-    _refused(proc, "recipes/quickstart/model", "does not exist", "relative", "--adapter")
+    assert_refused(proc, "recipes/quickstart/model", "does not exist", "relative", "--adapter")
     assert "repo" not in proc.stderr.lower()
     # --base is the fix
     proc = run_cli("merge-lora", "--adapter", str(adapter), "--out", str(out), "--base", str(TINY_MODEL), cwd=elsewhere)
-    _ok(proc)
+    assert_ok(proc)
 
 
 def test_eval_format_hint_names_the_option(tmp_path: Path) -> None:
     data = tmp_path / "odd.jsonl"
     data.write_text(json.dumps({"foo": "bar"}) + "\n")
     proc = run_cli("eval", "--model", str(TINY_MODEL), "--data", str(data), "--task", "perplexity")
-    _refused(proc, "cannot detect the data format", "--format")
+    assert_refused(proc, "cannot detect the data format", "--format")
     assert "on the source" not in proc.stderr and "columns:" not in proc.stderr
 
 
 def test_a_code_rule_runs_only_with_trust_reward_code(tmp_path: Path) -> None:
     """A module:function rule imports user code: without --trust-reward-code it is refused and never imported."""
     import os
-    import subprocess
-    import sys
 
     (tmp_path / "myrule.py").write_text(
         "from pathlib import Path\n"
@@ -229,11 +220,10 @@ def test_a_code_rule_runs_only_with_trust_reward_code(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Say a word."}\n{"prompt": "Say another."}\n')
     args = ["eval", "--model", str(TINY_MODEL), "--data", str(prompts), "--task", "reward", "--rule", "myrule:score"]
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
-    def cli(*extra: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "llmtune", *args, "--max-new-tokens", "2", *extra]
-        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    def cli(*extra: str):
+        return run_cli(*args, "--max-new-tokens", "2", *extra, env=env, timeout=300)
 
     proc = cli()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

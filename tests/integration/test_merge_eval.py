@@ -3,6 +3,7 @@ and compared with base + adapter; eval numbers checked against independent trans
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import TINY_MODEL, base_recipe, run_cli, write_recipe
+from tests.conftest import TINY_MODEL, assert_ok, assert_refused, base_recipe, run_cli, write_recipe
 
 TEXTS = [
     "The river runs past the old stone mill and into the green valley.",
@@ -22,17 +23,8 @@ TEXTS = [
 ]
 
 
-def _ok(proc) -> None:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "Traceback" not in proc.stderr
-
-
-def _assert_refused(proc, *phrases: str) -> None:
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr + proc.stdout
-    assert "error:" in proc.stderr
-    for phrase in phrases:
-        assert phrase in proc.stderr, proc.stderr
+# recipe-validation refusals there name the fix as a did-you-mean, not always on a `fix:` line
+_refused = functools.partial(assert_refused, fix=False)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +39,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             train={"max_steps": 3, "micro_batch_size": 4, "lr": 1e-2, "log_every": 1},
             precision="bf16" if method == "qlora" else "fp32",
         )
-        _ok(run_cli("train", str(write_recipe(tmp, recipe))))
+        assert_ok(run_cli("train", str(write_recipe(tmp, recipe))))
         outs[method] = Path(recipe["output_dir"])
     return outs
 
@@ -68,7 +60,7 @@ def test_merge_lora_matches_base_plus_adapter(trained: dict[str, Path], tmp_path
     proc = run_cli(
         "merge-lora", "--base", str(TINY_MODEL), "--adapter", str(adapter), "--out", str(out), "--dtype", "fp32"
     )
-    _ok(proc)
+    assert_ok(proc)
     assert "max |logit difference| vs base + adapter" in proc.stdout
     if method == "qlora":
         assert "qlora adapter" in proc.stdout and "never into 4-bit" in proc.stdout
@@ -85,19 +77,17 @@ def test_merge_lora_matches_base_plus_adapter(trained: dict[str, Path], tmp_path
     assert (out / "chat_template.jinja").is_file() and (out / "generation_config.json").is_file()
 
     if method == "lora":  # a non-empty --out is refused (the message names --overwrite)
-        _assert_refused(
-            run_cli("merge-lora", "--adapter", str(adapter), "--out", str(out)), "is not empty", "--overwrite"
-        )
+        _refused(run_cli("merge-lora", "--adapter", str(adapter), "--out", str(out)), "is not empty", "--overwrite")
 
 
 def test_merge_lora_bad_inputs(trained: dict[str, Path], tmp_path: Path) -> None:
-    _assert_refused(
+    _refused(
         run_cli(
             "merge-lora", "--base", str(TINY_MODEL), "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "o")
         ),
         "does not exist",
     )
-    _assert_refused(
+    _refused(
         run_cli(
             "merge-lora",
             "--base",
@@ -135,7 +125,7 @@ def test_eval_perplexity_matches_transformers_and_yaml_form(tmp_path: Path) -> N
         "eval", "--model", str(TINY_MODEL), "--data", str(data), "--task", "perplexity",
         "--batch-size", "2", "--output", str(report),
     )  # fmt: skip
-    _ok(proc)
+    assert_ok(proc)
     assert "perplexity" in proc.stdout
     got = json.loads(report.read_text())
     loss, n = _ppl_reference(TEXTS)
@@ -148,13 +138,13 @@ def test_eval_perplexity_matches_transformers_and_yaml_form(tmp_path: Path) -> N
     path = tmp_path / "eval.yaml"
     path.write_text(yaml.safe_dump(cfg))
     report2 = tmp_path / "ppl2.json"
-    _ok(run_cli("eval", str(path), "--output", str(report2)))
+    assert_ok(run_cli("eval", str(path), "--output", str(report2)))
     assert json.loads(report2.read_text())["loss"] == pytest.approx(loss, rel=1e-5)
     assert not (tmp_path / "ignored.json").exists()
 
     # a misspelled key in the file: exit 2 with a suggestion, before any model is loaded
     path.write_text(yaml.safe_dump({**cfg, "batchsize": 4}))
-    _assert_refused(run_cli("eval", str(path)), "batchsize", "Did you mean 'batch_size'?")
+    _refused(run_cli("eval", str(path)), "batchsize", "Did you mean 'batch_size'?")
 
 
 def _greedy(prompts: list[str], max_new: int) -> list[str]:
@@ -193,7 +183,7 @@ def test_eval_generate_exact_match_equals_independent_count(tmp_path: Path) -> N
         "eval", "--model", str(TINY_MODEL), "--data", str(data), "--task", "generate", "--max-new-tokens", "6",
         "--batch-size", "4", "--output", str(report),
     )  # fmt: skip
-    _ok(proc)
+    assert_ok(proc)
     got = json.loads(report.read_text())
     from llmtune.eval.metrics import normalize
 
@@ -231,7 +221,7 @@ def test_eval_preference_reward_and_compare(trained: dict[str, Path], tmp_path: 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     report = tmp_path / "pref.json"
-    _ok(
+    assert_ok(
         run_cli(
             "eval",
             "--model",
@@ -266,7 +256,7 @@ def test_eval_preference_reward_and_compare(trained: dict[str, Path], tmp_path: 
     assert got["margin"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-4)
 
     # a policy's implicit DPO reward: the lora output against its base (the adapter disabled)
-    _ok(
+    assert_ok(
         run_cli(
             "eval",
             "--model",
@@ -287,7 +277,7 @@ def test_eval_preference_reward_and_compare(trained: dict[str, Path], tmp_path: 
     prompts.write_text(
         "".join(json.dumps({"prompt": f"Name a thing like {w}.", "answer": w}) + "\n" for w in words[:4])
     )
-    _ok(run_cli(
+    assert_ok(run_cli(
         "eval", "--model", str(TINY_MODEL), "--data", str(prompts), "--task", "reward", "--reward-model", str(rm_dir),
         "--rule", "contains", "--max-new-tokens", "4", "--output", str(tmp_path / "reward.json"),
     ))  # fmt: skip
@@ -295,7 +285,7 @@ def test_eval_preference_reward_and_compare(trained: dict[str, Path], tmp_path: 
     assert set(rew["rewards"]) == {str(rm_dir), "contains"} and rew["examples"] == 4
     rows = [json.loads(line) for line in Path(rew["generations"]).read_text().splitlines()]
     assert rew["mean_reward"] == pytest.approx(sum(r["reward"] for r in rows) / 4)
-    _ok(run_cli(
+    assert_ok(run_cli(
         "eval", "--model", str(TINY_MODEL), "--model-b", str(trained["lora"]), "--data", str(prompts), "--task", "compare",
         "--reward-model", str(rm_dir), "--max-new-tokens", "4", "--output", str(tmp_path / "cmp.json"),
     ))  # fmt: skip
@@ -307,22 +297,22 @@ def test_eval_preference_reward_and_compare(trained: dict[str, Path], tmp_path: 
 def test_eval_bad_paths_and_formats(tmp_path: Path) -> None:
     text = tmp_path / "t.jsonl"
     text.write_text(json.dumps({"text": "hello"}) + "\n")
-    _assert_refused(
+    _refused(
         run_cli("eval", "--model", str(TINY_MODEL), "--data", str(tmp_path / "missing.jsonl"), "--task", "perplexity"),
         "does not exist",
     )
-    _assert_refused(
+    _refused(
         run_cli("eval", "--model", str(tmp_path / "nomodel"), "--data", str(text), "--task", "perplexity"),
         "does not exist",
     )
-    _assert_refused(
+    _refused(
         run_cli("eval", "--model", str(TINY_MODEL), "--data", str(text), "--task", "perplexity", "--format", "csv"),
         "format",
     )
-    _assert_refused(
+    _refused(
         run_cli("eval", "--model", str(TINY_MODEL), "--data", str(text), "--task", "perplx"), "Did you mean perplexity"
     )
-    _assert_refused(
+    _refused(
         run_cli("eval", "--model", str(TINY_MODEL), "--data", str(text), "--task", "preference"), "no preference pairs"
     )
-    _assert_refused(run_cli("eval", str(tmp_path / "nope.yaml")), "does not exist")
+    _refused(run_cli("eval", str(tmp_path / "nope.yaml")), "does not exist")

@@ -7,7 +7,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, TINY_MODEL, as_if_killed, base_recipe, read_metrics, run_cli, write_recipe
+from tests.conftest import (
+    ROOT,
+    TINY_MODEL,
+    as_if_killed,
+    base_recipe,
+    read_metrics,
+    run_cli,
+    start_cli,
+    write_recipe,
+)
 from tests.integration.test_train import unseen_sft_data
 
 
@@ -99,10 +107,7 @@ def test_secrets_never_reach_outputs(tmp_path: Path) -> None:
         train={"max_steps": 3, "save_every": 2},
     )
     path = write_recipe(tmp_path, recipe)
-    env = {**os.environ, "HF_TOKEN": secret_env, "WANDB_API_KEY": secret_env}
-    proc = subprocess.run(
-        [sys.executable, "-m", "llmtune", "train", str(path)], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    proc = run_cli("train", str(path), env={"HF_TOKEN": secret_env, "WANDB_API_KEY": secret_env})
     assert proc.returncode == 0, proc.stderr[-3000:]
     for text in (proc.stdout, proc.stderr):
         assert secret_env not in text and secret_recipe not in text
@@ -173,14 +178,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_weights(tm
     recipe = _resume_recipe(tmp_path / "b", data, max_steps=70, save_every=7, keep_checkpoints=2)
     path = write_recipe(tmp_path / "b", recipe)
     out = Path(recipe["output_dir"])
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llmtune", "train", str(path)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_cli("train", str(path), output=subprocess.DEVNULL)
     target = random.Random(os.getpid()).choice([14, 21, 28, 35])
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -220,14 +218,7 @@ def test_sigkill_during_a_checkpoint_write_then_resume_gives_the_uninterrupted_w
     path = write_recipe(tmp_path / "b", recipe)
     out = Path(recipe["output_dir"])
     ckpts = out / "checkpoints"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llmtune", "train", str(path)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_cli("train", str(path), output=subprocess.DEVNULL)
     partial = None
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and partial is None:
@@ -286,16 +277,8 @@ def test_sigterm_and_ctrl_c_write_a_checkpoint_and_the_resumed_run_ends_as_an_un
     recipe = _resume_recipe(tmp_path / "b", data, max_steps=30)  # no save_every
     path = write_recipe(tmp_path / "b", recipe)
     out = Path(recipe["output_dir"])
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     for sig, code, at in ((signal.SIGTERM, 143, 5), (signal.SIGINT, 130, 15)):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "llmtune", "train", str(path)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = start_cli("train", str(path))
         _wait_for_step(proc, out, at)
         proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=300)
@@ -330,22 +313,7 @@ def test_sigterm_to_torchrun_stops_both_processes_after_the_same_step_with_one_c
     recipe["distributed"] = zero
     path = write_recipe(tmp_path / "b", recipe)
     out = Path(recipe["output_dir"])
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    proc = subprocess.Popen(
-        [*cmd, "-m", "llmtune", "train", str(path)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli("train", str(path), nproc=2)
     _wait_for_step(proc, out, 4)
     proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
     _, stderr = proc.communicate(timeout=300)
@@ -469,20 +437,11 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_the_fix(tmp_path
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
         resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "llmtune", "train", str(path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=limit_file_size,
-    )
+    proc = run_cli("train", str(path), timeout=300, preexec_fn=limit_file_size)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert "could not write checkpoint" in proc.stderr and "step-00000002" in proc.stderr
-    assert "free disk space" in proc.stderr and "no complete checkpoint exists yet" in proc.stderr
+    assert "free disk space" in proc.stderr and "no checkpoint had been written yet" in proc.stderr
     out = Path(recipe["output_dir"])
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
     # with room again, the same command starts over cleanly (the partial checkpoint is removed)

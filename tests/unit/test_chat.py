@@ -205,11 +205,13 @@ def test_builtin_templates_label_the_replies(tokenizer, name, end):
 def test_a_builtin_template_whose_markers_are_not_tokens_warns(tokenizer):
     import warnings
 
-    with pytest.warns(UserWarning, match=r"<\|start_header_id\|>, <\|eot_id\|> are not a token"):
-        resolve_chat_template(tokenizer, "llama3", required=True)
+    with pytest.warns(UserWarning, match=r"<\|start_header_id\|>, <\|eot_id\|> are not a token") as caught:
+        llama3 = resolve_chat_template(tokenizer, "llama3", required=True)
+    assert len(caught) == 1 and "<|eot_id|>" in (llama3 or "")  # a warning, and the template is still given
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        resolve_chat_template(tokenizer, "chatml", required=True)  # the tiny tokenizer has chatml's tokens
+        chatml = resolve_chat_template(tokenizer, "chatml", required=True)  # the tiny tokenizer has its tokens
+    assert "<|im_end|>" in (chatml or "")
 
 
 def test_template_file_path(tokenizer, tmp_path: Path):
