@@ -80,6 +80,9 @@ def train(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Allow writing into a non-empty output_dir that is not this run's.")
     ] = False,
+    trust_reward_code: Annotated[
+        bool, typer.Option("--trust-reward-code", help="grpo / rejection_sampling: allow module:function rewards.")
+    ] = False,
     local_rank: Annotated[int | None, typer.Option("--local_rank", "--local-rank", hidden=True)] = None,
 ) -> None:
     """Run the stage a recipe describes; its outputs go to the recipe's output_dir.
@@ -95,7 +98,14 @@ def train(
 
         if resume_from is not None and no_resume:
             raise UserError("--resume-from and --no-resume contradict each other", hint="pass one of them")
-        run_stage(r, local_rank=local_rank, resume_from=resume_from, resume=not no_resume, overwrite=overwrite)
+        run_stage(
+            r,
+            local_rank=local_rank,
+            resume_from=resume_from,
+            resume=not no_resume,
+            overwrite=overwrite,
+            trust_reward_code=trust_reward_code,
+        )
     except KeyboardInterrupt:
         err.print("interrupted: the newest complete checkpoint in output_dir is kept")
         raise typer.Exit(130) from None

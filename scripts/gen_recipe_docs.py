@@ -19,8 +19,12 @@ from llmtune.recipe.schema import (
     DistributedConfig,
     DpoConfig,
     FinetuningConfig,
+    GenerationConfig,
+    GrpoConfig,
     ModelConfig,
     RecipeBase,
+    RejectionSamplingConfig,
+    RewardConfig,
     RmConfig,
     SftConfig,
     TrainConfig,
@@ -28,7 +32,7 @@ from llmtune.recipe.schema import (
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "recipe-reference.md"
 BLOCKS: list[tuple[str, type[BaseModel], str]] = [
-    ("top level", RecipeBase, "Keys every stage shares. `stage:` is `cpt`, `sft`, `rm` or `dpo`."),
+    ("top level", RecipeBase, "Keys every stage shares. `stage:` is `cpt`, `sft`, `rm`, `dpo`, `grpo` or `rejection_sampling`."),
     ("model", ModelConfig, "The model a stage starts from."),
     ("finetuning", FinetuningConfig, "What trains."),
     ("data", DataConfig, "Where the rows come from and how they become batches."),
@@ -38,6 +42,14 @@ BLOCKS: list[tuple[str, type[BaseModel], str]] = [
     ("sft (stage sft only)", SftConfig, "Supervised fine-tuning options."),
     ("rm (stage rm only)", RmConfig, "Reward model options."),
     ("dpo (stage dpo only)", DpoConfig, "Direct preference optimisation options (and KTO, SimPO, IPO)."),
+    ("grpo (stage grpo only)", GrpoConfig, "Group relative policy optimisation (and RLOO)."),
+    (
+        "rejection_sampling (stage rejection_sampling only)",
+        RejectionSamplingConfig,
+        "Best-of-N sampling, then sft on the winners; `rounds` repeats it.",
+    ),
+    ("grpo.reward / rejection_sampling.reward", RewardConfig, "Where the online stages' scores come from."),
+    ("generation (grpo, rejection_sampling)", GenerationConfig, "Sampling settings of the online stages."),
 ]
 
 

@@ -50,6 +50,14 @@ class Example:
 
 
 @dataclass
+class PromptExample(Example):
+    """A prompt for the online stages (grpo, rejection sampling): input_ids are the rendered prompt; the
+    Prompt keeps its messages and reference answer for the rewards. Not cached (built with use_cache=False)."""
+
+    prompt: Any = None
+
+
+@dataclass
 class SourceReport:
     name: str
     rows: int = 0

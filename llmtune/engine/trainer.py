@@ -14,7 +14,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,38 +49,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-class Batches:
-    """Deterministic data order: a seeded permutation per epoch, sharded over ranks, cut into micro-batches
-    and grouped into accumulation windows. Position = (epoch, window), so a resumed run continues exactly."""
-
-    def __init__(self, samples: list[Any], recipe: RecipeBase, dist: DistInfo, collate: Any) -> None:
-        self.samples, self.recipe, self.dist, self.collate = samples, recipe, dist, collate
-        t = recipe.train
-        per_rank = math.ceil(len(samples) / dist.world_size)
-        self.micro_per_rank = math.ceil(per_rank / t.micro_batch_size)
-        self.windows_per_epoch = self.micro_per_rank // t.grad_accum
-        if self.windows_per_epoch == 0:
-            raise DataError(
-                f"{len(samples)} training rows give {self.micro_per_rank} micro-batches per process per epoch, "
-                f"fewer than train.grad_accum={t.grad_accum}",
-                hint="lower train.grad_accum or train.micro_batch_size, or add data",
-            )
-
-    def epoch_windows(self, epoch: int, start_window: int = 0) -> Iterator[list[dict[str, torch.Tensor]]]:
-        t, n = self.recipe.train, len(self.samples)
-        order = list(range(n))
-        if self.recipe.data.shuffle:
-            random.Random(self.recipe.seed * 1000003 + epoch).shuffle(order)
-        world = self.dist.world_size
-        if n % world:  # every rank gets the same number of rows: wrap around
-            order += order[: world - n % world]
-        mine = order[self.dist.rank :: world]
-        micro = [mine[i : i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
-        for w in range(start_window, self.windows_per_epoch):
-            chunk = micro[w * t.grad_accum : (w + 1) * t.grad_accum]
-            yield [self.collate([self.samples[i] for i in idx]) for idx in chunk]
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -152,6 +119,7 @@ def train(
     resume: bool = True,
     resume_from: Path | None = None,
     overwrite: bool = False,
+    trust_reward_code: bool = False,
 ) -> None:
     # --- setup: fail fast, before any heavy work ---------------------------------------------------------
     dist = setup_distributed(recipe.distributed.backend, local_rank)
@@ -168,6 +136,7 @@ def train(
         )
         return
     t = recipe.train
+    stage.trust_reward_code = trust_reward_code
 
     tokenizer = load_tokenizer(recipe.model)
     limit = position_limit(recipe.model)
@@ -194,7 +163,7 @@ def train(
         raise DataError("no training example left after reading the data", hint="see the summary above")
 
     collate = functools.partial(stage.collate, pad_id=tokenizer.pad_token_id)
-    batches = Batches(data.train, recipe, dist, collate)
+    batches = stage.batch_source(data, recipe, dist, collate)
     if t.max_steps is not None:
         total_steps = t.max_steps
     else:
@@ -277,6 +246,7 @@ def train(
             while state.step < total_steps:
                 for window in batches.epoch_windows(state.epoch, state.window_in_epoch):
                     lr = scheduler.get_last_lr()[0]  # the rate this step uses
+                    step_start = time.perf_counter()
                     try:
                         result = _train_window(engine, stage, window, dist, guard, stopper.signum != 0)
                     except Exception as e:
@@ -287,7 +257,10 @@ def train(
                     state.window_in_epoch += 1
                     state.tokens += int(result.units)
                     window_tokens += result.units
-                    loss_val, grad_norm, step_metrics = result.loss, result.grad_norm, result.metrics
+                    loss_val, grad_norm = result.loss, result.grad_norm
+                    step_metrics = {**result.metrics, **batches.metrics()}
+                    if "rollout_s" in step_metrics:  # the window was generated just before this step
+                        step_metrics["train_s"] = time.perf_counter() - step_start
                     skipped = _check_numbers(result, recipe, state, out, console)
                     if skipped == "nan" and not result.applied:
                         scheduler.step()  # DeepSpeed saw the overflow and held the schedule: a skipped step moves it on
@@ -615,7 +588,7 @@ def _check_best_metric(engine, stage, samples, recipe, dist, collate) -> None:
     bs = recipe.train.eval_batch_size or recipe.train.micro_batch_size
     devices = [dist.device] if dist.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        names = evaluate(engine, stage, samples[: bs * dist.world_size], recipe, dist, collate)
+        names = stage.evaluate(engine, samples[: bs * dist.world_size], recipe, dist, collate)
     if name not in names:
         raise RecipeError(
             f"train.best_metric {name} is not a metric of this stage's evaluation, which reports "
@@ -625,7 +598,7 @@ def _check_best_metric(engine, stage, samples, recipe, dist, collate) -> None:
 
 
 def _eval_and_log(engine, stage, samples, recipe, dist, collate, state, log, progress) -> None:
-    result = evaluate(engine, stage, samples, recipe, dist, collate)
+    result = stage.evaluate(engine, samples, recipe, dist, collate)
     state.eval_step, state.eval_metrics = state.step, result
     record = {"step": state.step, **result}
     log.write(record)

@@ -99,3 +99,17 @@ def render_prompt(tokenizer: Any, template: str | None, messages: list[dict]) ->
     for m in messages:
         parts.append(m["content"] if m["role"] != "assistant" else m["content"] + "\n")
     return "\n\n".join(parts) + "\n"
+
+
+def prompt_encoder(tokenizer: Any, template: str | None, budget: int) -> Any:
+    """A data-pipeline encoder for the online stages: one row -> one PromptExample whose input_ids are the
+    rendered prompt, left-truncated to ``budget`` tokens (the end of a prompt is what the model continues)."""
+    from llmtune.data.pipeline import PromptExample
+
+    def encode(row: dict, fmt: str, src: Any) -> list[Any]:
+        prompt = to_prompt(row, src.system)
+        text = render_prompt(tokenizer, template, prompt.messages)
+        ids = tokenizer(text, add_special_tokens=template is None)["input_ids"][-budget:]
+        return [PromptExample(input_ids=ids, labels=[], prompt=prompt)]
+
+    return encode

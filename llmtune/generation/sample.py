@@ -1,9 +1,16 @@
 """Batched generation with left padding: greedy (temperature 0) or sampling, seeded per batch so that
-the result does not depend on what ran before."""
+the result does not depend on what ran before.
+
+``generate`` serves eval; ``rollout`` serves the online stages (grpo, rejection sampling): it also says
+whether each completion ended, stops on every end token the chat template uses, and leaves the training
+state of the model (train mode, ``use_cache``, gradient checkpointing, the random number generators) as
+it found it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,6 +29,39 @@ def stop_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
+def template_end_token(tokenizer: Any, template: str | None) -> int | None:
+    """The token the chat template puts right after an assistant reply (<|im_end|>, <|eot_id|>, ...), found
+    by rendering a conversation and reading what follows the reply; None when it is not a single special
+    token (e.g. a template that ends a reply with plain text)."""
+    if template is None:
+        return None
+    reply = "llmtune-reply-marker"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    except Exception:  # a template that cannot render this probe: fall back to the tokenizer's eos
+        return None
+    at = text.rfind(reply)
+    if at < 0:
+        return None
+    after = text[at + len(reply) :]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    if not ids:
+        return None
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return int(ids[0]) if ids[0] in special or ids[0] in added else None
+
+
+def end_tokens(model: Any, tokenizer: Any, template: str | None) -> list[int]:
+    """Every token that ends a completion: the chat template's end of turn, then the eos ids."""
+    ids = stop_ids(model, tokenizer)
+    turn_end = template_end_token(tokenizer, template)
+    if turn_end is not None and turn_end not in ids:
+        ids.insert(0, turn_end)
+    return ids
+
+
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) ids and attention mask, padded on the left so that every row ends where generation starts."""
     width = max(len(r) for r in rows)
@@ -31,6 +71,75 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
         ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
         mask[i, width - len(r) :] = 1
     return ids, mask
+
+
+def _config(model: Any) -> Any:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.config
+
+
+@contextmanager
+def generation_mode(model: Any) -> Iterator[None]:
+    """Eval mode with the KV cache on and gradient checkpointing off (training loads models with
+    ``use_cache=False`` and may checkpoint); everything is put back afterwards."""
+    was_training = model.training
+    config = _config(model)
+    use_cache = getattr(config, "use_cache", True)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    flag = "is_activation_checkpointing" if hasattr(base, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    checkpointing = bool(getattr(base, flag, False))
+    if checkpointing:
+        base.gradient_checkpointing_disable()
+    config.use_cache = True
+    model.eval()
+    try:
+        yield
+    finally:
+        config.use_cache = use_cache
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train(was_training)
+
+
+def _sampling(temperature: float, top_p: float, top_k: int) -> dict[str, Any]:
+    if temperature > 0:
+        return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k or 0}
+    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
+def _generate_batches(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    stops: list[int],
+    *,
+    max_new_tokens: int,
+    sampling: dict[str, Any],
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[tuple[list[int], bool]]:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
+    out: list[tuple[list[int], bool]] = []
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = prompts[start : start + batch_size]
+        ids, mask = left_pad(chunk, pad)
+        torch.manual_seed(seed + b)
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stops or None,
+            pad_token_id=pad,
+            **sampling,
+        )
+        for row in gen[:, ids.shape[1] :].tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), None)
+            out.append((row, False) if cut is None else (row[:cut], True))
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return out
 
 
 @torch.no_grad()
@@ -53,30 +162,47 @@ def generate(
     completions on the same device. ``on_batch(n)`` is called after each batch (progress bars).
     """
     device = device or next(model.parameters()).device
-    stops = stop_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
     model.eval()
-    out: list[list[int]] = []
-    for b, start in enumerate(range(0, len(prompts), batch_size)):
-        chunk = prompts[start : start + batch_size]
-        ids, mask = left_pad(chunk, pad)
-        torch.manual_seed(seed + b)
-        sampling: dict[str, Any] = {"do_sample": False}
-        if temperature > 0:
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-        else:
-            sampling.update({"temperature": None, "top_p": None, "top_k": None})
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=stops or None,
-            pad_token_id=pad,
-            **sampling,
+    outs = _generate_batches(
+        model,
+        tokenizer,
+        prompts,
+        stop_ids(model, tokenizer),
+        max_new_tokens=max_new_tokens,
+        sampling=_sampling(temperature, top_p, 0),
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        on_batch=on_batch,
+    )
+    return [ids for ids, _ in outs]
+
+
+@torch.no_grad()
+def rollout(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    gen: Any,
+    *,
+    seed: int,
+    stops: list[int],
+    device: torch.device,
+    batch_size: int | None = None,
+) -> list[tuple[list[int], bool]]:
+    """Completions for the online stages: (token ids without the stop token, ended with a stop token) per
+    prompt, in order. ``gen`` is a recipe's GenerationConfig. The random state the training loop uses
+    (dropout, data order) is untouched: sampling runs on a forked generator state seeded per batch."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), generation_mode(model):
+        return _generate_batches(
+            model,
+            tokenizer,
+            prompts,
+            stops,
+            max_new_tokens=gen.max_new_tokens,
+            sampling=_sampling(gen.temperature, gen.top_p, gen.top_k),
+            batch_size=batch_size or gen.batch_size or 8,
+            seed=seed,
+            device=device,
         )
-        for row in gen[:, ids.shape[1] :].tolist():
-            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-            out.append(row[:cut])
-        if on_batch is not None:
-            on_batch(len(chunk))
-    return out

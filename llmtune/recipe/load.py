@@ -11,11 +11,29 @@ import yaml
 from pydantic import BaseModel, SecretStr, TypeAdapter, ValidationError
 
 from llmtune.errors import RecipeError
-from llmtune.recipe.schema import PLANNED_STAGES, STAGES, CptRecipe, DpoRecipe, Recipe, RecipeBase, RmRecipe, SftRecipe
+from llmtune.recipe.schema import (
+    PLANNED_STAGES,
+    STAGES,
+    CptRecipe,
+    DpoRecipe,
+    GrpoRecipe,
+    Recipe,
+    RecipeBase,
+    RejectionSamplingRecipe,
+    RmRecipe,
+    SftRecipe,
+)
 
-AnyRecipe = CptRecipe | SftRecipe | RmRecipe | DpoRecipe
+AnyRecipe = CptRecipe | SftRecipe | RmRecipe | DpoRecipe | GrpoRecipe | RejectionSamplingRecipe
 _ADAPTER: TypeAdapter[AnyRecipe] = TypeAdapter(Recipe)
-_STAGE_MODELS: dict[str, type[BaseModel]] = {"cpt": CptRecipe, "sft": SftRecipe, "rm": RmRecipe, "dpo": DpoRecipe}
+_STAGE_MODELS: dict[str, type[BaseModel]] = {
+    "cpt": CptRecipe,
+    "sft": SftRecipe,
+    "rm": RmRecipe,
+    "dpo": DpoRecipe,
+    "grpo": GrpoRecipe,
+    "rejection_sampling": RejectionSamplingRecipe,
+}
 
 
 class _DuplicateKey(yaml.YAMLError):

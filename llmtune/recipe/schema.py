@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-DATA_FORMATS = ("alpaca", "sharegpt", "messages", "text", "pairs", "ranked", "pointwise", "unpaired")
+DATA_FORMATS = ("alpaca", "sharegpt", "messages", "text", "pairs", "ranked", "pointwise", "unpaired", "prompts")
 PREFERENCE_FORMATS = ("pairs", "ranked", "pointwise", "unpaired")
 
 
@@ -95,13 +95,14 @@ class FinetuningConfig(Block):
 
 class DataSource(Block):
     path: str = Field(description="A file (json, jsonl, parquet, csv, txt), a directory of them, or a hub id.")
-    format: Literal["alpaca", "sharegpt", "messages", "text", "pairs", "ranked", "pointwise", "unpaired"] | None = (
-        Field(
-            default=None,
-            description="Row format; omitted = detected from the first rows (rm / dpo: the format their loss reads). "
-            "pairs: prompt + chosen + rejected (also TRL's and LLaMA-Factory's shapes); ranked: prompt + responses "
-            "best first; pointwise: prompt + response + score; unpaired: prompt + completion + label (KTO).",
-        )
+    format: (
+        Literal["alpaca", "sharegpt", "messages", "text", "pairs", "ranked", "pointwise", "unpaired", "prompts"] | None
+    ) = Field(
+        default=None,
+        description="Row format; omitted = detected from the first rows (rm / dpo: the format their loss reads). "
+        "pairs: prompt + chosen + rejected (also TRL's and LLaMA-Factory's shapes); ranked: prompt + responses "
+        "best first; pointwise: prompt + response + score; unpaired: prompt + completion + label (KTO); "
+        "prompts (grpo, rejection_sampling): prompt / question / instruction / messages, optional answer.",
     )
     weight: float = Field(
         default=1.0,
@@ -315,6 +316,120 @@ class DpoConfig(Block):
         return self
 
 
+class RewardConfig(Block):
+    """Where the online stages' scores come from: reward models, rules, or a weighted mix of both."""
+
+    model: str | list[str] | None = Field(
+        default=None,
+        description="Output directory of an rm run (full, or a lora adapter with its score head), or a list.",
+    )
+    rule: str | list[str] | None = Field(
+        default=None,
+        description="Rule name or list: exact_match, contains, gsm8k (the `#### <number>` answer), regex:PATTERN, "
+        "length_penalty:CHARS, or module:function (user code: needs --trust-reward-code). Rules read the "
+        "prompt row's `answer`.",
+    )
+    weights: list[float] | None = Field(
+        default=None, description="One weight per source, models first, then rules (default: all 1.0)."
+    )
+    normalize: Literal["none", "batch"] = Field(
+        default="none",
+        description="Per source, before weighting: none, or batch (subtract the batch mean, divide by its std).",
+    )
+    missing_eos_penalty: float = Field(
+        default=0.0,
+        ge=0,
+        description="Subtracted from the total of a completion that hit max_new_tokens without an end token.",
+    )
+    batch_size: int = Field(default=8, ge=1, description="Reward-model scoring batch size.")
+
+    @field_validator("model", "rule")
+    @classmethod
+    def _listify(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and not v:
+            return None
+        return v
+
+    def models(self) -> list[str]:
+        return [] if self.model is None else [self.model] if isinstance(self.model, str) else list(self.model)
+
+    def rules(self) -> list[str]:
+        return [] if self.rule is None else [self.rule] if isinstance(self.rule, str) else list(self.rule)
+
+    @model_validator(mode="after")
+    def _sources(self) -> RewardConfig:
+        n = len(self.models()) + len(self.rules())
+        if n == 0:
+            raise ValueError("names no reward source: set model: (an rm output) and / or rule: (e.g. exact_match)")
+        if self.weights is not None and len(self.weights) != n:
+            raise ValueError(
+                f"weights has {len(self.weights)} numbers for {n} sources (models first, then rules): give one per "
+                "source"
+            )
+        return self
+
+
+class GenerationConfig(Block):
+    """Sampling settings shared by the online stages."""
+
+    max_new_tokens: int = Field(default=64, ge=1, description="Longest completion, in tokens.")
+    temperature: float = Field(default=1.0, ge=0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling: keep the top tokens of this mass.")
+    top_k: int = Field(default=0, ge=0, description="Keep the k most likely tokens; 0 = off.")
+    batch_size: int | None = Field(
+        default=None, ge=1, description="Prompts per generate call (default: train.micro_batch_size)."
+    )
+
+
+class GrpoConfig(Block):
+    num_generations: int = Field(default=8, description="Completions per prompt (the group); at least 2.")
+    beta: float = Field(default=0.0, ge=0, description="KL to the reference (k3, in the loss); 0 loads no reference.")
+    reward: RewardConfig = Field(default_factory=lambda: RewardConfig(rule="exact_match"))
+    advantage: Literal["group", "rloo"] = Field(
+        default="group",
+        description="group: reward minus the group mean (scaled by scale_rewards); rloo: reward minus the mean of "
+        "the other completions of the same prompt (leave-one-out).",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        default="group", description="group advantages: divide by the group's std, the batch's std, or nothing."
+    )
+    epsilon: float = Field(default=0.2, gt=0, lt=1, description="Lower clip of the importance ratio (1 - epsilon).")
+    epsilon_high: float | None = Field(
+        default=None, gt=0, description="Upper clip (1 + epsilon_high); default epsilon (DAPO suggests 0.28)."
+    )
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field(
+        default="dapo",
+        description="grpo: mean per sequence, then over sequences; dr_grpo: sum / (sequences x max_new_tokens); "
+        "dapo: mean over every completion token of the step.",
+    )
+    num_iterations: int = Field(default=1, ge=1, description="Optimizer steps on each batch of rollouts.")
+    mask_truncated_completions: bool = Field(
+        default=False, description="Leave completions that never ended out of the loss."
+    )
+
+    @field_validator("num_generations")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(f"is {v}: grpo compares completions of the same prompt, so it needs at least 2 (e.g. 8)")
+        return v
+
+
+class RejectionSamplingConfig(Block):
+    num_samples: int = Field(default=8, ge=1, description="Completions sampled per prompt each round.")
+    rounds: int = Field(default=1, ge=1, description="generate -> score -> select -> fine-tune, this many times.")
+    reward: RewardConfig = Field(default_factory=lambda: RewardConfig(rule="exact_match"))
+    threshold: float | None = Field(
+        default=None, description="Keep a prompt's best completion only when its reward is at least this."
+    )
+    selection: Literal["best", "best_and_worst"] = Field(
+        default="best",
+        description="best: the best completion per prompt (sft rows); best_and_worst: also writes chosen / "
+        "rejected pairs (best vs worst) for a dpo stage.",
+    )
+    max_prompts: int | None = Field(default=None, ge=1, description="Prompts sampled per round (default: all).")
+
+
 class RecipeBase(Block):
     output_dir: str = Field(description="Everything the run writes goes here.")
     seed: int = Field(default=42, description="Seed for data order, dropout and initialisation.")
@@ -411,9 +526,56 @@ class DpoRecipe(RecipeBase):
         return self
 
 
-Recipe = Annotated[CptRecipe | SftRecipe | RmRecipe | DpoRecipe, Field(discriminator="stage")]
-STAGES = ("cpt", "sft", "rm", "dpo")
-PLANNED_STAGES = ("ppo", "rejection_sampling")
+def _prompt_sources(recipe: RecipeBase) -> None:
+    if recipe.data.packing:
+        raise ValueError(f"data.packing does not apply to stage {recipe.stage}: set data.packing: false")
+    for i, s in enumerate([*recipe.data.train, *recipe.data.eval]):
+        if s.format is not None and s.format not in ("prompts", "alpaca", "sharegpt", "messages"):
+            raise ValueError(
+                f"data source {i} ({s.path}) has format {s.format}: {recipe.stage} reads prompts "
+                "(format prompts, alpaca, sharegpt or messages; or omit format:)"
+            )
+
+
+class GrpoRecipe(RecipeBase):
+    """Group relative policy optimisation (and RLOO): sample a group per prompt, score, push up the better ones."""
+
+    stage: Literal["grpo"]
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+    @model_validator(mode="after")
+    def _batch(self) -> GrpoRecipe:
+        _prompt_sources(self)
+        t, g = self.train, self.grpo.num_generations
+        per_proc = t.micro_batch_size * t.grad_accum
+        if per_proc % g:
+            raise ValueError(
+                f"train.micro_batch_size x train.grad_accum = {per_proc} completions per process per step is not "
+                f"a multiple of grpo.num_generations={g}: a step must hold whole groups (e.g. micro_batch_size {g})"
+            )
+        return self
+
+
+class RejectionSamplingRecipe(RecipeBase):
+    """Best-of-N: sample, score, keep the best per prompt, fine-tune on it (sft); repeated for `rounds`."""
+
+    stage: Literal["rejection_sampling"]
+    rejection_sampling: RejectionSamplingConfig = Field(default_factory=RejectionSamplingConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    sft: SftConfig = Field(default_factory=SftConfig)
+
+    @model_validator(mode="after")
+    def _prompts(self) -> RejectionSamplingRecipe:
+        _prompt_sources(self)
+        return self
+
+
+Recipe = Annotated[
+    CptRecipe | SftRecipe | RmRecipe | DpoRecipe | GrpoRecipe | RejectionSamplingRecipe, Field(discriminator="stage")
+]
+STAGES = ("cpt", "sft", "rm", "dpo", "grpo", "rejection_sampling")
+PLANNED_STAGES = ("ppo",)
 
 _FILE_SUFFIXES = {".json", ".jsonl", ".parquet", ".csv", ".txt", ".tsv", ".arrow", ".gz"}
 

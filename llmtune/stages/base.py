@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import torch
 
 from llmtune.data.pipeline import Sample, SourceReport, collate
+from llmtune.engine.batches import Batches
 from llmtune.engine.checkpoint import export_model
 from llmtune.model.load import LoadedModel, load_model
 from llmtune.recipe.schema import RecipeBase
@@ -44,7 +45,11 @@ class Stage(Protocol):
 
     def collate(self, samples: list[Any], pad_id: int) -> dict[str, torch.Tensor]: ...
 
+    def batch_source(self, data: StageData, recipe: Any, dist: Any, collate: Any) -> Any: ...
+
     def before_training(self, engine: Any, data: StageData, dist: Any, collate: Any) -> None: ...
+
+    def evaluate(self, engine: Any, samples: list[Any], recipe: Any, dist: Any, collate: Any) -> dict[str, float]: ...
 
     def export(self, engine: Any, tokenizer: Any, out: Path, recipe: Any, dist: Any) -> list[str]: ...
 
@@ -57,6 +62,7 @@ class StageDefaults:
     """Hooks most stages share: a causal LM, padded / packed token batches, nothing before training."""
 
     unit_name = "tokens"  # what `units` counts: the loss is a mean over these
+    trust_reward_code = False  # set by the trainer from --trust-reward-code
 
     def load_model(self, recipe: Any, device: torch.device, tokenizer: Any) -> LoadedModel:
         return load_model(recipe, device, tokenizer)
@@ -64,8 +70,18 @@ class StageDefaults:
     def collate(self, samples: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
         return collate(samples, pad_id)
 
+    def batch_source(self, data: StageData, recipe: Any, dist: Any, collate: Any) -> Any:
+        """Where the loop draws its windows from: the fixed, shuffled training samples."""
+        return Batches(data.train, recipe, dist, collate)
+
     def before_training(self, engine: Any, data: StageData, dist: Any, collate: Any) -> None:
         """Runs once after DeepSpeed is set up and before the first step (e.g. reference log-probs)."""
+
+    def evaluate(self, engine: Any, samples: list[Any], recipe: Any, dist: Any, collate: Any) -> dict[str, float]:
+        """The loss (and the step's metrics) over the evaluation samples, as eval/ names."""
+        from llmtune.engine.trainer import evaluate
+
+        return evaluate(engine, self, samples, recipe, dist, collate)
 
     def export(self, engine: Any, tokenizer: Any, out: Path, recipe: Any, dist: Any) -> list[str]:
         """Write the final model to out (collective under ZeRO-3); returns the file names (rank 0)."""

@@ -146,11 +146,37 @@ def test_unknown_stage(tmp_path: Path) -> None:
     assert "cpt, sft" in msg
 
 
-@pytest.mark.parametrize("stage", ["ppo", "rejection_sampling"])
+@pytest.mark.parametrize("stage", ["ppo"])
 def test_planned_stage_is_not_available(tmp_path: Path, stage: str) -> None:
     msg = _error(tmp_path, base_recipe(tmp_path, stage=stage))
     assert f"stage `{stage}` is not available in this version" in msg
-    assert "available stages: cpt, sft, rm, dpo" in msg
+    assert "available stages: cpt, sft, rm, dpo, grpo, rejection_sampling" in msg
+
+
+def test_grpo_block_defaults_and_checks(tmp_path: Path) -> None:
+    from llmtune.recipe import load_recipe
+
+    g = load_recipe(write_recipe(tmp_path, base_recipe(tmp_path, stage="grpo", train={"micro_batch_size": 8})))
+    assert (g.grpo.num_generations, g.grpo.beta, g.grpo.loss_type, g.grpo.scale_rewards) == (8, 0.0, "dapo", "group")
+    assert g.grpo.reward.rules() == ["exact_match"] and g.grpo.reward.models() == []
+    assert (g.generation.max_new_tokens, g.generation.temperature) == (64, 1.0)
+
+    msg = _error(tmp_path, base_recipe(tmp_path, stage="grpo", grpo={"num_generations": 1}))
+    assert "grpo.num_generations" in msg and "at least 2" in msg
+    # 4 completions per process per step cannot hold whole groups of 3: the message says how to fix it
+    msg = _error(tmp_path, base_recipe(tmp_path, stage="grpo", grpo={"num_generations": 3}))
+    assert "not a multiple of grpo.num_generations=3" in msg and "micro_batch_size 3" in msg
+    msg = _error(tmp_path, base_recipe(tmp_path, stage="grpo", grpo={"num_generations": 2, "reward": {}}))
+    assert "names no reward source" in msg
+    msg = _error(
+        tmp_path,
+        base_recipe(tmp_path, stage="grpo", grpo={"num_generations": 2, "reward": {"rule": "gsm8k", "weights": [1, 2]}}),
+    )
+    assert "weights has 2 numbers for 1 sources" in msg
+    sft_data = base_recipe(tmp_path)["data"]
+    sft_data["train"][0]["format"] = "pairs"
+    msg = _error(tmp_path, base_recipe(tmp_path, stage="grpo", grpo={"num_generations": 2}, data=sft_data))
+    assert "grpo reads prompts" in msg
 
 
 def test_rm_and_dpo_blocks_defaults_and_checks(tmp_path: Path) -> None:

@@ -1,0 +1,118 @@
+"""Where the training loop's batches come from: a fixed, shuffled, resumable list (every offline stage), or
+rollouts that a stage generates from prompts with the current policy (the online stages). Both hand the loop
+accumulation windows by position (epoch, window), so a resumed run continues exactly."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from llmtune.engine.distributed import DistInfo
+from llmtune.errors import DataError
+from llmtune.recipe.schema import RecipeBase
+
+Window = list[dict[str, torch.Tensor]]
+
+
+def epoch_order(n: int, recipe: RecipeBase, dist: DistInfo, epoch: int) -> list[int]:
+    """This rank's share of a seeded permutation of n items for an epoch (every rank gets as many)."""
+    order = list(range(n))
+    if recipe.data.shuffle:
+        random.Random(recipe.seed * 1000003 + epoch).shuffle(order)
+    world = dist.world_size
+    if n % world:  # every rank gets the same number of rows: wrap around
+        order += order[: world - n % world]
+    return order[dist.rank :: world]
+
+
+class Batches:
+    """Deterministic data order: a seeded permutation per epoch, sharded over ranks, cut into micro-batches
+    and grouped into accumulation windows. Position = (epoch, window), so a resumed run continues exactly."""
+
+    def __init__(self, samples: list[Any], recipe: RecipeBase, dist: DistInfo, collate: Any) -> None:
+        self.samples, self.recipe, self.dist, self.collate = samples, recipe, dist, collate
+        t = recipe.train
+        per_rank = math.ceil(len(samples) / dist.world_size)
+        self.micro_per_rank = math.ceil(per_rank / t.micro_batch_size)
+        self.windows_per_epoch = self.micro_per_rank // t.grad_accum
+        if self.windows_per_epoch == 0:
+            raise DataError(
+                f"{len(samples)} training rows give {self.micro_per_rank} micro-batches per process per epoch, "
+                f"fewer than train.grad_accum={t.grad_accum}",
+                hint="lower train.grad_accum or train.micro_batch_size, or add data",
+            )
+
+    def epoch_windows(self, epoch: int, start_window: int = 0) -> Iterator[Window]:
+        t = self.recipe.train
+        mine = epoch_order(len(self.samples), self.recipe, self.dist, epoch)
+        micro = [mine[i : i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
+        for w in range(start_window, self.windows_per_epoch):
+            chunk = micro[w * t.grad_accum : (w + 1) * t.grad_accum]
+            yield [self.collate([self.samples[i] for i in idx]) for idx in chunk]
+
+    def metrics(self) -> dict[str, float]:
+        """Figures about the batches of the last window (none for fixed data)."""
+        return {}
+
+
+class Rollouts:
+    """Windows a stage makes from prompts with the current policy. Each rank takes `prompts_per_window`
+    prompts of its shard of the epoch's order per rollout; ``make(prompts, seed)`` turns them into the
+    window's micro-batches (it generates, scores, and may return metrics through ``last_metrics``). With
+    ``num_iterations`` > 1 the same rollout serves that many optimizer steps. A rollout's seed depends only on
+    its position, so a run resumed at a rollout boundary samples what the uninterrupted run sampled."""
+
+    def __init__(
+        self, prompts: list[Any], recipe: RecipeBase, dist: DistInfo, prompts_per_window: int, num_iterations: int = 1
+    ) -> None:
+        self.prompts, self.recipe, self.dist = prompts, recipe, dist
+        self.per_window, self.num_iterations = prompts_per_window, num_iterations
+        per_rank = math.ceil(len(prompts) / dist.world_size)
+        self.rollouts_per_epoch = per_rank // prompts_per_window
+        if self.rollouts_per_epoch == 0:
+            raise DataError(
+                f"{len(prompts)} training prompts give {per_rank} per process, fewer than the {prompts_per_window} "
+                "prompts one step needs (train.micro_batch_size x train.grad_accum / the group size)",
+                hint="add prompts, or lower train.micro_batch_size or train.grad_accum",
+            )
+        self.windows_per_epoch = self.rollouts_per_epoch * num_iterations
+        self.make: Callable[[list[Any], int], Window] | None = None  # set by the stage once the engine exists
+        self.last_metrics: dict[str, float] = {}
+        self._cache: tuple[tuple[int, int], Window] | None = None
+
+    def epoch_windows(self, epoch: int, start_window: int = 0) -> Iterator[Window]:
+        assert self.make is not None, "the stage sets Rollouts.make in before_training"
+        mine = epoch_order(len(self.prompts), self.recipe, self.dist, epoch)
+        for w in range(start_window, self.windows_per_epoch):
+            j = w // self.num_iterations
+            key = (epoch, j)
+            if self._cache is None or self._cache[0] != key:
+                chosen = [self.prompts[i] for i in mine[j * self.per_window : (j + 1) * self.per_window]]
+                seed = self.recipe.seed * 1000003 + epoch * 100003 + j
+                t0 = time.perf_counter()
+                window = self.make(chosen, seed)
+                self.last_metrics["rollout_s"] = time.perf_counter() - t0
+                self._cache = (key, window)
+            yield self._cache[1]
+
+    def metrics(self) -> dict[str, float]:
+        return dict(self.last_metrics)
+
+
+@contextmanager
+def full_weights(engine: Any) -> Iterator[None]:
+    """Under ZeRO-3, gather the partitioned weights once for a whole rollout (not once per generated token,
+    which is what the per-module hooks would do); a no-op otherwise."""
+    if engine.zero_optimization_stage() != 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        yield
