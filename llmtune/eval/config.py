@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llmtune.errors import RecipeError
+from llmtune.rewards.rules import is_code_rule
 
 TASKS = ("perplexity", "preference", "reward", "generate", "compare")
 EVAL_FORMATS = ("text", "alpaca", "sharegpt", "messages", "prompts", "pairs")
@@ -73,7 +74,8 @@ class EvalConfig(BaseModel):
     )
     rules: list[str] = Field(
         default_factory=list,
-        description="reward: rule rewards: exact_match, contains, gsm8k, regex:PATTERN, module:function.",
+        description="reward: rule rewards: exact_match, contains, gsm8k, regex:PATTERN, length_penalty:CHARS, "
+        "module:function.",
     )
     trust_reward_code: bool = Field(
         default=False,
@@ -100,7 +102,7 @@ class EvalConfig(BaseModel):
                 raise ValueError("task compare needs model_b (--model-b PATH), the model to compare against")
             if len(self.reward_models) != 1:
                 raise ValueError("task compare needs exactly one judge in reward_models (--reward-model PATH)")
-        code = [r for r in self.rules if ":" in r and not r.startswith("regex:")]
+        code = [r for r in self.rules if is_code_rule(r)]
         if code and not self.trust_reward_code:
             raise ValueError(
                 f"rule {code[0]!r} imports and runs Python code from module {code[0].partition(':')[0]!r}; that "

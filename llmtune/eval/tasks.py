@@ -36,7 +36,6 @@ from llmtune.eval.models import (
     check_reference_tokenizer,
     free,
     is_reward_model,
-    last_token_scores,
     load_causal_lm,
     load_reward_model,
     pick_device,
@@ -45,11 +44,13 @@ from llmtune.eval.models import (
     require_reward_model,
 )
 from llmtune.eval.pairs import Pair, is_pair_row, to_pair
-from llmtune.eval.rules import get_rule
 from llmtune.generation.prompts import Prompt, render_prompt, to_prompt
 from llmtune.generation.sample import generate
 from llmtune.objectives.lm import lm_loss_sum
 from llmtune.recipe.schema import DataSource
+from llmtune.rewards.model import score_conversations as score_with_model
+from llmtune.rewards.model import with_reply
+from llmtune.rewards.rules import get_rule, reference_answer
 
 
 @dataclass
@@ -348,10 +349,6 @@ def run_generation(
     ]
 
 
-def _gold(answer: str) -> str:
-    return metrics.gsm8k_gold(answer) if "####" in answer else answer
-
-
 def generate_task(env: Env) -> TaskResult:
     cfg = env.cfg
     prompts, report = read_prompts(env)
@@ -364,7 +361,7 @@ def generate_task(env: Env) -> TaskResult:
         row: dict[str, Any] = {"index": g.index, "prompt": g.text, "completion": g.completion}
         if g.prompt.answer is not None:
             answered += 1
-            gold = _gold(g.prompt.answer)
+            gold = reference_answer(g.prompt.answer)
             checks = {
                 "exact_match": metrics.exact_match(g.completion, gold),
                 "contains": metrics.contains(g.completion, gold),
@@ -400,43 +397,20 @@ def generate_task(env: Env) -> TaskResult:
 
 def score_conversations(env: Env, rm: Loaded, convs: list[list[dict]], label: str) -> list[float]:
     """A reward model's score of each conversation (prompt turns + the assistant reply): the score head's
-    output at the last real token."""
+    output at the last real token (see llmtune.rewards.model), with a progress bar."""
     cfg = env.cfg
-    tok = rm.tokenizer
-    template = _template(tok, cfg.chat_template, required=False)
-    seqs = []
-    for msgs in convs:
-        if template is not None:
-            text = tok.apply_chat_template(msgs, chat_template=template, tokenize=False)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tok("\n\n".join(m["content"] for m in msgs), add_special_tokens=True)["input_ids"]
-        seqs.append(Sample(ids[: cfg.max_length], []))
-    scores: list[float] = [0.0] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].input_ids))
-    with (
-        progress(env.console, len(seqs), f"score ({label})") as advance,
-        torch.no_grad(),
-        last_token_scores(rm.model) as captured,
-    ):
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            batch = [Sample(seqs[i].input_ids, list(seqs[i].input_ids)) for i in idx]
-            b = collate(batch, tok.pad_token_id)
-            mask = b["attention_mask"].to(env.device)
-            captured.clear()
-            rm.model(input_ids=b["input_ids"].to(env.device), attention_mask=mask)
-            per_pos = captured[-1]  # (B, T)
-            last = mask.sum(dim=1) - 1
-            vals = per_pos[torch.arange(len(idx), device=per_pos.device), last].tolist()
-            for i, v in zip(idx, vals, strict=True):
-                scores[i] = float(v)
-            advance(len(idx))
-    return scores
-
-
-def _with_reply(messages: list[dict], reply: str) -> list[dict]:
-    return [*messages, {"role": "assistant", "content": reply}]
+    template = _template(rm.tokenizer, cfg.chat_template, required=False)
+    with progress(env.console, len(convs), f"score ({label})") as advance:
+        return score_with_model(
+            rm.model,
+            rm.tokenizer,
+            convs,
+            template=template,
+            device=env.device,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+            on_batch=advance,
+        )
 
 
 def reward(env: Env) -> TaskResult:
@@ -446,14 +420,16 @@ def reward(env: Env) -> TaskResult:
     sources: dict[str, list[float]] = {}
     for path in cfg.reward_models:
         rm = load_reward_model(path, env.dtype, env.device, what="--reward-model")
-        sources[path] = score_conversations(env, rm, [_with_reply(g.prompt.messages, g.completion) for g in gens], path)
+        sources[path] = score_conversations(env, rm, [with_reply(g.prompt.messages, g.completion) for g in gens], path)
         free(rm)
     for spec in cfg.rules:
-        rule, needs_answer = get_rule(spec)
+        rule, needs_answer = get_rule(spec, trust_code=cfg.trust_reward_code)
         missing = sum(1 for g in gens if g.prompt.answer is None)
         if needs_answer and missing:
             raise DataError(f"rule {spec} scores against `answer`, and {missing} of {len(gens)} rows have none")
-        sources[spec] = [rule(g.completion, _gold(g.prompt.answer) if g.prompt.answer else None) for g in gens]
+        sources[spec] = [
+            rule(g.completion, reference_answer(g.prompt.answer) if g.prompt.answer else None) for g in gens
+        ]
     weights = cfg.reward_weights or [1.0] * len(sources)
     totals = [sum(w * s[i] for w, s in zip(weights, sources.values(), strict=True)) for i in range(len(gens))]
     mean, std = metrics.mean_std(totals)
@@ -494,8 +470,8 @@ def compare(env: Env) -> TaskResult:
     gens_a = run_generation(env, cfg.model, cfg.adapter, prompts, messages, "--model")
     gens_b = run_generation(env, cfg.model_b, cfg.adapter_b, prompts, messages, "--model-b")
     judge = load_reward_model(cfg.reward_models[0], env.dtype, env.device, what="--reward-model")
-    sa = score_conversations(env, judge, [_with_reply(g.prompt.messages, g.completion) for g in gens_a], "model")
-    sb = score_conversations(env, judge, [_with_reply(g.prompt.messages, g.completion) for g in gens_b], "model_b")
+    sa = score_conversations(env, judge, [with_reply(g.prompt.messages, g.completion) for g in gens_a], "model")
+    sb = score_conversations(env, judge, [with_reply(g.prompt.messages, g.completion) for g in gens_b], "model_b")
     win, tie, loss = metrics.win_tie_loss(sa, sb, cfg.tie_margin)
     n = len(sa)
     rows = [
@@ -567,8 +543,8 @@ def preference(env: Env) -> TaskResult:
     if is_reward_model(cfg.model, cfg.adapter):
         mode = "reward_model"
         rm = load_reward_model(cfg.model, env.dtype, env.device, adapter=cfg.adapter, what="--model")
-        chosen = score_conversations(env, rm, [_with_reply(p.messages, p.chosen) for p in items], "chosen")
-        rejected = score_conversations(env, rm, [_with_reply(p.messages, p.rejected) for p in items], "rejected")
+        chosen = score_conversations(env, rm, [with_reply(p.messages, p.chosen) for p in items], "chosen")
+        rejected = score_conversations(env, rm, [with_reply(p.messages, p.rejected) for p in items], "rejected")
     else:
         mode = "dpo_implicit_reward"
         chosen, rejected = _implicit_rewards(env, items)
@@ -610,7 +586,7 @@ def _implicit_rewards(env: Env, items: list[Pair]) -> tuple[list[float], list[fl
     assert template is not None
 
     def encode(messages: list[dict], reply: str) -> Sample:
-        conv = Conversation(_with_reply(messages, reply))
+        conv = Conversation(with_reply(messages, reply))
         try:
             ids, labels = encode_conversation(tok, template, conv, cfg.max_length, train_on_prompt=False)
         except RowError as e:

@@ -7,8 +7,8 @@ import pytest
 from llmtune.eval import metrics
 from llmtune.eval.fewshot import jaccard, select_examples, word_set
 from llmtune.eval.pairs import to_pair
-from llmtune.eval.rules import get_rule
 from llmtune.generation.prompts import to_prompt
+from llmtune.rewards.rules import get_rule
 
 
 def test_exact_match_and_contains_normalise_case_space_and_punctuation() -> None:
@@ -133,18 +133,18 @@ def test_pair_shapes() -> None:
 
 
 def test_rules() -> None:
-    em, needs = get_rule("exact_match")
+    em, needs = get_rule("exact_match", trust_code=False)
     assert needs and em("Paris", "paris") == 1.0 and em("Lyon", "paris") == 0.0
-    rx, needs = get_rule(r"regex:\d+")
+    rx, needs = get_rule(r"regex:\d+", trust_code=False)
     assert not needs and rx("abc 12", None) == 1.0 and rx("abc", None) == 0.0
     with pytest.warns(UserWarning, match="running Python code from module tests.unit.test_eval_metrics"):
-        mod, _ = get_rule("tests.unit.test_eval_metrics:length_rule")
+        mod, _ = get_rule("tests.unit.test_eval_metrics:length_rule", trust_code=True)
     assert mod("abcd", None) == 4.0
     from llmtune.errors import UserError
 
     for bad in ("nope", "regex:(", "no_such_module_x:f"):
         with pytest.raises(UserError):
-            get_rule(bad)
+            get_rule(bad, trust_code=True)
 
 
 def length_rule(completion: str, answer: str | None) -> float:
