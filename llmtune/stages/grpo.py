@@ -1,0 +1,266 @@
+"""Group relative policy optimisation (GRPO, and RLOO with grpo.advantage: rloo).
+
+Each step: take prompts, sample grpo.num_generations completions per prompt with the current policy, score
+them (llmtune.rewards), turn the scores into advantages within each prompt's group, then update the policy
+with the clipped importance-ratio objective. With grpo.beta > 0 a k3 KL penalty to the reference (the
+starting model: with lora / qlora the base with the adapter disabled, otherwise a frozen copy) is added to
+the loss per token. The loop, checkpoints, logging and export are the engine's; this module declares the
+batch source (rollouts), the step and the evaluation.
+
+train.micro_batch_size counts completions: a step holds micro_batch_size x grad_accum completions per
+process, i.e. that many / num_generations prompts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from llmtune.data.pipeline import PromptExample, build_data
+from llmtune.engine.batches import Rollouts, Window, full_weights
+from llmtune.engine.distributed import all_reduce_sum
+from llmtune.errors import RecipeError
+from llmtune.generation.prompts import prompt_encoder
+from llmtune.generation.sample import end_tokens, rollout
+from llmtune.model.load import load_reference_model, weight_dtype
+from llmtune.objectives.preference import IGNORE_INDEX, token_logps
+from llmtune.objectives.rl import (
+    aggregate_loss,
+    clipped_policy_loss,
+    entropy_from_logits,
+    group_advantages,
+    kl_estimate,
+    masked_mean,
+    rloo_advantages,
+    zero_std_groups,
+)
+from llmtune.recipe.schema import GrpoRecipe
+from llmtune.stages.base import StageData, StageDefaults, StepOutput, forward_lm
+
+
+class GrpoStage(StageDefaults):
+    name = "grpo"
+    needs_chat_template = True
+
+    recipe: GrpoRecipe
+
+    # --- data: prompts, and the rollouts made from them ------------------------------------------------------
+
+    def build_data(self, recipe: GrpoRecipe, tokenizer: Any, template: str | None) -> StageData:
+        from llmtune.rewards import check_rewards
+
+        self.recipe, self.tokenizer, self.template = recipe, tokenizer, template
+        self.unit_name = "tokens" if recipe.grpo.loss_type == "dapo" else "completions"
+        check_rewards(recipe.grpo.reward, trust_code=self.trust_reward_code)  # before any data or model work
+        budget = recipe.data.max_length - recipe.generation.max_new_tokens
+        if budget < 8:
+            raise RecipeError(
+                f"data.max_length {recipe.data.max_length} leaves {budget} tokens of prompt next to "
+                f"generation.max_new_tokens {recipe.generation.max_new_tokens}",
+                hint="raise data.max_length or lower generation.max_new_tokens",
+            )
+        bundle = build_data(
+            recipe, prompt_encoder(tokenizer, template, budget), "prompts", default_format="prompts", use_cache=False
+        )
+        return StageData(train=bundle.train, eval=bundle.eval, reports=bundle.reports)
+
+    def batch_source(self, data: StageData, recipe: GrpoRecipe, dist: Any, collate: Any) -> Rollouts:
+        t, g = recipe.train, recipe.grpo
+        self.rollouts = Rollouts(
+            data.train, recipe, dist, t.micro_batch_size * t.grad_accum // g.num_generations, g.num_iterations
+        )
+        return self.rollouts
+
+    def before_training(self, engine: Any, data: StageData, dist: Any, collate: Any) -> None:
+        from llmtune.rewards import build_rewards
+
+        self.engine, self.dist = engine, dist
+        self.stops = end_tokens(engine.module, self.tokenizer, self.template)
+        self.rewards = build_rewards(
+            self.recipe.grpo.reward,
+            trust_code=self.trust_reward_code,
+            device=dist.device,
+            dtype=weight_dtype(self.recipe),
+        )
+        self.reference = None
+        lora = self.recipe.finetuning.method in ("lora", "qlora")
+        if self.recipe.grpo.beta > 0 and not lora:  # lora: the base with the adapter disabled, no second copy
+            self.reference = load_reference_model(self.recipe, self.recipe.model.path, dist.device, self.tokenizer)
+        self.rollouts.make = self.make_rollouts
+
+    def _sample(self, prompts: list[PromptExample], repeat: int, seed: int, greedy: bool = False) -> list[Any]:
+        ids = [p.input_ids for p in prompts for _ in range(repeat)]
+        gen = self.recipe.generation
+        if greedy:
+            gen = gen.model_copy(update={"temperature": 0.0})
+        bs = gen.batch_size or self.recipe.train.micro_batch_size
+        with full_weights(self.engine):
+            return rollout(
+                self.engine.module,
+                self.tokenizer,
+                ids,
+                gen,
+                seed=seed,
+                stops=self.stops,
+                device=self.dist.device,
+                batch_size=bs,
+            )
+
+    def _score(self, prompts: list[PromptExample], outs: list[Any], repeat: int) -> Any:
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in outs]
+        messages = [p.prompt.messages for p in prompts for _ in range(repeat)]
+        answers = [p.prompt.answer for p in prompts for _ in range(repeat)]
+        return self.rewards(messages, texts, answers, [ended for _, ended in outs])
+
+    def make_rollouts(self, prompts: list[PromptExample], seed: int) -> Window:
+        """Generate and score this rank's completions, compute advantages, and cut them into the window's
+        micro-batches (with the old and reference log-probs the step needs)."""
+        cfg, t = self.recipe.grpo, self.recipe.train
+        g = cfg.num_generations
+        outs = self._sample(prompts, g, seed)
+        scored = self._score(prompts, outs, g)
+        rewards = torch.tensor(scored.total, dtype=torch.float64)
+        if cfg.advantage == "rloo":
+            adv = rloo_advantages(rewards, g)
+        elif cfg.scale_rewards == "batch":  # the std of the whole step's rewards, over every process
+            adv = group_advantages(rewards, g, scale="none") / (self._global_std(rewards) + 1e-4)
+        else:
+            adv = group_advantages(rewards, g, scale=cfg.scale_rewards)
+        self._rollout_metrics(scored, rewards, outs, g)
+
+        rows = []
+        for p, (ids, ended), a in zip([p for p in prompts for _ in range(g)], outs, adv.tolist(), strict=True):
+            # the end token is learned too: the chat template's end of turn (first in self.stops), whichever
+            # stop token the sample ended with, so that the policy learns to close its turn as the template does
+            completion = ids + ([self.stops[0]] if ended else [])
+            learn = not (cfg.mask_truncated_completions and not ended)
+            labels = [IGNORE_INDEX] * len(p.input_ids) + (completion if learn else [IGNORE_INDEX] * len(completion))
+            rows.append((p.input_ids + completion, labels, a))
+        mb = t.micro_batch_size
+        window = [self._collate(rows[i : i + mb]) for i in range(0, len(rows), mb)]
+        if cfg.num_iterations > 1 or cfg.beta > 0:
+            self._add_logps(window)
+        return window
+
+    def _collate(self, rows: list[tuple[list[int], list[int], float]]) -> dict[str, torch.Tensor]:
+        width = max(len(r[0]) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (x, y, _) in enumerate(rows):
+            ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        adv = torch.tensor([r[2] for r in rows], dtype=torch.float32)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "advantages": adv}
+
+    @torch.no_grad()
+    def _add_logps(self, window: Window) -> None:
+        """Log-probs of the completions before any update (old, for num_iterations > 1) and under the
+        reference (beta > 0), computed once per rollout in eval mode."""
+        model = self.engine.module
+        was_training = model.training
+        model.eval()
+        dev = self.dist.device
+        for batch in window:
+            b = {k: v.to(dev) for k, v in batch.items()}
+            if self.recipe.grpo.num_iterations > 1:
+                batch["old_logps"] = token_logps(forward_lm(self.engine, b), b["labels"])[0].cpu()
+            if self.recipe.grpo.beta > 0:
+                if self.reference is not None:
+                    ref = token_logps(forward_lm(self.reference, b), b["labels"])[0]
+                else:
+                    with model.disable_adapter():
+                        ref = token_logps(forward_lm(self.engine, b), b["labels"])[0]
+                batch["ref_logps"] = ref.cpu()
+        model.train(was_training)
+
+    def _global_std(self, rewards: torch.Tensor) -> float:
+        local = torch.tensor([len(rewards), rewards.sum(), (rewards**2).sum()], dtype=torch.float64)
+        s = all_reduce_sum(local.to(self.dist.device)).cpu()
+        n, mean = s[0].item(), s[1].item() / max(s[0].item(), 1)
+        return math.sqrt(max(s[2].item() / max(n, 1) - mean**2, 0.0) * n / max(n - 1, 1))
+
+    def _rollout_metrics(self, scored: Any, rewards: torch.Tensor, outs: list[Any], g: int) -> None:
+        """Reward mean / std (overall and per source), share of groups with no reward spread, completion
+        length and share that ended: over every process's rollouts."""
+        lengths = torch.tensor([len(ids) for ids, _ in outs], dtype=torch.float64)
+        ended = torch.tensor([float(e) for _, e in outs], dtype=torch.float64)
+        names = sorted(scored.per_source)
+        parts = [
+            torch.tensor(float(len(rewards))),
+            rewards.sum(),
+            (rewards**2).sum(),
+            zero_std_groups(rewards, g).double().sum(),
+            torch.tensor(float(len(rewards) // g)),
+            lengths.sum(),
+            ended.sum(),
+            *[torch.tensor(scored.per_source[k], dtype=torch.float64).sum() for k in names],
+        ]
+        s = all_reduce_sum(torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in parts]).to(self.dist.device))
+        s = s.cpu().tolist()
+        n = max(s[0], 1.0)
+        mean = s[1] / n
+        m = self.rollouts.last_metrics
+        m.clear()
+        m["reward"] = mean
+        m["reward_std"] = math.sqrt(max(s[2] / n - mean**2, 0.0))
+        m["frac_reward_zero_std"] = s[3] / max(s[4], 1.0)
+        m["completion_length"] = s[5] / n
+        m["ended"] = s[6] / n
+        for k, v in zip(names, s[7:], strict=True):
+            m[f"reward/{k}"] = v / n
+
+    # --- the step ---------------------------------------------------------------------------------------------
+
+    def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.recipe.grpo.loss_type == "dapo":
+            return (batch["labels"][:, 1:] != IGNORE_INDEX).sum().double()
+        return torch.tensor(float(batch["labels"].shape[0]), dtype=torch.float64, device=batch["labels"].device)
+
+    def step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        cfg = self.recipe.grpo
+        logits = forward_lm(model, batch)  # (B, T, V)
+        logp, mask = token_logps(logits, batch["labels"])  # (B, T-1)
+        old = batch["old_logps"] if "old_logps" in batch else logp.detach()
+        per_token, clipped = clipped_policy_loss(logp, old, batch["advantages"], cfg.epsilon, cfg.epsilon_high)
+        kl = None
+        if cfg.beta > 0:
+            kl = kl_estimate(logp, batch["ref_logps"], "k3")  # (B, T-1)
+            per_token = per_token + cfg.beta * kl
+        loss_sum, units = aggregate_loss(per_token, mask, cfg.loss_type, self.recipe.generation.max_new_tokens)
+        with torch.no_grad():  # token means of this micro-batch, weighted by its units in the step's mean
+            entropy = entropy_from_logits(logits[:, :-1].detach())
+            metrics = {
+                "clip_fraction": masked_mean(clipped, mask) * units,
+                "entropy": masked_mean(entropy, mask) * units,
+            }
+            if kl is not None:
+                metrics["kl"] = masked_mean(kl.detach(), mask) * units
+        return StepOutput(loss_sum=loss_sum, units=units, metrics=metrics)
+
+    # --- evaluation: greedy completions of the held-out prompts, scored -----------------------------------
+
+    def evaluate(self, engine: Any, samples: list[Any], recipe: Any, dist: Any, collate: Any) -> dict[str, float]:
+        mine = samples[dist.rank :: dist.world_size]
+        per_rank = math.ceil(len(samples) / dist.world_size)
+        padded = (mine or samples[:1]) * math.ceil(per_rank / max(len(mine), 1))  # same generate calls everywhere
+        chosen = padded[:per_rank]
+        outs = self._sample(chosen, 1, recipe.seed, greedy=True)
+        scored = self._score(chosen, outs, 1)
+        keep = len(mine)
+        names = sorted(scored.per_source)
+        vals = [
+            float(keep),
+            sum(scored.total[:keep]),
+            sum(len(ids) for ids, _ in outs[:keep]),
+            sum(float(e) for _, e in outs[:keep]),
+            *[sum(scored.per_source[k][:keep]) for k in names],
+        ]
+        s = all_reduce_sum(torch.tensor(vals, dtype=torch.float64, device=dist.device)).cpu().tolist()
+        n = max(s[0], 1.0)
+        result = {"eval/reward": s[1] / n, "eval/completion_length": s[2] / n, "eval/ended": s[3] / n}
+        for k, v in zip(names, s[4:], strict=True):
+            result[f"eval/reward/{k}"] = v / n
+        return result

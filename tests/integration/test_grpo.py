@@ -1,0 +1,143 @@
+"""stage: grpo through the real CLI on the tiny model: it learns a rule reward, resumes exactly at a rollout
+boundary, runs every loss / advantage variant, and refuses bad input before training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import as_if_killed, assert_ok, assert_refused, base_recipe, read_metrics, run_cli, write_recipe
+
+WORDS = ["apple", "river", "green", "stone", "cloud", "tiger", "piano", "lemon"]
+
+
+def prompts_file(path: Path, n: int = 32, seed: int = 0) -> Path:
+    """Prompts with an answer: "Say the word X." -> X."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        w = rng.choice(WORDS)
+        rows.append({"prompt": f"Say the word {w}.", "answer": w})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def grpo_recipe(tmp_path: Path, **sections) -> dict:
+    data = prompts_file(tmp_path / "prompts.jsonl")
+    recipe = base_recipe(
+        tmp_path,
+        stage="grpo",
+        finetuning={"method": "full"},
+        data={"train": [{"path": str(data)}], "max_length": 96},
+        grpo={"num_generations": 4, "reward": {"rule": "regex:^[A-Z]"}},
+        generation={"max_new_tokens": 4, "temperature": 1.0},
+        train={"max_steps": 4, "micro_batch_size": 8, "lr": 1e-3, "log_every": 1, "lr_scheduler": "constant"},
+    )
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    return recipe
+
+
+def _train(tmp_path: Path, recipe: dict, *extra: str, nproc: int = 1):
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe)), *extra, nproc=nproc)
+    assert_ok(proc)
+    return Path(recipe["output_dir"]), proc
+
+
+def test_grpo_raises_a_rule_reward_with_bounded_kl(tmp_path: Path) -> None:
+    """A completion earns 1 when it starts with a capital letter. From the random tiny model (about one in
+    five do), grpo must raise the mean reward of its rollouts by at least 20% relative, with the k3 KL to
+    the starting model (beta > 0 loads a frozen reference copy) small."""
+    recipe = grpo_recipe(
+        tmp_path,
+        grpo={"num_generations": 8, "beta": 0.01, "reward": {"rule": "regex:^ ?[A-Z]"}},
+        train={"max_steps": 40, "micro_batch_size": 32, "lr": 3e-3},
+    )
+    out, proc = _train(tmp_path, recipe)
+    steps = [m for m in read_metrics(out) if "reward" in m]
+    assert [m["step"] for m in steps] == list(range(1, 41))
+    first = sum(m["reward"] for m in steps[:5]) / 5  # 4 prompts x 8 completions a step
+    last = sum(m["reward"] for m in steps[-5:]) / 5
+    assert last >= 1.2 * first and last > first + 0.1, (first, last)
+    assert max(m["kl"] for m in steps) < 2.0
+    for key in ("reward_std", "frac_reward_zero_std", "completion_length", "clip_fraction", "entropy", "rollout_s"):
+        assert key in steps[0], key
+    assert "reward/rule/regex:^ ?[A-Z]" in steps[0]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)  # the policy loads as an sft output does
+
+
+def test_grpo_resumes_exactly_at_a_rollout_boundary(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = grpo_recipe(tmp_path / "a", train={"max_steps": 4})
+    out_a, _ = _train(tmp_path / "a", straight)
+    resumed = grpo_recipe(tmp_path / "b", train={"max_steps": 4, "save_every": 2})
+    out_b, _ = _train(tmp_path / "b", resumed)
+    as_if_killed(out_b, drop=("step-00000004",))  # died after the step-2 checkpoint
+    out_b, proc = _train(tmp_path / "b", resumed)
+    assert "resumed from" in proc.stdout and "step 2" in proc.stdout
+    a, b = load_file(out_a / "model.safetensors"), load_file(out_b / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    rewards_a = [m["reward"] for m in read_metrics(out_a) if "reward" in m]
+    rewards_b = [m["reward"] for m in read_metrics(out_b) if "reward" in m]
+    assert rewards_a == rewards_b  # the resumed run sampled the same rollouts
+
+
+@pytest.mark.parametrize(
+    "grpo",
+    [
+        {"advantage": "rloo", "loss_type": "grpo"},
+        {"loss_type": "dr_grpo", "scale_rewards": "batch", "num_iterations": 2, "epsilon_high": 0.28},
+        {"scale_rewards": "none", "mask_truncated_completions": True, "beta": 0.1},
+    ],
+    ids=["rloo-grpo", "dr_grpo-batch-iter2", "none-masked-beta-lora"],
+)
+def test_grpo_variants_run(tmp_path: Path, grpo: dict) -> None:
+    method = "lora" if grpo.get("beta") else "full"  # lora + beta: the reference is the adapter disabled
+    recipe = grpo_recipe(
+        tmp_path,
+        finetuning={"method": method, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+        grpo={"num_generations": 4, "reward": {"rule": "regex:^[A-Z]"}, **grpo},
+        train={"max_steps": 2, "eval_every": 2},
+        data={"eval": [{"path": str(prompts_file(tmp_path / "held.jsonl", n=3, seed=5))}]},
+    )
+    out, _ = _train(tmp_path, recipe)
+    metrics = read_metrics(out)
+    train = [m for m in metrics if "loss" in m]
+    assert len(train) == 2 and all(m["loss"] == m["loss"] for m in train)  # finite, logged every step
+    if grpo.get("beta"):
+        assert all("kl" in m for m in train)
+    evals = [m for m in metrics if "eval/reward" in m]
+    assert evals and 0.0 <= evals[-1]["eval/reward"] <= 1.0
+
+
+def test_grpo_bad_input_is_refused_before_training(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": "no prompt here"}\n{"chosen": "x"}\n')
+    recipe = grpo_recipe(tmp_path, data={"train": [{"path": str(empty)}]})
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe)))
+    assert_refused(proc, "no usable example")
+
+    recipe = grpo_recipe(tmp_path, grpo={"reward": {"rule": "exact_matsh"}})
+    assert_refused(run_cli("train", str(write_recipe(tmp_path, recipe))), "exact_matsh")
+
+    recipe = grpo_recipe(tmp_path, grpo={"reward": {"rule": "os:getcwd"}})
+    assert_refused(run_cli("train", str(write_recipe(tmp_path, recipe))), "--trust-reward-code")
+
+    from tests.conftest import TINY_MODEL
+
+    recipe = grpo_recipe(tmp_path, grpo={"reward": {"model": str(TINY_MODEL)}})  # a causal LM, not a reward model
+    assert_refused(run_cli("train", str(write_recipe(tmp_path, recipe))), "stage: rm")
