@@ -23,6 +23,10 @@ def get_stage(name: str) -> Any:
         from llmtune.stages.dpo import DpoStage
 
         return DpoStage()
+    if name == "grpo":
+        from llmtune.stages.grpo import GrpoStage
+
+        return GrpoStage()
     raise ValueError(f"unknown stage {name}")
 
 
@@ -44,8 +48,14 @@ def quiet_libraries() -> None:
 
 
 def run_stage(recipe: Any, local_rank: int | None = None, **options: Any) -> None:
-    """options: resume_from (a checkpoint dir), resume (bool), overwrite (bool); see llmtune.engine.trainer."""
+    """options: resume_from (a checkpoint dir), resume (bool), overwrite (bool), trust_reward_code (bool);
+    see llmtune.engine.trainer."""
     quiet_libraries()
+    if recipe.stage == "rejection_sampling":  # rounds of generate -> score -> select -> sft (the same loop)
+        from llmtune.stages.rejection_sampling import run_rejection_sampling
+
+        run_rejection_sampling(recipe, local_rank=local_rank, **options)
+        return
     from llmtune.engine.trainer import train
 
     train(recipe, get_stage(recipe.stage), local_rank=local_rank, **options)

@@ -61,7 +61,7 @@ def test_grpo_raises_a_rule_reward_with_bounded_kl(tmp_path: Path) -> None:
         grpo={"num_generations": 8, "beta": 0.01, "reward": {"rule": "regex:^ ?[A-Z]"}},
         train={"max_steps": 40, "micro_batch_size": 32, "lr": 3e-3},
     )
-    out, proc = _train(tmp_path, recipe)
+    out, _ = _train(tmp_path, recipe)
     steps = [m for m in read_metrics(out) if "reward" in m]
     assert [m["step"] for m in steps] == list(range(1, 41))
     first = sum(m["reward"] for m in steps[:5]) / 5  # 4 prompts x 8 completions a step
