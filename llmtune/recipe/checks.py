@@ -108,6 +108,7 @@ def check_paths(recipe: RecipeBase) -> list[str]:
     _check_output_dir(
         recipe, [v for _, v in models if v] + [src.path for src in [*recipe.data.train, *recipe.data.eval]]
     )
+    _check_reward_block(recipe)
     tpl = m.chat_template
     if tpl is not None and tpl not in BUILTIN_TEMPLATES and not Path(tpl).expanduser().is_file():
         raise RecipeError(
@@ -115,3 +116,29 @@ def check_paths(recipe: RecipeBase) -> list[str]:
             hint=f"use one of {', '.join(BUILTIN_TEMPLATES)}, a path to a .jinja file, or null for the tokenizer's own",
         )
     return notes
+
+
+def _check_reward_block(recipe: RecipeBase) -> None:
+    """The online stages' reward: rule names and patterns, and that reward-model paths exist (what can be
+    told without importing torch; train checks the rest, and module:function rules, before loading)."""
+    for block in ("grpo", "rejection_sampling"):
+        cfg = getattr(getattr(recipe, block, None), "reward", None)
+        if cfg is None:
+            continue
+        from llmtune.errors import UserError
+        from llmtune.rewards.rules import check_rule, is_code_rule
+
+        for spec in cfg.rules():
+            if is_code_rule(spec):
+                continue
+            try:
+                check_rule(spec, trust_code=False)
+            except UserError as e:
+                raise RecipeError(f"{block}.reward.rule: {e.message}", hint=e.hint) from None
+        for path in cfg.models():
+            if looks_local(path) and not Path(path).expanduser().exists():
+                raise RecipeError(
+                    f"{block}.reward.model: {path} does not exist",
+                    hint="give the output directory of an rm run (llmtune train with stage: rm)",
+                )
+            check_finished(path, f"{block}.reward.model")

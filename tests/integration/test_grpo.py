@@ -4,6 +4,7 @@ boundary, runs every loss / advantage variant, and refuses bad input before trai
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,75 @@ def test_grpo_bad_input_is_refused_before_training(tmp_path: Path) -> None:
 
     recipe = grpo_recipe(tmp_path, grpo={"reward": {"model": str(TINY_MODEL)}})  # a causal LM, not a reward model
     assert_refused(run_cli("train", str(write_recipe(tmp_path, recipe))), "stage: rm")
+
+    # validate (no torch) already catches a misspelled rule and a missing reward model
+    recipe = grpo_recipe(tmp_path, grpo={"reward": {"rule": "exact_matsh"}})
+    assert_refused(run_cli("validate", str(write_recipe(tmp_path, recipe))), "grpo.reward.rule", "exact_matsh")
+    recipe = grpo_recipe(tmp_path, grpo={"reward": {"model": str(tmp_path / "no-rm")}})
+    assert_refused(run_cli("validate", str(write_recipe(tmp_path, recipe))), "grpo.reward.model", "does not exist")
+
+
+def test_grpo_raises_the_score_of_a_reward_model_from_the_rm_stage(tmp_path: Path) -> None:
+    """A reward model trained by the rm stage (polite vs rude replies) scores the rollouts, with its own
+    tokenizer and template; grpo raises its mean score well beyond the step-to-step noise."""
+    from tests.integration.test_preference import _rm_recipe, polite_pairs
+
+    (tmp_path / "rm").mkdir()
+    pairs = polite_pairs(tmp_path / "rm" / "pairs.jsonl")
+    rm_out, _ = _train(tmp_path / "rm", _rm_recipe(tmp_path / "rm", pairs, "full"))
+    recipe = grpo_recipe(
+        tmp_path,
+        grpo={"num_generations": 8, "reward": {"model": str(rm_out)}},
+        generation={"max_new_tokens": 8},
+        train={"max_steps": 30, "micro_batch_size": 32, "lr": 3e-3},
+    )
+    out, _ = _train(tmp_path, recipe)
+    steps = [m for m in read_metrics(out) if "reward" in m]
+    name = f"reward/model/{rm_out.name}"
+    assert all(name in m for m in steps)
+    first = sum(m["reward"] for m in steps[:5]) / 5
+    last = sum(m["reward"] for m in steps[-5:]) / 5
+    spread = sum(m["reward_std"] for m in steps[:5]) / 5  # the within-step spread of the scores at the start
+    assert last > first + 0.5 * spread, (first, last, spread)
+
+
+def test_grpo_qlora_runs(tmp_path: Path) -> None:
+    recipe = grpo_recipe(
+        tmp_path,
+        finetuning={"method": "qlora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+        grpo={"beta": 0.05},  # the reference: the 4-bit base with the adapter disabled
+        train={"max_steps": 2},
+    )
+    out, _ = _train(tmp_path, recipe)
+    train = [m for m in read_metrics(out) if "loss" in m]
+    assert len(train) == 2 and all(math.isfinite(m["kl"]) for m in train)
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("zero", "method"), [(2, "full"), (3, "full"), (3, "lora")])
+def test_grpo_two_processes(tmp_path: Path, zero: int, method: str) -> None:
+    """Two processes: each generates its own prompts' groups (ZeRO-3 gathers the weights once per rollout);
+    the logged reward is over both; the held-out evaluation runs on both shards."""
+    recipe = grpo_recipe(
+        tmp_path,
+        finetuning={"method": method, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+        train={"max_steps": 2, "eval_every": 2},
+        data={"eval": [{"path": str(prompts_file(tmp_path / "held.jsonl", n=3, seed=5))}]},
+        distributed={"zero_stage": zero},
+        precision="bf16",
+    )
+    out, proc = _train(tmp_path, recipe, nproc=2)
+    assert "x 2 proc" in proc.stdout
+    metrics = read_metrics(out)
+    train = [m for m in metrics if "loss" in m]
+    assert len(train) == 2 and all(0.0 <= m["reward"] <= 1.0 for m in train)
+    assert [m["step"] for m in metrics if "eval/reward" in m] == [2]
+    from transformers import AutoModelForCausalLM
+
+    if method == "lora":
+        from peft import PeftModel
+
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(recipe["model"]["path"]), out)
+    else:
+        AutoModelForCausalLM.from_pretrained(out)
