@@ -171,7 +171,7 @@ def test_grpo_raises_the_score_of_a_reward_model_from_the_rm_stage(tmp_path: Pat
     first = sum(m["reward"] for m in steps[:5]) / 5
     last = sum(m["reward"] for m in steps[-5:]) / 5
     spread = sum(m["reward_std"] for m in steps[:5]) / 5  # the within-step spread of the scores at the start
-    assert last > first + 0.5 * spread, (first, last, spread)
+    assert last > first + 0.3 * spread and last > 1.2 * first, (first, last, spread)
 
 
 def test_grpo_qlora_runs(tmp_path: Path) -> None:
