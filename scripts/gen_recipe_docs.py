@@ -32,7 +32,11 @@ from llmtune.recipe.schema import (
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "recipe-reference.md"
 BLOCKS: list[tuple[str, type[BaseModel], str]] = [
-    ("top level", RecipeBase, "Keys every stage shares. `stage:` is `cpt`, `sft`, `rm`, `dpo`, `grpo` or `rejection_sampling`."),
+    (
+        "top level",
+        RecipeBase,
+        "Keys every stage shares. `stage:` is `cpt`, `sft`, `rm`, `dpo`, `grpo` or `rejection_sampling`.",
+    ),
     ("model", ModelConfig, "The model a stage starts from."),
     ("finetuning", FinetuningConfig, "What trains."),
     ("data", DataConfig, "Where the rows come from and how they become batches."),

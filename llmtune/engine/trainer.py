@@ -112,6 +112,59 @@ def evaluate(engine: Any, stage: Any, samples: list[Any], recipe: RecipeBase, di
     return result
 
 
+@dataclass
+class RunManifest:
+    """run.json: what ran, on what, and how it ended. Later stages read its tokenizer record; resume
+    planning and the unfinished-run checks read its status (llmtune.recipe.checks.run_manifest)."""
+
+    llmtune: str
+    torch: str
+    deepspeed: str
+    stage: str
+    world_size: int
+    device: str
+    total_steps: int
+    tokenizer: dict[str, Any]  # later stages check the tokenizer they load against it
+    started: str
+    status: str = "running"  # running | stopped | failed | finished
+    finished: str | None = None
+    steps: int | None = None
+    trainer_state: dict[str, Any] | None = None
+
+    def write(self, out: Path, dist: DistInfo) -> None:
+        if dist.is_main:
+            tmp = out / "run.json.tmp"
+            tmp.write_text(json.dumps({k: v for k, v in asdict(self).items() if v is not None}, indent=1))
+            os.replace(tmp, out / "run.json")
+
+
+@dataclass
+class Run:
+    """Everything one training run holds between set-up, the loop and the finish."""
+
+    recipe: RecipeBase
+    stage: Any
+    dist: DistInfo
+    console: Console
+    out: Path
+    tokenizer: Any
+    data: Any  # StageData
+    collate: Any
+    batches: Any  # the stage's batch source: Batches or Rollouts
+    total_steps: int
+    resume_from: Path | None = None  # the checkpoint this run continues from
+    owns_group: bool = True  # the process group was made for this run: end it at the finish
+    engine: Any = None
+    scheduler: Any = None
+    guard: StepGuard | None = None
+    state: TrainerState | None = None
+    resumed: bool = False
+    log: MetricsLog | None = None
+    manifest: RunManifest | None = None
+    saved_step: int = -1
+    progress: Progress | None = None
+
+
 def train(
     recipe: RecipeBase,
     stage: Any,
@@ -121,23 +174,33 @@ def train(
     overwrite: bool = False,
     trust_reward_code: bool = False,
 ) -> None:
-    # --- setup: fail fast, before any heavy work ---------------------------------------------------------
+    """setup (fail fast, before any heavy work) -> model and engine -> the loop -> the final evaluation,
+    checkpoint and export."""
+    stage.trust_reward_code = trust_reward_code
+    run = _setup(recipe, stage, local_rank, resume=resume, resume_from=resume_from, overwrite=overwrite)
+    if run is None:
+        return
+    _start_engine(run)
+    _loop(run)
+    _finish(run)
+
+
+def _setup(recipe: RecipeBase, stage: Any, local_rank: int | None, **options: Any) -> Run | None:
+    """Processes, output directory, tokenizer and data; None when the run is already finished."""
+    owns_group = not torch.distributed.is_initialized()  # a caller's group (rejection sampling rounds) stays up
     dist = setup_distributed(recipe.distributed.backend, local_rank)
     # Logs (not a terminal) get wide lines, so that paths and tables are not cut.
     wide = None if sys.stdout.isatty() else 200
     console = Console(quiet=not dist.is_main, highlight=False, soft_wrap=True, width=wide)
     check_precision(recipe, dist.device)
     seed_everything(recipe.seed)
-    out, plan = prepare_output_dir(recipe, dist, console, resume=resume, resume_from=resume_from, overwrite=overwrite)
+    out, plan = prepare_output_dir(recipe, dist, console, **options)
     if plan.finished:
         console.print(
             f"{out} already holds a finished run of this recipe: nothing to do "
             "(pass --no-resume or --overwrite to train again)"
         )
-        return
-    t = recipe.train
-    stage.trust_reward_code = trust_reward_code
-
+        return None
     tokenizer = load_tokenizer(recipe.model)
     limit = position_limit(recipe.model)
     if limit is not None and recipe.data.max_length > limit:
@@ -158,17 +221,39 @@ def train(
     print_data_summary(console, data, recipe)
     data_fingerprint = _data_fingerprint(data.reports)
     if plan.resume_from is not None:  # before the model loads: a resume that cannot be exact fails fast
-        _check_resumable(plan.resume_from, recipe, dist, data_fingerprint, resume_from is not None, console)
+        explicit = options.get("resume_from") is not None
+        _check_resumable(plan.resume_from, recipe, dist, data_fingerprint, explicit, console)
     if not data.train:
         raise DataError("no training example left after reading the data", hint="see the summary above")
 
     collate = functools.partial(stage.collate, pad_id=tokenizer.pad_token_id)
     batches = stage.batch_source(data, recipe, dist, collate)
-    if t.max_steps is not None:
-        total_steps = t.max_steps
-    else:
-        total_steps = max(1, round(t.epochs * batches.windows_per_epoch))
+    t = recipe.train
+    total_steps = t.max_steps if t.max_steps is not None else max(1, round(t.epochs * batches.windows_per_epoch))
+    state = TrainerState(
+        world_size=dist.world_size, zero_stage=recipe.distributed.zero_stage, data_fingerprint=data_fingerprint
+    )
+    return Run(
+        recipe,
+        stage,
+        dist,
+        console,
+        out,
+        tokenizer,
+        data,
+        collate,
+        batches,
+        total_steps,
+        plan.resume_from,
+        owns_group=owns_group,
+        state=state,
+    )
 
+
+def _start_engine(run: Run) -> None:
+    """Load the model, build the optimizer and schedule, wrap them in DeepSpeed, restore a checkpoint, and
+    write the manifest."""
+    recipe, dist, console = run.recipe, run.dist, run.console
     ds_config = deepspeed_config(recipe, dist.world_size)
     import deepspeed
 
@@ -177,7 +262,7 @@ def train(
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(ds_config)  # must stay alive while the model loads: partitioned init
-    loaded = stage.load_model(recipe, dist.device, tokenizer)
+    loaded = run.stage.load_model(recipe, dist.device, run.tokenizer)
     describe(loaded, recipe, console)
     model = loaded.model
     if recipe.distributed.zero_stage == 3 and recipe.precision != "fp32":
@@ -188,8 +273,8 @@ def train(
             if p.dtype.is_floating_point and p.dtype != dtype and not hasattr(p, "ds_id"):
                 p.data = p.data.to(dtype)
     optimizer = build_optimizer(recipe, model)
-    scheduler = build_scheduler(recipe, optimizer, total_steps)
-    guard = StepGuard(optimizer)  # after the scheduler, which wraps optimizer.step itself
+    scheduler = build_scheduler(recipe, optimizer, run.total_steps)
+    run.guard = StepGuard(optimizer)  # after the scheduler, which wraps optimizer.step itself
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
@@ -197,58 +282,63 @@ def train(
     if dist.world_size == 1 and recipe.distributed.zero_stage == 0:
         # nothing to average with: skip the gradient all-reduce (ZeRO 1-3 gather their gradients through it)
         engine.enable_backward_allreduce = False
+    run.engine, run.scheduler = engine, scheduler
 
-    state = TrainerState(
-        world_size=dist.world_size, zero_stage=recipe.distributed.zero_stage, data_fingerprint=data_fingerprint
-    )
-    ckpt = plan.resume_from
+    ckpt = run.resume_from
     if ckpt is not None:
         base_lrs = list(scheduler.base_lrs)
-        state = load_checkpoint(engine, ckpt, dist.rank, quantized=recipe.finetuning.method == "qlora")
-        state.data_fingerprint = data_fingerprint
+        fingerprint = run.state.data_fingerprint
+        run.state = load_checkpoint(engine, ckpt, dist.rank, quantized=recipe.finetuning.method == "qlora")
+        run.state.data_fingerprint = fingerprint
         _schedule_from_recipe(scheduler, base_lrs)
-        console.print(f"resumed from {ckpt} (step {state.step})")
+        run.resumed, run.saved_step = True, run.state.step
+        console.print(f"resumed from {ckpt} (step {run.state.step})")
 
-    mb = t.micro_batch_size
+    t, mb = recipe.train, recipe.train.micro_batch_size
     console.print(
-        f"training: {len(data.train):,} rows, {batches.windows_per_epoch:,} steps/epoch, {total_steps:,} steps | "
-        f"batch {mb} x accum {t.grad_accum} x {dist.world_size} proc = {mb * t.grad_accum * dist.world_size} "
-        f"rows/step | ZeRO-{recipe.distributed.zero_stage} {recipe.precision} on {dist.device.type}"
+        f"training: {len(run.data.train):,} rows, {run.batches.windows_per_epoch:,} steps/epoch, "
+        f"{run.total_steps:,} steps | batch {mb} x accum {t.grad_accum} x {dist.world_size} proc = "
+        f"{mb * t.grad_accum * dist.world_size} rows/step | ZeRO-{recipe.distributed.zero_stage} {recipe.precision} "
+        f"on {dist.device.type}"
     )
-    log = MetricsLog(out / "metrics.jsonl", dist.is_main, resume_step=state.step if ckpt is not None else None)
-    manifest = {
-        "llmtune": __version__,
-        "torch": torch.__version__,
-        "deepspeed": deepspeed.__version__,
-        "stage": recipe.stage,
-        "world_size": dist.world_size,
-        "device": dist.device.type,
-        "total_steps": total_steps,
-        "tokenizer": tokenizer_record(tokenizer),  # later stages check the tokenizer they load against it
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "status": "running",
-    }
-    _write_manifest(out, manifest, dist)
+    run.log = MetricsLog(run.out / "metrics.jsonl", dist.is_main, resume_step=run.state.step if run.resumed else None)
+    run.manifest = RunManifest(
+        llmtune=__version__,
+        torch=torch.__version__,
+        deepspeed=deepspeed.__version__,
+        stage=recipe.stage,
+        world_size=dist.world_size,
+        device=dist.device.type,
+        total_steps=run.total_steps,
+        tokenizer=tokenizer_record(run.tokenizer),
+        started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+    run.manifest.write(run.out, dist)
 
-    # --- train --------------------------------------------------------------------------------------------
-    stage.before_training(engine, data, dist, collate)
+
+def _loop(run: Run) -> None:
+    """Optimizer steps over the batch source's windows, with logging, evaluation, checkpoints, and the
+    NaN / stop decisions; the manifest says stopped / failed if the loop ends early."""
+    recipe, stage, dist, engine, state = run.recipe, run.stage, run.dist, run.engine, run.state
+    t, data, batches, out = recipe.train, run.data, run.batches, run.out
+    assert state is not None and run.log is not None and run.manifest is not None
+    stage.before_training(engine, data, dist, run.collate)
     if t.best_metric:
-        _check_best_metric(engine, stage, data.eval, recipe, dist, collate)
+        _check_best_metric(engine, stage, data.eval, recipe, dist, run.collate)
     engine.train()
     unit = stage.unit_name
-    best = (t.best_metric, t.best_mode) if t.best_metric else None
-    progress = Progress(console, total_steps, state.step)
+    progress = Progress(run.console, run.total_steps, state.step)
+    run.progress = progress
     window_tokens = 0.0
     t_last = time.perf_counter()
-    saved_step = state.step if ckpt is not None else -1
-    with StopRequest(console) as stopper:  # SIGTERM / Ctrl-C: finish the step, checkpoint, stop
+    with StopRequest(run.console) as stopper:  # SIGTERM / Ctrl-C: finish the step, checkpoint, stop
         try:
-            while state.step < total_steps:
+            while state.step < run.total_steps:
                 for window in batches.epoch_windows(state.epoch, state.window_in_epoch):
-                    lr = scheduler.get_last_lr()[0]  # the rate this step uses
+                    lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
                     step_start = time.perf_counter()
                     try:
-                        result = _train_window(engine, stage, window, dist, guard, stopper.signum != 0)
+                        result = _train_window(engine, stage, window, dist, run.guard, stopper.signum != 0)
                     except Exception as e:
                         if is_fp16_scale_error(e):
                             raise fp16_scale_error(e, state.step + 1, out) from None
@@ -257,21 +347,21 @@ def train(
                     state.window_in_epoch += 1
                     state.tokens += int(result.units)
                     window_tokens += result.units
-                    loss_val, grad_norm = result.loss, result.grad_norm
                     step_metrics = {**result.metrics, **batches.metrics()}
                     if "rollout_s" in step_metrics:  # the window was generated just before this step
                         step_metrics["train_s"] = time.perf_counter() - step_start
-                    skipped = _check_numbers(result, recipe, state, out, console)
+                    skipped = _check_numbers(result, recipe, state, out, run.console)
                     if skipped == "nan" and not result.applied:
-                        scheduler.step()  # DeepSpeed saw the overflow and held the schedule: a skipped step moves it on
-                    if state.step % t.log_every == 0 or state.step == total_steps or state.step == 1 or skipped:
+                        run.scheduler.step()  # DeepSpeed saw the overflow and held the schedule: a skipped step moves it on
+                    last = state.step == run.total_steps
+                    if state.step % t.log_every == 0 or last or state.step == 1 or skipped:
                         now = time.perf_counter()
                         record = {
                             "step": state.step,
                             "epoch": round(state.epoch + state.window_in_epoch / batches.windows_per_epoch, 4),
-                            "loss": loss_val,
+                            "loss": result.loss,
                             "lr": lr,
-                            "grad_norm": grad_norm,
+                            "grad_norm": result.grad_norm,
                             unit: state.tokens,
                             f"{unit}_per_s": window_tokens / max(now - t_last, 1e-9),
                             **step_metrics,
@@ -283,55 +373,64 @@ def train(
                         if state.overflow_skips:
                             record["overflow_skips"] = state.overflow_skips
                         window_tokens, t_last = 0.0, now
-                        log.write(record)
+                        run.log.write(record)
                         progress.log(record)
-                    progress.update(state.step, loss_val, lr)
-                    if t.eval_every and data.eval and state.step % t.eval_every == 0 and state.step < total_steps:
-                        _eval_and_log(engine, stage, data.eval, recipe, dist, collate, state, log, progress)
-                    if t.save_every and state.step % t.save_every == 0 and state.step < total_steps:
-                        save_checkpoint(engine, out, state, dist.rank, t.keep_checkpoints, best)
-                        saved_step = state.step
-                    if result.stop and state.step < total_steps:
-                        if saved_step != state.step:
-                            save_checkpoint(engine, out, state, dist.rank, t.keep_checkpoints, best)
-                            saved_step = state.step
+                    progress.update(state.step, result.loss, lr)
+                    if t.eval_every and data.eval and state.step % t.eval_every == 0 and not last:
+                        _eval_and_log(run)
+                    if t.save_every and state.step % t.save_every == 0 and not last:
+                        _save(run)
+                    if result.stop and not last:
+                        if run.saved_step != state.step:
+                            _save(run)
                         raise Stopped(
                             stopper.signum or signal.SIGTERM, state.step, out / "checkpoints" / tag(state.step)
                         )
-                    if state.step >= total_steps:
+                    if state.step >= run.total_steps:
                         break
                 else:
                     state.epoch += 1
                     state.window_in_epoch = 0
         except BaseException as e:
             progress.stop()
-            manifest["status"] = "stopped" if isinstance(e, Stopped) else "failed"
-            _write_manifest(out, manifest, dist)
+            run.manifest.status = "stopped" if isinstance(e, Stopped) else "failed"
+            run.manifest.write(out, dist)
             raise
     progress.stop()
 
-    if data.eval:
-        _eval_and_log(engine, stage, data.eval, recipe, dist, collate, state, log, progress)
-    if t.save_every and saved_step != state.step:
-        save_checkpoint(engine, out, state, dist.rank, t.keep_checkpoints, best)
 
-    # --- export ---------------------------------------------------------------------------------------------
-    engine.module.config.use_cache = True
+def _save(run: Run) -> None:
+    t = run.recipe.train
+    best = (t.best_metric, t.best_mode) if t.best_metric else None
+    save_checkpoint(run.engine, run.out, run.state, run.dist.rank, t.keep_checkpoints, best)
+    run.saved_step = run.state.step
+
+
+def _finish(run: Run) -> None:
+    """The final evaluation and checkpoint, then the export through a staging directory, and the manifest."""
+    dist, out, state = run.dist, run.out, run.state
+    assert state is not None and run.manifest is not None
+    if run.data.eval:
+        _eval_and_log(run)
+    if run.recipe.train.save_every and run.saved_step != state.step:
+        _save(run)
+    run.engine.module.config.use_cache = True
     # Written to a staging directory, then moved into place file by file: a kill mid-export leaves no
     # truncated weights in output_dir (and run.json says finished only after the move).
     staging = out / EXPORT_STAGING
     if dist.is_main:
         shutil.rmtree(staging, ignore_errors=True)
     barrier()
-    stage.export(engine, tokenizer, staging, recipe, dist)
+    run.stage.export(run.engine, run.tokenizer, staging, run.recipe, dist)
     files = _publish(staging, out) if dist.is_main else []
-    manifest.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), steps=state.step)
-    manifest["trainer_state"] = asdict(state)
-    _write_manifest(out, manifest, dist)
+    m = run.manifest
+    m.status, m.finished, m.steps = "finished", time.strftime("%Y-%m-%dT%H:%M:%S"), state.step
+    m.trainer_state = asdict(state)
+    m.write(out, dist)
     barrier()
     skips = f" ({state.nan_skips} skipped for NaN / Inf)" if state.nan_skips else ""
-    console.print(f"[green]done[/]: {state.step} steps{skips}; model written to {out} ({', '.join(files)})")
-    if torch.distributed.is_initialized():
+    run.console.print(f"[green]done[/]: {state.step} steps{skips}; model written to {out} ({', '.join(files)})")
+    if run.owns_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
@@ -597,12 +696,12 @@ def _check_best_metric(engine, stage, samples, recipe, dist, collate) -> None:
         )
 
 
-def _eval_and_log(engine, stage, samples, recipe, dist, collate, state, log, progress) -> None:
-    result = stage.evaluate(engine, samples, recipe, dist, collate)
-    state.eval_step, state.eval_metrics = state.step, result
-    record = {"step": state.step, **result}
-    log.write(record)
-    progress.log(record)
+def _eval_and_log(run: Run) -> None:
+    result = run.stage.evaluate(run.engine, run.data.eval, run.recipe, run.dist, run.collate)
+    run.state.eval_step, run.state.eval_metrics = run.state.step, result
+    record = {"step": run.state.step, **result}
+    run.log.write(record)
+    run.progress.log(record)
 
 
 def _publish(staging: Path, out: Path) -> list[str]:
@@ -618,10 +717,3 @@ def _publish(staging: Path, out: Path) -> list[str]:
         os.replace(entry, target)
     staging.rmdir()
     return names
-
-
-def _write_manifest(out: Path, manifest: dict[str, Any], dist: DistInfo) -> None:
-    if dist.is_main:
-        tmp = out / "run.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, out / "run.json")

@@ -86,7 +86,9 @@ def generation_mode(model: Any) -> Iterator[None]:
     config = _config(model)
     use_cache = getattr(config, "use_cache", True)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    flag = "is_activation_checkpointing" if hasattr(base, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    flag = (
+        "is_activation_checkpointing" if hasattr(base, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    )
     checkpointing = bool(getattr(base, flag, False))
     if checkpointing:
         base.gradient_checkpointing_disable()

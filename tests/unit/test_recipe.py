@@ -170,7 +170,9 @@ def test_grpo_block_defaults_and_checks(tmp_path: Path) -> None:
     assert "names no reward source" in msg
     msg = _error(
         tmp_path,
-        base_recipe(tmp_path, stage="grpo", grpo={"num_generations": 2, "reward": {"rule": "gsm8k", "weights": [1, 2]}}),
+        base_recipe(
+            tmp_path, stage="grpo", grpo={"num_generations": 2, "reward": {"rule": "gsm8k", "weights": [1, 2]}}
+        ),
     )
     assert "weights has 2 numbers for 1 sources" in msg
     sft_data = base_recipe(tmp_path)["data"]

@@ -43,6 +43,20 @@ def test_group_advantages_by_hand() -> None:
         group_advantages(r, 3)
     with pytest.raises(ValueError):
         group_advantages(r, 4, scale="minmax")
+    with pytest.raises(ValueError):
+        group_advantages(r, 0)
+    # one completion per prompt: r - mean = 0 and std is taken as 0, so A = 0 / eps = 0 (no nan)
+    close(group_advantages(torch.tensor([3.0, -1.0]), 1), [0.0, 0.0])
+
+
+def test_zero_std_groups_by_hand() -> None:
+    """Groups [1, 0, 0, 1] (max 1 != min 0) -> False; [2, 2, 2, 2] -> True; integer rewards work too."""
+    assert zero_std_groups(torch.tensor([1, 0, 0, 1, 2, 2, 2, 2]), 4).tolist() == [False, True]
+    assert zero_std_groups(torch.tensor([5.0, 5.0, 0.0, 1.0, 7.0, 7.0]), 2).tolist() == [True, False, True]
+    # integer rewards [1, 0, 0, 1]: mean 0.5 -> A = [0.5, -0.5, -0.5, 0.5]
+    close(group_advantages(torch.tensor([1, 0, 0, 1]), 4, scale="none"), [0.5, -0.5, -0.5, 0.5])
+    with pytest.raises(ValueError):
+        zero_std_groups(torch.tensor([1.0, 2.0, 3.0]), 2)
 
 
 def test_rloo_is_leave_one_out() -> None:
@@ -84,39 +98,90 @@ def test_clipped_policy_loss_both_sides_and_dual_clip() -> None:
     loss, clipped = clipped_policy_loss(logp, old, adv, epsilon=0.2, epsilon_high=0.28, dual_clip=1.4)
     close(loss[1], [1.4, 0.8, 1.1])
     assert clipped[1].tolist() == [1.0, 1.0, 0.0]
+    with pytest.raises(ValueError):
+        clipped_policy_loss(logp, old, adv, dual_clip=1.0)
+
+
+def test_clipped_tokens_have_zero_gradient() -> None:
+    """d loss / d logp = -ratio * A where the unclipped term is taken, 0 where a clipped one is.
+    Same ratios [1.5, 0.5, 1.1], eps 0.2 / eps_high 0.28:
+    A = +1: [0 (clipped), -0.5, -1.1];  A = -1: [1.5, 0 (clipped), 1.1];  with dual clip 1.4 also 1.5 -> 0."""
+    ratios = torch.tensor([[1.5, 0.5, 1.1], [1.5, 0.5, 1.1]])
+    adv = torch.tensor([1.0, -1.0])
+    for dual, want in ((None, [[0.0, -0.5, -1.1], [1.5, 0.0, 1.1]]), (1.4, [[0.0, -0.5, -1.1], [0.0, 0.0, 1.1]])):
+        logp = torch.log(ratios).requires_grad_()
+        loss, clipped = clipped_policy_loss(logp, torch.zeros(2, 3), adv, 0.2, 0.28, dual_clip=dual)
+        loss.sum().backward()
+        close(logp.grad, want)
+        assert torch.equal(clipped == 1, logp.grad == 0)
+    # (B, T) advantages work the same as (B,) broadcast over T
+    lp = torch.log(ratios)
+    a, b = (
+        clipped_policy_loss(lp, torch.zeros(2, 3), adv),
+        clipped_policy_loss(lp, torch.zeros(2, 3), adv[:, None].expand(2, 3)),
+    )
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     # at ratio 1 the gradient of the loss is -A d logp
     lp = torch.zeros(1, 2, requires_grad=True)
     clipped_policy_loss(lp, torch.zeros(1, 2), torch.tensor([2.0]))[0].sum().backward()
     close(lp.grad, [[-2.0, -2.0]])
 
 
-def test_aggregations_by_hand_and_split_invariant() -> None:
+def test_aggregations_by_hand() -> None:
     """Sequences with token losses [1, 2, 3] and [5] (mask 1 1 1 / 1 0 0).
     grpo: mean(mean(1,2,3), 5) = (2 + 5) / 2 = 3.5; dapo: (1 + 2 + 3 + 5) / 4 = 2.75;
     dr_grpo with max_tokens 3: 11 / (2 * 3) = 1.8333."""
     per = torch.tensor([[1.0, 2.0, 3.0], [5.0, 9.0, 9.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     want = {"grpo": 3.5, "dapo": 2.75, "dr_grpo": 11 / 6}
+    got = {}
     for kind, value in want.items():
         s, n = aggregate_loss(per, mask, kind, max_tokens=3)
+        got[kind] = (s / n).item()
         close(s / n, value)
-    # four sequences of different lengths: one micro-batch of 4, two of 2, four of 1 give the same loss
-    torch.manual_seed(0)
-    per4 = torch.randn(4, 5)
-    mask4 = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.float)
-    for kind in want:
-        values = []
-        for size in (4, 2, 1):
-            parts = [aggregate_loss(per4[i : i + size], mask4[i : i + size], kind, 5) for i in range(0, 4, size)]
-            values.append(sum(p[0] for p in parts) / sum(p[1] for p in parts))
-        close(torch.stack(values), [values[0].item()] * 3, tol=1e-6)
+    # unequal lengths: the long sequence has 3/4 of the tokens (dapo) but 1/2 of the weight (grpo)
+    assert abs(got["grpo"] - got["dapo"]) > 0.7
     with pytest.raises(ValueError):
         aggregate_loss(per, mask, "dr_grpo")
     with pytest.raises(ValueError):
         aggregate_loss(per, mask, "sum")
 
 
+def test_aggregations_do_not_depend_on_the_micro_batch_split() -> None:
+    """Four sequences of lengths 5, 2, 1, 3 (padding holds 100, which must not count):
+    [1 1 1 1 1] sum 5 mean 1;  [2 4] sum 6 mean 3;  [6] sum 6 mean 6;  [1 2 3] sum 6 mean 2.
+    grpo = (1 + 3 + 6 + 2) / 4 = 3;  dapo = 23 / 11;  dr_grpo (max_tokens 5) = 23 / (4 * 5) = 1.15.
+    One micro-batch of 4, two of 2 and four of 1 all give these (sum of loss_sum / sum of units)."""
+    pad = 100.0
+    per = torch.tensor(
+        [[1.0, 1.0, 1.0, 1.0, 1.0], [2.0, 4.0, pad, pad, pad], [6.0, pad, pad, pad, pad], [1.0, 2.0, 3.0, pad, pad]]
+    )
+    mask = (per != pad).float()
+    want = {"grpo": 3.0, "dapo": 23 / 11, "dr_grpo": 1.15}
+    for kind, value in want.items():
+        for size in (4, 2, 1):
+            parts = [aggregate_loss(per[i : i + size], mask[i : i + size], kind, 5) for i in range(0, 4, size)]
+            total = sum(p[0] for p in parts) / sum(p[1] for p in parts)
+            close(total, value, tol=1e-6)
+    # grpo (3) and dapo (23 / 11 = 2.09) differ: lengths are unequal
+    (gs, gn), (ds, dn) = aggregate_loss(per, mask, "grpo"), aggregate_loss(per, mask, "dapo")
+    assert abs((gs / gn).item() - (ds / dn).item()) > 0.9
+    # units: B for grpo / dr_grpo, the token count for dapo; float tensors
+    assert aggregate_loss(per, mask, "grpo")[1].item() == 4.0
+    assert aggregate_loss(per, mask, "dapo")[1].item() == 11.0
+    assert aggregate_loss(per, mask, "dapo")[1].is_floating_point()
+    # a sequence with no token adds 0 to the grpo sum (and 1 to its units)
+    s, n = aggregate_loss(torch.tensor([[4.0, 4.0], [9.0, 9.0]]), torch.tensor([[1.0, 1.0], [0.0, 0.0]]), "grpo")
+    close(s, 4.0)
+    close(n, 2.0)
+    # gradients flow to the counted tokens only: d grpo / d l_it = 1 / |o_i| (before the engine divides by B)
+    leaf = per.clone().requires_grad_()
+    aggregate_loss(leaf, mask, "grpo")[0].backward()
+    close(leaf.grad[1], [0.5, 0.5, 0.0, 0.0, 0.0])
+
+
 def test_masked_mean_whiten_entropy() -> None:
+    """masked_mean([1, 3, (100)]) = 2; whiten([1, 3, 5, (100)]): mean 3, population var (4 + 0 + 4) / 3 = 8/3."""
     x = torch.tensor([[1.0, 3.0, 100.0]])
     m = torch.tensor([[1.0, 1.0, 0.0]])
     close(masked_mean(x, m), 2.0)
@@ -125,9 +190,26 @@ def test_masked_mean_whiten_entropy() -> None:
     # mean 3, population var 8/3: (x - 3) / sqrt(8/3)
     close(w, [-2 / math.sqrt(8 / 3), 0.0, 2 / math.sqrt(8 / 3), 0.0], tol=1e-4)
     close(whiten(torch.tensor([1.0, 3.0]), shift_mean=False), [2 - 1, 2 + 1], tol=1e-4)
+    # random entries: mean 0, (population) std 1 over the masked ones, 0 elsewhere
+    torch.manual_seed(1)
+    x, m = torch.randn(3, 7) * 5 + 2, (torch.rand(3, 7) > 0.3).float()
+    w = whiten(x, m)
+    sel = w[m.bool()]
+    close(sel.mean(), 0.0)
+    close(sel.std(unbiased=False), 1.0, tol=1e-4)
+    assert (w[~m.bool()] == 0).all()
+    # shift_mean False keeps the masked mean of x
+    close(whiten(x, m, shift_mean=False)[m.bool()].mean(), x[m.bool()].mean(), tol=1e-4)
     # uniform over 4 tokens: entropy ln 4; one certain token: 0
     close(entropy_from_logits(torch.zeros(1, 1, 4)), [[math.log(4)]])
     close(entropy_from_logits(torch.tensor([[[0.0, -1e4, -1e4]]])), [[0.0]])
+    # a banned token (-inf) adds nothing: two equal tokens left -> ln 2; huge logits do not overflow
+    close(entropy_from_logits(torch.tensor([[[0.0, 0.0, -math.inf]]])), [[math.log(2)]])
+    close(entropy_from_logits(torch.tensor([[[1e4, 1e4]]])), [[math.log(2)]])
+    # p = softmax([ln 3, 0]) = [3/4, 1/4]: H = -(3/4 ln 3/4 + 1/4 ln 1/4)
+    close(
+        entropy_from_logits(torch.tensor([[[math.log(3), 0.0]]])), [[-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))]]
+    )
 
 
 def test_gae_by_hand_and_masked_positions_ignored() -> None:
@@ -147,6 +229,32 @@ def test_gae_by_hand_and_masked_positions_ignored() -> None:
     assert torch.equal(adv, adv2) and torch.equal(ret, ret2)
 
 
+def test_gae_random_padding_and_monte_carlo() -> None:
+    """Two sequences of lengths 3 and 1 padded to 5; padding filled with random numbers, then nan / inf,
+    gives the same outputs (0 at the padding). The length-1 sequence: A_0 = r_0 - V_0 (nothing follows).
+    gamma = lam = 1: A_t = sum_{s >= t} r_s - V_t (Monte Carlo return minus the value)."""
+    r = torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0, 0.0]])
+    v = torch.tensor([[0.5, 0.4, 0.3, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0, 0.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    adv, ret = gae(r, v, m, gamma=0.9, lam=0.8)
+    close(adv, [[0.12928, 0.374, 0.7, 0, 0], [1.5, 0, 0, 0, 0]])
+    close(ret, [[0.62928, 0.774, 1.0, 0, 0], [2.0, 0, 0, 0, 0]])
+    torch.manual_seed(2)
+    pad = m == 0
+    for fill in (
+        lambda: torch.randn(2, 5) * 50,
+        lambda: torch.full((2, 5), math.nan),
+        lambda: torch.full((2, 5), math.inf),
+    ):
+        noisy_r, noisy_v = torch.where(pad, fill(), r), torch.where(pad, fill(), v)
+        adv2, ret2 = gae(noisy_r, noisy_v, m, gamma=0.9, lam=0.8)
+        assert torch.equal(adv, adv2) and torch.equal(ret, ret2)
+    # gamma = lam = 1, first sequence: returns-to-go [1, 1, 1] minus V -> [0.5, 0.6, 0.7]; returns = [1, 1, 1]
+    adv, ret = gae(r, v, m, gamma=1.0, lam=1.0)
+    close(adv[0], [0.5, 0.6, 0.7, 0, 0])
+    close(ret[0], [1.0, 1.0, 1.0, 0, 0])
+
+
 def test_value_loss_and_explained_variance() -> None:
     """old 0, new [0.5, -0.1], returns [1, 1], clip 0.2: clipped values [0.2, -0.1].
     token 0: max((0.5-1)^2, (0.2-1)^2) = 0.64 -> 0.32 (clipped won); token 1: (1.1)^2 / 2 = 0.605."""
@@ -156,8 +264,23 @@ def test_value_loss_and_explained_variance() -> None:
     close(loss, [[0.32, 0.605]])
     close(frac, 0.5)
     close(clipped_value_loss(values, old, returns, mask, clip=None)[0], [[0.125, 0.605]])
+    # a masked token is 0 in the loss and out of the clip fraction: only token 0 (clipped) counts -> 1.0
+    loss, frac = clipped_value_loss(values, old, returns, torch.tensor([[1.0, 0.0]]), clip=0.2)
+    close(loss, [[0.32, 0.0]])
+    close(frac, 1.0)
     r = torch.tensor([[1.0, 2.0, 3.0]])
     close(explained_variance(r, r, torch.ones(1, 3)), 1.0)
+    # V = [1, 2, 2]: Var[R] = 2/3; R - V = [0, 0, 1], mean 1/3, Var = (1/9 + 1/9 + 4/9) / 3 = 2/9 -> 1 - 1/3
+    close(explained_variance(torch.tensor([[1.0, 2.0, 2.0]]), r, torch.ones(1, 3)), 2 / 3)
+    # the masked-out 4th token (V far off) does not count
+    close(
+        explained_variance(
+            torch.tensor([[1.0, 2.0, 2.0, 50.0]]),
+            torch.tensor([[1.0, 2.0, 3.0, 0.0]]),
+            torch.tensor([[1.0, 1.0, 1.0, 0.0]]),
+        ),
+        2 / 3,
+    )
     close(explained_variance(torch.zeros(1, 3), r, torch.ones(1, 3)), 0.0)
     assert math.isnan(explained_variance(r, torch.ones(1, 3), torch.ones(1, 3)).item())
 
@@ -172,9 +295,23 @@ def test_adaptive_kl_controller() -> None:
     assert c.value == pytest.approx(0.102 * 0.98)
     c.update(6.6, n_steps=100)  # error 0.1 -> x 1.1
     assert c.value == pytest.approx(0.102 * 0.98 * 1.1)
+    c.update(5.7, n_steps=100)  # error -0.05 -> x 0.95
+    assert c.value == pytest.approx(0.102 * 0.98 * 1.1 * 0.95)
+    assert c.value < 0.102 * 0.98 * 1.1
     d = AdaptiveKLController(1.0, target=None)
     d.load_state_dict(c.state_dict())
     assert d.state_dict() == c.state_dict()
+    # resumed: the same updates give bit-identical coefficients
+    for kl in (7.0, 1.0, 6.2):
+        c.update(kl, 37)
+        d.update(kl, 37)
+        assert d.value == c.value
+    with pytest.raises(ValueError):
+        AdaptiveKLController(0.1, target=0.0)
+    with pytest.raises(ValueError):
+        AdaptiveKLController(0.1, target=6.0, horizon=0)
+    with pytest.raises(ValueError):
+        AdaptiveKLController(-0.1, target=6.0)
     fixed = AdaptiveKLController(0.05, target=None)
     fixed.update(100.0, 1000)
     assert fixed.value == 0.05

@@ -1,0 +1,242 @@
+"""stage: rejection_sampling through the real CLI on the tiny model: best-of-N, then sft on the winners.
+
+The learnable task: "Say: WORD" -> "WORD". The start model is the tiny model sft-trained on replies that are
+half "WORD" and half "WORD WORD", so that greedy decoding repeats the word for some words and sampling gets
+some replies right. Rejection sampling with exact_match keeps the single-word replies of half the words; the
+behaviour (stop after the word) carries over to the held-out words.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import assert_ok, assert_refused, base_recipe, run_cli, write_recipe
+
+WORDS = ["river", "stone", "cloud", "apple", "tiger", "lamp", "green", "paper"]
+HELD_OUT = ["seven", "music", "winter", "bread", "glass", "orange", "house", "light"]
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _prompts(path: Path, words: list[str]) -> Path:
+    return _jsonl(path, [{"prompt": f"Say: {w}", "answer": w} for w in words])
+
+
+@pytest.fixture(scope="module")
+def start_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model after a short sft on "WORD" / "WORD WORD" replies: right for some words, not all."""
+    tmp = tmp_path_factory.mktemp("rs-start")
+    rows = []
+    for w in WORDS + HELD_OUT:
+        for reply in (w, f"{w} {w}"):
+            rows.append(
+                {"messages": [{"role": "user", "content": f"Say: {w}"}, {"role": "assistant", "content": reply}]}
+            )
+    data = _jsonl(tmp / "pre.jsonl", rows)
+    recipe = base_recipe(
+        tmp,
+        output_dir=str(tmp / "start"),
+        finetuning={"method": "full"},
+        data={"train": [{"path": str(data), "format": "messages"}], "max_length": 64},
+        train={"max_steps": 80, "micro_batch_size": 8, "lr": 3e-3, "lr_scheduler": "constant", "log_every": 20},
+    )
+    assert_ok(run_cli("train", str(write_recipe(tmp, recipe))))
+    return tmp / "start"
+
+
+def rs_recipe(tmp_path: Path, model: Path, **sections) -> dict:
+    prompts = _prompts(tmp_path / "prompts.jsonl", WORDS)
+    recipe = base_recipe(
+        tmp_path,
+        stage="rejection_sampling",
+        model={"path": str(model)},
+        finetuning={"method": "full"},
+        data={"train": [{"path": str(prompts), "format": "prompts"}], "max_length": 64},
+        train={"epochs": 3, "micro_batch_size": 4, "lr": 1e-3, "lr_scheduler": "constant", "log_every": 5},
+        rejection_sampling={"num_samples": 8, "rounds": 1, "reward": {"rule": "exact_match"}, "threshold": 1.0},
+        generation={"max_new_tokens": 8, "temperature": 0.7},
+    )
+    for key, value in sections.items():
+        recipe[key] = {**recipe[key], **value} if isinstance(value, dict) and key in recipe else value
+    return recipe
+
+
+def greedy_exact_match(model_dir: Path, words: list[str], adapter: Path | None = None) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmtune.generation.sample import generate
+
+    tok = AutoTokenizer.from_pretrained(adapter or model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": f"Say: {w}"}], add_generation_prompt=True, tokenize=False)
+        for w in words
+    ]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    outs = generate(model, tok, ids, max_new_tokens=8, temperature=0.0, batch_size=len(ids))
+    return sum(tok.decode(o, skip_special_tokens=True).strip() == w for o, w in zip(outs, words, strict=True)) / len(
+        words
+    )
+
+
+def test_one_round_learns_writes_its_files_and_the_output_loads(tmp_path: Path, start_model: Path) -> None:
+    recipe = rs_recipe(tmp_path, start_model, rejection_sampling={"selection": "best_and_worst"})
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe)))
+    assert_ok(proc)
+    out = Path(recipe["output_dir"])
+    r1 = out / "round-1"
+
+    # samples: num_samples completions per prompt, each with its rewards
+    samples = _read(r1 / "samples.jsonl")
+    assert len(samples) == 8 * len(WORDS)
+    for w in WORDS:
+        mine = [s for s in samples if s["answer"] == w]
+        assert len(mine) == 8 and all(s["prompt"] == [{"role": "user", "content": f"Say: {w}"}] for s in mine)
+    assert all(set(s["rewards"]) == {"rule/exact_match"} and isinstance(s["ended"], bool) for s in samples)
+    right = {s["answer"] for s in samples if s["total"] == 1.0}
+    assert right, "the start model should get some replies right"
+
+    # selected: the right reply of every prompt that had one (threshold 1.0), read by the round's sft run
+    selected = _read(r1 / "selected.jsonl")
+    assert len(selected) == len(right)
+    for row in selected:
+        user, reply = row["messages"]
+        assert reply == {"role": "assistant", "content": user["content"].removeprefix("Say: ")}
+    sft_run = json.loads((r1 / "model" / "run.json").read_text())
+    assert sft_run["status"] == "finished" and sft_run["stage"] == "sft"
+
+    # pairs: best vs worst where they differ, in the shape dpo reads
+    from llmtune.data.preference import to_preference
+
+    pairs = _read(r1 / "pairs.jsonl")
+    assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
+    for p in pairs:
+        row = to_preference(p, "pairs")
+        assert row.responses == [p["chosen"], p["rejected"]]
+
+    # rounds.jsonl: the round's statistics
+    (stats,) = _read(out / "rounds.jsonl")
+    assert stats["round"] == 1 and stats["prompts"] == len(WORDS) and stats["samples"] == 8 * len(WORDS)
+    assert stats["kept_fraction"] == len(selected) / len(WORDS)
+    assert stats["exact_match"] == pytest.approx(sum(s["total"] for s in samples) / len(samples))
+    assert stats["mean_best_reward"] == len(right) / len(WORDS)
+    assert 0 <= stats["ended_fraction"] <= 1 and stats["mean_completion_tokens"] > 0
+    assert "round 1: 8 prompts, 64 samples" in proc.stdout
+
+    # the final model is in output_dir, finished, loadable as an sft output; it learned (held-out words too)
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "finished" and manifest["stage"] == "rejection_sampling"
+    assert (out / "recipe.yaml").is_file() and (out / "model.safetensors").is_file()
+    before = greedy_exact_match(start_model, HELD_OUT)
+    after = greedy_exact_match(out, HELD_OUT)
+    assert after > before, (before, after)
+    assert greedy_exact_match(out, WORDS) > greedy_exact_match(start_model, WORDS)
+
+    # a later stage accepts it as model.path (finished run, same tokenizer)
+    from llmtune.recipe import load_recipe
+    from llmtune.recipe.checks import check_paths
+
+    dpo = base_recipe(
+        tmp_path,
+        stage="dpo",
+        output_dir=str(tmp_path / "dpo"),
+        model={"path": str(out)},
+        data={"train": [{"path": str(r1 / "pairs.jsonl"), "format": "pairs"}], "max_length": 64},
+    )
+    check_paths(load_recipe(write_recipe(tmp_path, dpo, "dpo.yaml")))
+
+    # a rerun of the finished run does nothing
+    again = run_cli("train", str(write_recipe(tmp_path, recipe)))
+    assert_ok(again)
+    assert "nothing to do" in again.stdout
+
+
+def test_two_lora_rounds_resume_after_an_interruption(tmp_path: Path, start_model: Path) -> None:
+    recipe = rs_recipe(
+        tmp_path,
+        start_model,
+        finetuning={"method": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+        train={"lr": 5e-3, "epochs": 2, "save_every": 2},
+        rejection_sampling={"rounds": 2, "max_prompts": 6},
+    )
+    path = write_recipe(tmp_path, recipe)
+    assert_ok(run_cli("train", str(path)))
+    out = Path(recipe["output_dir"])
+    r1, r2 = out / "round-1", out / "round-2"
+    assert (r1 / "merged" / "config.json").is_file()  # round 2 started from the merged round-1 model
+    assert "round-1/merged" in (r2 / "model" / "recipe.yaml").read_text()
+    assert len(_read(out / "rounds.jsonl")) == 2
+    assert [s["prompts"] for s in _read(out / "rounds.jsonl")] == [6, 6]
+    assert all(s["round"] in (1, 2) for s in _read(out / "metrics.jsonl"))
+
+    # the output is an adapter on the round-2 base, loadable with peft
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert Path(cfg["base_model_name_or_path"]).resolve() == (r1 / "merged").resolve()
+    greedy_exact_match(r1 / "merged", WORDS[:2], adapter=out)
+
+    # as if killed during round 2's training: its model and the final export missing, run.json running
+    for f in ("adapter_model.safetensors",):
+        (out / f).unlink()
+        (r2 / "model" / f).unlink()
+    for d in (out, r2 / "model"):
+        manifest = json.loads((d / "run.json").read_text())
+        (d / "run.json").write_text(json.dumps({**manifest, "status": "running"}))
+    r1_samples = os.stat(r1 / "samples.jsonl").st_mtime_ns
+    r1_model = os.stat(r1 / "model" / "adapter_model.safetensors").st_mtime_ns
+    r2_samples = os.stat(r2 / "samples.jsonl").st_mtime_ns
+
+    proc = run_cli("train", str(path))
+    assert_ok(proc)
+    assert "round 1/2: finished earlier, skipped" in proc.stdout
+    assert "round 2: generation was complete" in proc.stdout
+    assert "resumed from" in proc.stdout  # round 2's sft run continued from its checkpoint
+    assert os.stat(r1 / "samples.jsonl").st_mtime_ns == r1_samples
+    assert os.stat(r1 / "model" / "adapter_model.safetensors").st_mtime_ns == r1_model
+    assert os.stat(r2 / "samples.jsonl").st_mtime_ns == r2_samples
+    assert (out / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert len(_read(out / "rounds.jsonl")) == 2
+
+
+def test_bad_input_is_refused_before_any_model_loads(tmp_path: Path, start_model: Path) -> None:
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"text": "no prompt here"}, {"prompt": ""}])
+    recipe = rs_recipe(tmp_path, start_model)
+    recipe["data"]["train"] = [{"path": str(bad)}]
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe)))
+    assert_refused(proc, "no row is usable as prompts")
+    assert "round 1" not in proc.stdout
+
+    recipe = rs_recipe(tmp_path, start_model, output_dir=str(tmp_path / "out2"))
+    recipe["rejection_sampling"]["reward"] = {"rule": "exact_matsh"}
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe)))
+    assert_refused(proc, "exact_matsh")
+    assert "round 1" not in proc.stdout
+
+    no_answer = _jsonl(tmp_path / "noanswer.jsonl", [{"prompt": "Say: river"}])
+    recipe = rs_recipe(tmp_path, start_model, output_dir=str(tmp_path / "out3"))
+    recipe["data"]["train"] = [{"path": str(no_answer)}]
+    assert_refused(run_cli("train", str(write_recipe(tmp_path, recipe))), "answer")
+
+
+def test_a_threshold_nothing_clears_is_a_data_error(tmp_path: Path, start_model: Path) -> None:
+    recipe = rs_recipe(tmp_path, start_model, rejection_sampling={"threshold": 2.0, "num_samples": 2})
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe)))
+    assert_refused(proc, "threshold 2.0", "lower rejection_sampling.threshold")
+    assert not (Path(recipe["output_dir"]) / "round-1" / "generated.json").exists()
