@@ -240,3 +240,18 @@ def test_a_threshold_nothing_clears_is_a_data_error(tmp_path: Path, start_model:
     proc = run_cli("train", str(write_recipe(tmp_path, recipe)))
     assert_refused(proc, "threshold 2.0", "lower rejection_sampling.threshold")
     assert not (Path(recipe["output_dir"]) / "round-1" / "generated.json").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_set_of_files(tmp_path: Path, start_model: Path) -> None:
+    """Under torchrun each process samples and scores its share of the prompts; rank 0 writes every
+    prompt's samples once, and the round's sft run trains on both processes."""
+    recipe = rs_recipe(tmp_path, start_model, distributed={"zero_stage": 2}, precision="bf16")
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe)), nproc=2)
+    assert_ok(proc)
+    out = Path(recipe["output_dir"])
+    samples = _read(out / "round-1" / "samples.jsonl")
+    assert sorted({s["answer"] for s in samples}) == sorted(WORDS)
+    assert all(sum(s["answer"] == w for s in samples) == 8 for w in WORDS)  # 8 per prompt, none twice
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert "x 2 proc" in proc.stdout
