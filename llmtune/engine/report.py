@@ -14,6 +14,15 @@ from rich.progress import Progress as RichProgress
 from rich.table import Table
 
 
+def run_console(is_main: bool) -> Console:
+    """The run's console: quiet on every process but rank 0; in a log file (not a terminal) wide lines, so
+    that paths and tables are not cut."""
+    import sys
+
+    wide = None if sys.stdout.isatty() else 200
+    return Console(quiet=not is_main, highlight=False, soft_wrap=True, width=wide)
+
+
 class MetricsLog:
     """One JSON object per line: step, loss, lr, ... and eval/* metrics. Only the main process writes."""
 

@@ -11,7 +11,6 @@ import os
 import random
 import shutil
 import signal
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -38,7 +37,7 @@ from llmtune.engine.checkpoint import (
 )
 from llmtune.engine.config import build_optimizer, build_scheduler, check_precision, deepspeed_config
 from llmtune.engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
-from llmtune.engine.report import MetricsLog, Progress, print_data_summary
+from llmtune.engine.report import MetricsLog, Progress, print_data_summary, run_console
 from llmtune.errors import DataError, RecipeError, TrainingError
 from llmtune.model.load import describe, load_tokenizer, position_limit, tokenizer_record
 from llmtune.recipe.load import dump_recipe
@@ -189,9 +188,7 @@ def _setup(recipe: RecipeBase, stage: Any, local_rank: int | None, **options: An
     """Processes, output directory, tokenizer and data; None when the run is already finished."""
     owns_group = not torch.distributed.is_initialized()  # a caller's group (rejection sampling rounds) stays up
     dist = setup_distributed(recipe.distributed.backend, local_rank)
-    # Logs (not a terminal) get wide lines, so that paths and tables are not cut.
-    wide = None if sys.stdout.isatty() else 200
-    console = Console(quiet=not dist.is_main, highlight=False, soft_wrap=True, width=wide)
+    console = run_console(dist.is_main)
     check_precision(recipe, dist.device)
     seed_everything(recipe.seed)
     out, plan = prepare_output_dir(recipe, dist, console, **options)

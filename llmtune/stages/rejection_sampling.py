@@ -25,7 +25,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -126,6 +125,7 @@ def run_rejection_sampling(
 ) -> None:
     from llmtune.engine.checkpoint import plan_run
     from llmtune.engine.distributed import barrier, setup_distributed
+    from llmtune.engine.report import run_console
     from llmtune.engine.trainer import train
     from llmtune.recipe.checks import run_manifest
     from llmtune.recipe.load import dump_recipe
@@ -134,8 +134,7 @@ def run_rejection_sampling(
 
     rs = recipe.rejection_sampling
     dist = setup_distributed(recipe.distributed.backend, local_rank)
-    wide = None if sys.stdout.isatty() else 200
-    console = Console(quiet=not dist.is_main, highlight=False, soft_wrap=True, width=wide)
+    console = run_console(dist.is_main)
 
     # --- before any model loads: the output directory, the rewards, the prompts --------------------------
     out = Path(recipe.output_dir).expanduser()

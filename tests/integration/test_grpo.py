@@ -29,22 +29,16 @@ def prompts_file(path: Path, n: int = 32, seed: int = 0) -> Path:
 
 
 def grpo_recipe(tmp_path: Path, **sections) -> dict:
-    data = prompts_file(tmp_path / "prompts.jsonl")
-    recipe = base_recipe(
-        tmp_path,
-        stage="grpo",
-        finetuning={"method": "full"},
-        data={"train": [{"path": str(data)}], "max_length": 96},
-        grpo={"num_generations": 4, "reward": {"rule": "regex:^[A-Z]"}},
-        generation={"max_new_tokens": 4, "temperature": 1.0},
-        train={"max_steps": 4, "micro_batch_size": 8, "lr": 1e-3, "log_every": 1, "lr_scheduler": "constant"},
-    )
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
-            recipe[key] = {**recipe[key], **value}
-        else:
-            recipe[key] = value
-    return recipe
+    """A grpo recipe on the tiny model: 2 prompts x 4 completions a step, full weights, a rule reward."""
+    defaults = {
+        "finetuning": {"method": "full"},
+        "data": {"train": [{"path": str(prompts_file(tmp_path / "prompts.jsonl"))}], "max_length": 96},
+        "grpo": {"num_generations": 4, "reward": {"rule": "regex:^[A-Z]"}},
+        "generation": {"max_new_tokens": 4, "temperature": 1.0},
+        "train": {"max_steps": 4, "micro_batch_size": 8, "lr": 1e-3, "log_every": 1, "lr_scheduler": "constant"},
+    }
+    merged = {k: {**v, **sections.pop(k, {})} for k, v in defaults.items()}
+    return base_recipe(tmp_path, stage="grpo", **merged, **sections)
 
 
 def _train(tmp_path: Path, recipe: dict, *extra: str, nproc: int = 1):
