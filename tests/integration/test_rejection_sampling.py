@@ -255,3 +255,46 @@ def test_two_processes_write_one_set_of_files(tmp_path: Path, start_model: Path)
     assert all(sum(s["answer"] == w for s in samples) == 8 for w in WORDS)  # 8 per prompt, none twice
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
     assert "x 2 proc" in proc.stdout
+
+
+def test_sigkill_in_a_rounds_fine_tune_then_the_same_command_finishes(tmp_path: Path, start_model: Path) -> None:
+    """A real SIGKILL while round 1's sft run trains (after a checkpoint): the same command keeps round 1's
+    generation, resumes its fine-tune from the checkpoint, and ends with the weights of an uninterrupted
+    run."""
+    import signal
+    import subprocess
+    import time
+
+    from safetensors.torch import load_file
+
+    from tests.conftest import start_cli
+
+    train = {"epochs": 12, "save_every": 2, "keep_checkpoints": 2}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = rs_recipe(tmp_path / "a", start_model, train=train)
+    assert_ok(run_cli("train", str(write_recipe(tmp_path / "a", straight))))
+    recipe = rs_recipe(tmp_path / "b", start_model, train=train)
+    path = write_recipe(tmp_path / "b", recipe)
+    out = Path(recipe["output_dir"])
+    ckpts = out / "round-1" / "model" / "checkpoints"
+    proc = start_cli("train", str(path), output=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.is_dir() and any((p / "COMPLETE").exists() for p in ckpts.glob("step-*")):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "round-1" / "generated.json").is_file() and not (out / "model.safetensors").exists()
+    generated = (out / "round-1" / "samples.jsonl").stat().st_mtime
+
+    again = run_cli("train", str(path))
+    assert_ok(again)
+    assert "generation was complete" in again.stdout and "resumed from" in again.stdout
+    assert (out / "round-1" / "samples.jsonl").stat().st_mtime == generated  # not sampled again
+    a = load_file(Path(straight["output_dir"]) / "model.safetensors")
+    b = load_file(out / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
