@@ -28,6 +28,12 @@ def prompts_file(path: Path, n: int = 32, seed: int = 0) -> Path:
     return path
 
 
+def held_out_prompts(path: Path) -> Path:
+    words = ["house", "bread", "chair", "water", "music", "smile", "train", "candle", "forest", "window", "garden"]
+    path.write_text("".join(json.dumps({"prompt": f"Say the word {w}.", "answer": w}) + "\n" for w in words))
+    return path
+
+
 def grpo_recipe(tmp_path: Path, **sections) -> dict:
     """A grpo recipe on the tiny model: 2 prompts x 4 completions a step, full weights, a rule reward."""
     defaults = {
@@ -49,14 +55,19 @@ def _train(tmp_path: Path, recipe: dict, *extra: str, nproc: int = 1):
 
 def test_grpo_raises_a_rule_reward_with_bounded_kl(tmp_path: Path) -> None:
     """A completion earns 1 when it starts with a capital letter. From the random tiny model (about one in
-    five do), grpo must raise the mean reward of its rollouts by at least 20% relative, with the k3 KL to
-    the starting model (beta > 0 loads a frozen reference copy) small."""
+    five do), grpo must raise the mean reward of its rollouts by at least 20% relative, and the reward of
+    greedy answers to held-out prompts, with the k3 KL to the starting model (beta > 0 loads a frozen
+    reference copy) small."""
     recipe = grpo_recipe(
         tmp_path,
         grpo={"num_generations": 8, "beta": 0.01, "reward": {"rule": "regex:^ ?[A-Z]"}},
-        train={"max_steps": 40, "micro_batch_size": 32, "lr": 3e-3},
+        train={"max_steps": 40, "micro_batch_size": 32, "lr": 3e-3, "eval_every": 1},
+        data={"eval": [{"path": str(held_out_prompts(tmp_path / "held.jsonl"))}]},
     )
     out, _ = _train(tmp_path, recipe)
+    # held-out prompts (words never trained on), answered greedily after every step
+    evals = [m["eval/reward"] for m in read_metrics(out) if "eval/reward" in m]
+    assert len(evals) == 40 and evals[-1] >= evals[0] + 0.5, evals
     steps = [m for m in read_metrics(out) if "reward" in m]
     assert [m["step"] for m in steps] == list(range(1, 41))
     first = sum(m["reward"] for m in steps[:5]) / 5  # 4 prompts x 8 completions a step
