@@ -24,7 +24,7 @@ TEXTS = [
 
 
 # recipe-validation refusals there name the fix as a did-you-mean, not always on a `fix:` line
-_refused = functools.partial(assert_refused, fix=False)
+assert_refused_plain = functools.partial(assert_refused, fix=False)  # refusals whose message needs no fix: line
 
 
 @pytest.fixture(scope="module")
@@ -77,17 +77,19 @@ def test_merge_lora_matches_base_plus_adapter(trained: dict[str, Path], tmp_path
     assert (out / "chat_template.jinja").is_file() and (out / "generation_config.json").is_file()
 
     if method == "lora":  # a non-empty --out is refused (the message names --overwrite)
-        _refused(run_cli("merge-lora", "--adapter", str(adapter), "--out", str(out)), "is not empty", "--overwrite")
+        assert_refused_plain(
+            run_cli("merge-lora", "--adapter", str(adapter), "--out", str(out)), "is not empty", "--overwrite"
+        )
 
 
 def test_merge_lora_bad_inputs(trained: dict[str, Path], tmp_path: Path) -> None:
-    _refused(
+    assert_refused_plain(
         run_cli(
             "merge-lora", "--base", str(TINY_MODEL), "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "o")
         ),
         "does not exist",
     )
-    _refused(
+    assert_refused_plain(
         run_cli(
             "merge-lora",
             "--base",
@@ -144,7 +146,7 @@ def test_eval_perplexity_matches_transformers_and_yaml_form(tmp_path: Path) -> N
 
     # a misspelled key in the file: exit 2 with a suggestion, before any model is loaded
     path.write_text(yaml.safe_dump({**cfg, "batchsize": 4}))
-    _refused(run_cli("eval", str(path)), "batchsize", "Did you mean 'batch_size'?")
+    assert_refused_plain(run_cli("eval", str(path)), "batchsize", "Did you mean 'batch_size'?")
 
 
 def _greedy(prompts: list[str], max_new: int) -> list[str]:
@@ -297,22 +299,22 @@ def test_eval_preference_reward_and_compare(trained: dict[str, Path], tmp_path: 
 def test_eval_bad_paths_and_formats(tmp_path: Path) -> None:
     text = tmp_path / "t.jsonl"
     text.write_text(json.dumps({"text": "hello"}) + "\n")
-    _refused(
+    assert_refused_plain(
         run_cli("eval", "--model", str(TINY_MODEL), "--data", str(tmp_path / "missing.jsonl"), "--task", "perplexity"),
         "does not exist",
     )
-    _refused(
+    assert_refused_plain(
         run_cli("eval", "--model", str(tmp_path / "nomodel"), "--data", str(text), "--task", "perplexity"),
         "does not exist",
     )
-    _refused(
+    assert_refused_plain(
         run_cli("eval", "--model", str(TINY_MODEL), "--data", str(text), "--task", "perplexity", "--format", "csv"),
         "format",
     )
-    _refused(
+    assert_refused_plain(
         run_cli("eval", "--model", str(TINY_MODEL), "--data", str(text), "--task", "perplx"), "Did you mean perplexity"
     )
-    _refused(
+    assert_refused_plain(
         run_cli("eval", "--model", str(TINY_MODEL), "--data", str(text), "--task", "preference"), "no preference pairs"
     )
-    _refused(run_cli("eval", str(tmp_path / "nope.yaml")), "does not exist")
+    assert_refused_plain(run_cli("eval", str(tmp_path / "nope.yaml")), "does not exist")
