@@ -39,9 +39,19 @@ def _report(e: Exception) -> None:
     err.print(f"[bold {color}]{label}:[/] {escape(str(e))}", markup=True, soft_wrap=True)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"llmtune {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     local_rank: Annotated[int | None, typer.Option("--local_rank", "--local-rank", hidden=True)] = None,
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the llmtune version and exit.", callback=_print_version, is_eager=True),
+    ] = False,
 ) -> None:
     # `deepspeed --module llmtune train ...` passes --local_rank=N before the command name. The launcher
     # also sets LOCAL_RANK, which the engine reads; accept the option here so that the form works.
