@@ -60,59 +60,78 @@ class Batches:
         """Figures about the batches of the last window (none for fixed data)."""
         return {}
 
+    def after_step(self, metrics: dict[str, float]) -> None:
+        """Sees each step's metrics (the same on every rank); fixed data has no use for them."""
+
 
 class Rollouts:
-    """Windows a stage makes from prompts with the current policy. Each rank takes `prompts_per_window`
+    """Windows a stage makes from prompts with the current policy. Each rank takes `prompts_per_rollout`
     prompts of its shard of the epoch's order per rollout; ``make(prompts, seed)`` turns them into the
-    window's micro-batches (it generates, scores, and may return metrics through ``last_metrics``). With
-    ``num_iterations`` > 1 the same rollout serves that many optimizer steps. A rollout's seed depends only on
-    its position, so a run resumed at a rollout boundary samples what the uninterrupted run sampled."""
+    rollout's `steps_per_rollout` windows, one per optimizer step (it generates, scores, and may return metrics
+    through ``last_metrics``): grpo's num_iterations steps on one window, ppo's epochs over mini-batches. A
+    rollout's seed depends only on its position, so a run resumed at a rollout boundary samples what the
+    uninterrupted run sampled. A stage may end a rollout's steps early (``skip_rest``, e.g. ppo's KL early
+    stop): the remaining windows come as None, steps that update nothing."""
 
     def __init__(
-        self, prompts: list[Any], recipe: RecipeBase, dist: DistInfo, prompts_per_window: int, num_iterations: int = 1
+        self,
+        prompts: list[Any],
+        recipe: RecipeBase,
+        dist: DistInfo,
+        prompts_per_rollout: int,
+        steps_per_rollout: int = 1,
     ) -> None:
         self.prompts, self.recipe, self.dist = prompts, recipe, dist
-        self.per_window, self.num_iterations = prompts_per_window, num_iterations
+        self.per_rollout, self.steps_per_rollout = prompts_per_rollout, steps_per_rollout
         per_rank = math.ceil(len(prompts) / dist.world_size)
-        self.rollouts_per_epoch = per_rank // prompts_per_window
+        self.rollouts_per_epoch = per_rank // prompts_per_rollout
         if self.rollouts_per_epoch == 0:
             raise DataError(
-                f"{len(prompts)} training prompts give {per_rank} per process, fewer than the {prompts_per_window} "
-                "prompts one step needs (train.micro_batch_size x train.grad_accum / the group size)",
-                hint="add prompts, or lower train.micro_batch_size or train.grad_accum",
+                f"{len(prompts)} training prompts give {per_rank} per process, fewer than the {prompts_per_rollout} "
+                "prompts one rollout needs",
+                hint="add prompts, or lower train.micro_batch_size or train.grad_accum (ppo: ppo.rollout_batch_size)",
             )
-        self.windows_per_epoch = self.rollouts_per_epoch * num_iterations
-        self.make: Callable[[list[Any], int], Window] | None = None  # set by the stage once the engine exists
+        self.windows_per_epoch = self.rollouts_per_epoch * steps_per_rollout
+        self.make: Callable[[list[Any], int], list[Window]] | None = None  # set by the stage once the engine exists
+        self.on_step: Callable[[dict[str, float]], None] | None = None  # sees each step's metrics (all ranks)
+        self.skip_rest = False
         self.last_metrics: dict[str, float] = {}
-        self._cache: tuple[tuple[int, int], Window] | None = None
+        self._cache: tuple[tuple[int, int], list[Window]] | None = None
 
-    def epoch_windows(self, epoch: int, start_window: int = 0) -> Iterator[Window]:
+    def epoch_windows(self, epoch: int, start_window: int = 0) -> Iterator[Window | None]:
         assert self.make is not None, "the stage sets Rollouts.make in before_training"
         mine = epoch_order(len(self.prompts), self.recipe, self.dist, epoch)
         for w in range(start_window, self.windows_per_epoch):
-            j = w // self.num_iterations
+            j, k = divmod(w, self.steps_per_rollout)
             key = (epoch, j)
             if self._cache is None or self._cache[0] != key:
-                chosen = [self.prompts[i] for i in mine[j * self.per_window : (j + 1) * self.per_window]]
+                chosen = [self.prompts[i] for i in mine[j * self.per_rollout : (j + 1) * self.per_rollout]]
                 seed = self.recipe.seed * 1000003 + epoch * 100003 + j
                 t0 = time.perf_counter()
-                window = self.make(chosen, seed)
+                self.skip_rest = False
+                windows = self.make(chosen, seed)
+                assert len(windows) == self.steps_per_rollout, "make returns one window per step of the rollout"
                 self.last_metrics["rollout_s"] = time.perf_counter() - t0
-                self._cache = (key, window)
-            yield self._cache[1]
+                self._cache = (key, windows)
+            yield None if self.skip_rest else self._cache[1][k]
 
     def metrics(self) -> dict[str, float]:
         return dict(self.last_metrics)
 
+    def after_step(self, metrics: dict[str, float]) -> None:
+        if self.on_step is not None:
+            self.on_step(metrics)
+
 
 @contextmanager
-def full_weights(engine: Any) -> Iterator[None]:
-    """Under ZeRO-3, gather the partitioned weights once for a whole rollout (not once per generated token,
-    which is what the per-module hooks would do); a no-op otherwise."""
+def full_weights(engine: Any, module: torch.nn.Module | None = None) -> Iterator[None]:
+    """Under ZeRO-3, gather the partitioned weights (of module, a part of the engine's model; default all of
+    it) once for a whole rollout, not once per generated token, which is what the per-module hooks would do;
+    a no-op otherwise."""
     if engine.zero_optimization_stage() != 3:
         yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+    with deepspeed.zero.GatheredParameters(list((module or engine.module).parameters())):
         yield

@@ -42,6 +42,7 @@ class TrainerState:
     nan_skips: int = 0  # steps skipped for a NaN / Inf loss or gradient (train.on_nan: skip)
     overflow_skips: int = 0  # fp16 steps the dynamic loss scaler skipped
     data_fingerprint: str = ""  # the training data's contents: a resume with changed data is refused
+    stage_state: dict[str, Any] = field(default_factory=dict)  # a stage's own state (ppo's KL coefficient)
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
@@ -217,25 +218,45 @@ def _barrier() -> None:
 # --- final export -----------------------------------------------------------------------------------------
 
 
-def export_model(engine: Any, tokenizer: Any, output_dir: Path, zero_stage: int, rank: int) -> list[str]:
+def export_model(
+    engine: Any,
+    tokenizer: Any,
+    output_dir: Path,
+    zero_stage: int,
+    rank: int,
+    part: str | None = None,
+    adapters: list[str] | None = None,
+) -> list[str]:
     """Write the model the next stage loads: full weights or the peft adapter (safetensors), the tokenizer
-    and the generation config. Collective under ZeRO-3 (weights are gathered to rank 0)."""
-    model = engine.module
+    and the generation config. Collective under ZeRO-3 (weights are gathered to rank 0).
+
+    part: a submodule of the engine's model to write instead of all of it (ppo: policy, critic, value_head; a
+    plain module is written as model.safetensors); adapters: which peft adapters to write (default all)."""
+    model = engine.module if part is None else getattr(engine.module, part)
     state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+    if state_dict is not None and part is not None:
+        state_dict = {k[len(part) + 1 :]: v for k, v in state_dict.items() if k.startswith(part + ".")}
     if rank != 0:
         return []
     output_dir.mkdir(parents=True, exist_ok=True)
     is_peft = hasattr(model, "peft_config")
     if is_peft:
+        kwargs: dict[str, Any] = {"safe_serialization": True, "selected_adapters": adapters}
         if state_dict is not None:
-            model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
-        else:
-            model.save_pretrained(output_dir, safe_serialization=True)
+            kwargs["state_dict"] = state_dict
+        model.save_pretrained(output_dir, **kwargs)
+    elif not hasattr(model, "save_pretrained"):  # a plain module (ppo's value head)
+        from safetensors.torch import save_file
+
+        if state_dict is None:
+            state_dict = model.state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, output_dir / f"{part}.safetensors")
     else:
         if state_dict is None:
             state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
     return sorted(p.name for p in output_dir.iterdir() if p.is_file())
 
 

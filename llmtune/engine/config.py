@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -84,18 +85,22 @@ def deepspeed_config(recipe: RecipeBase, world_size: int) -> dict[str, Any]:
     return cfg
 
 
-def build_optimizer(recipe: RecipeBase, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(
+    recipe: RecipeBase, model: torch.nn.Module, lr_of: Callable[[str], float] | None = None
+) -> torch.optim.Optimizer:
+    """AdamW (or the recipe's optimizer) over the trainable parameters: weight decay on matrices only; with
+    lr_of (parameter name -> learning rate; ppo's critic has its own) one group per rate."""
     t = recipe.train
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    buckets: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        lr = lr_of(name) if lr_of is not None else t.lr
+        buckets.setdefault((lr, p.ndim >= 2), []).append(p)
     groups = [
-        {"params": decay, "weight_decay": t.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": ps, "weight_decay": t.weight_decay if decay else 0.0, "lr": lr}
+        for (lr, decay), ps in sorted(buckets.items(), key=lambda kv: (kv[0][0] != t.lr, not kv[0][1], kv[0][0]))
     ]
-    groups = [g for g in groups if g["params"]]
     betas = (t.adam_beta1, t.adam_beta2)
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr)

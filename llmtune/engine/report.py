@@ -78,8 +78,8 @@ class Progress:
         self.bar.start()
         self.t0 = time.perf_counter()
 
-    def update(self, step: int, loss: float, lr: float) -> None:
-        self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+    def update(self, step: int, loss: float | None, lr: float) -> None:
+        self.bar.update(self.task, completed=step, loss="-" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}")
 
     def log(self, record: dict[str, Any]) -> None:
         parts = [f"{k}={_fmt(v)}" for k, v in record.items() if v is not None and k != "step"]

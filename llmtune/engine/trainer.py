@@ -269,7 +269,7 @@ def _start_engine(run: Run) -> None:
         for p in model.parameters():
             if p.dtype.is_floating_point and p.dtype != dtype and not hasattr(p, "ds_id"):
                 p.data = p.data.to(dtype)
-    optimizer = build_optimizer(recipe, model)
+    optimizer = build_optimizer(recipe, model, lr_of=getattr(run.stage, "lr_of", None))
     scheduler = build_scheduler(recipe, optimizer, run.total_steps)
     run.guard = StepGuard(optimizer)  # after the scheduler, which wraps optimizer.step itself
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -320,6 +320,8 @@ def _loop(run: Run) -> None:
     t, data, batches, out = recipe.train, run.data, run.batches, run.out
     assert state is not None and run.log is not None and run.manifest is not None
     stage.before_training(engine, data, dist, run.collate)
+    if run.resumed:
+        stage.load_state_dict(state.stage_state)
     if t.best_metric:
         _check_best_metric(engine, stage, data.eval, recipe, dist, run.collate)
     engine.train()
@@ -347,7 +349,12 @@ def _loop(run: Run) -> None:
                     step_metrics = {**result.metrics, **batches.metrics()}
                     if "rollout_s" in step_metrics:  # the window was generated just before this step
                         step_metrics["train_s"] = time.perf_counter() - step_start
-                    skipped = _check_numbers(result, recipe, state, out, run.console)
+                    if window is None:  # the stage ended this rollout's steps early: no update, the schedule moves on
+                        skipped = "early_stop"
+                        run.scheduler.step()
+                    else:
+                        skipped = _check_numbers(result, recipe, state, out, run.console)
+                        batches.after_step(step_metrics)
                     if skipped == "nan" and not result.applied:
                         run.scheduler.step()  # DeepSpeed saw the overflow and held the schedule: a skipped step moves it on
                     last = state.step == run.total_steps
@@ -365,6 +372,8 @@ def _loop(run: Run) -> None:
                         }
                         if skipped:
                             record["skipped"] = skipped
+                        if window is None:
+                            record["loss"] = None
                         if state.nan_skips:
                             record["nan_skips"] = state.nan_skips
                         if state.overflow_skips:
@@ -372,7 +381,7 @@ def _loop(run: Run) -> None:
                         window_tokens, t_last = 0.0, now
                         run.log.write(record)
                         progress.log(record)
-                    progress.update(state.step, result.loss, lr)
+                    progress.update(state.step, result.loss if window is not None else None, lr)
                     if t.eval_every and data.eval and state.step % t.eval_every == 0 and not last:
                         _eval_and_log(run)
                     if t.save_every and state.step % t.save_every == 0 and not last:
@@ -398,6 +407,7 @@ def _loop(run: Run) -> None:
 
 def _save(run: Run) -> None:
     t = run.recipe.train
+    run.state.stage_state = run.stage.state_dict()
     best = (t.best_metric, t.best_mode) if t.best_metric else None
     save_checkpoint(run.engine, run.out, run.state, run.dist.rank, t.keep_checkpoints, best)
     run.saved_step = run.state.step
@@ -509,7 +519,7 @@ class WindowResult:
 def _train_window(
     engine: Any,
     stage: Any,
-    window: list[dict[str, torch.Tensor]],
+    window: list[dict[str, torch.Tensor]] | None,
     dist: DistInfo,
     guard: StepGuard,
     stop_requested: bool = False,
@@ -518,7 +528,11 @@ def _train_window(
     (tokens) in the whole window on all ranks, so the update does not depend on how rows are split into
     micro-batches, accumulation steps and processes. DeepSpeed averages gradients over ranks, hence the
     factor world_size. Before the update, a NaN / Inf loss on any rank (or, under ZeRO-0, a non-finite
-    gradient) vetoes it on every rank."""
+    gradient) vetoes it on every rank. A None window (the stage skips the step on every rank) only votes on
+    stopping."""
+    if window is None:
+        stop = all_reduce_sum(torch.tensor([1.0 if stop_requested else 0.0], dtype=torch.float64, device=dist.device))
+        return WindowResult(0.0, 0.0, None, {}, None, True, stop.item() > 0)
     batches = [_to(b, dist.device) for b in window]
     local_units = sum(stage.units(b).double() for b in batches)
     global_units = all_reduce_sum(torch.as_tensor(local_units, dtype=torch.float64, device=dist.device))

@@ -121,6 +121,7 @@ def _generate_batches(
     seed: int,
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
+    keep_stop: bool = False,
 ) -> list[tuple[list[int], bool]]:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
     out: list[tuple[list[int], bool]] = []
@@ -138,7 +139,7 @@ def _generate_batches(
         )
         for row in gen[:, ids.shape[1] :].tolist():
             cut = next((i for i, t in enumerate(row) if t in stops), None)
-            out.append((row, False) if cut is None else (row[:cut], True))
+            out.append((row, False) if cut is None else (row[: cut + keep_stop], True))
         if on_batch is not None:
             on_batch(len(chunk))
     return out
@@ -191,9 +192,11 @@ def rollout(
     stops: list[int],
     device: torch.device,
     batch_size: int | None = None,
+    keep_stop: bool = False,
 ) -> list[tuple[list[int], bool]]:
-    """Completions for the online stages: (token ids without the stop token, ended with a stop token) per
-    prompt, in order. ``gen`` is a recipe's GenerationConfig. The random state the training loop uses
+    """Completions for the online stages: (token ids, ended with a stop token) per prompt, in order; the ids
+    hold the stop token that ended the completion only with keep_stop (what the policy sampled, which the
+    policy-gradient stages learn as it was). ``gen`` is a recipe's GenerationConfig. The random state the training loop uses
     (dropout, data order) is untouched: sampling runs on a forked generator state seeded per batch."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), generation_mode(model):
@@ -207,4 +210,5 @@ def rollout(
             batch_size=batch_size or gen.batch_size or 8,
             seed=seed,
             device=device,
+            keep_stop=keep_stop,
         )

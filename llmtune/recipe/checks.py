@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,50 @@ def _check_output_dir(recipe: RecipeBase, inputs: list[str]) -> None:
             )
 
 
+# Where a data file of the same name is looked for when a recipe's data path does not exist, relative to
+# the current directory: the shared demo data beside the repository, and the data/ folder the recipes' comments
+# name. The walk is bounded so that a large data/ tree cannot slow validate down.
+DATA_SEARCH_ROOTS = ("../shared/data", "data")
+_SEARCH_MAX_ENTRIES = 20_000
+_SEARCH_MAX_FOUND = 3
+
+
+def same_name_files(name: str, roots: tuple[str, ...] = DATA_SEARCH_ROOTS) -> list[str]:
+    """Files (or directories) called ``name`` under ``roots`` (relative to the current directory), as paths
+    relative to it, in a sorted and bounded walk that skips hidden directories and does not follow links."""
+    found: list[str] = []
+    seen = 0
+    for root in roots:
+        if not Path(root).is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            if name in filenames or name in dirnames:
+                found.append(os.path.join(dirpath, name))
+                if len(found) >= _SEARCH_MAX_FOUND:
+                    return found
+            seen += len(dirnames) + len(filenames)
+            if seen > _SEARCH_MAX_ENTRIES:
+                return found
+    return found
+
+
+def _missing_data_hint(path: Path, group: str, i: int) -> str:
+    """What to do about a data path that does not exist: where relative paths are taken from, which key to
+    set, and a file of the same name under ../shared/data/ or data/ when there is one (likely the one meant)."""
+    hint = (
+        "fix the path: relative paths are taken from the directory you run llmtune in; "
+        f"point data.{group}[{i}].path at your file (in the recipe, or with --set data.{group}.{i}.path=FILE)"
+    )
+    found = same_name_files(path.name) if path.name else []
+    # the line below is aligned under the hint's first line, which follows "  fix: "
+    if len(found) == 1:
+        hint += f"\n       likely the one meant (the same file name): {found[0]}"
+    elif found:
+        hint += f"\n       files of the same name, likely one of them: {', '.join(found)}"
+    return hint
+
+
 def check_paths(recipe: RecipeBase) -> list[str]:
     """Raise a clear error for a missing local file; return notes about names taken as hub ids."""
     notes: list[str] = []
@@ -78,7 +123,7 @@ def check_paths(recipe: RecipeBase) -> list[str]:
                 if not p.exists():
                     raise DataError(
                         f"data.{group}.{i}.path: {src.path} does not exist (looked in {p.resolve().parent})",
-                        hint="fix the path (relative paths are taken from the directory you run llmtune in)",
+                        hint=_missing_data_hint(p, group, i),
                     )
             else:
                 notes.append(f"data.{group}.{i}.path {src.path!r} is not a local file: it is loaded as a hub dataset")
@@ -121,7 +166,7 @@ def check_paths(recipe: RecipeBase) -> list[str]:
 def _check_reward_block(recipe: RecipeBase) -> None:
     """The online stages' reward: rule names and patterns, and that reward-model paths exist (what can be
     told without importing torch; train checks the rest, and module:function rules, before loading)."""
-    for block in ("grpo", "rejection_sampling"):
+    for block in ("ppo", "grpo", "rejection_sampling"):
         cfg = getattr(getattr(recipe, block, None), "reward", None)
         if cfg is None:
             continue

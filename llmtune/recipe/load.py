@@ -12,11 +12,11 @@ from pydantic import BaseModel, SecretStr, TypeAdapter, ValidationError
 
 from llmtune.errors import RecipeError
 from llmtune.recipe.schema import (
-    PLANNED_STAGES,
     STAGES,
     CptRecipe,
     DpoRecipe,
     GrpoRecipe,
+    PpoRecipe,
     Recipe,
     RecipeBase,
     RejectionSamplingRecipe,
@@ -24,13 +24,14 @@ from llmtune.recipe.schema import (
     SftRecipe,
 )
 
-AnyRecipe = CptRecipe | SftRecipe | RmRecipe | DpoRecipe | GrpoRecipe | RejectionSamplingRecipe
+AnyRecipe = CptRecipe | SftRecipe | RmRecipe | DpoRecipe | PpoRecipe | GrpoRecipe | RejectionSamplingRecipe
 _ADAPTER: TypeAdapter[AnyRecipe] = TypeAdapter(Recipe)
 _STAGE_MODELS: dict[str, type[BaseModel]] = {
     "cpt": CptRecipe,
     "sft": SftRecipe,
     "rm": RmRecipe,
     "dpo": DpoRecipe,
+    "ppo": PpoRecipe,
     "grpo": GrpoRecipe,
     "rejection_sampling": RejectionSamplingRecipe,
 }
@@ -162,12 +163,7 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> AnyRecipe:
             f"{source}: missing key `stage`{typo}", hint=f"add `stage: sft` (one of: {', '.join(STAGES)})"
         )
     if stage not in STAGES:
-        if stage in PLANNED_STAGES:
-            raise RecipeError(
-                f"{source}: stage `{stage}` is not available in this version of llmtune",
-                hint=f"available stages: {', '.join(STAGES)}",
-            )
-        close = difflib.get_close_matches(str(stage), [*STAGES, *PLANNED_STAGES], n=1)
+        close = difflib.get_close_matches(str(stage), list(STAGES), n=1)
         raise RecipeError(
             f"{source}: stage: unknown stage {stage!r}" + (f". Did you mean {close[0]!r}?" if close else ""),
             hint=f"use one of: {', '.join(STAGES)}",

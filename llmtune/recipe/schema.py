@@ -415,6 +415,68 @@ class GrpoConfig(Block):
         return v
 
 
+class PpoConfig(Block):
+    """PPO with a critic (InstructGPT-style): rewards = the sequence score at the last token minus a per-token
+    KL penalty to the reference; advantages by GAE; clipped policy and value losses."""
+
+    reward: RewardConfig = Field(default_factory=lambda: RewardConfig(rule="exact_match"))
+    memory: Literal["separate", "shared"] | None = Field(
+        default=None,
+        description="separate: the policy, critic, reference and reward models each hold their own weights (full "
+        "fine-tuning, ZeRO-3); shared (lora / qlora): one base in memory, the policy and critic are adapters on it, "
+        "the reference is the adapter disabled, a lora reward model of the same base is one more adapter. "
+        "Default: shared for lora / qlora, separate otherwise.",
+    )
+    rollout_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Completions each process generates per rollout (one per prompt); a multiple of "
+        "train.micro_batch_size x train.grad_accum (one optimizer step's mini-batch). Default: one mini-batch.",
+    )
+    ppo_epochs: int = Field(default=4, ge=1, description="Passes over each rollout's mini-batches.")
+    kl_coef: float = Field(default=0.05, ge=0, description="Initial coefficient of the per-token KL penalty.")
+    kl_estimator: Literal["k1", "k3"] = Field(
+        default="k1", description="Per-token KL estimate in the reward: k1 (log-ratio) or k3 (non-negative)."
+    )
+    target_kl: float | None = Field(
+        default=None,
+        gt=0,
+        description="Adaptive KL coefficient (Ziegler et al.): steer the per-sequence KL toward this; null: fixed.",
+    )
+    kl_horizon: int = Field(default=10000, ge=1, description="Horizon of the adaptive KL controller, in samples.")
+    gamma: float = Field(default=1.0, ge=0, le=1, description="GAE discount.")
+    lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda.")
+    cliprange: float = Field(default=0.2, gt=0, lt=1, description="Clip of the policy's importance ratio.")
+    dual_clip: float | None = Field(
+        default=None, gt=1, description="Dual-clip constant c > 1 for negative advantages (Ye et al. 2020); null: off."
+    )
+    cliprange_value: float | None = Field(
+        default=0.2, gt=0, description="Clip of the value update around the rollout's values; null: unclipped."
+    )
+    vf_coef: float = Field(default=0.1, gt=0, description="Weight of the value loss.")
+    critic_lr: float | None = Field(
+        default=None, gt=0, description="Learning rate of the critic (adapter and value head); default train.lr."
+    )
+    entropy_coef: float = Field(default=0.0, ge=0, description="Entropy bonus weight; 0 = off.")
+    whiten_rewards: bool = Field(default=False, description="Whiten the per-token rewards of each rollout.")
+    reward_clip: float | None = Field(
+        default=None, gt=0, description="Clip the sequence score to [-reward_clip, reward_clip]; null: off."
+    )
+    whiten_advantages: bool = Field(default=True, description="Whiten the advantages of each rollout.")
+    early_stop_kl: float | None = Field(
+        default=None,
+        gt=0,
+        description="Skip the rest of a rollout's epochs once a step's approximate KL to the rollout policy "
+        "exceeds this; null: off.",
+    )
+    critic_init: Literal["auto", "reward", "policy"] = Field(
+        default="auto",
+        description="Where the critic starts: reward (the first reward model: its backbone and score head), or "
+        "policy (the starting model with a zero value head). auto: reward when a reward model is given.",
+    )
+    save_critic: bool = Field(default=False, description="Also write the trained critic to output_dir/critic/.")
+
+
 class RejectionSamplingConfig(Block):
     num_samples: int = Field(default=8, ge=1, description="Completions sampled per prompt each round.")
     rounds: int = Field(default=1, ge=1, description="generate -> score -> select -> fine-tune, this many times.")
@@ -557,6 +619,38 @@ class GrpoRecipe(RecipeBase):
         return self
 
 
+class PpoRecipe(RecipeBase):
+    """PPO with a critic and a KL-penalised reward: sample one completion per prompt, score it, optimise."""
+
+    stage: Literal["ppo"]
+    ppo: PpoConfig = Field(default_factory=PpoConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+    @model_validator(mode="after")
+    def _ppo(self) -> PpoRecipe:
+        _prompt_sources(self)
+        p, t = self.ppo, self.train
+        lora = self.finetuning.method in ("lora", "qlora")
+        if p.memory is None:
+            p.memory = "shared" if lora else "separate"
+        if p.memory == "shared" and not lora:
+            raise ValueError(
+                f"ppo.memory shared needs finetuning.method lora or qlora (the policy and critic are adapters on one "
+                f"base), not {self.finetuning.method}: use memory: separate, or method: lora"
+            )
+        mini = t.micro_batch_size * t.grad_accum
+        if p.rollout_batch_size is not None and p.rollout_batch_size % mini:
+            raise ValueError(
+                f"ppo.rollout_batch_size {p.rollout_batch_size} is not a multiple of train.micro_batch_size x "
+                f"train.grad_accum = {mini} (one optimizer step's mini-batch): use e.g. {mini * 2}"
+            )
+        if p.critic_init == "reward" and not p.reward.models():
+            raise ValueError(
+                "ppo.critic_init reward needs a reward model: set ppo.reward.model, or critic_init: policy"
+            )
+        return self
+
+
 class RejectionSamplingRecipe(RecipeBase):
     """Best-of-N: sample, score, keep the best per prompt, fine-tune on it (sft); repeated for `rounds`."""
 
@@ -572,10 +666,10 @@ class RejectionSamplingRecipe(RecipeBase):
 
 
 Recipe = Annotated[
-    CptRecipe | SftRecipe | RmRecipe | DpoRecipe | GrpoRecipe | RejectionSamplingRecipe, Field(discriminator="stage")
+    CptRecipe | SftRecipe | RmRecipe | DpoRecipe | PpoRecipe | GrpoRecipe | RejectionSamplingRecipe,
+    Field(discriminator="stage"),
 ]
-STAGES = ("cpt", "sft", "rm", "dpo", "grpo", "rejection_sampling")
-PLANNED_STAGES = ("ppo",)
+STAGES = ("cpt", "sft", "rm", "dpo", "ppo", "grpo", "rejection_sampling")
 
 _FILE_SUFFIXES = {".json", ".jsonl", ".parquet", ".csv", ".txt", ".tsv", ".arrow", ".gz"}
 

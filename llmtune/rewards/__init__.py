@@ -220,9 +220,18 @@ def check_rewards(cfg: RewardConfig, *, trust_code: bool, what: str = "reward") 
             raise RecipeError(e.message, hint=hint) from None
 
 
-def build_rewards(cfg: RewardConfig, *, trust_code: bool, device: Any, dtype: Any, what: str = "reward") -> Rewards:
+def build_rewards(
+    cfg: RewardConfig,
+    *,
+    trust_code: bool,
+    device: Any,
+    dtype: Any,
+    what: str = "reward",
+    loaded: dict[str, Any] | None = None,
+) -> Rewards:
     """The Rewards of ``cfg``, reward models loaded on ``device`` in ``dtype`` (a torch dtype, or a name:
-    auto, bf16, fp16, fp32). Checks ``cfg`` first (see check_rewards)."""
+    auto, bf16, fp16, fp32). Checks ``cfg`` first (see check_rewards). ``loaded``: reward-model path ->
+    a source the caller built already (ppo's shared memory: a reward adapter on the policy's base)."""
     check_rewards(cfg, trust_code=trust_code, what=what)
     names = source_names(cfg)
     sources: list[Any] = []
@@ -231,6 +240,10 @@ def build_rewards(cfg: RewardConfig, *, trust_code: bool, device: Any, dtype: An
             from llmtune.rewards.model import RewardModelSource
 
             for path, name in zip(cfg.models(), names, strict=False):
+                if loaded and path in loaded:
+                    loaded[path].name = name
+                    sources.append(loaded[path])
+                    continue
                 sources.append(
                     RewardModelSource(
                         path, device=device, dtype=dtype, batch_size=cfg.batch_size, name=name, what=f"{what}.model"

@@ -107,6 +107,19 @@ class RewardModelSource:
         limit = getattr(self.loaded.model.config, "max_position_embeddings", None)
         self.max_length = max_length if max_length is not None else limit if isinstance(limit, int) else None
 
+    @classmethod
+    def from_model(
+        cls, path: str, model: Any, tokenizer: Any, *, device: torch.device, batch_size: int, max_length: int | None
+    ) -> RewardModelSource:
+        """A source over a reward model the caller holds (ppo's shared memory: the reward adapter on the policy's
+        base); ``model`` is called like a sequence classifier and has a ``score`` module."""
+        self = cls.__new__(cls)
+        self.path, self.name, self.device, self.batch_size = path, model_source_name(path), device, batch_size
+        self.loaded = Loaded(model=model, tokenizer=tokenizer, name=path, has_adapter=True)
+        self.template = resolve_chat_template(tokenizer, None, required=False)
+        self.max_length = max_length
+        return self
+
     @property
     def tokenizer(self) -> Any:
         assert self.loaded is not None, "the reward model was closed"

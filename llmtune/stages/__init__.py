@@ -23,6 +23,10 @@ def get_stage(name: str) -> Any:
         from llmtune.stages.dpo import DpoStage
 
         return DpoStage()
+    if name == "ppo":
+        from llmtune.stages.ppo import PpoStage
+
+        return PpoStage()
     if name == "grpo":
         from llmtune.stages.grpo import GrpoStage
 

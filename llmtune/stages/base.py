@@ -51,6 +51,10 @@ class Stage(Protocol):
 
     def evaluate(self, engine: Any, samples: list[Any], recipe: Any, dist: Any, collate: Any) -> dict[str, float]: ...
 
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
     def export(self, engine: Any, tokenizer: Any, out: Path, recipe: Any, dist: Any) -> list[str]: ...
 
     def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
@@ -82,6 +86,13 @@ class StageDefaults:
         from llmtune.engine.trainer import evaluate
 
         return evaluate(engine, self, samples, recipe, dist, collate)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stage's own state that a checkpoint must keep for an exact resume (e.g. ppo's KL coefficient)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict returned, after before_training, when a run resumes."""
 
     def export(self, engine: Any, tokenizer: Any, out: Path, recipe: Any, dist: Any) -> list[str]:
         """Write the final model to out (collective under ZeRO-3); returns the file names (rank 0)."""

@@ -18,12 +18,10 @@ from typing import Any
 
 import torch
 
-from llmtune.data.pipeline import PromptExample, build_data
-from llmtune.engine.batches import Rollouts, Window, full_weights
+from llmtune.data.pipeline import PromptExample
+from llmtune.engine.batches import Rollouts, Window
 from llmtune.engine.distributed import all_reduce_sum
-from llmtune.errors import RecipeError
-from llmtune.generation.prompts import prompt_encoder
-from llmtune.generation.sample import end_tokens, rollout
+from llmtune.generation.sample import end_tokens
 from llmtune.model.load import load_reference_model, weight_dtype
 from llmtune.objectives.preference import IGNORE_INDEX, token_logps
 from llmtune.objectives.rl import (
@@ -37,40 +35,26 @@ from llmtune.objectives.rl import (
     zero_std_groups,
 )
 from llmtune.recipe.schema import GrpoRecipe
-from llmtune.stages.base import StageData, StageDefaults, StepOutput, forward_lm
+from llmtune.stages.base import StageData, StepOutput, forward_lm
+from llmtune.stages.online import OnlineStage
 
 
-class GrpoStage(StageDefaults):
+class GrpoStage(OnlineStage):
     name = "grpo"
-    needs_chat_template = True
 
     recipe: GrpoRecipe
 
     # --- data: prompts, and the rollouts made from them ------------------------------------------------------
 
     def build_data(self, recipe: GrpoRecipe, tokenizer: Any, template: str | None) -> StageData:
-        from llmtune.rewards import check_rewards
-
-        self.recipe, self.tokenizer, self.template = recipe, tokenizer, template
         self.unit_name = "tokens" if recipe.grpo.loss_type == "dapo" else "completions"
-        check_rewards(recipe.grpo.reward, trust_code=self.trust_reward_code)  # before any data or model work
-        budget = recipe.data.max_length - recipe.generation.max_new_tokens
-        if budget < 8:
-            raise RecipeError(
-                f"data.max_length {recipe.data.max_length} leaves {budget} tokens of prompt next to "
-                f"generation.max_new_tokens {recipe.generation.max_new_tokens}",
-                hint="raise data.max_length or lower generation.max_new_tokens",
-            )
-        bundle = build_data(
-            recipe, prompt_encoder(tokenizer, template, budget), "prompts", default_format="prompts", use_cache=False
-        )
-        return StageData(train=bundle.train, eval=bundle.eval, reports=bundle.reports)
+        return self.prompt_data(recipe, tokenizer, template)
 
     def batch_source(self, data: StageData, recipe: GrpoRecipe, dist: Any, collate: Any) -> Rollouts:
         t, g = recipe.train, recipe.grpo
         self.rollouts = Rollouts(
             data.train, recipe, dist, t.micro_batch_size * t.grad_accum // g.num_generations, g.num_iterations
-        )
+        )  # num_iterations steps on each rollout's one window
         return self.rollouts
 
     def before_training(self, engine: Any, data: StageData, dist: Any, collate: Any) -> None:
@@ -90,31 +74,7 @@ class GrpoStage(StageDefaults):
             self.reference = load_reference_model(self.recipe, self.recipe.model.path, dist.device, self.tokenizer)
         self.rollouts.make = self.make_rollouts
 
-    def _sample(self, prompts: list[PromptExample], repeat: int, seed: int, greedy: bool = False) -> list[Any]:
-        ids = [p.input_ids for p in prompts for _ in range(repeat)]
-        gen = self.recipe.generation
-        if greedy:
-            gen = gen.model_copy(update={"temperature": 0.0})
-        bs = gen.batch_size or self.recipe.train.micro_batch_size
-        with full_weights(self.engine):
-            return rollout(
-                self.engine.module,
-                self.tokenizer,
-                ids,
-                gen,
-                seed=seed,
-                stops=self.stops,
-                device=self.dist.device,
-                batch_size=bs,
-            )
-
-    def _score(self, prompts: list[PromptExample], outs: list[Any], repeat: int) -> Any:
-        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in outs]
-        messages = [p.prompt.messages for p in prompts for _ in range(repeat)]
-        answers = [p.prompt.answer for p in prompts for _ in range(repeat)]
-        return self.rewards(messages, texts, answers, [ended for _, ended in outs])
-
-    def make_rollouts(self, prompts: list[PromptExample], seed: int) -> Window:
+    def make_rollouts(self, prompts: list[PromptExample], seed: int) -> list[Window]:
         """Generate and score this rank's completions, compute advantages, and cut them into the window's
         micro-batches (with the old and reference log-probs the step needs)."""
         cfg, t = self.recipe.grpo, self.recipe.train
@@ -132,9 +92,9 @@ class GrpoStage(StageDefaults):
 
         rows = []
         for p, (ids, ended), a in zip([p for p in prompts for _ in range(g)], outs, adv.tolist(), strict=True):
-            # the end token is learned too: the chat template's end of turn (first in self.stops), whichever
-            # stop token the sample ended with, so that the policy learns to close its turn as the template does
-            completion = ids + ([self.stops[0]] if ended else [])
+            # the stop token the sample ended with is learned as sampled: its log-prob enters the importance
+            # ratio and the KL, and a stop token the loss never saw could otherwise drift up unpenalised
+            completion = ids
             learn = not (cfg.mask_truncated_completions and not ended)
             labels = [IGNORE_INDEX] * len(p.input_ids) + (completion if learn else [IGNORE_INDEX] * len(completion))
             rows.append((p.input_ids + completion, labels, a))
@@ -142,7 +102,7 @@ class GrpoStage(StageDefaults):
         window = [self._collate(rows[i : i + mb]) for i in range(0, len(rows), mb)]
         if cfg.num_iterations > 1 or cfg.beta > 0:
             self._add_logps(window)
-        return window
+        return [window] * cfg.num_iterations
 
     def _collate(self, rows: list[tuple[list[int], list[int], float]]) -> dict[str, torch.Tensor]:
         width = max(len(r[0]) for r in rows)
@@ -185,7 +145,7 @@ class GrpoStage(StageDefaults):
     def _rollout_metrics(self, scored: Any, rewards: torch.Tensor, outs: list[Any], g: int) -> None:
         """Reward mean / std (overall and per source), share of groups with no reward spread, completion
         length and share that ended: over every process's rollouts."""
-        lengths = torch.tensor([len(ids) for ids, _ in outs], dtype=torch.float64)
+        lengths = torch.tensor([len(ids) - e for ids, e in outs], dtype=torch.float64)
         ended = torch.tensor([float(e) for _, e in outs], dtype=torch.float64)
         names = sorted(scored.per_source)
         parts = [
@@ -239,28 +199,3 @@ class GrpoStage(StageDefaults):
             if kl is not None:
                 metrics["kl"] = masked_mean(kl.detach(), mask) * units
         return StepOutput(loss_sum=loss_sum, units=units, metrics=metrics)
-
-    # --- evaluation: greedy completions of the held-out prompts, scored -----------------------------------
-
-    def evaluate(self, engine: Any, samples: list[Any], recipe: Any, dist: Any, collate: Any) -> dict[str, float]:
-        mine = samples[dist.rank :: dist.world_size]
-        per_rank = math.ceil(len(samples) / dist.world_size)
-        padded = (mine or samples[:1]) * math.ceil(per_rank / max(len(mine), 1))  # same generate calls everywhere
-        chosen = padded[:per_rank]
-        outs = self._sample(chosen, 1, recipe.seed, greedy=True)
-        scored = self._score(chosen, outs, 1)
-        keep = len(mine)
-        names = sorted(scored.per_source)
-        vals = [
-            float(keep),
-            sum(scored.total[:keep]),
-            sum(len(ids) for ids, _ in outs[:keep]),
-            sum(float(e) for _, e in outs[:keep]),
-            *[sum(scored.per_source[k][:keep]) for k in names],
-        ]
-        s = all_reduce_sum(torch.tensor(vals, dtype=torch.float64, device=dist.device)).cpu().tolist()
-        n = max(s[0], 1.0)
-        result = {"eval/reward": s[1] / n, "eval/completion_length": s[2] / n, "eval/ended": s[3] / n}
-        for k, v in zip(names, s[4:], strict=True):
-            result[f"eval/reward/{k}"] = v / n
-        return result

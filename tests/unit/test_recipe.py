@@ -146,11 +146,28 @@ def test_unknown_stage(tmp_path: Path) -> None:
     assert "cpt, sft" in msg
 
 
-@pytest.mark.parametrize("stage", ["ppo"])
-def test_planned_stage_is_not_available(tmp_path: Path, stage: str) -> None:
-    msg = _error(tmp_path, base_recipe(tmp_path, stage=stage))
-    assert f"stage `{stage}` is not available in this version" in msg
-    assert "available stages: cpt, sft, rm, dpo, grpo, rejection_sampling" in msg
+def test_ppo_block_defaults_and_checks(tmp_path: Path) -> None:
+    from llmtune.recipe import load_recipe
+
+    full = {"finetuning": {"method": "full"}}
+    p = load_recipe(write_recipe(tmp_path, base_recipe(tmp_path, stage="ppo", **full)))
+    assert (p.ppo.kl_coef, p.ppo.kl_estimator, p.ppo.gamma, p.ppo.lam, p.ppo.vf_coef) == (0.05, "k1", 1.0, 0.95, 0.1)
+    assert (p.ppo.ppo_epochs, p.ppo.cliprange, p.ppo.cliprange_value, p.ppo.whiten_advantages) == (4, 0.2, 0.2, True)
+    assert p.ppo.memory == "separate" and p.ppo.target_kl is None  # method full: each model its own weights
+    assert p.ppo.reward.rules() == ["exact_match"]
+    lora = load_recipe(write_recipe(tmp_path, base_recipe(tmp_path, stage="ppo", finetuning={"method": "lora"})))
+    assert lora.ppo.memory == "shared"  # lora: one base for every model
+
+    msg = _error(tmp_path, base_recipe(tmp_path, stage="ppo", ppo={"memory": "shared"}, **full))
+    assert "ppo.memory shared needs finetuning.method lora or qlora" in msg
+    msg = _error(tmp_path, base_recipe(tmp_path, stage="ppo", ppo={"rollout_batch_size": 6}))
+    assert "rollout_batch_size 6 is not a multiple" in msg
+    msg = _error(tmp_path, base_recipe(tmp_path, stage="ppo", ppo={"critic_init": "reward"}))
+    assert "critic_init reward needs a reward model" in msg
+    msg = _error(tmp_path, base_recipe(tmp_path, stage="ppo", ppo={"dual_clip": 0.5}))
+    assert "ppo.dual_clip" in msg
+    msg = _error(tmp_path, base_recipe(tmp_path, stage="ppo", ppo={"kl_estimater": "k3"}))
+    assert "kl_estimater" in msg and "kl_estimator" in msg
 
 
 def test_grpo_block_defaults_and_checks(tmp_path: Path) -> None:

@@ -1,0 +1,107 @@
+"""What the online stages (grpo, ppo) share: prompts as data, sampling completions with the current policy,
+scoring them with the recipe's reward block, and an evaluation that scores greedy completions of held-out
+prompts. A stage says where its reward block is (``reward_config``) and which module generates
+(``policy_model``); the rest is here."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from llmtune.data.pipeline import PromptExample, build_data
+from llmtune.engine.batches import full_weights
+from llmtune.engine.distributed import all_reduce_sum
+from llmtune.errors import RecipeError
+from llmtune.generation.prompts import prompt_encoder
+from llmtune.generation.sample import rollout
+from llmtune.stages.base import StageData, StageDefaults
+
+
+class OnlineStage(StageDefaults):
+    needs_chat_template = True
+
+    recipe: Any
+    tokenizer: Any
+    engine: Any
+    dist: Any
+    rewards: Any
+    stops: list[int]
+
+    def reward_config(self, recipe: Any) -> Any:
+        """The stage's reward block: ``<stage>.reward`` (grpo.reward, ppo.reward)."""
+        return getattr(recipe, self.name).reward
+
+    def policy_model(self) -> torch.nn.Module:
+        """The module that generates: the engine's model (grpo), or its policy part (ppo)."""
+        return self.engine.module
+
+    def prompt_data(self, recipe: Any, tokenizer: Any, template: str | None) -> StageData:
+        """The reward block checked (before any data or model work), then the prompts, cut to leave room for
+        generation.max_new_tokens within data.max_length."""
+        from llmtune.rewards import check_rewards
+
+        self.recipe, self.tokenizer, self.template = recipe, tokenizer, template
+        check_rewards(self.reward_config(recipe), trust_code=self.trust_reward_code)
+        budget = recipe.data.max_length - recipe.generation.max_new_tokens
+        if budget < 8:
+            raise RecipeError(
+                f"data.max_length {recipe.data.max_length} leaves {budget} tokens of prompt next to "
+                f"generation.max_new_tokens {recipe.generation.max_new_tokens}",
+                hint="raise data.max_length or lower generation.max_new_tokens",
+            )
+        bundle = build_data(
+            recipe, prompt_encoder(tokenizer, template, budget), "prompts", default_format="prompts", use_cache=False
+        )
+        return StageData(train=bundle.train, eval=bundle.eval, reports=bundle.reports)
+
+    def _sample(self, prompts: list[PromptExample], repeat: int, seed: int, greedy: bool = False) -> list[Any]:
+        ids = [p.input_ids for p in prompts for _ in range(repeat)]
+        gen = self.recipe.generation
+        if greedy:
+            gen = gen.model_copy(update={"temperature": 0.0})
+        bs = gen.batch_size or self.recipe.train.micro_batch_size
+        with full_weights(self.engine, self.policy_model()):
+            return rollout(
+                self.policy_model(),
+                self.tokenizer,
+                ids,
+                gen,
+                seed=seed,
+                stops=self.stops,
+                device=self.dist.device,
+                batch_size=bs,
+                keep_stop=True,  # the stop token sampled is learned as sampled (its log-prob enters the ratio)
+            )
+
+    def _score(self, prompts: list[PromptExample], outs: list[Any], repeat: int) -> Any:
+        texts = [self.tokenizer.decode(ids[: len(ids) - ended], skip_special_tokens=True) for ids, ended in outs]
+        messages = [p.prompt.messages for p in prompts for _ in range(repeat)]
+        answers = [p.prompt.answer for p in prompts for _ in range(repeat)]
+        return self.rewards(messages, texts, answers, [ended for _, ended in outs])
+
+    # --- evaluation: greedy completions of the held-out prompts, scored -----------------------------------
+
+    def evaluate(self, engine: Any, samples: list[Any], recipe: Any, dist: Any, collate: Any) -> dict[str, float]:
+        mine = samples[dist.rank :: dist.world_size]
+        per_rank = math.ceil(len(samples) / dist.world_size)
+        padded = (mine or samples[:1]) * math.ceil(per_rank / max(len(mine), 1))  # same generate calls everywhere
+        chosen = padded[:per_rank]
+        outs = self._sample(chosen, 1, recipe.seed, greedy=True)
+        scored = self._score(chosen, outs, 1)
+        keep = len(mine)
+        names = sorted(scored.per_source)
+        vals = [
+            float(keep),
+            sum(scored.total[:keep]),
+            sum(len(ids) - e for ids, e in outs[:keep]),  # without the stop token
+            sum(float(e) for _, e in outs[:keep]),
+            *[sum(scored.per_source[k][:keep]) for k in names],
+        ]
+        s = all_reduce_sum(torch.tensor(vals, dtype=torch.float64, device=dist.device)).cpu().tolist()
+        n = max(s[0], 1.0)
+        result = {"eval/reward": s[1] / n, "eval/completion_length": s[2] / n, "eval/ended": s[3] / n}
+        for k, v in zip(names, s[4:], strict=True):
+            result[f"eval/reward/{k}"] = v / n
+        return result

@@ -1,0 +1,405 @@
+"""Proximal policy optimisation with a critic (InstructGPT-style RLHF).
+
+Each rollout: sample one completion per prompt with the current policy, score it (llmtune.rewards: reward
+models and / or rules), and turn the score into per-token rewards: the score at the completion's last token,
+minus kl_coef x KL(policy || reference) at every token (k1 by default; the coefficient fixed, or adapted
+toward ppo.target_kl). The critic's values and GAE give advantages and returns; then ppo.ppo_epochs passes
+over the rollout's mini-batches optimise the clipped policy objective plus vf_coef x the clipped value loss
+(minus an optional entropy bonus), one optimizer step per mini-batch.
+
+The models (llmtune.model.actor_critic): the policy and the critic train in one DeepSpeed engine (the critic
+with its own learning rate); the reference is the starting model (lora / qlora: the policy's base with the
+adapters disabled; otherwise a frozen copy); with ppo.memory shared, one base holds the policy, the critic
+and a lora reward model as adapters. The loop, checkpoints (with the KL controller's state), logging and
+export are the engine's.
+
+train.micro_batch_size counts completions; one optimizer step takes micro_batch_size x grad_accum of them
+per process; a rollout holds ppo.rollout_batch_size (default: one step's worth).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmtune.data.pipeline import PromptExample
+from llmtune.engine.batches import Rollouts, Window
+from llmtune.engine.checkpoint import export_model
+from llmtune.engine.distributed import all_reduce_sum
+from llmtune.errors import RecipeError
+from llmtune.generation.sample import end_tokens
+from llmtune.model.actor_critic import (
+    POLICY,
+    ActorCritic,
+    SharedRewardModel,
+    add_critic_adapter,
+    hidden_size,
+    load_reward_adapter,
+)
+from llmtune.model.load import LoadedModel, _numel, load_model, load_reference_model, weight_dtype
+from llmtune.objectives.preference import IGNORE_INDEX, token_logps
+from llmtune.objectives.rl import (
+    AdaptiveKLController,
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+    gae,
+    kl_estimate,
+)
+from llmtune.recipe.schema import PpoRecipe
+from llmtune.stages.base import StageData, StepOutput
+from llmtune.stages.online import OnlineStage
+
+_ROW_KEYS = ("old_logps", "old_values", "advantages", "returns")  # (T-1,) per row, beside ids and labels
+
+
+class PpoStage(OnlineStage):
+    name = "ppo"
+
+    recipe: PpoRecipe
+
+    # --- data and models -----------------------------------------------------------------------------------
+
+    def build_data(self, recipe: PpoRecipe, tokenizer: Any, template: str | None) -> StageData:
+        from llmtune.rewards.shared import check_shared_rewards
+
+        if recipe.ppo.memory == "shared":  # before any model loads: every reward model an adapter of this base
+            check_shared_rewards(recipe)
+        return self.prompt_data(recipe, tokenizer, template)
+
+    def batch_source(self, data: StageData, recipe: PpoRecipe, dist: Any, collate: Any) -> Rollouts:
+        t, p = recipe.train, recipe.ppo
+        mini = t.micro_batch_size * t.grad_accum
+        size = p.rollout_batch_size or mini
+        self.rollouts = Rollouts(data.train, recipe, dist, size, p.ppo_epochs * (size // mini))
+        return self.rollouts
+
+    def load_model(self, recipe: PpoRecipe, device: torch.device, tokenizer: Any) -> LoadedModel:
+        p = recipe.ppo
+        policy = load_model(recipe, device, tokenizer).model
+        critic_lr = p.critic_lr or recipe.train.lr
+        from_reward = p.critic_init == "reward" or (p.critic_init == "auto" and bool(p.reward.models()))
+        self.shared_rewards: dict[str, Any] = {}
+        if p.memory == "shared":
+            from llmtune.rewards.shared import shared_reward_source
+
+            init, score = None, None
+            for i, path in enumerate(p.reward.models()):
+                lora, head = load_reward_adapter(policy, path, device, i)
+                self.shared_rewards[path] = shared_reward_source(path, SharedRewardModel(policy, head, i), recipe)
+                if i == 0 and from_reward:
+                    init, score = (lora, path), head
+            # the critic adapter: a copy of the reward adapter (its settings and weights), or a new one like the
+            # policy's
+            config = _adapter_config(init[1]) if init is not None else copy.deepcopy(policy.peft_config[POLICY])
+            config.inference_mode = False
+            add_critic_adapter(policy, config, init[0] if init is not None else None)
+            head = torch.nn.Linear(hidden_size(policy), 1, bias=False).to(device)
+            with torch.no_grad():
+                head.weight.copy_(score.weight) if score is not None else head.weight.zero_()
+            head.weight.requires_grad_(True)
+            model = ActorCritic(policy, value_head=head, policy_lr=recipe.train.lr, critic_lr=critic_lr)
+        else:
+            model = ActorCritic(
+                policy,
+                critic=self._critic(recipe, device, tokenizer, from_reward),
+                policy_lr=recipe.train.lr,
+                critic_lr=critic_lr,
+            )
+        self.lr_of = model.lr_of  # the trainer's optimizer: one parameter group per learning rate
+        trainable = sum(_numel(x) for x in model.parameters() if x.requires_grad)
+        total = sum(_numel(x) for x in model.parameters())
+        return LoadedModel(model=model, tokenizer=tokenizer, trainable_params=trainable, total_params=total)
+
+    def _critic(self, recipe: PpoRecipe, device: torch.device, tokenizer: Any, from_reward: bool) -> torch.nn.Module:
+        """separate memory: the critic, a sequence classifier with the policy's fine-tuning method, from the
+        first reward model (a full rm output, or the merged/ model a lora rm run writes) or the starting model."""
+        source = recipe.model.path
+        if from_reward:
+            source = critic_source(recipe.ppo.reward.models()[0])
+        r = recipe.model_copy(deep=True)
+        r.model.path = source
+        r.finetuning.modules_to_save = []  # the policy's (e.g. lm_head) are not the critic's: its head is new
+        critic = load_model(r, device, tokenizer, head="score").model
+        return critic
+
+    def before_training(self, engine: Any, data: StageData, dist: Any, collate: Any) -> None:
+        from llmtune.rewards import build_rewards
+
+        self.engine, self.dist = engine, dist
+        p = self.recipe.ppo
+        self.stops = end_tokens(self.policy_model(), self.tokenizer, self.template)
+        self.rewards = build_rewards(
+            p.reward,
+            trust_code=self.trust_reward_code,
+            device=dist.device,
+            dtype=weight_dtype(self.recipe),
+            loaded=self.shared_rewards,
+        )
+        self.reference = None
+        if self.recipe.finetuning.method not in ("lora", "qlora"):  # lora: the base with the adapters disabled
+            self.reference = load_reference_model(self.recipe, self.recipe.model.path, dist.device, self.tokenizer)
+        self.kl_ctl = AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon)
+        self.rollouts.make = self.make_rollouts
+        self.rollouts.on_step = self.on_step
+
+    def policy_model(self) -> torch.nn.Module:
+        return self.engine.module.policy
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kl_controller": self.kl_ctl.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "kl_controller" in state:
+            self.kl_ctl.load_state_dict(state["kl_controller"])
+
+    # --- rollouts: sample, score, per-token rewards, GAE --------------------------------------------------
+
+    def make_rollouts(self, prompts: list[PromptExample], seed: int) -> list[Window]:
+        p, t = self.recipe.ppo, self.recipe.train
+        outs = self._sample(prompts, 1, seed)
+        scored = self._score(prompts, outs, 1)
+        score = torch.tensor(scored.total, dtype=torch.float32)
+        if p.reward_clip is not None:
+            score = score.clamp(-p.reward_clip, p.reward_clip)
+        rows = []
+        for pr, (ids, _) in zip(prompts, outs, strict=True):
+            completion = ids  # with the stop token it ended with, if it ended: learned as sampled
+            rows.append({"ids": pr.input_ids + completion, "labels": [IGNORE_INDEX] * len(pr.input_ids) + completion})
+        mb = t.micro_batch_size
+        coef = self.kl_ctl.value
+        kl_sums, per_tok_rewards = [], []
+        for start in range(0, len(rows), mb):
+            chunk = rows[start : start + mb]
+            b = _pad(chunk, self.tokenizer.pad_token_id, self.dist.device)
+            old, ref, values = self._rollout_forward(b)
+            mask = b["mask"]
+            kl = kl_estimate(old, ref, p.kl_estimator) * mask
+            rewards = -coef * kl
+            last = _last_index(mask)
+            rewards[torch.arange(len(chunk)), last] += score[start : start + mb].to(rewards.device)
+            for i, row in enumerate(chunk):
+                n = int(b["lengths"][i]) - 1
+                row.update(old_logps=old[i, :n].cpu(), old_values=values[i, :n].cpu(), mask=mask[i, :n].cpu())
+                per_tok_rewards.append(rewards[i, :n].cpu())
+                kl_sums.append(kl[i].sum().item())
+        if p.whiten_rewards:
+            flat = torch.cat([r[row["mask"].bool()] for r, row in zip(per_tok_rewards, rows, strict=True)])
+            mean, std = self._global_moments(flat)
+            per_tok_rewards = [(r - mean) / std * row["mask"] for r, row in zip(per_tok_rewards, rows, strict=True)]
+        for r, row in zip(per_tok_rewards, rows, strict=True):
+            adv, ret = gae(r[None], row["old_values"][None], row["mask"][None], p.gamma, p.lam)
+            row["advantages"], row["returns"] = adv[0], ret[0]
+        if p.whiten_advantages:
+            flat = torch.cat([row["advantages"][row["mask"].bool()] for row in rows])
+            mean, std = self._global_moments(flat)
+            for row in rows:
+                row["advantages"] = (row["advantages"] - mean) / std * row["mask"]
+        self._rollout_metrics(scored, rows, kl_sums, coef, outs)
+        return self._windows(rows, seed)
+
+    @torch.no_grad()
+    def _rollout_forward(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Log-probs under the policy and the reference, and the critic's values, (B, T-1) each, in eval mode."""
+        model, engine = self.engine.module, self.engine
+        was_training = model.training
+        model.eval()
+        try:
+            logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], part="policy")
+            old, _ = token_logps(logits, b["labels"])
+            del logits
+            if self.reference is not None:
+                ref_logits = self.reference(
+                    input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False
+                ).logits
+            else:
+                with model.policy.disable_adapter():
+                    ref_logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], part="policy")
+            ref, _ = token_logps(ref_logits, b["labels"])
+            values = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], part="values")[:, :-1]
+        finally:
+            model.train(was_training)
+        return old, ref, values.float() * b["mask"]
+
+    def _windows(self, rows: list[dict], seed: int) -> list[Window]:
+        """ppo_epochs passes over the rollout in a seeded order, cut into steps of micro_batch_size x grad_accum
+        rows, each step a list of grad_accum micro-batches."""
+        t = self.recipe.train
+        mb, mini = t.micro_batch_size, t.micro_batch_size * t.grad_accum
+        windows = []
+        for epoch in range(self.recipe.ppo.ppo_epochs):
+            g = torch.Generator().manual_seed(seed * 31 + epoch)
+            order = torch.randperm(len(rows), generator=g).tolist() if epoch else list(range(len(rows)))
+            for s in range(0, len(rows), mini):
+                idx = order[s : s + mini]
+                pad = self.tokenizer.pad_token_id
+                windows.append([_collate([rows[i] for i in idx[k : k + mb]], pad) for k in range(0, mini, mb)])
+        return windows
+
+    def _global_moments(self, flat: torch.Tensor) -> tuple[float, float]:
+        """Mean and std (population, + 1e-8 inside the root) of values spread over every process."""
+        local = torch.tensor([flat.numel(), flat.double().sum(), (flat.double() ** 2).sum()], dtype=torch.float64)
+        n, s, sq = all_reduce_sum(local.to(self.dist.device)).cpu().tolist()
+        mean = s / max(n, 1.0)
+        return mean, math.sqrt(max(sq / max(n, 1.0) - mean**2, 0.0) + 1e-8)
+
+    def _rollout_metrics(self, scored: Any, rows: list[dict], kl_sums: list[float], coef: float, outs: list) -> None:
+        """Reward (overall and per source), KL per sequence, its coefficient, completion length, share ended,
+        and how well the critic's values explain the returns: over every process's rollouts. Then the
+        adaptive KL coefficient takes its step."""
+        names = sorted(scored.per_source)
+        masks = [row["mask"].bool() for row in rows]
+        ret = torch.cat([row["returns"][m] for row, m in zip(rows, masks, strict=True)]).double()
+        val = torch.cat([row["old_values"][m] for row, m in zip(rows, masks, strict=True)]).double()
+        parts = [
+            float(len(rows)),
+            sum(scored.total),
+            sum(kl_sums),
+            sum(len(ids) - e for ids, e in outs),
+            sum(float(e) for _, e in outs),
+            float(ret.numel()),
+            ret.sum().item(),
+            (ret**2).sum().item(),
+            (ret - val).sum().item(),
+            ((ret - val) ** 2).sum().item(),
+            *[sum(scored.per_source[k]) for k in names],
+        ]
+        s = all_reduce_sum(torch.tensor(parts, dtype=torch.float64, device=self.dist.device)).cpu().tolist()
+        n, nt = max(s[0], 1.0), max(s[5], 1.0)
+        var_r = s[7] / nt - (s[6] / nt) ** 2
+        var_e = s[9] / nt - (s[8] / nt) ** 2
+        m = self.rollouts.last_metrics
+        m.clear()
+        m["reward"] = s[1] / n
+        m["kl"] = s[2] / n
+        m["kl_coef"] = coef
+        m["non_score_reward"] = -coef * s[2] / n
+        m["completion_length"] = s[3] / n
+        m["ended"] = s[4] / n
+        m["explained_variance"] = 1 - var_e / var_r if var_r > 1e-12 else float("nan")
+        for k, v in zip(names, s[10:], strict=True):
+            m[f"reward/{k}"] = v / n
+        self.kl_ctl.update(s[2] / n, int(s[0]))
+
+    def on_step(self, metrics: dict[str, float]) -> None:
+        """ppo.early_stop_kl: the rest of this rollout's steps update nothing once the policy has moved this far
+        from the one that sampled it (every rank sees the same reduced metrics, so all stop together)."""
+        bound = self.recipe.ppo.early_stop_kl
+        if bound is not None and metrics.get("approx_kl", 0.0) > bound:
+            self.rollouts.skip_rest = True
+
+    # --- the step --------------------------------------------------------------------------------------------
+
+    def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (batch["labels"][:, 1:] != IGNORE_INDEX).sum().double()
+
+    def step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        p = self.recipe.ppo
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        logits = model(input_ids=ids, attention_mask=attn, part="policy")
+        logp, mask = token_logps(logits, batch["labels"])
+        values = model(input_ids=ids, attention_mask=attn, part="values")[:, :-1]
+        old = batch["old_logps"]
+        pg, clipped = clipped_policy_loss(logp, old, batch["advantages"], p.cliprange, dual_clip=p.dual_clip)
+        vf, vf_clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], mask, p.cliprange_value)
+        per_token = pg + p.vf_coef * vf
+        entropy = None
+        if p.entropy_coef > 0:
+            entropy = entropy_from_logits(logits[:, :-1])
+            per_token = per_token - p.entropy_coef * entropy
+        units = mask.sum().double()
+        loss_sum = (per_token * mask).sum()
+        with torch.no_grad():
+            if entropy is None:
+                entropy = entropy_from_logits(logits[:, :-1].detach())
+            log_ratio = (logp - old) * mask
+            metrics = {
+                "policy_loss": (pg * mask).sum().double(),
+                "value_loss": (vf * mask).sum().double(),
+                "clip_fraction": (clipped * mask).sum().double(),
+                "value_clip_fraction": vf_clipped.double() * units,
+                "entropy": (entropy.detach() * mask).sum().double(),
+                "approx_kl": (0.5 * log_ratio**2).sum().double(),
+            }
+        return StepOutput(loss_sum=loss_sum, units=units, metrics=metrics)
+
+    # --- export: the policy as sft's is; the critic beside it on request -----------------------------------
+
+    def export(self, engine: Any, tokenizer: Any, out: Path, recipe: Any, dist: Any) -> list[str]:
+        z = recipe.distributed.zero_stage
+        model = engine.module
+        files = export_model(engine, tokenizer, out, z, dist.rank, part="policy", adapters=[POLICY])
+        if recipe.ppo.save_critic:
+            from llmtune.model.actor_critic import CRITIC
+
+            if model.shared:
+                # peft writes an adapter not named default into a folder of its name: out/critic/
+                export_model(engine, None, out, z, dist.rank, part="policy", adapters=[CRITIC])
+                export_model(engine, None, out / "critic", z, dist.rank, part="value_head")
+            else:
+                export_model(engine, tokenizer, out / "critic", z, dist.rank, part="critic")
+        return files
+
+
+def critic_source(path: str) -> str:
+    """Where a separate critic loads from: a full rm output itself, or the merged/ model a lora rm run writes."""
+    p = Path(path).expanduser()
+    if (p / "config.json").is_file():
+        return path
+    if (p / "merged" / "config.json").is_file():
+        return str(p / "merged")
+    raise RecipeError(
+        f"ppo: the critic starts from the reward model {path}, a lora adapter without the merged/ model "
+        "(rm.export_merged was false)",
+        hint="use ppo.memory: shared (the reward adapter on the policy's base), set ppo.critic_init: policy, or "
+        "retrain the reward model with rm.export_merged: true",
+    )
+
+
+def _adapter_config(path: str) -> Any:
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(path)
+    config.modules_to_save = None
+    config.task_type = "CAUSAL_LM"
+    return config
+
+
+def _last_index(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 -> (B,) index of the last 1 in each row (0 for an empty row)."""
+    pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), pos, torch.zeros_like(pos)).max(dim=1).values
+
+
+def _pad(rows: list[dict], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded ids, attention mask and labels of rows (dicts with ids and labels), their lengths, and the
+    (B, T-1) mask of learned positions."""
+    width = max(len(r["ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["ids"])
+        ids[i, :n], labels[i, :n], attn[i, :n] = torch.tensor(r["ids"]), torch.tensor(r["labels"]), 1
+    b = {"input_ids": ids, "attention_mask": attn, "labels": labels}
+    b = {k: v.to(device) for k, v in b.items()}
+    b["mask"] = (b["labels"][:, 1:] != IGNORE_INDEX).float()
+    b["lengths"] = attn.sum(dim=1)
+    return b
+
+
+def _collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """A training micro-batch: _pad's tensors plus the rollout's per-token tensors, zero-padded to T-1."""
+    b = _pad(rows, pad_id, torch.device("cpu"))
+    width = b["input_ids"].shape[1] - 1
+    for key in _ROW_KEYS:
+        x = torch.zeros((len(rows), width), dtype=torch.float32)
+        for i, r in enumerate(rows):
+            x[i, : len(r[key])] = r[key]
+        b[key] = x
+    del b["mask"], b["lengths"]
+    return b
