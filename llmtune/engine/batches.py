@@ -20,15 +20,16 @@ from llmtune.recipe.schema import RecipeBase
 Window = list[dict[str, torch.Tensor]]
 
 
-def epoch_order(n: int, recipe: RecipeBase, dist: DistInfo, epoch: int) -> list[int]:
-    """This rank's share of a seeded permutation of n items for an epoch (every rank gets as many)."""
+def epoch_order(n: int, recipe: RecipeBase, dist: DistInfo, epoch: int, rank: int | None = None) -> list[int]:
+    """This rank's (or `rank`'s) share of a seeded permutation of n items for an epoch (every rank gets as
+    many)."""
     order = list(range(n))
     if recipe.data.shuffle:
         random.Random(recipe.seed * 1000003 + epoch).shuffle(order)
     world = dist.world_size
     if n % world:  # every rank gets the same number of rows: wrap around
         order += order[: world - n % world]
-    return order[dist.rank :: world]
+    return order[(dist.rank if rank is None else rank) :: world]
 
 
 class Batches:
@@ -55,6 +56,23 @@ class Batches:
         for w in range(start_window, self.windows_per_epoch):
             chunk = micro[w * t.grad_accum : (w + 1) * t.grad_accum]
             yield [self.collate([self.samples[i] for i in idx]) for idx in chunk]
+
+    def reached(self, epoch: int, window: int, steps: int) -> set[int]:
+        """The samples (on every rank) that the next `steps` windows from (epoch, window) hold: what a run that
+        stops after them trains on (dpo computes reference log-probs for these, not the whole data)."""
+        t = self.recipe.train
+        per_window = t.micro_batch_size * t.grad_accum
+        out: set[int] = set()
+        while steps > 0:
+            take = min(steps, self.windows_per_epoch - window)
+            for rank in range(self.dist.world_size):
+                mine = epoch_order(len(self.samples), self.recipe, self.dist, epoch, rank)
+                out.update(mine[window * per_window : (window + take) * per_window])
+            steps -= take
+            epoch, window = epoch + 1, 0
+            if len(out) == len(self.samples):
+                break
+        return out
 
     def metrics(self) -> dict[str, float]:
         """Figures about the batches of the last window (none for fixed data)."""

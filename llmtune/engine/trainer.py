@@ -319,6 +319,9 @@ def _loop(run: Run) -> None:
     recipe, stage, dist, engine, state = run.recipe, run.stage, run.dist, run.engine, run.state
     t, data, batches, out = recipe.train, run.data, run.batches, run.out
     assert state is not None and run.log is not None and run.manifest is not None
+    reached = getattr(batches, "reached", None)
+    if reached is not None:
+        data.reached = reached(state.epoch, state.window_in_epoch, run.total_steps - state.step)
     stage.before_training(engine, data, dist, run.collate)
     if run.resumed:
         stage.load_state_dict(state.stage_state)

@@ -21,6 +21,7 @@ class StageData:
     eval: list[Sample] | list[Any]
     reports: list[SourceReport]
     notes: list[str] = field(default_factory=list)
+    reached: set[int] | None = None  # indices of the training samples this run's steps will use (None: all)
 
 
 @dataclass

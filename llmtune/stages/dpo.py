@@ -10,6 +10,7 @@ runs one model.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from llmtune.data.pipeline import fingerprint_tokenizer
 from llmtune.data.preference import PreferenceSample, build_preference_data, collate_preference
 from llmtune.engine.distributed import all_reduce_sum
+from llmtune.engine.report import run_console
 from llmtune.model.load import check_reference_tokenizer, load_reference_model
 from llmtune.objectives.preference import (
     dpo_loss,
@@ -80,8 +82,14 @@ class DpoStage(StageDefaults):
         if not cfg.precompute_reference:
             self.reference = ref
             return
-        for samples in (data.train, data.eval):
+        # only the training rows this run's steps will reach (a short max_steps run needs a few batches)
+        train = data.train if data.reached is None else [data.train[i] for i in sorted(data.reached)]
+        console = run_console(dist.is_main)
+        t0 = time.perf_counter()
+        console.print(f"reference log-probs: {len(train):,} training and {len(data.eval):,} eval rows ...")
+        for samples in (train, data.eval):
             self._precompute(engine, ref, samples, dist, collate)
+        console.print(f"reference log-probs: done in {time.perf_counter() - t0:.1f} s")
         del ref
 
     def _reference_logps(self, model: Any, ref: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

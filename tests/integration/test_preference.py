@@ -196,6 +196,8 @@ def test_shared_demo_files_train(tmp_path: Path, shared_data: Path) -> None:
         )
         out, stdout = _train(sub, recipe)
         assert name in stdout
+        if i == 2:  # 3 steps x 4 rows: the reference log-probs of those 12 rows only, not of all 48
+            assert "reference log-probs: 12 training and 0 eval rows" in stdout, stdout
         losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
         assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
         if stage == "dpo" and ft["method"] == "full":
