@@ -91,7 +91,8 @@ def train(
         bool, typer.Option("--overwrite", help="Allow writing into a non-empty output_dir that is not this run's.")
     ] = False,
     trust_reward_code: Annotated[
-        bool, typer.Option("--trust-reward-code", help="grpo / rejection_sampling: allow module:function rewards.")
+        bool,
+        typer.Option("--trust-reward-code", help="ppo / grpo / rejection_sampling: allow module:function rewards."),
     ] = False,
     local_rank: Annotated[int | None, typer.Option("--local_rank", "--local-rank", hidden=True)] = None,
 ) -> None:
@@ -104,6 +105,10 @@ def train(
     try:
         r = load_recipe(recipe, set_ or [])
         check_paths(r)
+        if int(os.environ.get("RANK", "0")) == 0:  # the imports below take seconds: say what is happening
+            Console(highlight=False, soft_wrap=True).print(
+                f"stage {r.stage}: {escape(str(recipe))} is valid; starting (torch, DeepSpeed, transformers) ..."
+            )
         from llmtune.stages import run_stage
 
         if resume_from is not None and no_resume:

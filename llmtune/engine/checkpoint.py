@@ -245,6 +245,7 @@ def export_model(
         if state_dict is not None:
             kwargs["state_dict"] = state_dict
         model.save_pretrained(output_dir, **kwargs)
+        _card_without_local_base(output_dir / "README.md")
     elif not hasattr(model, "save_pretrained"):  # a plain module (ppo's value head)
         from safetensors.torch import save_file
 
@@ -258,6 +259,27 @@ def export_model(
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
     return sorted(p.name for p in output_dir.iterdir() if p.is_file())
+
+
+def _card_without_local_base(card: Path) -> None:
+    """peft's model card names the base in its metadata, for the hub; a local base would put this machine's
+    absolute path there (the adapter_config.json keeps it, where loading needs it)."""
+    if not card.is_file():
+        return
+    lines = card.read_text(encoding="utf-8").splitlines(keepends=True)
+
+    def local(value: str) -> bool:
+        value = value.strip()
+        return value.startswith("/") or Path(value).expanduser().exists()
+
+    kept = [
+        line
+        for line in lines
+        if not (line.startswith("base_model:") and local(line.split(":", 1)[1]))
+        and not (line.startswith("- base_model:adapter:") and local(line.split("adapter:", 1)[1]))
+    ]
+    if kept != lines:
+        card.write_text("".join(kept), encoding="utf-8")
 
 
 # --- what to do with an output directory ------------------------------------------------------------------

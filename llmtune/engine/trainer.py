@@ -210,6 +210,7 @@ def _setup(recipe: RecipeBase, stage: Any, local_rank: int | None, **options: An
     if template is not None:
         tokenizer.chat_template = template
     # Rank 0 tokenizes first and fills the cache; the others then read it.
+    console.print(f"reading and tokenizing the data ({len(recipe.data.train)} training source(s)) ...")
     if dist.is_main:
         data = stage.build_data(recipe, tokenizer, template)
     barrier()
@@ -259,6 +260,7 @@ def _start_engine(run: Run) -> None:
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(ds_config)  # must stay alive while the model loads: partitioned init
+    console.print(f"loading {recipe.model.path} ({recipe.finetuning.method}) ...")
     loaded = run.stage.load_model(recipe, dist.device, run.tokenizer)
     describe(loaded, recipe, console)
     model = loaded.model
@@ -294,7 +296,7 @@ def _start_engine(run: Run) -> None:
     t, mb = recipe.train, recipe.train.micro_batch_size
     console.print(
         f"training: {len(run.data.train):,} rows, {run.batches.windows_per_epoch:,} steps/epoch, "
-        f"{run.total_steps:,} steps | batch {mb} x accum {t.grad_accum} x {dist.world_size} proc = "
+        f"{_plural(run.total_steps, 'step')} | batch {mb} x accum {t.grad_accum} x {dist.world_size} proc = "
         f"{mb * t.grad_accum * dist.world_size} rows/step | ZeRO-{recipe.distributed.zero_stage} {recipe.precision} "
         f"on {dist.device.type}"
     )
@@ -431,6 +433,7 @@ def _finish(run: Run) -> None:
     if dist.is_main:
         shutil.rmtree(staging, ignore_errors=True)
     barrier()
+    run.console.print(f"writing the model to {out} ...")
     run.stage.export(run.engine, run.tokenizer, staging, run.recipe, dist)
     files = _publish(staging, out) if dist.is_main else []
     m = run.manifest
@@ -439,9 +442,15 @@ def _finish(run: Run) -> None:
     m.write(out, dist)
     barrier()
     skips = f" ({state.nan_skips} skipped for NaN / Inf)" if state.nan_skips else ""
-    run.console.print(f"[green]done[/]: {state.step} steps{skips}; model written to {out} ({', '.join(files)})")
+    run.console.print(
+        f"[green]done[/]: {_plural(state.step, 'step')}{skips}; model written to {out} ({', '.join(files)})"
+    )
     if run.owns_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
 class StepGuard:

@@ -37,7 +37,13 @@ def get_stage(name: str) -> Any:
 def quiet_libraries() -> None:
     """Silence known-harmless library noise so that the run's own messages stay readable."""
     import logging
+    import os
     import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():  # said before DeepSpeed is imported: no "Setting accelerator to CPU" warning
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     # peft probes this deprecated transformers property; the warning is not the user's to act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")

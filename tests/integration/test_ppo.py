@@ -120,6 +120,7 @@ def test_ppo_raises_a_rule_reward_with_bounded_kl(tmp_path: Path, method: str, m
         config = json.loads((out / "adapter_config.json").read_text())
         assert config["task_type"] == "CAUSAL_LM" and not (out / "critic").exists()
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY_MODEL), out)
+        assert str(TINY_MODEL) not in (out / "README.md").read_text()  # no local path in the model card
 
 
 def _held_out_reward(tmp_path: Path, model: str, adapter: str | None = None) -> float:
