@@ -99,7 +99,9 @@ def generation_mode(model: Any) -> Iterator[None]:
     finally:
         config.use_cache = use_cache
         if checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # the settings it was enabled with (ppo's shared base adds the adapter routing to recomputation)
+            kwargs = getattr(base, "llmtune_checkpointing_kwargs", {"use_reentrant": False})
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.train(was_training)
 
 

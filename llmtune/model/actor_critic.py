@@ -29,6 +29,9 @@ from torch import nn
 POLICY, CRITIC, REWARD = "default", "critic", "reward"
 
 
+_ROUTE: list[tuple[nn.Module, str]] = []  # the routing in force (innermost last), for checkpoint recomputation
+
+
 @contextmanager
 def use_adapter(model: nn.Module, name: str) -> Iterator[None]:
     """Route every peft layer of model through the adapter `name` for the duration (a modules_to_save copy
@@ -40,11 +43,32 @@ def use_adapter(model: nn.Module, name: str) -> Iterator[None]:
     before = [m._active_adapter for m in layers]
     for m in layers:
         m._active_adapter = [name]
+    _ROUTE.append((model, name))
     try:
         yield
     finally:
+        _ROUTE.pop()
         for m, a in zip(layers, before, strict=True):
             m._active_adapter = a
+
+
+def routing_context() -> tuple[Any, Any]:
+    """torch.utils.checkpoint's context_fn: gradient checkpointing recomputes a layer's forward during the
+    backward pass, when the routing of that forward (critic or policy adapter) is long undone; this puts it
+    back for the recomputation."""
+    from contextlib import nullcontext
+
+    if not _ROUTE:
+        return nullcontext(), nullcontext()
+    model, name = _ROUTE[-1]
+    return nullcontext(), use_adapter(model, name)
+
+
+def checkpoint_with_routing(policy: nn.Module) -> None:
+    """Re-enable gradient checkpointing on the shared base so that recomputation follows the adapter routing."""
+    base = policy.get_base_model()
+    base.llmtune_checkpointing_kwargs = {"use_reentrant": False, "context_fn": routing_context}  # kept by generation
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=base.llmtune_checkpointing_kwargs)
 
 
 def hidden_size(model: nn.Module) -> int:

@@ -37,6 +37,7 @@ from llmtune.model.actor_critic import (
     ActorCritic,
     SharedRewardModel,
     add_critic_adapter,
+    checkpoint_with_routing,
     hidden_size,
     load_reward_adapter,
 )
@@ -98,6 +99,8 @@ class PpoStage(OnlineStage):
             config = _adapter_config(init[1]) if init is not None else copy.deepcopy(policy.peft_config[POLICY])
             config.inference_mode = False
             add_critic_adapter(policy, config, init[0] if init is not None else None)
+            if recipe.train.gradient_checkpointing:
+                checkpoint_with_routing(policy)
             head = torch.nn.Linear(hidden_size(policy), 1, bias=False).to(device)
             with torch.no_grad():
                 head.weight.copy_(score.weight) if score is not None else head.weight.zero_()

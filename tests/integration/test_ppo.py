@@ -314,12 +314,13 @@ def test_ppo_early_stop_skips_the_rest_of_a_rollout_without_updates(tmp_path: Pa
     assert skipped == [3, 4, 7, 8] and trained == [1, 2, 5, 6], (skipped, trained)
 
 
-def test_ppo_qlora_shared_runs(tmp_path: Path) -> None:
+def test_ppo_qlora_shared_with_gradient_checkpointing_runs(tmp_path: Path) -> None:
+    """The 4-bit base shared by the policy and critic adapters; checkpointing recomputes each through its own."""
     recipe = ppo_recipe(
         tmp_path,
         finetuning={"method": "qlora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
         ppo={"ppo_epochs": 2},
-        train={"max_steps": 2, "micro_batch_size": 16},
+        train={"max_steps": 2, "micro_batch_size": 16, "gradient_checkpointing": True},
     )
     out, _ = _train(tmp_path, recipe)
     train = [m for m in read_metrics(out) if "loss" in m]

@@ -105,3 +105,30 @@ def _keys() -> tuple[str, ...]:
     from llmtune.stages.ppo import _ROW_KEYS
 
     return _ROW_KEYS
+
+
+def test_gradient_checkpointing_recomputes_each_part_through_its_adapter(shared: torch.nn.Module) -> None:
+    """Recomputation runs in the backward pass, after the critic's routing is undone: the routing goes with
+    it (checkpoint_with_routing), so the gradients equal those without checkpointing."""
+    from llmtune.model.actor_critic import checkpoint_with_routing
+
+    for lora in shared.modules():
+        if hasattr(lora, "lora_B"):
+            for k in lora.lora_B:
+                torch.nn.init.normal_(lora.lora_B[k].weight)
+    b = _batch()
+
+    def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss = model(**b, part="values").pow(2).sum() + model(**b, part="policy").logsumexp(-1).sum()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    shared.train()
+    plain = grads(shared)
+    checkpoint_with_routing(shared.policy)
+    shared.policy.enable_input_require_grads()
+    checked = grads(shared)
+    assert plain.keys() == checked.keys()
+    for n in plain:
+        torch.testing.assert_close(plain[n], checked[n], msg=n)
