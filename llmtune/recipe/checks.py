@@ -1,14 +1,21 @@
-"""Checks of what a recipe names on disk (data files, model directory, template file). No torch."""
+"""Checks of what a recipe names on disk and of the machine, made before anything loads (``llmtune validate``
+and the start of ``llmtune train``): data files exist and their first rows parse and fit the format they name,
+a local model directory holds a config.json, weights and tokenizer files, the template file exists, and the
+precision is one this machine trains in. By file names and first rows only: no torch, no weights read."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import shutil
+import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
 from llmtune.errors import DataError, RecipeError, UserError
-from llmtune.recipe.schema import RecipeBase, looks_local
+from llmtune.recipe.schema import DataSource, RecipeBase, looks_local
 
 BUILTIN_TEMPLATES = ("chatml", "llama3", "alpaca")
 
@@ -114,7 +121,9 @@ def _missing_data_hint(path: Path, group: str, i: int) -> str:
 
 
 def check_paths(recipe: RecipeBase) -> list[str]:
-    """Raise a clear error for a missing local file; return notes about names taken as hub ids."""
+    """Raise a clear error for what train would refuse before or while loading (a missing local file, an
+    incomplete model directory, a precision this machine cannot train in, data rows that do not fit their
+    format); return notes (names taken as hub ids, rows train will drop)."""
     notes: list[str] = []
     for group, sources in (("train", recipe.data.train), ("eval", recipe.data.eval)):
         for i, src in enumerate(sources):
@@ -143,17 +152,23 @@ def check_paths(recipe: RecipeBase) -> list[str]:
         if not looks_local(value):
             notes.append(f"{key} {value!r} is not a local directory: it is loaded from the hub")
         check_finished(value, key)
-        d = Path(value).expanduser()
-        if key != "model.tokenizer" and (d / "adapter_config.json").is_file() and not (d / "config.json").is_file():
-            raise RecipeError(
-                f"{key}: {value} is a LoRA adapter (adapter_config.json), not a whole model",
-                hint=f"merge it into its base first: llmtune merge-lora --adapter {value} --out "
-                f"{value.rstrip('/')}-merged, then set {key}: {value.rstrip('/')}-merged",
-            )
+        if not looks_local(value):
+            continue
+        if key == "model.tokenizer":
+            check_tokenizer_files(key, value)
+            continue
+        check_model_dir(key, value)
+        if key == "model.path" and m.tokenizer is None and not has_gguf(Path(value).expanduser()):
+            check_tokenizer_files(key, value)
     _check_output_dir(
         recipe, [v for _, v in models if v] + [src.path for src in [*recipe.data.train, *recipe.data.eval]]
     )
     _check_reward_block(recipe)
+    check_precision_here(recipe)
+    for group, sources in (("train", recipe.data.train), ("eval", recipe.data.eval)):
+        for i, src in enumerate(sources):
+            if looks_local(src.path):
+                notes.extend(check_data_sample(recipe, src, f"data.{group}.{i}"))
     tpl = m.chat_template
     if tpl is not None and tpl not in BUILTIN_TEMPLATES and not Path(tpl).expanduser().is_file():
         raise RecipeError(
@@ -187,3 +202,498 @@ def _check_reward_block(recipe: RecipeBase) -> None:
                     hint="give the output directory of an rm run (llmtune train with stage: rm)",
                 )
             check_finished(path, f"{block}.reward.model")
+
+
+# ----------------------------------------------------------------------------------------- model directories
+# What train's loaders need in a local model directory, checked by file name only (no weights are read): a
+# config.json, weights, and tokenizer files. A .gguf file (or a folder holding one) is left alone.
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+NOT_WEIGHTS = ("training_args.bin",)  # written by the HF Trainer beside (or instead of) the weights
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+TOKENIZER_CONFIG = "tokenizer_config.json"
+_LISTED = 8
+
+
+def has_gguf(p: Path) -> bool:
+    """A .gguf file, or a directory holding one (llama.cpp weights: not checked like a transformers model)."""
+    if p.is_file():
+        return p.name.lower().endswith(".gguf")
+    try:
+        return p.is_dir() and any(c.name.lower().endswith(".gguf") and c.is_file() for c in p.iterdir())
+    except OSError:
+        return False
+
+
+def _listing(d: Path) -> str:
+    """Up to _LISTED names in d (directories with a trailing /), for messages."""
+    try:
+        names = sorted(c.name + ("/" if c.is_dir() else "") for c in d.iterdir() if not c.name.startswith("."))
+    except OSError:
+        return "nothing readable"
+    if not names:
+        return "nothing: the directory is empty"
+    more = f", ... ({len(names)} entries)" if len(names) > _LISTED else ""
+    return ", ".join(names[:_LISTED]) + more
+
+
+def _model_dirs_below(d: Path) -> list[str]:
+    """Subdirectories (one or two levels down, bounded) that hold a config.json: likely the model meant."""
+    found: list[str] = []
+    try:
+        level = sorted(c for c in d.iterdir() if c.is_dir() and not c.name.startswith("."))[:50]
+        for c in level:
+            if (c / "config.json").is_file():
+                found.append(str(c))
+        if not found:
+            for c in level:
+                found.extend(str(g) for g in sorted(c.iterdir())[:50] if g.is_dir() and (g / "config.json").is_file())
+    except OSError:
+        return found
+    return found[:3]
+
+
+def _adapter_base(d: Path) -> str | None:
+    try:
+        cfg = json.loads((d / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    base = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
+    return base if isinstance(base, str) and base.strip() else None
+
+
+def check_model_dir(key: str, value: str) -> None:
+    """A local model.path / dpo.reference must be a directory transformers can load a causal LM from:
+    config.json and weights (a LoRA adapter is refused with how to merge it). A .gguf is not checked."""
+    d = Path(value).expanduser()
+    if has_gguf(d):
+        return
+    if d.is_file():
+        hint = "give the directory the model was saved to (config.json, weights and tokenizer files)"
+        if (d.parent / "config.json").is_file():
+            hint = f"give the directory that holds it: set {key}: {d.parent}"
+        raise RecipeError(f"{key}: {value} is a file, not a model directory", hint=hint)
+    if not d.is_dir():
+        return
+    if (d / "adapter_config.json").is_file() and not (d / "config.json").is_file():
+        merged = f"{value.rstrip('/')}-merged"
+        base = _adapter_base(d)
+        base_hint = f"its base model ({base})" if base else "the base model it was trained on"
+        raise RecipeError(
+            f"{key}: {value} is a LoRA adapter (adapter_config.json), not a whole model",
+            hint=f"merge it into its base first: llmtune merge-lora --adapter {value} --out {merged}, then set "
+            f"{key}: {merged}; or point {key} at {base_hint} to start from that",
+        )
+    if not (d / "config.json").is_file():
+        below = _model_dirs_below(d)
+        hint = (
+            f"point {key} at the directory the model was saved to (config.json, *.safetensors weights and "
+            "tokenizer files; for full / freeze fine-tuning, a run's output_dir), or at a hub id such as "
+            "Qwen/Qwen2.5-0.5B"
+        )
+        if below:
+            hint += f"\n       a model directory below it, likely the one meant: {', '.join(below)}"
+        raise RecipeError(
+            f"{key}: {value} has no config.json, so no model can be loaded from it (found: {_listing(d)})",
+            hint=hint,
+        )
+    try:
+        files = [c for c in d.iterdir() if c.is_file()]
+    except OSError:
+        return
+    weights = [c for c in files if c.name.lower().endswith(WEIGHT_SUFFIXES) and c.name not in NOT_WEIGHTS]
+    if not weights:
+        raise RecipeError(
+            f"{key}: {value} has a config.json but no weights (no *.safetensors, *.bin or "
+            f"*.safetensors.index.json; found: {_listing(d)})",
+            hint=f"copy the model's weight files (e.g. model.safetensors) into {value}, or point {key} at the "
+            "complete model directory",
+        )
+    for index in (c for c in weights if c.name.lower().endswith(".index.json")):
+        _check_index(key, value, index)
+
+
+def _check_index(key: str, value: str, index: Path) -> None:
+    """The shards a *.index.json names must be there (a partial download or copy)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, ValueError, AttributeError):
+        return  # transformers' own message is clear enough for an unreadable index
+    if not isinstance(weight_map, dict):
+        return
+    shards = sorted({v for v in weight_map.values() if isinstance(v, str)})
+    missing = [s for s in shards if not (index.parent / s).is_file()]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f", ... ({len(missing)} in all)" if len(missing) > 3 else "")
+        raise RecipeError(
+            f"{key}: {value}: {index.name} names {len(shards)} weight files, and {len(missing)} of them are missing "
+            f"({shown})",
+            hint=f"copy (or finish downloading) the missing shards into {value}, or point {key} at the complete "
+            "model directory",
+        )
+
+
+def check_tokenizer_files(key: str, value: str) -> None:
+    """The directory the tokenizer is loaded from (model.tokenizer, else model.path) must hold tokenizer files."""
+    d = Path(value).expanduser()
+    if not d.is_dir() or has_gguf(d):
+        return
+    if any((d / f).is_file() for f in (*TOKENIZER_FILES, TOKENIZER_CONFIG)):
+        return
+    if key == "model.tokenizer":
+        hint = (
+            "point model.tokenizer at a directory saved with tokenizer.save_pretrained (or a hub id), or remove it "
+            "to use the tokenizer saved with model.path"
+        )
+    else:
+        hint = (
+            f"copy the tokenizer files saved with the model into {value}, or set model.tokenizer to a directory or "
+            "hub id that has them (the tokenizer the model was trained with)"
+        )
+    raise RecipeError(
+        f"{key}: {value} has no tokenizer files (tokenizer.json, tokenizer.model, vocab.json or "
+        f"tokenizer_config.json; found: {_listing(d)})",
+        hint=hint,
+    )
+
+
+# -------------------------------------------------------------------------------------------------- precision
+# Whether this machine has a GPU, told without importing torch: the NVIDIA (or ROCm) tools and device files.
+GPU_TOOLS = ("nvidia-smi", "rocm-smi")
+GPU_MARKERS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
+
+
+def clearly_no_gpu() -> bool:
+    """True only when this machine clearly has no GPU torch could train on (False when unsure)."""
+    if sys.platform == "darwin":
+        return True  # torch has no CUDA on macOS, and llmtune trains on the CPU there
+    if not sys.platform.startswith("linux"):
+        return False
+    if any(shutil.which(tool) for tool in GPU_TOOLS):
+        return False
+    return not any(os.path.exists(p) for p in GPU_MARKERS)
+
+
+def check_precision_here(recipe: RecipeBase) -> None:
+    """precision fp16 on a machine without a GPU: train refuses it (llmtune.engine.config.check_precision)
+    after loading; bf16 and fp32 train on the CPU."""
+    if recipe.precision == "fp16" and clearly_no_gpu():
+        raise RecipeError(
+            "precision fp16 is not supported on CPU (DeepSpeed has no fp16 training there), and this machine "
+            "has no GPU (no nvidia-smi on PATH, no /proc/driver/nvidia)",
+            hint="use precision: bf16 or precision: fp32 on CPU (fp16 is for older NVIDIA GPUs)",
+        )
+
+
+# ------------------------------------------------------------------------------------------------ data sample
+# The first rows of each local data source, read the way train reads them (llmtune.data.sources) but without
+# reading a large file whole: malformed rows are flagged (refused with data.on_bad_row: error), and a source
+# that names its format must have that format's keys.
+
+SAMPLE_ROWS = 100
+_FULL_READ_BYTES = 2**20  # a file up to this size is read whole, as train reads it; larger ones line by line
+_JSON_READ_BYTES = 64 * 2**20  # a .json document (one array) has no first lines: read whole up to this size
+
+# per format: alternatives, each the keys a row needs (llmtune.data.formats / preference / generation.prompts)
+FORMAT_KEYS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "text": (("text",),),
+    "alpaca": (("instruction", "output"),),
+    "sharegpt": (("conversations",),),
+    "messages": (("messages",),),
+    "pairs": (("chosen", "rejected"),),
+    "ranked": (("responses",), ("chosen", "rejected")),
+    "pointwise": tuple(("score", k) for k in ("response", "completion", "messages", "conversations")),
+    "unpaired": tuple(("label", k) for k in ("completion", "response", "messages", "conversations")),
+    "prompts": (("prompt",), ("question",), ("instruction",), ("messages",), ("conversations",)),
+}
+FORMAT_NEEDS = {
+    "text": "text",
+    "alpaca": "instruction and output",
+    "sharegpt": "conversations",
+    "messages": "messages",
+    "pairs": "chosen and rejected",
+    "ranked": "responses (or chosen and rejected)",
+    "pointwise": "score and one of response, completion, messages, conversations",
+    "unpaired": "label and one of completion, response, messages, conversations",
+    "prompts": "one of prompt, question, instruction, messages, conversations",
+}
+ONLINE_STAGES = ("ppo", "grpo", "rejection_sampling")
+STAGE_FORMATS = {
+    "cpt": ("text",),
+    "sft": ("alpaca", "sharegpt", "messages"),
+    "rm": ("pairs", "ranked", "pointwise"),
+    "dpo": ("pairs", "unpaired"),
+    "ppo": ("prompts", "alpaca", "sharegpt", "messages"),
+    "grpo": ("prompts", "alpaca", "sharegpt", "messages"),
+    "rejection_sampling": ("prompts", "alpaca", "sharegpt", "messages"),
+}
+
+Parsed = tuple[dict | None, str | None, str]  # (row, None, place) or (None, reason, place)
+
+
+def has_format_keys(row: dict, fmt: str) -> bool:
+    return any(all(k in row for k in keys) for keys in FORMAT_KEYS.get(fmt, ((),)))
+
+
+def detected_format(rows: list[dict]) -> str | None:
+    """The format train would detect for these rows (preference formats first, then the conversation
+    formats, then prompts); None when none fits."""
+    from llmtune.data.formats import detect_format
+    from llmtune.data.preference import detect_preference_format
+
+    found = detect_preference_format(rows)
+    if found is not None:
+        return found
+    try:
+        return detect_format(rows)
+    except DataError:
+        pass
+    if any(isinstance(r, dict) and ("prompt" in r or "question" in r) for r in rows[:20]):
+        return "prompts"
+    return None
+
+
+def sample_rows(src: DataSource, limit: int = SAMPLE_ROWS) -> tuple[list[Parsed], bool]:
+    """The first ``limit`` rows of a local source as (row, None, place) / (None, reason, place), ``columns:`` applied,
+    and whether they are all of its rows. Raises DataError for what train refuses about the whole source."""
+    from llmtune.data import sources as S
+
+    path = Path(src.path).expanduser()
+    if not path.exists():
+        return [], True
+    parsed: list[Parsed] = []
+    complete = True
+    if path.is_dir():
+        files = sorted(
+            (p for p in path.rglob("*") if p.is_file() and not S._hidden(p.relative_to(path))),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
+        data_files = [p for p in files if S.supported_suffix(p) is not None]
+        if not data_files:
+            others = ", ".join(p.relative_to(path).as_posix() for p in files[:5]) or "nothing"
+            raise DataError(
+                f"data directory {path} has no data files (found {others}{', ...' if len(files) > 5 else ''})",
+                hint=f"put files ending in one of {', '.join(S.SUPPORTED_SUFFIXES)} in it, or point to a file",
+            )
+        for n, p in enumerate(data_files):
+            rows, whole = _sample_file(p, S.supported_suffix(p) or "", f"{p.relative_to(path).as_posix()} ", limit)
+            parsed.extend(rows)
+            complete = complete and whole
+            if len(parsed) >= limit:
+                complete = complete and n == len(data_files) - 1  # later files may hold rows too
+                break
+    else:
+        suffix = S.supported_suffix(path)
+        if suffix is None:
+            raise DataError(
+                f"data file {path} has an unsupported suffix {''.join(path.suffixes) or '(none)'!r}",
+                hint=f"convert it to, or rename it as, one of {', '.join(S.SUPPORTED_SUFFIXES)}",
+            )
+        parsed, complete = _sample_file(path, suffix, "", limit)
+    if len(parsed) > limit:
+        parsed, complete = parsed[:limit], False
+    if src.columns:
+        parsed = _rename(parsed, src.columns, src.path)
+    return parsed, complete
+
+
+def _rename(parsed: list[Parsed], columns: dict[str, str], shown: str) -> list[Parsed]:
+    """``columns:`` applied as llmtune.data.sources applies it (a mapped column that no row has is refused)."""
+    good = [row for row, _, _ in parsed if row is not None]
+    for canonical, col in columns.items():
+        if good and not any(col in row for row in good):
+            present = sorted({str(k) for row in good for k in row})
+            raise DataError(
+                f"columns: maps {canonical} to {col!r}, but no row of {shown} has a column {col!r} "
+                f"(columns found: {', '.join(present)})",
+                hint=f"set columns.{canonical} to one of the columns found",
+            )
+    mapped = set(columns.values())
+    out: list[Parsed] = []
+    for row, err, place in parsed:
+        if row is not None:
+            new = {k: v for k, v in row.items() if k not in mapped}
+            new.update({canonical: row[col] for canonical, col in columns.items() if col in row})
+            row = new
+        out.append((row, err, place))
+    return out
+
+
+def _parsed(rows: list[tuple], label: str) -> list[Parsed]:
+    """(row, error, place) of llmtune.data.sources' parsed rows; the place ("line 3") where they give none."""
+    return [(t[0], t[1], str(t[2]) if len(t) > 2 else f"{label}row {n}") for n, t in enumerate(rows, start=1)]
+
+
+def _sample_file(path: Path, suffix: str, label: str, limit: int) -> tuple[list[Parsed], bool]:
+    """The first rows of one data file (at least ``limit`` when it has them) and whether that is all of it."""
+    from llmtune.data import sources as S
+
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return [], False
+    base = suffix[: -len(".gz")] if suffix.endswith(".gz") else suffix
+    if size <= (_JSON_READ_BYTES if base == ".json" else _FULL_READ_BYTES):
+        try:
+            rows = _parsed(S._read_file(path, suffix, label), label)
+        except OSError as e:
+            raise _unreadable(path, e) from None
+        return rows, len(rows) <= limit
+    if base == ".parquet":
+        return _sample_parquet(path, label, limit)
+    if base == ".json":
+        return [], False  # one very large JSON document: read whole by train only
+    lines: list[bytes] = []
+    wanted = limit + 2 if base in (".csv", ".tsv") else limit
+    complete, filled = True, 0
+    try:
+        with gzip.open(path, "rb") if suffix.endswith(".gz") else path.open("rb") as f:
+            for line in f:
+                lines.append(line)
+                filled += bool(line.strip())
+                if filled >= wanted:
+                    complete = not f.read(1)
+                    break
+    except (OSError, EOFError, zlib.error) as e:
+        if suffix.endswith(".gz") and not isinstance(e, (FileNotFoundError, PermissionError)):
+            raise DataError(
+                f"data file {path} is not a valid gzip file ({e})",
+                hint="re-compress it with gzip, or decompress it and drop the .gz suffix",
+            ) from None
+        raise _unreadable(path, e) from None
+    text = S._decode(b"".join(lines), path)
+    if base == ".jsonl":
+        if text.lstrip().startswith("["):
+            return [], False  # a large JSON array saved as .jsonl: read whole only by train
+        rows = _parsed(S._read_jsonl(text, path, label), label)
+    elif base in (".csv", ".tsv"):
+        rows = _parsed(S._read_csv(text, path, label, delimiter="\t" if base == ".tsv" else ","), label)
+        if not complete and rows:
+            rows = rows[:-1]  # the last record may be cut at the end of the sample
+    else:
+        rows = [
+            ({"text": line.rstrip("\r")}, None, f"{label}line {n}")
+            for n, line in enumerate(text.split("\n"), start=1)
+            if line.strip()
+        ]
+    return rows, complete
+
+
+def _unreadable(path: Path, e: OSError) -> DataError:
+    return DataError(
+        f"data file {path} cannot be read ({e.strerror or e})",
+        hint="check that the file is there and readable by you (its permissions)",
+    )
+
+
+def _sample_parquet(path: Path, label: str, limit: int) -> tuple[list[Parsed], bool]:
+    try:
+        import pyarrow.parquet as pq
+
+        f = pq.ParquetFile(path)
+        batch = next(f.iter_batches(batch_size=limit), None)
+    except Exception as e:
+        text = str(e).strip()
+        raise DataError(
+            f"data file {path} could not be read as parquet: {text.splitlines()[0] if text else type(e).__name__}",
+            hint="check that the file is a complete parquet file (re-export or re-download it)",
+        ) from None
+    rows = [] if batch is None else batch.to_pylist()
+    return [(row, None, f"{label}row {n}") for n, row in enumerate(rows, start=1)], f.metadata.num_rows <= limit
+
+
+def check_data_sample(recipe: RecipeBase, src: DataSource, where: str) -> list[str]:
+    """Read the first rows of a local source: unreadable rows are a note (refused with data.on_bad_row: error,
+    or when no row of the source can be read), and an explicit format: must match the rows' keys."""
+    limit = min(SAMPLE_ROWS, src.max_samples or SAMPLE_ROWS)
+    try:
+        parsed, complete = sample_rows(src, limit)
+    except DataError as e:
+        raise DataError(f"{where}.path: {e.message}", hint=e.hint) from None
+    notes: list[str] = []
+    good = [(place, row) for row, _, place in parsed if row is not None]
+    bad = [err or f"{place}: unreadable row" for row, err, place in parsed if row is None]
+    first = f"the first {len(parsed)} rows" if not complete else f"the {len(parsed)} rows"
+    if bad:
+        shown = "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "")
+        summary = f"{where}.path {src.path}: {len(bad)} of {first} cannot be read ({shown})"
+        if recipe.data.on_bad_row == "error":
+            raise DataError(
+                summary,
+                hint="fix those lines (data.on_bad_row is error: train stops on them), or set data.on_bad_row: drop "
+                "to skip them",
+            )
+        if not good and complete:
+            raise DataError(
+                f"{where}.path {src.path}: none of its {len(parsed)} rows can be read ({shown})",
+                hint="write one JSON object per line (.jsonl), or a JSON array of objects (.json)",
+            )
+        notes.append(f"{summary}: train drops them (data.on_bad_row: drop)")
+    fmt = src.format
+    if fmt is None or not good:
+        return notes
+    stage_formats = STAGE_FORMATS.get(recipe.stage, ())
+    if stage_formats and fmt not in stage_formats:
+        raise RecipeError(
+            f"{where}.format: {fmt} is not a format stage {recipe.stage} trains on (it reads "
+            f"{', '.join(stage_formats)})",
+            hint=f"set {where}.format to one of {', '.join(stage_formats)}, or omit it to detect the format"
+            + (" (raw text is for stage cpt)" if fmt == "text" else ""),
+        )
+    # the online stages read every row as a prompt, whatever format it names (llmtune.generation.prompts)
+    needed = "prompts" if recipe.stage in ONLINE_STAGES else fmt
+    needs = f"the keys {FORMAT_NEEDS[needed]}"
+    if needed != fmt:
+        needs += f" (stage {recipe.stage} reads each row as a prompt)"
+    rows = [row for _, row in good]
+    if bad:
+        first = f"the {len(rows)} readable rows of {first}"
+    lacking = [(place, row) for place, row in good if not has_format_keys(row, needed)]
+    if not lacking:
+        return notes
+    if len(lacking) < len(rows):
+        if recipe.data.on_bad_row == "error":
+            place, row = lacking[0]
+            raise DataError(
+                f"{where} ({src.path}): format {fmt} needs {needs}, and {len(lacking)} of {first} lack them "
+                f"({place} has keys {_keys([row])})",
+                hint="fix those rows (data.on_bad_row is error: train stops on them), or set data.on_bad_row: drop "
+                "to skip them",
+            )
+        notes.append(f"{where} ({src.path}): {len(lacking)} of {first} lack {needs} of format {fmt}: train drops them")
+        return notes
+    found = detected_format(rows)
+    if found is not None and found in stage_formats:
+        hint = f"the rows look like format {found}: set {where}.format: {found} (or omit format: to detect it)"
+    elif found is not None:
+        hint = (
+            f"the rows look like format {found}, which stage {recipe.stage} does not train on (it reads "
+            f"{', '.join(stage_formats)}): give it data in one of those formats"
+        )
+    else:
+        hint = "no format llmtune reads matches these keys"
+    hint += f"; or map your columns to those keys with {where}.columns (e.g. {_columns_example(needed)})"
+    raise DataError(
+        f"{where} ({src.path}) has format: {fmt}, which needs {needs}, but none of {first} has them "
+        f"(keys found: {_keys(rows)}; detected format: {found or 'none'})",
+        hint=hint,
+    )
+
+
+def _keys(rows: list[dict]) -> str:
+    keys = sorted({str(k) for row in rows[:20] for k in row})
+    return ", ".join(keys[:20]) + (", ..." if len(keys) > 20 else "") if keys else "(none)"
+
+
+def _columns_example(fmt: str) -> str:
+    return {
+        "alpaca": "{instruction: question, output: answer}",
+        "text": "{text: content}",
+        "sharegpt": "{conversations: dialog}",
+        "messages": "{messages: dialog}",
+        "pairs": "{chosen: better, rejected: worse}",
+        "ranked": "{responses: answers}",
+        "pointwise": "{response: answer, score: rating}",
+        "unpaired": "{completion: answer, label: good}",
+        "prompts": "{prompt: question}",
+    }[fmt]
