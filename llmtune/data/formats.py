@@ -5,6 +5,10 @@ Formats: ``text`` (``{"text": ...}``), ``alpaca`` (``instruction`` / ``input`` /
 ``system`` and ``tools``; function_call / observation turns for tool use) and ``messages`` (OpenAI-style
 ``messages: [{role, content}]``). A row that cannot be converted raises ``RowError`` with a short reason
 (the caller drops or reports it); a source whose format cannot be recognised raises ``DataError``.
+
+A row with a boolean ``label`` (KTO data, e.g. LLaMA-Factory's ``kto_en_demo.json``: ``messages`` + ``label``)
+marks its reply desirable (true) or undesirable (false); ``is_undesirable`` tells the stages that learn
+replies (sft) which rows to drop, with the reason ``UNDESIRABLE``.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ _MESSAGES_ROLES = {
     "function": "tool",
 }
 _DETECT_ROWS = 20
+UNDESIRABLE = "label false (an undesirable reply: KTO data)"
 
 
 class RowError(Exception):
@@ -110,6 +115,17 @@ def detect_format(rows: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ conversion
+
+
+def is_undesirable(row: Any) -> bool:
+    """True for a row whose ``label`` is false (a boolean, or the text "false"): KTO's undesirable reply.
+
+    Only a boolean-like label counts: a number or other text in a ``label`` column is some other annotation.
+    """
+    if not isinstance(row, dict):
+        return False
+    label = row.get("label")
+    return label is False or (isinstance(label, str) and label.strip().lower() == "false")
 
 
 def to_text(row: dict) -> str:

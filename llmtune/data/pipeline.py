@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 
 from llmtune.data.chat import IGNORE_INDEX, encode_conversation, encode_text
-from llmtune.data.formats import RowError, detect_format, to_conversation, to_text
+from llmtune.data.formats import UNDESIRABLE, RowError, detect_format, is_undesirable, to_conversation, to_text
 from llmtune.data.sources import read_rows
 from llmtune.errors import DataError
 from llmtune.recipe.schema import DataSource, RecipeBase, looks_local
 
-PIPELINE_VERSION = "3"  # bump when tokenization output changes, to invalidate caches
+PIPELINE_VERSION = "4"  # bump when tokenization output changes, to invalidate caches
 
 
 @dataclass
@@ -48,6 +48,11 @@ class Example:
             start += n
         return out
 
+    @property
+    def longest(self) -> int:
+        """The length of its longest sequence (for preference rows: the prompt and the longer reply)."""
+        return max(self.parts) if self.parts else len(self.input_ids)
+
 
 @dataclass
 class PromptExample(Example):
@@ -59,23 +64,38 @@ class PromptExample(Example):
 
 @dataclass
 class SourceReport:
+    """What became of one source's rows. ``examples``: what the source gives the run, after ``weight`` (a
+    train source's examples repeated / sampled by its weight, plus any held out by data.eval_split)."""
+
     name: str
     rows: int = 0
     kept: int = 0
     examples: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
-    first: list[tuple[int, str]] = field(default_factory=list)
+    first: list[tuple[int, str]] = field(default_factory=list)  # (0-based row index, reason) of the first drops
+    first_where: list[str] = field(default_factory=list)  # where those rows are, for the user ("line 41")
     cached: bool = False
     fingerprint: str = ""  # the source's file contents and settings: a resume checks the data did not change
+    weight: float = 1.0
 
     @property
     def dropped(self) -> int:
         return self.rows - self.kept
 
-    def drop(self, index: int, reason: str) -> None:
+    def drop(self, index: int, reason: str, where: str = "") -> None:
         self.reasons[reason] += 1
         if len(self.first) < 5:
             self.first.append((index, reason))
+            self.first_where.append(where)
+
+    def first_dropped(self, n: int = 5) -> list[str]:
+        """The first n dropped rows as the user finds them: "line 41: not valid JSON (...)" in a JSONL file,
+        "row 3: empty assistant reply" in a JSON array (numbered from 1, as in sources.Row.where)."""
+        out = []
+        for k, (index, reason) in enumerate(self.first[:n]):
+            where = self.first_where[k] if k < len(self.first_where) and self.first_where[k] else f"row {index + 1}"
+            out.append(reason if reason.startswith(f"{where}:") else f"{where}: {reason}")
+        return out
 
 
 @dataclass
@@ -136,6 +156,7 @@ def _save_cache(path: Path, examples: list[Example], report: SourceReport) -> No
         "kept": report.kept,
         "reasons": dict(report.reasons),
         "first": report.first,
+        "first_where": report.first_where,
     }
     (path / "report.json").write_text(json.dumps(meta))
     os.replace(tmp, path / "examples.npz")  # the npz is written last: a cache entry is complete or absent
@@ -167,6 +188,7 @@ def _load_cache(path: Path, name: str) -> tuple[list[Example], SourceReport] | N
     report = SourceReport(name=name, rows=meta["rows"], kept=meta["kept"], cached=True)
     report.reasons.update(meta["reasons"])
     report.first = [tuple(x) for x in meta["first"]]  # type: ignore[misc]
+    report.first_where = list(meta.get("first_where", []))
     return examples, report
 
 
@@ -214,12 +236,12 @@ def load_source(
     examples: list[Example] = []
     for row in rows:
         if row.data is None:
-            report.drop(row.index, row.error or "unreadable row")
+            report.drop(row.index, row.error or "unreadable row", row.where)
             continue
         try:
             out = encode(row.data, fmt, src)
         except RowError as e:
-            report.drop(row.index, str(e))
+            report.drop(row.index, str(e), row.where)
             continue
         report.kept += 1
         for e in out:
@@ -266,6 +288,7 @@ def build_data(
             if group == "eval":
                 evals.extend(examples)
                 continue
+            held_out = 0
             if d.eval_split > 0:  # hold out whole source rows (all chunks of a document go to one side)
                 rows = sorted({e.row for e in examples})
                 rng.shuffle(rows)
@@ -274,15 +297,16 @@ def build_data(
                     raise DataError(f"data.eval_split {d.eval_split} leaves no training example from {src.path}")
                 held = set(rows[:n_eval])
                 evals.extend(e for e in examples if e.row in held)
+                held_out = sum(1 for e in examples if e.row in held)
                 examples = [e for e in examples if e.row not in held]
-            train.extend(_apply_weight(examples, src.weight, rng))
+            weighted = _apply_weight(examples, src.weight, rng)
+            report.weight = src.weight
+            report.examples = len(weighted) + held_out  # what the source contributes, after its weight
+            train.extend(weighted)
     if d.on_bad_row == "error":
         bad = [r for r in reports if r.dropped]
         if bad:
-            lines = [
-                f"{r.name}: {r.dropped} bad rows, e.g. " + "; ".join(f"row {i}: {why}" for i, why in r.first)
-                for r in bad
-            ]
+            lines = [f"{r.name}: {r.dropped} bad rows, e.g. " + "; ".join(r.first_dropped()) for r in bad]
             raise DataError(
                 "data.on_bad_row is error and some rows cannot be used:\n  " + "\n  ".join(lines),
                 hint="fix those rows, or set data.on_bad_row: drop to skip them",
@@ -292,6 +316,11 @@ def build_data(
 
 def _reasons_hint(report: SourceReport) -> str:
     top = "; ".join(f"{why} ({n}x)" for why, n in report.reasons.most_common(3))
+    if report.reasons.get(UNDESIRABLE):
+        return (
+            f"reasons: {top}. Rows with label false are KTO data (undesirable replies) and sft learns only "
+            "desirable replies: train this file with stage dpo and dpo.loss: kto, or give sft rows with label true"
+        )
     return f"reasons: {top}. Check the format (set data.*.format / columns) and data.max_length"
 
 
@@ -302,6 +331,8 @@ def conversation_encoder(tokenizer: Any, template: str, max_length: int, train_o
     def encode(row: dict[str, Any], fmt: str, src: DataSource) -> list[Example]:
         if fmt == "text":
             raise RowError("format text has no conversation: use stage cpt for raw text")
+        if is_undesirable(row):  # KTO data: sft must not learn the replies marked bad
+            raise RowError(UNDESIRABLE)
         conv = to_conversation(row, fmt, default_system=src.system)
         ids, labels = encode_conversation(tokenizer, template, conv, max_length, train_on_prompt)
         return [Example(ids, labels)]

@@ -297,6 +297,11 @@ class PreferenceSample:
             start += n
         return out
 
+    @property
+    def longest(self) -> int:
+        """The longest sequence the model sees: the prompt and the longer reply (input_ids hold them all)."""
+        return max(self.parts) if self.parts else len(self.input_ids)
+
 
 def as_preference_samples(examples: list[Example]) -> list[PreferenceSample]:
     return [

@@ -6,6 +6,10 @@ A row that cannot be parsed (a JSONL line that is not JSON, an array element tha
 ``Row`` with an ``error`` rather than an exception, so one bad line does not stop a run; problems with the
 whole source (missing path, unknown suffix, a file that is not JSON or not UTF-8, nothing to read) raise
 ``DataError`` naming the file and the fix. This module imports neither torch nor ``datasets`` at import time.
+
+Where a row is, in messages: ``line N`` (the file's line, from 1) in line-based files (JSONL, CSV / TSV,
+TXT), ``row N`` (from 1) in JSON arrays, parquet files and hub datasets; in a directory the file's path
+relative to it comes first (``sub/a.jsonl line 3``). ``Row.where`` holds that text for every row.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import io
 import json
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,7 @@ from llmtune.recipe.schema import DataSource, looks_local
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt", ".json.gz", ".jsonl.gz")
 _WRAPPER_KEYS = ("data", "rows", "examples", "records", "instances", "samples", "items", "train")
 
-Parsed = tuple[dict | None, str | None]  # (row, None) or (None, reason)
+Parsed = tuple[dict | None, str | None, str]  # (row, None, where) or (None, "where: reason", where)
 
 
 @dataclass
@@ -34,23 +38,25 @@ class Row:
     """One row of a source: ``data`` is the row, or ``error`` says why the row could not be parsed.
 
     ``index`` is the 0-based position of the row in the source (across the files of a directory, in
-    sorted file order); ``error`` reasons name the line or element so the user can find it.
+    sorted file order), for the program; ``where`` is the row's place for the user ("line 41", "row 3",
+    "sub/a.jsonl line 2"), and an ``error`` starts with it.
     """
 
     index: int
     data: dict | None
     error: str | None = None
+    where: str = field(default="", compare=False)
 
 
 def read_rows(src: DataSource) -> list[Row]:
     """All rows of ``src`` (a file, a directory of data files, or a hub id), with ``src.columns`` applied."""
     if not looks_local(src.path):
-        parsed: list[Parsed] = [(row, None) for row in _read_hub(src)]
+        parsed: list[Parsed] = [(row, None, f"row {i}") for i, row in enumerate(_read_hub(src), start=1)]
     else:
         parsed = _read_local(Path(src.path).expanduser(), src.path)
     if src.columns:
         parsed = _rename(parsed, src.columns, src.path)
-    return [Row(i, data, err) for i, (data, err) in enumerate(parsed)]
+    return [Row(i, data, err, where) for i, (data, err, where) in enumerate(parsed)]
 
 
 def supported_suffix(path: Path) -> str | None:
@@ -113,9 +119,9 @@ def _hidden(rel: Path) -> bool:
 
 
 def _read_file(path: Path, suffix: str, label: str) -> list[Parsed]:
-    """Rows of one file; ``label`` ("sub/file.jsonl " in a directory, else "") prefixes row errors."""
+    """Rows of one file; ``label`` ("sub/file.jsonl " in a directory, else "") prefixes the rows' places."""
     if suffix == ".parquet":
-        return _read_parquet(path)
+        return _read_parquet(path, label)
     raw = path.read_bytes()
     if suffix.endswith(".gz"):
         try:
@@ -134,7 +140,11 @@ def _read_file(path: Path, suffix: str, label: str) -> list[Parsed]:
     if suffix in (".csv", ".tsv"):
         return _read_csv(text, path, label, delimiter="\t" if suffix == ".tsv" else ",")
     if suffix == ".txt":
-        return [({"text": line.rstrip("\r")}, None) for line in text.split("\n") if line.strip()]
+        return [
+            ({"text": line.rstrip("\r")}, None, f"{label}line {n}")
+            for n, line in enumerate(text.split("\n"), start=1)
+            if line.strip()
+        ]
     raise AssertionError(f"unhandled suffix {suffix}")  # pragma: no cover
 
 
@@ -177,10 +187,14 @@ def _read_json(text: str, path: Path, label: str) -> list[Parsed]:
             f"data file {path} holds a JSON {_kind(obj)}, not an array of rows",
             hint='write the rows as a JSON array of objects: [{"instruction": ..., "output": ...}, ...]',
         )
-    return [
-        (item, None) if isinstance(item, dict) else (None, f"{label}element {i}: a JSON {_kind(item)}, not an object")
-        for i, item in enumerate(obj)
-    ]
+    rows: list[Parsed] = []
+    for n, item in enumerate(obj, start=1):
+        where = f"{label}row {n}"
+        if isinstance(item, dict):
+            rows.append((item, None, where))
+        else:
+            rows.append((None, f"{where}: a JSON {_kind(item)}, not an object", where))
+    return rows
 
 
 def _looks_like_jsonl(text: str) -> bool:
@@ -224,18 +238,19 @@ def _read_jsonl(text: str, path: Path, label: str) -> list[Parsed]:
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
+        where = f"{label}line {lineno}"
         try:
             item = json.loads(line)
         except json.JSONDecodeError as e:
-            rows.append((None, f"{label}line {lineno}: not valid JSON ({e.msg} at column {e.colno})"))
+            rows.append((None, f"{where}: not valid JSON ({e.msg} at column {e.colno})", where))
             continue
         except RecursionError:
-            rows.append((None, f"{label}line {lineno}: JSON nested too deeply"))
+            rows.append((None, f"{where}: JSON nested too deeply", where))
             continue
         if isinstance(item, dict):
-            rows.append((item, None))
+            rows.append((item, None, where))
         else:
-            rows.append((None, f"{label}line {lineno}: a JSON {_kind(item)}, not an object"))
+            rows.append((None, f"{where}: a JSON {_kind(item)}, not an object", where))
     return rows
 
 
@@ -255,11 +270,12 @@ def _read_csv(text: str, path: Path, label: str, delimiter: str) -> list[Parsed]
         for rec in reader:
             extra = rec.pop(None, None)  # type: ignore[call-overload]
             missing = [k for k, v in rec.items() if v is None]
+            where = f"{label}line {reader.line_num}"
             if extra or missing:
                 n = len(header) + len(extra or []) - len(missing)
-                rows.append((None, f"{label}line {reader.line_num}: {n} fields, but the header has {len(header)}"))
+                rows.append((None, f"{where}: {n} fields, but the header has {len(header)}", where))
             else:
-                rows.append((dict(rec), None))
+                rows.append((dict(rec), None, where))
     except csv.Error as e:
         raise DataError(
             f"data file {path} is not valid {'TSV' if delimiter == chr(9) else 'CSV'}: {e} (line {reader.line_num})",
@@ -268,7 +284,7 @@ def _read_csv(text: str, path: Path, label: str, delimiter: str) -> list[Parsed]
     return rows
 
 
-def _read_parquet(path: Path) -> list[Parsed]:
+def _read_parquet(path: Path, label: str) -> list[Parsed]:
     import pyarrow.parquet as pq
 
     try:
@@ -278,7 +294,7 @@ def _read_parquet(path: Path) -> list[Parsed]:
             f"data file {path} could not be read as parquet: {_first_line(e)}",
             hint="check that the file is a complete parquet file (re-export or re-download it)",
         ) from None
-    return [(row, None) for row in table.to_pylist()]
+    return [(row, None, f"{label}row {n}") for n, row in enumerate(table.to_pylist(), start=1)]
 
 
 # ------------------------------------------------------------------------------------------------ hub
@@ -305,7 +321,7 @@ def _read_hub(src: DataSource) -> Iterator[dict]:
 
 def _rename(parsed: list[Parsed], columns: dict[str, str], shown: str) -> list[Parsed]:
     """Rename file columns to the canonical names (``columns`` maps canonical name -> file column)."""
-    good = [row for row, _ in parsed if row is not None]
+    good = [row for row, _, _ in parsed if row is not None]
     for canonical, col in columns.items():
         if good and not any(col in row for row in good):
             present = sorted({k for row in good[:100] for k in row})
@@ -316,15 +332,15 @@ def _rename(parsed: list[Parsed], columns: dict[str, str], shown: str) -> list[P
             )
     sources = set(columns.values())
     out: list[Parsed] = []
-    for row, err in parsed:
+    for row, err, where in parsed:
         if row is None:
-            out.append((row, err))
+            out.append((row, err, where))
             continue
         new = {k: v for k, v in row.items() if k not in sources}
         for canonical, col in columns.items():
             if col in row:
                 new[canonical] = row[col]
-        out.append((new, None))
+        out.append((new, None, where))
     return out
 
 

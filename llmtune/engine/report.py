@@ -13,6 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
+from llmtune.data.formats import UNDESIRABLE
+
 
 def run_console(is_main: bool) -> Console:
     """The run's console: quiet on every process but rank 0; in a log file (not a terminal) wide lines, so
@@ -89,24 +91,53 @@ class Progress:
         self.bar.stop()
 
 
+def _longest(sample: Any) -> int:
+    """The longest sequence of a train row: a preference row holds several (prompt + each reply) in its
+    input_ids and says its longest itself; any other row is one sequence."""
+    longest = getattr(sample, "longest", None)
+    if callable(longest):
+        longest = longest()
+    return int(longest) if isinstance(longest, int) else len(sample.input_ids)
+
+
+def _first_dropped(report: Any, n: int) -> list[str]:
+    if hasattr(report, "first_dropped"):
+        return report.first_dropped(n)
+    return [f"row {i + 1}: {why}" for i, why in report.first[:n]]
+
+
 def print_data_summary(console: Console, data: Any, recipe: Any) -> None:
-    """Rows read / kept / dropped per source, the first dropped rows with reasons, and the shape."""
+    """Rows read / kept / dropped per source, the examples each gives after its weight, the first dropped
+    rows with reasons, and the shape."""
+    weighted = any(getattr(r, "weight", 1.0) != 1.0 for r in data.reports)
     table = Table(title="data", title_justify="left", show_edge=False)
-    for col in ("source", "rows", "kept", "dropped", "examples", "cached"):
+    cols = ("source", "rows", "kept", "dropped", *(("weight",) if weighted else ()), "examples", "cached")
+    for col in cols:
         table.add_column(col, justify="left" if col == "source" else "right")
     for r in data.reports:
-        table.add_row(r.name, str(r.rows), str(r.kept), str(r.dropped), str(r.examples), "yes" if r.cached else "")
+        weight = (f"{getattr(r, 'weight', 1.0):g}",) if weighted else ()
+        table.add_row(
+            r.name, str(r.rows), str(r.kept), str(r.dropped), *weight, str(r.examples), "yes" if r.cached else ""
+        )
     console.print(table)
     for r in data.reports:
         if r.dropped:
             reasons = "; ".join(f"{why} ({n}x)" for why, n in r.reasons.most_common(4))
-            first = ", ".join(f"row {i}: {why}" for i, why in r.first[:3])
+            first = ", ".join(_first_dropped(r, 3))
             console.print(f"[yellow]dropped[/] {r.dropped} of {r.rows} rows of {r.name}: {reasons}. First: {first}")
+    for r in data.reports:
+        n = r.reasons.get(UNDESIRABLE, 0)
+        if n:
+            console.print(
+                f"[yellow]note:[/] {n} of {r.rows} rows of {r.name} have label false (undesirable replies: KTO "
+                "data) and are not trained on; sft learns the rows with label true. To learn from both, train "
+                "the file with stage dpo and dpo.loss: kto"
+            )
     lengths = [len(s.input_ids) for s in data.train]
     if lengths:
         learned = sum(sum(1 for x in s.labels[1:] if x != -100) for s in data.train)
         console.print(
             f"train rows: {len(lengths):,} (max_length {recipe.data.max_length}, packing "
             f"{'on' if recipe.data.packing else 'off'}), tokens: {sum(lengths):,}, learned tokens: {learned:,}, "
-            f"longest row: {max(lengths)}; eval rows: {len(data.eval):,}"
+            f"longest row: {max(_longest(s) for s in data.train)}; eval rows: {len(data.eval):,}"
         )

@@ -129,15 +129,15 @@ def convert(
     out: list[tuple[int, Any]] = []
     for row in rows:
         if row.data is None:
-            report.drop(row.index, row.error or "unreadable row")
+            report.drop(row.index, row.error or "unreadable row", row.where)
             continue
         try:
             out.append((row.index, fn(row.data)))
             report.kept += 1
         except RowError as e:
-            report.drop(row.index, str(e))
+            report.drop(row.index, str(e), row.where)
     if not out:
-        top = _eval_names("; ".join(f"row {i}: {why}" for i, why in report.first[:3]))
+        top = _eval_names("; ".join(report.first_dropped(3)))
         raise DataError(f"{name}: no row is usable as {what} ({report.rows} rows; e.g. {top})", hint=_format_hint(what))
     return out, report
 
@@ -551,8 +551,16 @@ def preference(env: Env) -> TaskResult:
     diffs = [c - r for c, r in zip(chosen, rejected, strict=True)]
     correct = sum(1 for d in diffs if d > 0)
     rows_out = [
-        {"index": i, "chosen_score": c, "rejected_score": r, "correct": c > r}
-        for (i, _), c, r in zip(pairs, chosen, rejected, strict=True)
+        {
+            "index": i,
+            "prompt": _clip(_prompt_text(p.messages)),
+            "chosen": _clip(p.chosen),
+            "rejected": _clip(p.rejected),
+            "chosen_score": c,
+            "rejected_score": r,
+            "correct": c > r,
+        }
+        for (i, p), c, r in zip(pairs, chosen, rejected, strict=True)
     ]
     return TaskResult(
         {
@@ -568,6 +576,24 @@ def preference(env: Env) -> TaskResult:
         },
         rows_out,
     )
+
+
+TEXT_LIMIT = 500  # characters of prompt / reply text kept per example in the per-example file
+
+
+def _clip(text: str, limit: int = TEXT_LIMIT) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _prompt_text(messages: list[dict]) -> str:
+    """The prompt's last user turn (what the replies answer), the turns before it counted in front."""
+    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+    if not users:
+        return ""
+    last = users[-1]
+    text = str(messages[last].get("content", ""))
+    before = sum(1 for m in messages[:last] if m.get("role") != "system")
+    return f"[{before} earlier turns] {text}" if before else text
 
 
 def _implicit_rewards(env: Env, items: list[Pair]) -> tuple[list[float], list[float]]:

@@ -60,8 +60,8 @@ def read_prompts(recipe: RejectionSamplingRecipe, console: Console) -> list[Any]
         except DataError as e:
             raise DataError(f"data.train: {e.message}", hint=e.hint) from None
         console.print(f"prompts: {src.path}: {report.rows} rows, {report.kept} usable, {report.dropped} dropped")
-        for index, why in report.first[:3]:
-            console.print(f"  dropped row {index}: {why}")
+        for line in report.first_dropped(3):
+            console.print(f"  dropped {line}")
         for index, p in kept:
             p.row = index
             prompts.append(p)

@@ -89,9 +89,9 @@ def test_json_array_non_object_elements_become_error_rows(tmp_path: Path) -> Non
     rows = read(p)
     assert [r.index for r in rows] == [0, 1, 2, 3, 4]
     assert rows[0].data == ROWS[0] and rows[4].data == ROWS[1]
-    assert rows[1] == Row(1, None, "element 1: a JSON string, not an object")
-    assert rows[2].error == "element 2: a JSON array, not an object"
-    assert rows[3].error == "element 3: a JSON null, not an object"
+    assert rows[1] == Row(1, None, "row 2: a JSON string, not an object")  # counted from 1, as users count
+    assert rows[2].error == "row 3: a JSON array, not an object"
+    assert rows[3].error == "row 4: a JSON null, not an object"
 
 
 def test_json_file_that_is_really_jsonl(tmp_path: Path) -> None:

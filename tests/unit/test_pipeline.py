@@ -125,7 +125,8 @@ def test_on_bad_row_error_lists_the_rows(tmp_path, tokenizer, template):
         sft_build(recipe, tokenizer, template)
     msg = str(exc.value)
     assert "6 bad rows" in msg and str(path) in msg
-    assert f"row 3: {NO_ASSISTANT}" in msg and "row 1: line 2: not valid JSON" in msg
+    assert f"line 4: {NO_ASSISTANT}" in msg and "line 2: not valid JSON" in msg  # one numbering: the file's lines
+    assert "row 1: line 2" not in msg
     assert "on_bad_row: drop" in msg  # the fix
 
 
