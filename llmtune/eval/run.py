@@ -18,6 +18,9 @@ def run_eval(cfg: EvalConfig, console: Console, progress_console: Console) -> di
 
     quiet_libraries()
     _no_load_bars()
+    from llmtune.model.gguf import resolve_gguf
+
+    cfg.model = resolve_gguf(cfg.model, progress_console)  # a .gguf file: its converted model
     t0 = time.perf_counter()
     result = run_task(cfg, progress_console)
     report: dict[str, Any] = {"task": cfg.task, **result.metrics}

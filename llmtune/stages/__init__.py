@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -37,7 +38,6 @@ def get_stage(name: str) -> Any:
 def quiet_libraries() -> None:
     """Silence known-harmless library noise so that the run's own messages stay readable."""
     import logging
-    import os
     import warnings
 
     import torch
@@ -61,6 +61,13 @@ def run_stage(recipe: Any, local_rank: int | None = None, **options: Any) -> Non
     """options: resume_from (a checkpoint dir), resume (bool), overwrite (bool), trust_reward_code (bool);
     see llmtune.engine.trainer."""
     quiet_libraries()
+    from llmtune.engine.report import run_console
+    from llmtune.model.gguf import resolve_gguf
+
+    console = run_console(int(os.environ.get("RANK", "0")) == 0)
+    recipe.model.path = resolve_gguf(recipe.model.path, console)  # a .gguf file: its converted model
+    if getattr(getattr(recipe, "dpo", None), "reference", None):
+        recipe.dpo.reference = resolve_gguf(recipe.dpo.reference, console)
     if recipe.stage == "rejection_sampling":  # rounds of generate -> score -> select -> sft (the same loop)
         from llmtune.stages.rejection_sampling import run_rejection_sampling
 
