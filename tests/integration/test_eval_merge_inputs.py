@@ -45,6 +45,7 @@ def _scores(report: Path) -> list[float]:
     return [s for r in sorted(rows, key=lambda r: r["index"]) for s in (r["chosen_score"], r["rejected_score"])]
 
 
+@pytest.mark.slow  # an rm run and several evals
 def test_reward_model_adapter_and_merged_without_pad_id_score_in_batches(runs: dict[str, Path], tmp_path: Path) -> None:
     """The base config of an rm adapter has no pad_token_id: batches of more than one used to crash in
     transformers. Batched scores equal one-at-a-time scores (read at the last real token)."""

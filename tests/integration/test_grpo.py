@@ -155,6 +155,7 @@ def test_grpo_bad_input_is_refused_before_training(tmp_path: Path) -> None:
     assert_refused(run_cli("validate", str(write_recipe(tmp_path, recipe))), "grpo.reward.model", "does not exist")
 
 
+@pytest.mark.slow  # an rm run, then 30 grpo steps
 def test_grpo_raises_the_score_of_a_reward_model_from_the_rm_stage(tmp_path: Path) -> None:
     """A reward model trained by the rm stage (polite vs rude replies) scores the rollouts, with its own
     tokenizer and template; grpo raises its mean score well beyond the step-to-step noise."""

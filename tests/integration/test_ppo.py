@@ -154,6 +154,7 @@ def _rm(tmp_path: Path, method: str) -> Path:
     return out
 
 
+@pytest.mark.slow  # an rm run, then 40 ppo steps, twice
 @pytest.mark.parametrize(("method", "memory"), [("full", "separate"), ("lora", "shared")])
 def test_ppo_raises_the_score_of_a_reward_model_from_the_rm_stage(tmp_path: Path, method: str, memory: str) -> None:
     """The rm stage's reward model scores the rollouts (separate: its own copy, full; shared: a lora reward
@@ -188,6 +189,7 @@ def _params(stdout: str) -> int:
     return int(re.search(r"trainable [\d,]+ / ([\d,]+) params", stdout).group(1).replace(",", ""))
 
 
+@pytest.mark.slow  # several runs: the slow tier
 def test_ppo_shared_memory_holds_one_base(tmp_path: Path) -> None:
     """Shared mode: the policy, critic and a lora reward model are adapters on one base (and the reference is
     the base with them off); separate mode loads the critic's backbone and the reward model again. The
@@ -252,6 +254,7 @@ def test_ppo_sigkill_then_the_same_command_finishes_with_the_same_weights(tmp_pa
     assert coef_b[24] == pytest.approx(coef_a[-1], rel=1e-9)
 
 
+@pytest.mark.slow  # several runs: the slow tier
 def test_ppo_resume_at_a_rollout_boundary_restores_the_kl_controller(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 

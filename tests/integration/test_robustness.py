@@ -132,7 +132,14 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize(("stage", "method"), [("sft", "lora"), ("dpo", "lora"), ("sft", "qlora")])
+@pytest.mark.parametrize(
+    ("stage", "method"),
+    [
+        ("sft", "lora"),
+        pytest.param("dpo", "lora", marks=pytest.mark.slow),
+        pytest.param("sft", "qlora", marks=pytest.mark.slow),
+    ],
+)
 def test_resume_is_exact_with_dropout_and_shuffling_across_an_epoch_boundary(
     tmp_path: Path, stage: str, method: str
 ) -> None:
@@ -387,6 +394,7 @@ def test_resume_with_another_world_size_is_refused(tmp_path: Path) -> None:
     assert "written with 1 processes" in proc.stderr and "this run has 2" in proc.stderr
 
 
+@pytest.mark.slow  # several full runs: the slow tier
 def test_a_tampered_checkpoint_cannot_run_code(tmp_path: Path) -> None:
     """Checkpoints are read with weights-only unpickling: a pickle that would run a command is refused."""
     path, out = _killed_after_step_2(tmp_path)
@@ -403,6 +411,7 @@ def test_a_tampered_checkpoint_cannot_run_code(tmp_path: Path) -> None:
     assert not marker.exists(), "unpickling the checkpoint ran code"
 
 
+@pytest.mark.slow  # several full runs: the slow tier
 def test_resume_after_the_data_changed_is_refused_unless_asked_for(tmp_path: Path) -> None:
     path, out = _killed_after_step_2(tmp_path)
     data = tmp_path / "echo.jsonl"
@@ -450,6 +459,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_the_fix(tmp_path
     assert (out / "checkpoints" / "step-00000004" / "COMPLETE").is_file()
 
 
+@pytest.mark.slow  # several full runs: the slow tier
 def test_an_unfinished_run_is_not_taken_as_a_model(tmp_path: Path) -> None:
     """A killed run's output_dir holds no final model (or an earlier one): the next stage, eval and
     merge-lora refuse it and say how to finish it; once finished, it is accepted."""
@@ -477,6 +487,7 @@ def test_an_unfinished_run_is_not_taken_as_a_model(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "is a LoRA adapter" in proc.stderr and "llmtune merge-lora" in proc.stderr
 
 
+@pytest.mark.slow  # several full runs: the slow tier
 def test_resume_from_with_a_longer_schedule_follows_the_new_schedule(tmp_path: Path) -> None:
     """--resume-from after raising max_steps: the first resumed step runs at the new schedule's rate (not
     at the old one's, which had decayed to about 0), and a fresh run of the new recipe agrees on every rate."""
