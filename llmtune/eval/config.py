@@ -136,8 +136,8 @@ def load_eval_config(path: str | Path | None, options: dict[str, Any]) -> EvalCo
     try:
         return EvalConfig.model_validate(raw)
     except ValidationError as e:
-        msg = format_validation_error(e, source, EvalConfig)
+        msg = format_validation_error(e, source, EvalConfig, what="eval file")
         if path is None:
-            msg = msg.replace("is not a valid recipe", "are not valid")
+            msg = msg.replace("is not a valid eval file", "are not valid")
             msg += "\n  (pass --task, --model and --data, or an eval YAML file)"
         raise RecipeError(msg) from None

@@ -182,9 +182,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> AnyReci
 # --- error messages ---------------------------------------------------------------------------------
 
 
-def format_validation_error(err: ValidationError, source: str, root: type[BaseModel]) -> str:
+def format_validation_error(err: ValidationError, source: str, root: type[BaseModel], what: str = "recipe") -> str:
+    """what: the kind of file (a recipe, an eval file)."""
     errors = err.errors(include_url=False)
-    lines = [f"{source} is not a valid recipe ({len(errors)} problem{'s' if len(errors) != 1 else ''}):"]
+    lines = [f"{source} is not a valid {what} ({len(errors)} problem{'s' if len(errors) != 1 else ''}):"]
     for e in errors:
         loc = list(e["loc"])
         if loc and loc[0] in STAGES:  # the discriminated union puts the stage tag first

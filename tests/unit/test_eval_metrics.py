@@ -161,3 +161,15 @@ def test_code_rules_need_trust_reward_code(tmp_path) -> None:
     assert load_eval_config(None, {**options, "trust_reward_code": True}).trust_reward_code
     # built-in and regex rules need nothing
     assert load_eval_config(None, {**options, "rules": ["contains", r"regex:\d+"]}).rules[1] == r"regex:\d+"
+
+
+def test_a_bad_eval_file_is_called_an_eval_file(tmp_path) -> None:
+    from llmtune.errors import RecipeError
+    from llmtune.eval.config import load_eval_config
+
+    path = tmp_path / "eval.yaml"
+    path.write_text("task: perplexity\nmodel: m\ndata: d.jsonl\nbatch_sise: 4\n")
+    with pytest.raises(RecipeError) as exc:
+        load_eval_config(path, {})
+    assert f"{path} is not a valid eval file (1 problem)" in str(exc.value)
+    assert "recipe" not in str(exc.value).splitlines()[0]
