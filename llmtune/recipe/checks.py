@@ -493,30 +493,8 @@ def sample_rows(src: DataSource, limit: int = SAMPLE_ROWS) -> tuple[list[Parsed]
     if len(parsed) > limit:
         parsed, complete = parsed[:limit], False
     if src.columns:
-        parsed = _rename(parsed, src.columns, src.path)
+        parsed = S._rename(parsed, src.columns, src.path)  # as train renames them
     return parsed, complete
-
-
-def _rename(parsed: list[Parsed], columns: dict[str, str], shown: str) -> list[Parsed]:
-    """``columns:`` applied as llmtune.data.sources applies it (a mapped column that no row has is refused)."""
-    good = [row for row, _, _ in parsed if row is not None]
-    for canonical, col in columns.items():
-        if good and not any(col in row for row in good):
-            present = sorted({str(k) for row in good for k in row})
-            raise DataError(
-                f"columns: maps {canonical} to {col!r}, but no row of {shown} has a column {col!r} "
-                f"(columns found: {', '.join(present)})",
-                hint=f"set columns.{canonical} to one of the columns found",
-            )
-    mapped = set(columns.values())
-    out: list[Parsed] = []
-    for row, err, place in parsed:
-        if row is not None:
-            new = {k: v for k, v in row.items() if k not in mapped}
-            new.update({canonical: row[col] for canonical, col in columns.items() if col in row})
-            row = new
-        out.append((row, err, place))
-    return out
 
 
 def _parsed(rows: list[tuple], label: str) -> list[Parsed]:
