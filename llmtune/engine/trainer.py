@@ -271,7 +271,8 @@ def _start_engine(run: Run) -> None:
         for p in model.parameters():
             if p.dtype.is_floating_point and p.dtype != dtype and not hasattr(p, "ds_id"):
                 p.data = p.data.to(dtype)
-    optimizer = build_optimizer(recipe, model, lr_of=getattr(run.stage, "lr_of", None))
+    # a model that trains several parts at their own rates says which (ppo's ActorCritic.lr_of)
+    optimizer = build_optimizer(recipe, model, lr_of=getattr(model, "lr_of", None))
     scheduler = build_scheduler(recipe, optimizer, run.total_steps)
     run.guard = StepGuard(optimizer)  # after the scheduler, which wraps optimizer.step itself
     engine, optimizer, _, scheduler = deepspeed.initialize(

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from llmtune.data.pipeline import PromptExample
+from llmtune.data.pipeline import PromptExample, Sample, collate
 from llmtune.engine.batches import Rollouts, Window
 from llmtune.engine.distributed import all_reduce_sum
 from llmtune.generation.sample import end_tokens
@@ -105,15 +105,9 @@ class GrpoStage(OnlineStage):
         return [window] * cfg.num_iterations
 
     def _collate(self, rows: list[tuple[list[int], list[int], float]]) -> dict[str, torch.Tensor]:
-        width = max(len(r[0]) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (x, y, _) in enumerate(rows):
-            ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-        adv = torch.tensor([r[2] for r in rows], dtype=torch.float32)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "advantages": adv}
+        batch = collate([Sample(x, y) for x, y, _ in rows], self.tokenizer.pad_token_id, pad_to_multiple=1)
+        batch["advantages"] = torch.tensor([r[2] for r in rows], dtype=torch.float32)
+        return batch
 
     @torch.no_grad()
     def _add_logps(self, window: Window) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from llmtune.data.pipeline import PromptExample
+from llmtune.data.pipeline import PromptExample, Sample, collate
 from llmtune.engine.batches import Rollouts, Window
 from llmtune.engine.checkpoint import export_model
 from llmtune.engine.distributed import all_reduce_sum
@@ -103,7 +103,10 @@ class PpoStage(OnlineStage):
                 checkpoint_with_routing(policy)
             head = torch.nn.Linear(hidden_size(policy), 1, bias=False).to(device)
             with torch.no_grad():
-                head.weight.copy_(score.weight) if score is not None else head.weight.zero_()
+                if score is not None:  # the reward model's score head: the critic starts as the reward model
+                    head.weight.copy_(score.weight)
+                else:
+                    head.weight.zero_()
             head.weight.requires_grad_(True)
             model = ActorCritic(policy, value_head=head, policy_lr=recipe.train.lr, critic_lr=critic_lr)
         else:
@@ -113,7 +116,6 @@ class PpoStage(OnlineStage):
                 policy_lr=recipe.train.lr,
                 critic_lr=critic_lr,
             )
-        self.lr_of = model.lr_of  # the trainer's optimizer: one parameter group per learning rate
         trainable = sum(_numel(x) for x in model.parameters() if x.requires_grad)
         total = sum(_numel(x) for x in model.parameters())
         return LoadedModel(model=model, tokenizer=tokenizer, trainable_params=trainable, total_params=total)
@@ -379,19 +381,12 @@ def _last_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _pad(rows: list[dict], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded ids, attention mask and labels of rows (dicts with ids and labels), their lengths, and the
-    (B, T-1) mask of learned positions."""
-    width = max(len(r["ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["ids"])
-        ids[i, :n], labels[i, :n], attn[i, :n] = torch.tensor(r["ids"]), torch.tensor(r["labels"]), 1
-    b = {"input_ids": ids, "attention_mask": attn, "labels": labels}
+    """Right-padded ids, attention mask and labels of rows (dicts with ids and labels; the data pipeline's
+    collate), their lengths, and the (B, T-1) mask of learned positions."""
+    b = collate([Sample(r["ids"], r["labels"]) for r in rows], pad_id, pad_to_multiple=1)
     b = {k: v.to(device) for k, v in b.items()}
     b["mask"] = (b["labels"][:, 1:] != IGNORE_INDEX).float()
-    b["lengths"] = attn.sum(dim=1)
+    b["lengths"] = b["attention_mask"].sum(dim=1).cpu()
     return b
 
 
