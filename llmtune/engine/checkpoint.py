@@ -13,7 +13,7 @@ import math
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from llmtune.errors import TrainingError, UserError
-from llmtune.recipe.checks import run_manifest
+from llmtune.manifest import status_of
 
 MARKER = "COMPLETE"
 
@@ -43,6 +43,16 @@ class TrainerState:
     overflow_skips: int = 0  # fp16 steps the dynamic loss scaler skipped
     data_fingerprint: str = ""  # the training data's contents: a resume with changed data is refused
     stage_state: dict[str, Any] = field(default_factory=dict)  # a stage's own state (ppo's KL coefficient)
+
+
+def read_trainer_state(ckpt: Path) -> TrainerState:
+    """A checkpoint's trainer_state.json (keys an older version wrote and this one does not know are
+    dropped). OSError / ValueError when it is missing or not JSON."""
+    raw = json.loads((ckpt / "trainer_state.json").read_text())
+    if not isinstance(raw, dict):
+        raise ValueError(f"{ckpt / 'trainer_state.json'} is not a JSON object")
+    known = {f.name for f in fields(TrainerState)}
+    return TrainerState(**{k: v for k, v in raw.items() if k in known})
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
@@ -137,11 +147,11 @@ def best_checkpoint(done: list[Path], metric: str, mode: str) -> Path | None:
     scored = []
     for p in done:
         try:
-            st = json.loads((p / "trainer_state.json").read_text())
-        except (OSError, ValueError):
+            st = read_trainer_state(p)
+        except (OSError, ValueError, TypeError):
             continue
-        value = st.get("eval_metrics", {}).get(metric)
-        if st.get("eval_step") == st.get("step") and isinstance(value, (int, float)) and math.isfinite(value):
+        value = st.eval_metrics.get(metric) if isinstance(st.eval_metrics, dict) else None
+        if st.eval_step == st.step and isinstance(value, (int, float)) and math.isfinite(value):
             scored.append((value if mode == "min" else -value, p))
     return min(scored)[1] if scored else None
 
@@ -201,7 +211,7 @@ def load_checkpoint(engine: Any, path: Path, rank: int, quantized: bool = False)
     """quantized: the frozen 4-bit base is rebuilt from model.path (quantization is deterministic); its
     quantization-state entries in the saved module state are not loaded back (bitsandbytes cannot take
     them through peft's wrapper), while every trainable parameter is."""
-    state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+    state = read_trainer_state(path)
     with weights_only_loading():
         engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=not quantized)
     rng = path / f"rng_state_{rank}.json"
@@ -331,7 +341,7 @@ def plan_run(
         )
     if overwrite or not resume:
         return RunPlan()
-    if run_manifest(out).get("status") == "finished":
+    if status_of(out) == "finished":
         return RunPlan(finished=True)
     return RunPlan(resume_from=newest_checkpoint(out))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import math
 import os
 import random
@@ -30,6 +29,7 @@ from llmtune.engine.checkpoint import (
     fresh_start,
     load_checkpoint,
     plan_run,
+    read_trainer_state,
     remove_partial_checkpoints,
     resume_point,
     save_checkpoint,
@@ -39,6 +39,7 @@ from llmtune.engine.config import build_optimizer, build_scheduler, check_precis
 from llmtune.engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
 from llmtune.engine.report import MetricsLog, Progress, print_data_summary, run_console
 from llmtune.errors import DataError, RecipeError, TrainingError
+from llmtune.manifest import RunManifest
 from llmtune.model.load import describe, load_tokenizer, position_limit, tokenizer_record
 from llmtune.recipe.load import dump_recipe
 from llmtune.recipe.schema import RecipeBase
@@ -109,32 +110,6 @@ def evaluate(engine: Any, stage: Any, samples: list[Any], recipe: RecipeBase, di
     for k in sorted(sums):  # the same keys on every rank: each ran at least one batch
         result[f"eval/{k}"] = all_reduce_sum(sums[k]).item() / n
     return result
-
-
-@dataclass
-class RunManifest:
-    """run.json: what ran, on what, and how it ended. Later stages read its tokenizer record; resume
-    planning and the unfinished-run checks read its status (llmtune.recipe.checks.run_manifest)."""
-
-    llmtune: str
-    torch: str
-    deepspeed: str
-    stage: str
-    world_size: int
-    device: str
-    total_steps: int
-    tokenizer: dict[str, Any]  # later stages check the tokenizer they load against it
-    started: str
-    status: str = "running"  # running | stopped | failed | finished
-    finished: str | None = None
-    steps: int | None = None
-    trainer_state: dict[str, Any] | None = None
-
-    def write(self, out: Path, dist: DistInfo) -> None:
-        if dist.is_main:
-            tmp = out / "run.json.tmp"
-            tmp.write_text(json.dumps({k: v for k, v in asdict(self).items() if v is not None}, indent=1))
-            os.replace(tmp, out / "run.json")
 
 
 @dataclass
@@ -313,7 +288,8 @@ def _start_engine(run: Run) -> None:
         tokenizer=tokenizer_record(run.tokenizer),
         started=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
-    run.manifest.write(run.out, dist)
+    if dist.is_main:
+        run.manifest.write(run.out)
 
 
 def _loop(run: Run) -> None:
@@ -406,7 +382,8 @@ def _loop(run: Run) -> None:
         except BaseException as e:
             progress.stop()
             run.manifest.status = "stopped" if isinstance(e, Stopped) else "failed"
-            run.manifest.write(out, dist)
+            if dist.is_main:
+                run.manifest.write(out)
             raise
     progress.stop()
 
@@ -440,7 +417,8 @@ def _finish(run: Run) -> None:
     m = run.manifest
     m.status, m.finished, m.steps = "finished", time.strftime("%Y-%m-%dT%H:%M:%S"), state.step
     m.trainer_state = asdict(state)
-    m.write(out, dist)
+    if dist.is_main:
+        m.write(out)
     barrier()
     skips = f" ({state.nan_skips} skipped for NaN / Inf)" if state.nan_skips else ""
     run.console.print(
@@ -679,14 +657,14 @@ def _check_resumable(
     ckpt: Path, recipe: RecipeBase, dist: DistInfo, data_fingerprint: str, explicit: bool, console: Console
 ) -> None:
     """A checkpoint continues exactly only with the launch settings and the data it was written with."""
-    previous = json.loads((ckpt / "trainer_state.json").read_text())
-    if previous["world_size"] != dist.world_size or previous["zero_stage"] != recipe.distributed.zero_stage:
+    previous = read_trainer_state(ckpt)
+    if previous.world_size != dist.world_size or previous.zero_stage != recipe.distributed.zero_stage:
         raise RecipeError(
-            f"{ckpt} was written with {previous['world_size']} processes and ZeRO-{previous['zero_stage']}; "
+            f"{ckpt} was written with {previous.world_size} processes and ZeRO-{previous.zero_stage}; "
             f"this run has {dist.world_size} and ZeRO-{recipe.distributed.zero_stage}",
             hint="resume with the same launch settings, or use a new output_dir",
         )
-    before = previous.get("data_fingerprint", "")
+    before = previous.data_fingerprint
     if before and data_fingerprint and before != data_fingerprint:
         what = f"the training data (file contents) changed since {ckpt} was written"
         if explicit:

@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 
 from llmtune.errors import RecipeError, UserError
-from llmtune.recipe.checks import run_manifest
+from llmtune.manifest import RunManifest, TokenizerRecord
 from llmtune.recipe.schema import FinetuningConfig, ModelConfig, RecipeBase, looks_local
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -232,20 +232,20 @@ def _sha256_tokens(tokens: Sequence[str | None]) -> str:
     return hashlib.sha256(json.dumps(list(tokens), ensure_ascii=True).encode("ascii")).hexdigest()
 
 
-def tokenizer_record(tok: Any) -> dict[str, Any]:
-    """A fingerprint of a tokenizer's vocabulary for run.json: {"size": number of ids, "vocab_sha256": sha256
-    over the id-ordered token strings of all ids}. check_tokenizer_record reads it back."""
+def tokenizer_record(tok: Any) -> TokenizerRecord:
+    """A fingerprint of a tokenizer's vocabulary for run.json: the number of ids, and the sha256 over the
+    id-ordered token strings of all ids. check_tokenizer_record reads it back."""
     tokens = vocab_by_id(tok)
-    return {"size": len(tokens), "vocab_sha256": _sha256_tokens(tokens)}
+    return TokenizerRecord(size=len(tokens), vocab_sha256=_sha256_tokens(tokens))
 
 
 def check_tokenizer_record(
-    tok: Any, record: dict[str, Any], label: str, *, tok_label: str = "the tokenizer", hint: str | None = None
+    tok: Any, record: TokenizerRecord, label: str, *, tok_label: str = "the tokenizer", hint: str | None = None
 ) -> None:
-    """RecipeError unless the first record["size"] ids of tok are the vocabulary the record was made from
+    """RecipeError unless the first record.size ids of tok are the vocabulary the record was made from
     (tokens appended after them, e.g. a pad token, are allowed). label: what the record belongs to (the model
     trained with that vocabulary); tok_label: where tok comes from."""
-    size, sha = int(record["size"]), str(record["vocab_sha256"])
+    size, sha = record.size, record.vocab_sha256
     tokens = vocab_by_id(tok)
     if len(tokens) < size:
         problem = f"has {len(tokens)} tokens, fewer than the {size} of the tokenizer {label} was trained with"
@@ -259,16 +259,11 @@ def check_tokenizer_record(
     raise RecipeError(f"tokenizer mismatch: {tok_label} {problem}", hint=hint or TOKENIZER_HINT)
 
 
-def saved_tokenizer_record(path: str | None) -> dict[str, Any] | None:
-    """The "tokenizer" record of the run.json in a local llmtune output directory; None when there is no
-    such directory, file or key, or it cannot be read."""
-    record = run_manifest(path).get("tokenizer")
-    if not isinstance(record, dict):
-        return None
-    size, sha = record.get("size"), record.get("vocab_sha256")
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or not isinstance(sha, str):
-        return None
-    return record
+def saved_tokenizer_record(path: str | None) -> TokenizerRecord | None:
+    """The tokenizer record of the run.json in a local llmtune output directory; None when there is no such
+    directory, file or record, or it cannot be read."""
+    manifest = RunManifest.read(path)
+    return None if manifest is None else manifest.tokenizer
 
 
 def check_tokenizers_agree(
@@ -285,7 +280,7 @@ def check_tokenizers_agree(
     `loaded`, a (tokenizer, label) already in use); a source with a record but no tokenizer files is checked
     against the first tokenizer found. kwargs go to own_tokenizer."""
     anchor = loaded
-    pending: list[tuple[dict[str, Any], str]] = []
+    pending: list[tuple[TokenizerRecord, str]] = []
     for path, label in sources:
         if not path:
             continue

@@ -12,29 +12,18 @@ import shutil
 import sys
 import zlib
 from pathlib import Path
-from typing import Any
 
 from llmtune.errors import DataError, RecipeError, UserError
+from llmtune.manifest import status_of
 from llmtune.recipe.schema import DataSource, RecipeBase, looks_local
 
 BUILTIN_TEMPLATES = ("chatml", "llama3", "alpaca")
 
 
-def run_manifest(path: str | Path | None) -> dict[str, Any]:
-    """The run.json of a local llmtune output directory; {} when there is none or it cannot be read."""
-    if not path or not looks_local(str(path)):
-        return {}
-    try:
-        manifest = json.loads((Path(path).expanduser() / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return manifest if isinstance(manifest, dict) else {}
-
-
 def unfinished_run(path: str | None) -> str | None:
     """The run.json status of an llmtune output directory whose run has not finished (running, failed,
     stopped); None for a finished run and for anything that is not an llmtune output."""
-    status = run_manifest(path).get("status")
+    status = status_of(path)
     return None if status in (None, "finished") else str(status)
 
 

@@ -33,6 +33,7 @@ import torch
 from rich.console import Console
 
 from llmtune.errors import DataError, UserError
+from llmtune.manifest import RunManifest, status_of
 from llmtune.recipe.schema import DataConfig, DataSource, RejectionSamplingRecipe, SftRecipe
 
 GENERATED = "generated.json"  # written last in a round directory: its generation is complete
@@ -127,7 +128,6 @@ def run_rejection_sampling(
     from llmtune.engine.distributed import barrier, setup_distributed
     from llmtune.engine.report import run_console
     from llmtune.engine.trainer import train
-    from llmtune.recipe.checks import run_manifest
     from llmtune.recipe.load import dump_recipe
     from llmtune.rewards import check_rewards
     from llmtune.stages.sft import SftStage
@@ -156,20 +156,18 @@ def run_rejection_sampling(
         if (overwrite or not resume) and resume_from is None:
             _remove_rounds(out)
         (out / "recipe.yaml").write_text(text, encoding="utf-8")
-        _write_json(out / "run.json", _manifest(recipe, dist, "running"))
+        _manifest(recipe, dist).write(out)
     barrier()
     if continuing:
         console.print(f"continuing the run in {out}: finished rounds and generations are kept")
 
-    manifest = _manifest(recipe, dist, "running")
+    manifest = _manifest(recipe, dist)
     try:
         for k in range(1, rs.rounds + 1):
             rdir = round_dir(out, k)
             sft = sft_recipe(recipe, out, k)
             model_dir = rdir / MODEL_DIR
-            done = run_manifest(model_dir).get("status") == "finished" and _same_text(
-                model_dir / "recipe.yaml", dump_recipe(sft)
-            )
+            done = status_of(model_dir) == "finished" and _same_text(model_dir / "recipe.yaml", dump_recipe(sft))
             if done and resume_round != k and _next_model_ready(out, k, recipe):
                 console.print(f"[bold]round {k}/{rs.rounds}[/]: finished earlier, skipped")
                 continue
@@ -194,18 +192,18 @@ def run_rejection_sampling(
         if dist.is_main:
             files = _publish_final(out, round_dir(out, rs.rounds) / MODEL_DIR, rs.rounds)
             _write_rounds(out, rs.rounds)
-            final = run_manifest(round_dir(out, rs.rounds) / MODEL_DIR)
-            manifest.update({k: v for k, v in final.items() if k in ("tokenizer", "torch", "deepspeed")})
-            manifest.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), rounds=rs.rounds)
-            _write_json(out / "run.json", manifest)
+            final = RunManifest.read(round_dir(out, rs.rounds) / MODEL_DIR) or RunManifest()
+            manifest.tokenizer, manifest.torch, manifest.deepspeed = final.tokenizer, final.torch, final.deepspeed
+            manifest.status, manifest.finished = "finished", time.strftime("%Y-%m-%dT%H:%M:%S")
+            manifest.write(out)
             console.print(f"[green]done[/]: {rs.rounds} round(s); final model written to {out} ({', '.join(files)})")
         barrier()
     except BaseException as e:
         from llmtune.engine.trainer import Stopped
 
         if dist.is_main and out.is_dir():
-            manifest["status"] = "stopped" if isinstance(e, (Stopped, KeyboardInterrupt)) else "failed"
-            _write_json(out / "run.json", manifest)
+            manifest.status = "stopped" if isinstance(e, (Stopped, KeyboardInterrupt)) else "failed"
+            manifest.write(out)
         raise
     finally:
         if torch.distributed.is_initialized():
@@ -261,18 +259,17 @@ def _next_model_ready(out: Path, k: int, recipe: RejectionSamplingRecipe) -> boo
     return (round_dir(out, k) / MERGED_DIR / "config.json").is_file()
 
 
-def _manifest(recipe: RejectionSamplingRecipe, dist: Any, status: str) -> dict[str, Any]:
+def _manifest(recipe: RejectionSamplingRecipe, dist: Any) -> RunManifest:
     from llmtune import __version__
 
-    return {
-        "llmtune": __version__,
-        "stage": recipe.stage,
-        "world_size": dist.world_size,
-        "device": dist.device.type,
-        "rounds": recipe.rejection_sampling.rounds,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "status": status,
-    }
+    return RunManifest(
+        llmtune=__version__,
+        stage=recipe.stage,
+        world_size=dist.world_size,
+        device=dist.device.type,
+        rounds=recipe.rejection_sampling.rounds,
+        started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
 
 
 # ------------------------------------------------------------------------------------ generate and select

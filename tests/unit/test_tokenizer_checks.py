@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 
 from llmtune.errors import RecipeError, UserError
+from llmtune.manifest import TokenizerRecord
 from llmtune.model.load import (
     check_tokenizer_record,
     check_tokenizers_agree,
@@ -88,14 +90,14 @@ def test_compare_vocabularies_names_both_sources_the_count_examples_and_the_fix(
 
 def test_tokenizer_record_round_trip(base, swapped) -> None:
     record = tokenizer_record(base)
-    assert record["size"] == len(base) and len(record["vocab_sha256"]) == 64
-    assert json.loads(json.dumps(record)) == record  # goes into run.json as it is
+    assert record.size == len(base) and len(record.vocab_sha256) == 64
+    assert TokenizerRecord.parse(json.loads(json.dumps(asdict(record)))) == record  # through run.json and back
     assert tokenizer_record(_tok(TINY_MODEL)) == record  # deterministic
     check_tokenizer_record(base, record, "runs/sft")
     longer = _tok(TINY_MODEL)
     longer.add_special_tokens({"pad_token": "<|pad|>"})
     check_tokenizer_record(longer, record, "runs/sft")  # a pad token appended still matches
-    assert tokenizer_record(swapped)["vocab_sha256"] != record["vocab_sha256"]
+    assert tokenizer_record(swapped).vocab_sha256 != record.vocab_sha256
 
 
 def test_check_tokenizer_record_refuses_another_vocabulary_and_a_smaller_tokenizer(base, swapped) -> None:
@@ -127,18 +129,18 @@ def test_saved_tokenizer_record_tolerates_missing_and_broken_run_json(tmp_path: 
     (tmp_path / "run.json").write_text(json.dumps({"tokenizer": {"size": "many"}}))
     assert saved_tokenizer_record(str(tmp_path)) is None
     record = tokenizer_record(base)
-    (tmp_path / "run.json").write_text(json.dumps({"status": "done", "tokenizer": record}))
+    (tmp_path / "run.json").write_text(json.dumps({"status": "done", "tokenizer": asdict(record)}))
     assert saved_tokenizer_record(str(tmp_path)) == record
 
 
 # ---------------------------------------------------------------------------------------------- load_tokenizer
 
 
-def _output_dir(tmp_path: Path, record: dict | None) -> Path:
+def _output_dir(tmp_path: Path, record: TokenizerRecord | None) -> Path:
     """A copy of the tiny model standing for an llmtune output, its run.json holding `record`."""
     out = tmp_path / "out"
     shutil.copytree(TINY_MODEL, out)
-    manifest = {"stage": "sft", "status": "done", **({"tokenizer": record} if record is not None else {})}
+    manifest = {"stage": "sft", "status": "done", **({"tokenizer": asdict(record)} if record is not None else {})}
     (out / "run.json").write_text(json.dumps(manifest))
     return out
 
@@ -189,7 +191,7 @@ def test_check_tokenizers_agree(tmp_path: Path, swapped_dir: Path, base) -> None
     with pytest.raises(RecipeError, match=re.escape("the policy differs from that of dpo.reference")):
         check_tokenizers_agree([(str(swapped_dir), "dpo.reference")], loaded=(base, "the policy"))
     # a model directory without tokenizer files but with a record: the record is checked
-    (empty / "run.json").write_text(json.dumps({"tokenizer": tokenizer_record(base)}))
+    (empty / "run.json").write_text(json.dumps({"tokenizer": asdict(tokenizer_record(base))}))
     check_tokenizers_agree([(str(TINY_MODEL), "a"), (str(empty), "c")])
     with pytest.raises(
         RecipeError, match=re.escape(f"the tokenizer of a {swapped_dir} has a different vocabulary from the ")
