@@ -85,6 +85,21 @@ def deepspeed_config(recipe: RecipeBase, world_size: int) -> dict[str, Any]:
     return cfg
 
 
+def frozen_zero3_config(recipe: RecipeBase, world_size: int) -> dict[str, Any] | None:
+    """The DeepSpeed config that partitions a frozen model (a reference, a reward model) over the processes
+    when the run trains with ZeRO-3: stage 3 without an optimizer, DeepSpeed's ZeRO-3 inference, which
+    gathers each layer's weights for its forward pass. None with ZeRO 0-2 (there each process holds a
+    full copy of the frozen models, as of the trained one's weights)."""
+    if recipe.distributed.zero_stage != 3:
+        return None
+    cfg = deepspeed_config(recipe, world_size)
+    zero: dict[str, Any] = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    if "offload_param" in cfg["zero_optimization"]:
+        zero["offload_param"] = cfg["zero_optimization"]["offload_param"]
+    cfg.update(zero_optimization=zero, gradient_clipping=0.0)
+    return cfg
+
+
 def build_optimizer(
     recipe: RecipeBase, model: torch.nn.Module, lr_of: Callable[[str], float] | None = None
 ) -> torch.optim.Optimizer:

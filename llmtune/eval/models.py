@@ -1,29 +1,30 @@
-"""Loading what eval runs: a policy (causal LM, optionally with an adapter), reward models (a full
-AutoModelForSequenceClassification directory, or a SEQ_CLS peft adapter with its score head), and the
-tokenizer that goes with each. Bad paths are UserErrors."""
+"""What eval runs, resolved and checked before llmtune.model.load.load loads it: a policy (a causal LM,
+optionally with an adapter; an adapter directory stands for its recorded base with it), reward models (a
+full AutoModelForSequenceClassification directory, or a SEQ_CLS peft adapter with its score head), and
+the tokenizer that goes with each. Bad paths are UserErrors."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from llmtune.errors import UserError
-from llmtune.model.load import DTYPES, check_tokenizers_agree, is_reward_architecture, load_config, tokenizer_from
+from llmtune.model.load import (
+    DTYPES,
+    REWARD_MODEL_HINT,
+    LoadedModel,
+    ModelSpec,
+    check_tokenizers_agree,
+    is_reward_architecture,
+    load,
+    load_config,
+)
 from llmtune.model.merge import adapter_config_or_none
 from llmtune.recipe.checks import check_finished
 from llmtune.recipe.schema import looks_local
-
-
-@dataclass
-class Loaded:
-    model: Any
-    tokenizer: Any
-    name: str
-    has_adapter: bool
 
 
 def pick_device(name: str) -> torch.device:
@@ -108,12 +109,6 @@ def is_reward_model(model: str, adapter: str | None) -> bool:
     return is_reward_architecture(_architectures(base, "--model"))
 
 
-REWARD_MODEL_HINT = (
-    "pass the output of an rm run (`llmtune train` with stage: rm): its output directory (with lora / qlora the "
-    "adapter, which carries the score head) or its merged/ export"
-)
-
-
 def require_causal_lm(model: str, adapter: str | None, what: str, hint: str | None = None) -> None:
     """Refuse a reward model (a SEQ_CLS adapter or a *ForSequenceClassification model) where a causal LM is
     needed: loaded as one, its language-model head would be random."""
@@ -155,120 +150,28 @@ def require_reward_model(path: str, what: str = "--reward-model") -> None:
         )
 
 
-def load_causal_lm(model: str, adapter: str | None, dtype: torch.dtype, device: torch.device, what: str) -> Loaded:
-    from transformers import AutoModelForCausalLM
-
+def load_causal_lm(model: str, adapter: str | None, dtype: torch.dtype, device: torch.device, what: str) -> LoadedModel:
     require_causal_lm(model, adapter, what)
     base, adapter, _ = resolve(model, adapter, what)
-    return _load(AutoModelForCausalLM, base, adapter, dtype, device, what)
+    return load(ModelSpec(path=base, adapter=adapter, dtype=dtype, what=what), device)
 
 
 def load_reward_model(
-    path: str, dtype: torch.dtype, device: torch.device, adapter: str | None = None, what: str = "--reward-model"
-) -> Loaded:
-    """A reward model: AutoModelForSequenceClassification(num_labels=1), or a SEQ_CLS adapter on its base."""
-    from transformers import AutoModelForSequenceClassification
-
+    path: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    adapter: str | None = None,
+    what: str = "--reward-model",
+    zero3: dict | None = None,
+) -> LoadedModel:
+    """A reward model: AutoModelForSequenceClassification(num_labels=1), or a SEQ_CLS adapter on its base.
+    zero3: a DeepSpeed ZeRO-3 config to partition it with (inside a training run)."""
     if adapter is None:
         require_reward_model(path, what)
     base, adapter, cfg = resolve(path, adapter, what)
     if cfg is not None and cfg.get("task_type") != "SEQ_CLS":
         raise UserError(f"{adapter} is a {cfg.get('task_type')} adapter, not a reward model", hint=REWARD_MODEL_HINT)
-    return _load(AutoModelForSequenceClassification, base, adapter, dtype, device, what, num_labels=1)
-
-
-def _head(auto_class: Any) -> str:
-    return "score" if auto_class.__name__.endswith("ForSequenceClassification") else "lm_head"
-
-
-def _load(
-    auto_class: Any, base: str, adapter: str | None, dtype: torch.dtype, device: torch.device, what: str, **kwargs: Any
-) -> Loaded:
-    """base (+ adapter) through auto_class, with the tokenizer the adapter (or else the base) carries.
-
-    A head that the weights do not hold (it would be randomly initialised) is an error. A reward model's
-    config gets the tokenizer's pad_token_id: transformers' sequence classifiers refuse batches without it
-    (the score is read at the last real token by the attention mask in any case)."""
-    load_config(base, what)
-    if adapter is not None:
-        check_tokenizers_agree(
-            [(adapter, "the adapter"), (base, "the base model")],
-            hint="pass the base model the adapter was trained on (it saved that model's tokenizer)",
-        )
-    tok = tokenizer_from(adapter, base)
-    head = _head(auto_class)
-    try:
-        # a reward model's score head is checked below: transformers' load report about it would only confuse
-        with _quiet_load_report(head == "score"):
-            m, info = auto_class.from_pretrained(base, dtype=dtype, output_loading_info=True, **kwargs)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load {what} {base}: {str(e).splitlines()[0]}") from None
-    head_missing = any(k.split(".")[0] == head for k in info.get("missing_keys", ()))
-    if head == "score" and head_missing and (adapter is None or not _adapter_has(adapter, "score")):
-        raise UserError(
-            f"{what} {adapter or base} has no trained score head (its weights hold no score.*): "
-            "it is not a reward model, and its scores would come from a random head",
-            hint=REWARD_MODEL_HINT,
-        )
-    if head == "lm_head" and head_missing:
-        raise UserError(
-            f"{what} {base} has no language-model head in its weights (lm_head is missing); "
-            "it would generate from a random one",
-            hint="pass a causal LM (a cpt / sft / dpo output, or a base model)",
-        )
-    if head == "score" and getattr(m.config, "pad_token_id", None) is None:
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        m.config.pad_token_id = pad if pad is not None else 0
-    if adapter is not None:
-        m = _with_adapter(m, base, adapter)
-    m.to(device).eval()
-    return Loaded(m, tok, adapter or base, adapter is not None)
-
-
-@contextmanager
-def _quiet_load_report(quiet: bool):
-    """Hide transformers' load report (and the tensor-parallel note it then logs instead) while a reward model
-    loads: a SEQ_CLS adapter's base has no score head of its own, the adapter brings it."""
-    import logging
-
-    loggers = [
-        logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")
-    ]
-    levels = [log.level for log in loggers]
-    if quiet:
-        for log in loggers:
-            log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for log, level in zip(loggers, levels, strict=True):
-            log.setLevel(level)
-
-
-def _adapter_has(adapter: str, module: str) -> bool:
-    """Whether an adapter's saved weights hold `module` in full (modules_to_save); True when unsure."""
-    f = Path(adapter).expanduser() / "adapter_model.safetensors"
-    if not f.is_file():
-        return True
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(f), "pt") as st:
-            return any(module in k.split(".") for k in st.keys())  # noqa: SIM118 (safe_open has no __iter__)
-    except Exception:  # an unreadable file is reported by peft when it loads
-        return True
-
-
-def _with_adapter(model: Any, base: str, adapter: str) -> Any:
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(model, adapter)
-    except (RuntimeError, ValueError, KeyError, OSError) as e:
-        raise UserError(
-            f"the adapter {adapter} does not fit {base}: {str(e).strip().splitlines()[0]}",
-            hint="pass the base model the adapter was trained on",
-        ) from None
+    return load(ModelSpec(path=base, head="score", adapter=adapter, dtype=dtype, what=what), device, zero3=zero3)
 
 
 @contextmanager

@@ -32,7 +32,6 @@ from llmtune.eval import metrics
 from llmtune.eval.config import EvalConfig
 from llmtune.eval.fewshot import select_examples
 from llmtune.eval.models import (
-    Loaded,
     check_reference_tokenizer,
     free,
     is_reward_model,
@@ -46,6 +45,7 @@ from llmtune.eval.models import (
 from llmtune.eval.pairs import Pair, is_pair_row, to_pair
 from llmtune.generation.prompts import Prompt, render_prompt, to_prompt
 from llmtune.generation.sample import generate
+from llmtune.model.load import LoadedModel
 from llmtune.objectives.lm import lm_loss_sum
 from llmtune.recipe.schema import DataSource
 from llmtune.rewards.model import score_conversations as score_with_model
@@ -395,7 +395,7 @@ def generate_task(env: Env) -> TaskResult:
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def score_conversations(env: Env, rm: Loaded, convs: list[list[dict]], label: str) -> list[float]:
+def score_conversations(env: Env, rm: LoadedModel, convs: list[list[dict]], label: str) -> list[float]:
     """A reward model's score of each conversation (prompt turns + the assistant reply): the score head's
     output at the last real token (see llmtune.rewards.model), with a progress bar."""
     cfg = env.cfg

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from rich.console import Console
@@ -29,20 +29,18 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module
+    model: Any  # a torch module (a peft model with an adapter)
     tokenizer: Any
-    trainable_params: int
-    total_params: int
+    trainable_params: int = 0
+    total_params: int = 0
+    name: str = ""  # the adapter's path, else the model's
+    has_adapter: bool = False
+    engine: Any = None  # a frozen model's DeepSpeed ZeRO-3 inference engine (it holds the partitioning)
 
 
 def _hub_kwargs(m: ModelConfig) -> dict[str, Any]:
-    kw: dict[str, Any] = {"trust_remote_code": m.trust_remote_code}
-    if m.revision:
-        kw["revision"] = m.revision
-    token = m.hub_token.get_secret_value() if m.hub_token is not None else None
-    if token:
-        kw["token"] = token
-    return kw
+    """revision, token and trust_remote_code for from_pretrained, as the model block sets them."""
+    return ModelSpec(path=m.path, **_model_options(m)).hub_kwargs()
 
 
 def load_tokenizer(m: ModelConfig) -> Any:
@@ -128,9 +126,10 @@ def position_limit(m: ModelConfig) -> int | None:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def tokenizer_from(*paths: str | None, set_pad: bool = True) -> Any:
+def tokenizer_from(*paths: str | None, set_pad: bool = True, **kwargs: Any) -> Any:
     """The tokenizer of the first path that has one (an adapter's carries the chat template it was trained
-    with). set_pad: a missing pad token becomes EOS (padding is masked by position, never by id)."""
+    with). set_pad: a missing pad token becomes EOS (padding is masked by position, never by id). kwargs go
+    to AutoTokenizer.from_pretrained (revision, token, trust_remote_code)."""
     from transformers import AutoTokenizer
 
     last = ""
@@ -139,7 +138,7 @@ def tokenizer_from(*paths: str | None, set_pad: bool = True) -> Any:
         if d.is_dir() and not any((d / f).is_file() for f in TOKENIZER_FILES):
             continue
         try:
-            tok = AutoTokenizer.from_pretrained(p)
+            tok = AutoTokenizer.from_pretrained(p, **kwargs)
         except (OSError, ValueError) as e:
             last = str(e).splitlines()[0]
             continue
@@ -314,48 +313,121 @@ def weight_dtype(recipe: RecipeBase) -> torch.dtype:
     return DTYPES[recipe.precision]
 
 
-def load_model(recipe: RecipeBase, device: torch.device, tokenizer: Any, head: str = "lm") -> LoadedModel:
-    """Load the model and apply the fine-tuning method. Call with HfDeepSpeedConfig alive for ZeRO-3.
+# ------------------------------------------------------------------------------------------ the model spec
 
-    head: "lm", the causal LM; "score", a reward model (AutoModelForSequenceClassification with one label: the
-    backbone of the checkpoint with a new scalar head on the last non-pad token, trained in full)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+Head = Literal["lm", "score", "value"]
+_AUTO_CLASS = {"lm": "AutoModelForCausalLM", "score": "AutoModelForSequenceClassification"}
 
-    m, ft = recipe.model, recipe.finetuning
-    if m.trust_remote_code:
-        warnings.warn(f"model.trust_remote_code is true: Python code shipped with {m.path} will run", stacklevel=2)
-    dtype = weight_dtype(recipe)
-    kwargs: dict[str, Any] = {"dtype": dtype, **_hub_kwargs(m)}
-    if m.attn_implementation != "auto":
-        kwargs["attn_implementation"] = m.attn_implementation
-    if ft.method == "qlora":
-        from transformers import BitsAndBytesConfig
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load, without the recipe: where from, with which head, and whether it trains.
+
+    head: "lm", a causal LM; "score", a sequence classifier with one label (a reward model: the score at the
+    last real token); "value", the same class read at every token (a PPO critic). finetuning: the method a
+    trained model gets; None for a frozen model (a reference, a reward model, eval's models), which loads for
+    inference only: eval mode, no gradients, optionally with a peft adapter on top."""
+
+    path: str
+    head: Head = "lm"
+    finetuning: FinetuningConfig | None = None
+    adapter: str | None = None  # frozen models: a peft adapter on `path`
+    dtype: torch.dtype = torch.float32
+    compute_dtype: torch.dtype = torch.float32  # qlora: what the 4-bit layers compute in
+    attn_implementation: str = "auto"
+    gradient_checkpointing: bool = False
+    revision: str | None = None
+    token: str | None = None
+    trust_remote_code: bool = False
+    what: str = "model.path"  # how messages name it
+
+    @property
+    def trainable(self) -> bool:
+        return self.finetuning is not None
+
+    @property
+    def score_head(self) -> bool:
+        return self.head in ("score", "value")
+
+    def hub_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
+        if self.revision:
+            kw["revision"] = self.revision
+        if self.token:
+            kw["token"] = self.token
+        return kw
+
+    @classmethod
+    def trained(cls, recipe: RecipeBase, head: Head = "lm") -> ModelSpec:
+        """The model a recipe trains: model.path with the recipe's fine-tuning method."""
+        m = recipe.model
         compute = torch.float32 if recipe.precision == "fp32" else DTYPES[recipe.precision]
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=ft.quant_type,
-            bnb_4bit_use_double_quant=ft.double_quant,
-            bnb_4bit_compute_dtype=compute,
+        return cls(
+            path=m.path,
+            head=head,
+            finetuning=recipe.finetuning,
+            dtype=weight_dtype(recipe),
+            compute_dtype=compute,
+            gradient_checkpointing=recipe.train.gradient_checkpointing,
+            **_model_options(m),
         )
-        kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
-    config = load_config(m.path, "model.path", **_hub_kwargs(m))
-    if head == "lm":
-        refuse_reward_model(config, f"model.path {m.path}")
-    auto_class: Any = AutoModelForCausalLM
-    if head == "score":
-        auto_class = AutoModelForSequenceClassification
+
+    @classmethod
+    def frozen(cls, recipe: RecipeBase, path: str, what: str, head: Head = "lm") -> ModelSpec:
+        """A frozen model next to the one a recipe trains (a reference), in the recipe's weight dtype, with
+        its hub options and attention implementation."""
+        return cls(path=path, head=head, dtype=weight_dtype(recipe), what=what, **_model_options(recipe.model))
+
+
+def _model_options(m: ModelConfig) -> dict[str, Any]:
+    return {
+        "attn_implementation": m.attn_implementation,
+        "revision": m.revision,
+        "token": m.hub_token.get_secret_value() if m.hub_token is not None else None,
+        "trust_remote_code": m.trust_remote_code,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- the loader
+
+
+def load(
+    spec: ModelSpec, device: torch.device, tokenizer: Any | None = None, *, zero3: dict[str, Any] | None = None
+) -> LoadedModel:
+    """The one loader, for training and eval. A trained model gets its fine-tuning method (call it with
+    HfDeepSpeedConfig alive for ZeRO-3: the trainer wraps it in its engine). A frozen model is set up for
+    inference; ``zero3`` (a DeepSpeed ZeRO-3 config) partitions it over the processes instead of a full copy
+    on each (see engine.config.frozen_zero3_config). tokenizer: None loads the one the adapter (or else the
+    model) carries."""
+    if spec.trust_remote_code:
+        warnings.warn(f"trust_remote_code is true: Python code shipped with {spec.path} will run", stacklevel=2)
+    if spec.trainable:
+        assert tokenizer is not None, "a trained model loads with the recipe's tokenizer"
+        return _load_trained(spec, device, tokenizer)
+    return _load_frozen(spec, device, tokenizer, zero3)
+
+
+def _from_pretrained(spec: ModelSpec, tokenizer: Any, **extra: Any) -> tuple[Any, dict[str, Any]]:
+    """The model with spec's head (and its loading info), with clear errors for what the user can fix."""
+    import transformers
+
+    kwargs: dict[str, Any] = {"dtype": spec.dtype, **spec.hub_kwargs(), **extra}
+    if spec.attn_implementation != "auto":
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if spec.score_head:
         kwargs.update(num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    auto_class = getattr(transformers, _AUTO_CLASS["lm" if spec.head == "lm" else "score"])
+    # a local model by its absolute path: adapters record it as their base, and relative to the directory
+    # training ran in it would not be found from anywhere else
+    where = str(Path(spec.path).expanduser().resolve()) if looks_local(spec.path) else spec.path
     try:
-        with quiet_load_report(head == "score"):
-            # a local model by its absolute path: adapters record it as their base, and relative to the
-            # directory training ran in it would not be found from anywhere else
-            where = str(Path(m.path).expanduser().resolve()) if looks_local(m.path) else m.path
-            model = auto_class.from_pretrained(where, **kwargs)
+        # a reward model's new (or adapter-borne) score head is the point, not a problem to report
+        with quiet_load_report(spec.score_head):
+            return auto_class.from_pretrained(where, output_loading_info=True, **kwargs)
     except ImportError as e:
         if "flash" in str(e).lower():
             raise RecipeError(
-                f"model.attn_implementation {m.attn_implementation} is not available here: {e}",
+                f"model.attn_implementation {spec.attn_implementation} is not available here: {e}",
                 hint="use attn_implementation: sdpa (or install flash-attn on a CUDA machine)",
             ) from None
         raise
@@ -364,31 +436,58 @@ def load_model(recipe: RecipeBase, device: torch.device, tokenizer: Any, head: s
             raise RecipeError(
                 f"model.attn_implementation: {str(e).splitlines()[0]}", hint="use attn_implementation: sdpa"
             ) from None
-        raise
+        raise UserError(f"could not load {spec.what} {spec.path}: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise UserError(
+            f"could not load {spec.what} {spec.path}: {str(e).splitlines()[0]}",
+            hint="pass a local model directory (config.json + safetensors weights) or a hub id",
+        ) from None
 
+
+def _fit_tokenizer(model: Any, spec: ModelSpec, tokenizer: Any) -> None:
+    """Embeddings for the pad token llmtune added (a tokenizer with more tokens than that is another
+    model's), and the pad id where sequence classifiers and generation read it."""
     n_embed = model.get_input_embeddings().num_embeddings
     added = getattr(tokenizer, "llmtune_added_tokens", 0)
     if len(tokenizer) > n_embed + added:
         raise RecipeError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model {m.path} has embeddings for {n_embed}: "
+            f"the tokenizer has {len(tokenizer)} tokens but the model {spec.path} has embeddings for {n_embed}: "
             "the model was trained with another tokenizer",
             hint="use the tokenizer saved with the model (leave model.tokenizer unset, or point it at that model's "
             "directory)",
         )
     if len(tokenizer) > n_embed:  # only the pad token llmtune added
         model.resize_token_embeddings(len(tokenizer))
-    if head == "score":  # pooling takes the last token that is not padding: it needs the pad id
-        model.config.pad_token_id = tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if spec.score_head:  # pooling takes the last token that is not padding: it needs the pad id
+        model.config.pad_token_id = pad if pad is not None else 0
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.config.use_cache = False
+        model.generation_config.pad_token_id = pad
+    model.config.use_cache = False  # generation turns it on for itself (generation.sample.generation_mode)
 
-    if recipe.train.gradient_checkpointing:
+
+def _load_trained(spec: ModelSpec, device: torch.device, tokenizer: Any) -> LoadedModel:
+    ft = spec.finetuning
+    assert ft is not None
+    extra: dict[str, Any] = {}
+    if ft.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=ft.quant_type,
+            bnb_4bit_use_double_quant=ft.double_quant,
+            bnb_4bit_compute_dtype=spec.compute_dtype,
+        )
+        extra["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+    config = load_config(spec.path, spec.what, **spec.hub_kwargs())
+    if spec.head == "lm":
+        refuse_reward_model(config, f"{spec.what} {spec.path}")
+    model, _ = _from_pretrained(spec, tokenizer, **extra)
+    _fit_tokenizer(model, spec, tokenizer)
+    if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    model = apply_method(
-        model, ft, recipe.train.gradient_checkpointing, head_modules=["score"] if head == "score" else []
-    )
+    model = apply_method(model, ft, spec.gradient_checkpointing, head_modules=["score"] if spec.score_head else [])
     trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(_numel(p) for p in model.parameters())
     if trainable == 0:
@@ -396,21 +495,108 @@ def load_model(recipe: RecipeBase, device: torch.device, tokenizer: Any, head: s
             "no parameter is trainable with this finetuning setup",
             hint="for method freeze, raise finetuning.trainable_layers or name finetuning.trainable_modules",
         )
-    return LoadedModel(model=model, tokenizer=tokenizer, trainable_params=trainable, total_params=total)
+    return LoadedModel(model, tokenizer, trainable, total, name=spec.path)
+
+
+REWARD_MODEL_HINT = (
+    "pass the output of an rm run (`llmtune train` with stage: rm): its output directory (with lora / qlora the "
+    "adapter, which carries the score head) or its merged/ export"
+)
+
+
+def _load_frozen(spec: ModelSpec, device: torch.device, tokenizer: Any | None, zero3: dict[str, Any] | None) -> Any:
+    config = load_config(spec.path, spec.what, **spec.hub_kwargs())
+    if spec.head == "lm":
+        refuse_reward_model(config, f"{spec.what} {spec.path}")
+    if spec.adapter is not None:
+        check_tokenizers_agree(
+            [(spec.adapter, "the adapter"), (spec.path, "the base model")],
+            hint="pass the base model the adapter was trained on (it saved that model's tokenizer)",
+        )
+    tok = tokenizer if tokenizer is not None else tokenizer_from(spec.adapter, spec.path, **spec.hub_kwargs())
+    hf_ds = None
+    if zero3 is not None:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(zero3)  # alive while the weights load: each process keeps only its share
+    model, info = _from_pretrained(spec, tok)
+    head = "lm_head" if spec.head == "lm" else "score"
+    head_missing = any(k.split(".")[0] == head for k in info.get("missing_keys", ()))
+    if spec.score_head and head_missing and (spec.adapter is None or not _adapter_has(spec.adapter, "score")):
+        raise UserError(
+            f"{spec.what} {spec.adapter or spec.path} has no trained score head (its weights hold no score.*): "
+            "it is not a reward model, and its scores would come from a random head",
+            hint=REWARD_MODEL_HINT,
+        )
+    if spec.head == "lm" and head_missing and not getattr(model.config, "tie_word_embeddings", False):
+        raise UserError(
+            f"{spec.what} {spec.path} has no language-model head in its weights (lm_head is missing); "
+            "it would generate from a random one",
+            hint="pass a causal LM (a cpt / sft / dpo output, or a base model)",
+        )
+    _fit_tokenizer(model, spec, tok)
+    if spec.adapter is not None:
+        model = _with_adapter(model, spec.path, spec.adapter)
+    model.requires_grad_(False)
+    engine = None
+    if zero3 is not None:
+        import deepspeed
+
+        # no optimizer: DeepSpeed's ZeRO-3 inference, which gathers each layer's weights for its forward pass
+        engine = deepspeed.initialize(model=model, config=zero3)[0]
+        model = engine.module
+        del hf_ds
+    else:
+        model.to(device)
+    model.eval()
+    total = sum(_numel(p) for p in model.parameters())
+    return LoadedModel(
+        model, tok, 0, total, name=spec.adapter or spec.path, has_adapter=spec.adapter is not None, engine=engine
+    )
+
+
+def _adapter_has(adapter: str, module: str) -> bool:
+    """Whether an adapter's saved weights hold `module` in full (modules_to_save); True when unsure."""
+    f = Path(adapter).expanduser() / "adapter_model.safetensors"
+    if not f.is_file():
+        return True
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), "pt") as st:
+            return any(module in k.split(".") for k in st.keys())  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception:  # an unreadable file is reported by peft when it loads
+        return True
+
+
+def _with_adapter(model: Any, base: str, adapter: str) -> Any:
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter)
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        raise UserError(
+            f"the adapter {adapter} does not fit {base}: {str(e).strip().splitlines()[0]}",
+            hint="pass the base model the adapter was trained on",
+        ) from None
 
 
 @contextlib.contextmanager
 def quiet_load_report(quiet: bool = True) -> Iterator[None]:
-    """Hide transformers' load report while a reward model loads: that lm_head is unused and the head
-    `score` is new is the point, not a problem."""
-    log = logging.getLogger("transformers.modeling_utils")
-    level = log.level
+    """Hide transformers' load report (and the tensor-parallel note it then logs instead) while a reward
+    model loads: that lm_head is unused and the head `score` is new (or comes with the adapter) is the
+    point, not a problem."""
+    names = ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [log.level for log in loggers]
     if quiet:
-        log.setLevel(logging.ERROR)
+        for log in loggers:
+            log.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        log.setLevel(level)
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
 
 
 def check_reference_tokenizer(recipe: RecipeBase, path: str, tokenizer: Any) -> None:
@@ -445,29 +631,6 @@ def refuse_reward_model(config: Any, what: str) -> None:
             hint="use a causal LM here (e.g. the sft model the reward model was trained from); reward models are "
             "for stage rm and eval --reward-model",
         )
-
-
-def load_reference_model(recipe: RecipeBase, path: str, device: torch.device, tokenizer: Any) -> torch.nn.Module:
-    """A frozen causal LM in eval mode (a DPO reference): plain weights in the recipe's dtype, not quantized,
-    not partitioned. Call when no HfDeepSpeedConfig is alive."""
-    from transformers import AutoModelForCausalLM
-
-    refuse_reward_model(load_config(path, "dpo.reference", **_hub_kwargs(recipe.model)), f"dpo.reference {path}")
-    kwargs: dict[str, Any] = {"dtype": weight_dtype(recipe), **_hub_kwargs(recipe.model)}
-    if recipe.model.attn_implementation != "auto":
-        kwargs["attn_implementation"] = recipe.model.attn_implementation
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise UserError(
-            f"could not load the reference model from {path}: {str(e).splitlines()[0]}",
-            hint="dpo.reference must be a local model directory or a hub id (null: the starting model)",
-        ) from None
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.use_cache = False
-    model.requires_grad_(False)
-    return model.to(device).eval()
 
 
 def _numel(p: torch.nn.Parameter) -> int:

@@ -16,12 +16,13 @@ What a run leaves in output_dir:
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmtune.model.load import DTYPES, _hub_kwargs, quiet_load_report
+from llmtune.model.load import ModelSpec, _hub_kwargs, load
 from llmtune.recipe.schema import RecipeBase
 
 
@@ -30,22 +31,11 @@ def save_merged_reward_model(recipe: RecipeBase, adapter_dir: Path, out: Path, t
 
     The base is loaded in the training precision on the CPU (a 4-bit base is never merged into: that is lossy).
     """
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
-
-    dtype = DTYPES[recipe.precision] if recipe.model.dtype == "auto" else DTYPES[recipe.model.dtype]
-    with quiet_load_report():
-        base = AutoModelForSequenceClassification.from_pretrained(
-            recipe.model.path,
-            num_labels=1,
-            pad_token_id=tokenizer.pad_token_id,
-            dtype=dtype,
-            **_hub_kwargs(recipe.model),
-        )
-    base.config.pad_token_id = tokenizer.pad_token_id
-    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
-        base.resize_token_embeddings(len(tokenizer))
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    spec = dataclasses.replace(
+        ModelSpec.frozen(recipe, recipe.model.path, "model.path", head="score"), adapter=str(adapter_dir)
+    )
+    merged = load(spec, torch.device("cpu"), tokenizer).model.merge_and_unload()
+    merged.config.use_cache = True  # as a model loaded from the hub has it
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         merged.save_pretrained(out, safe_serialization=True)

@@ -228,10 +228,12 @@ def build_rewards(
     dtype: Any,
     what: str = "reward",
     loaded: dict[str, Any] | None = None,
+    zero3: dict[str, Any] | None = None,
 ) -> Rewards:
     """The Rewards of ``cfg``, reward models loaded on ``device`` in ``dtype`` (a torch dtype, or a name:
     auto, bf16, fp16, fp32). Checks ``cfg`` first (see check_rewards). ``loaded``: reward-model path ->
-    a source the caller built already (ppo's shared memory: a reward adapter on the policy's base)."""
+    a source the caller built already (ppo's shared memory: a reward adapter on the policy's base). zero3: a
+    DeepSpeed ZeRO-3 config that partitions the reward models over a training run's processes."""
     check_rewards(cfg, trust_code=trust_code, what=what)
     names = source_names(cfg)
     sources: list[Any] = []
@@ -246,7 +248,13 @@ def build_rewards(
                     continue
                 sources.append(
                     RewardModelSource(
-                        path, device=device, dtype=dtype, batch_size=cfg.batch_size, name=name, what=f"{what}.model"
+                        path,
+                        device=device,
+                        dtype=dtype,
+                        batch_size=cfg.batch_size,
+                        name=name,
+                        what=f"{what}.model",
+                        zero3=zero3,
                     )
                 )
         for spec, name in zip(cfg.rules(), names[len(cfg.models()) :], strict=True):

@@ -16,7 +16,8 @@ import torch
 
 from llmtune.data.chat import resolve_chat_template
 from llmtune.data.pipeline import Sample, collate
-from llmtune.eval.models import Loaded, free, last_token_scores, load_reward_model, pick_dtype
+from llmtune.eval.models import free, last_token_scores, load_reward_model, pick_dtype
+from llmtune.model.load import LoadedModel
 from llmtune.rewards import model_source_name
 
 
@@ -93,16 +94,17 @@ class RewardModelSource:
         what: str = "reward.model",
         chat_template: str | None = None,
         max_length: int | None = None,
+        zero3: dict[str, Any] | None = None,
     ) -> None:
+        """zero3: a DeepSpeed ZeRO-3 config that partitions the model over the processes (inside a training
+        run; every process must then score the same number of batches)."""
         self.path = path
         self.name = name or model_source_name(path)
         self.device = torch.device(device)
         if isinstance(dtype, str):
             dtype = pick_dtype(dtype, self.device)
         self.batch_size = batch_size
-        self.loaded: Loaded | None = load_reward_model(path, dtype, self.device, what=what)
-        self.loaded.model.eval()
-        self.loaded.model.requires_grad_(False)
+        self.loaded: LoadedModel | None = load_reward_model(path, dtype, self.device, what=what, zero3=zero3)
         self.template = resolve_chat_template(self.loaded.tokenizer, chat_template, required=False)
         limit = getattr(self.loaded.model.config, "max_position_embeddings", None)
         self.max_length = max_length if max_length is not None else limit if isinstance(limit, int) else None
@@ -115,7 +117,7 @@ class RewardModelSource:
         base); ``model`` is called like a sequence classifier and has a ``score`` module."""
         self = cls.__new__(cls)
         self.path, self.name, self.device, self.batch_size = path, model_source_name(path), device, batch_size
-        self.loaded = Loaded(model=model, tokenizer=tokenizer, name=path, has_adapter=True)
+        self.loaded = LoadedModel(model=model, tokenizer=tokenizer, name=path, has_adapter=True)
         self.template = resolve_chat_template(tokenizer, None, required=False)
         self.max_length = max_length
         return self

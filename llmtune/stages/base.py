@@ -11,7 +11,8 @@ import torch
 from llmtune.data.pipeline import Sample, SourceReport, collate
 from llmtune.engine.batches import Batches
 from llmtune.engine.checkpoint import export_model
-from llmtune.model.load import LoadedModel, load_model
+from llmtune.engine.config import frozen_zero3_config
+from llmtune.model.load import Head, LoadedModel, ModelSpec, load
 from llmtune.recipe.schema import RecipeBase
 
 
@@ -70,7 +71,20 @@ class StageDefaults:
     trust_reward_code = False  # set by the trainer from --trust-reward-code
 
     def load_model(self, recipe: Any, device: torch.device, tokenizer: Any) -> LoadedModel:
-        return load_model(recipe, device, tokenizer)
+        """The model the stage trains (the trainer wraps it in its DeepSpeed engine)."""
+        return load(ModelSpec.trained(recipe), device, tokenizer)
+
+    def load_frozen(self, recipe: Any, path: str, what: str, dist: Any, tokenizer: Any, head: Head = "lm") -> Any:
+        """A frozen model for inference next to the trained one (a reference): under ZeRO-3 partitioned over the
+        processes like the trained model, so every process must run the same number of forward passes on it."""
+        loaded = load(
+            ModelSpec.frozen(recipe, path, what, head),
+            dist.device,
+            tokenizer,
+            zero3=frozen_zero3_config(recipe, dist.world_size),
+        )
+        self.__dict__.setdefault("frozen_models", []).append(loaded)  # keeps a ZeRO-3 inference engine alive
+        return loaded.model
 
     def collate(self, samples: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
         return collate(samples, pad_id)

@@ -19,7 +19,7 @@ from llmtune.data.pipeline import fingerprint_tokenizer
 from llmtune.data.preference import PreferenceSample, build_preference_data, collate_preference
 from llmtune.engine.distributed import all_reduce_sum
 from llmtune.engine.report import run_console
-from llmtune.model.load import check_reference_tokenizer, load_reference_model
+from llmtune.model.load import check_reference_tokenizer
 from llmtune.objectives.preference import (
     dpo_loss,
     kto_loss,
@@ -78,7 +78,7 @@ class DpoStage(StageDefaults):
         ref: Any = None
         if not self._adapter_is_reference():
             path = cfg.reference or self.recipe.model.path
-            ref = load_reference_model(self.recipe, path, dist.device, self.tokenizer)
+            ref = self.load_frozen(self.recipe, path, "dpo.reference", dist, self.tokenizer)
         if not cfg.precompute_reference:
             self.reference = ref
             return

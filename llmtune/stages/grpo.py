@@ -20,9 +20,10 @@ import torch
 
 from llmtune.data.pipeline import PromptExample, Sample, collate
 from llmtune.engine.batches import Rollouts, Window
+from llmtune.engine.config import frozen_zero3_config
 from llmtune.engine.distributed import all_reduce_sum
 from llmtune.generation.sample import end_tokens
-from llmtune.model.load import load_reference_model, weight_dtype
+from llmtune.model.load import weight_dtype
 from llmtune.objectives.preference import IGNORE_INDEX, token_logps
 from llmtune.objectives.rl import (
     aggregate_loss,
@@ -67,11 +68,14 @@ class GrpoStage(OnlineStage):
             trust_code=self.trust_reward_code,
             device=dist.device,
             dtype=weight_dtype(self.recipe),
+            zero3=frozen_zero3_config(self.recipe, dist.world_size),
         )
         self.reference = None
         lora = self.recipe.finetuning.method in ("lora", "qlora")
         if self.recipe.grpo.beta > 0 and not lora:  # lora: the base with the adapter disabled, no second copy
-            self.reference = load_reference_model(self.recipe, self.recipe.model.path, dist.device, self.tokenizer)
+            self.reference = self.load_frozen(
+                self.recipe, self.recipe.model.path, "the reference", dist, self.tokenizer
+            )
         self.rollouts.make = self.make_rollouts
 
     def make_rollouts(self, prompts: list[PromptExample], seed: int) -> list[Window]:

@@ -20,6 +20,7 @@ per process; a rollout holds ppo.rollout_batch_size (default: one step's worth).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import torch
 from llmtune.data.pipeline import PromptExample, Sample, collate
 from llmtune.engine.batches import Rollouts, Window
 from llmtune.engine.checkpoint import export_model
+from llmtune.engine.config import frozen_zero3_config
 from llmtune.engine.distributed import all_reduce_sum
 from llmtune.errors import RecipeError
 from llmtune.generation.sample import end_tokens
@@ -41,7 +43,7 @@ from llmtune.model.actor_critic import (
     hidden_size,
     load_reward_adapter,
 )
-from llmtune.model.load import LoadedModel, _numel, load_model, load_reference_model, weight_dtype
+from llmtune.model.load import LoadedModel, ModelSpec, _numel, load, weight_dtype
 from llmtune.objectives.preference import IGNORE_INDEX, token_logps
 from llmtune.objectives.rl import (
     AdaptiveKLController,
@@ -81,7 +83,7 @@ class PpoStage(OnlineStage):
 
     def load_model(self, recipe: PpoRecipe, device: torch.device, tokenizer: Any) -> LoadedModel:
         p = recipe.ppo
-        policy = load_model(recipe, device, tokenizer).model
+        policy = load(ModelSpec.trained(recipe), device, tokenizer).model
         critic_lr = p.critic_lr or recipe.train.lr
         from_reward = p.critic_init == "reward" or (p.critic_init == "auto" and bool(p.reward.models()))
         self.shared_rewards: dict[str, Any] = {}
@@ -126,11 +128,14 @@ class PpoStage(OnlineStage):
         source = recipe.model.path
         if from_reward:
             source = critic_source(recipe.ppo.reward.models()[0])
-        r = recipe.model_copy(deep=True)
-        r.model.path = source
-        r.finetuning.modules_to_save = []  # the policy's (e.g. lm_head) are not the critic's: its head is new
-        critic = load_model(r, device, tokenizer, head="score").model
-        return critic
+        spec = dataclasses.replace(
+            ModelSpec.trained(recipe, head="value"),
+            path=source,
+            what="the critic",
+            # the policy's modules_to_save (e.g. lm_head) are not the critic's: its head is new
+            finetuning=recipe.finetuning.model_copy(update={"modules_to_save": []}),
+        )
+        return load(spec, device, tokenizer).model
 
     def before_training(self, engine: Any, data: StageData, dist: Any, collate: Any) -> None:
         from llmtune.rewards import build_rewards
@@ -144,10 +149,13 @@ class PpoStage(OnlineStage):
             device=dist.device,
             dtype=weight_dtype(self.recipe),
             loaded=self.shared_rewards,
+            zero3=frozen_zero3_config(self.recipe, dist.world_size),
         )
         self.reference = None
         if self.recipe.finetuning.method not in ("lora", "qlora"):  # lora: the base with the adapters disabled
-            self.reference = load_reference_model(self.recipe, self.recipe.model.path, dist.device, self.tokenizer)
+            self.reference = self.load_frozen(
+                self.recipe, self.recipe.model.path, "the reference", dist, self.tokenizer
+            )
         self.kl_ctl = AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon)
         self.rollouts.make = self.make_rollouts
         self.rollouts.on_step = self.on_step

@@ -20,6 +20,7 @@ the prompts; rank 0 gathers them and writes the files while the others wait.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -281,19 +282,16 @@ def _inference_dtype(recipe: RejectionSamplingRecipe, device: torch.device) -> t
     return torch.bfloat16 if recipe.precision == "bf16" else torch.float16
 
 
-def _load_policy(recipe: RejectionSamplingRecipe, path: str, k: int, dtype: torch.dtype, device: torch.device):
-    from transformers import AutoModelForCausalLM
+def _load_policy(
+    recipe: RejectionSamplingRecipe, path: str, k: int, dtype: torch.dtype, device: torch.device, tokenizer: Any
+) -> Any:
+    """The round's model for sampling: the starting model (round 1, with the recipe's hub options) or the
+    last round's local output."""
+    from llmtune.model.load import ModelSpec, load
 
-    from llmtune.model.load import _hub_kwargs
-
-    kwargs = _hub_kwargs(recipe.model)
-    if k > 1:
-        kwargs.pop("revision", None)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load the model {path}: {str(e).splitlines()[0]}") from None
-    return model.to(device).eval()
+    spec = ModelSpec.frozen(recipe, path, "model.path" if k == 1 else f"round {k - 1}'s model")
+    spec = dataclasses.replace(spec, dtype=dtype, revision=spec.revision if k == 1 else None)
+    return load(spec, device, tokenizer).model
 
 
 def _shard(items: list[Any], dist: Any) -> list[Any]:
@@ -343,7 +341,7 @@ def generate_round(
     template = resolve_chat_template(tokenizer, recipe.model.chat_template, required=True)
     dtype = _inference_dtype(recipe, dist.device)
     t0 = time.perf_counter()
-    model = _load_policy(recipe, model_path, k, dtype, dist.device)
+    model = _load_policy(recipe, model_path, k, dtype, dist.device, tokenizer)
     stops = end_tokens(model, tokenizer, template)
     budget = max(1, recipe.data.max_length - gen.max_new_tokens)
     ids = []

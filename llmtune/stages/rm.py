@@ -10,7 +10,7 @@ import torch
 from llmtune.data.pipeline import fingerprint_tokenizer
 from llmtune.data.preference import build_preference_data, collate_preference
 from llmtune.engine.checkpoint import export_model
-from llmtune.model.load import LoadedModel, load_model
+from llmtune.model.load import LoadedModel, ModelSpec, load
 from llmtune.objectives.preference import (
     bradley_terry_loss,
     pointwise_loss,
@@ -46,7 +46,7 @@ class RmStage(StageDefaults):
         return StageData(train=train, eval=evals, reports=reports)
 
     def load_model(self, recipe: RmRecipe, device: torch.device, tokenizer: Any) -> LoadedModel:
-        loaded = load_model(recipe, device, tokenizer, head="score")
+        loaded = load(ModelSpec.trained(recipe, head="score"), device, tokenizer)
         if recipe.rm.lm_loss_weight > 0:
             from llmtune.model.reward import load_output_embedding
 
