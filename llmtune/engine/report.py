@@ -134,7 +134,7 @@ def print_data_summary(console: Console, data: Any, recipe: Any) -> None:
                 "the file with stage dpo and dpo.loss: kto"
             )
     lengths = [len(s.input_ids) for s in data.train]
-    if lengths:
+    if any(lengths):  # (rejection sampling's prompts are not tokenized when they are read)
         learned = sum(sum(1 for x in s.labels[1:] if x != -100) for s in data.train)
         console.print(
             f"train rows: {len(lengths):,} (max_length {recipe.data.max_length}, packing "

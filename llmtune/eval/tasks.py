@@ -44,7 +44,7 @@ from llmtune.eval.models import (
 )
 from llmtune.eval.pairs import Pair, is_pair_row, to_pair
 from llmtune.generation.prompts import Prompt, render_prompt, to_prompt
-from llmtune.generation.sample import generate
+from llmtune.generation.sample import end_tokens, generate
 from llmtune.model.load import LoadedModel
 from llmtune.objectives.lm import lm_loss_sum
 from llmtune.recipe.schema import DataSource
@@ -268,6 +268,7 @@ class Generated:
     text: str  # the rendered prompt
     completion: str
     new_tokens: int
+    ended: bool = True  # False: cut at max_new_tokens without an end token
 
 
 def read_prompts(env: Env) -> tuple[list[tuple[int, Prompt]], SourceReport]:
@@ -341,12 +342,23 @@ def run_generation(
             seed=cfg.seed,
             device=env.device,
             on_batch=advance,
+            stops=end_tokens(policy.model, tok, template),
         )
     free(policy)
     return [
-        Generated(i, p, t, tok.decode(o, skip_special_tokens=True), len(o))
-        for (i, p), t, o in zip(prompts, texts, outs, strict=True)
+        Generated(i, p, t, tok.decode(o, skip_special_tokens=True), len(o), ended)
+        for (i, p), t, (o, ended) in zip(prompts, texts, outs, strict=True)
     ]
+
+
+def output_shape(gens: list[Generated], suffix: str = "") -> dict[str, float]:
+    """The share of empty completions and of truncated ones (never ended: cut at max_new_tokens), reported
+    beside every generation metric: a model that wins by saying nothing, or by never stopping, shows it."""
+    n = max(len(gens), 1)
+    return {
+        f"empty_share{suffix}": sum(not g.completion.strip() for g in gens) / n,
+        f"truncated_share{suffix}": sum(not g.ended for g in gens) / n,
+    }
 
 
 def generate_task(env: Env) -> TaskResult:
@@ -358,7 +370,7 @@ def generate_task(env: Env) -> TaskResult:
     rows = []
     answered = 0
     for g in gens:
-        row: dict[str, Any] = {"index": g.index, "prompt": g.text, "completion": g.completion}
+        row: dict[str, Any] = {"index": g.index, "prompt": g.text, "completion": g.completion, "ended": g.ended}
         if g.prompt.answer is not None:
             answered += 1
             gold = reference_answer(g.prompt.answer)
@@ -385,6 +397,7 @@ def generate_task(env: Env) -> TaskResult:
             "examples": len(gens),
             "answered": answered,
             "mean_new_tokens": sum(g.new_tokens for g in gens) / len(gens),
+            **output_shape(gens),
             "few_shot": cfg.few_shot,
             **_drop_metrics(report),
         }
@@ -438,6 +451,7 @@ def reward(env: Env) -> TaskResult:
             "index": g.index,
             "prompt": g.text,
             "completion": g.completion,
+            "ended": g.ended,
             "reward": totals[i],
             "rewards": {name: s[i] for name, s in sources.items()},
         }
@@ -453,6 +467,7 @@ def reward(env: Env) -> TaskResult:
             "std_reward": std,
             "min_reward": min(totals),
             "max_reward": max(totals),
+            **output_shape(gens),
             "examples": len(gens),
             "rewards": per_source,
             "weights": dict(zip(sources, weights, strict=True)),
@@ -496,6 +511,8 @@ def compare(env: Env) -> TaskResult:
             "losses": loss,
             "mean_reward_a": sum(sa) / n,
             "mean_reward_b": sum(sb) / n,
+            **output_shape(gens_a, "_a"),
+            **output_shape(gens_b, "_b"),
             "examples": n,
             **_drop_metrics(report),
         },

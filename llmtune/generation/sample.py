@@ -1,10 +1,10 @@
 """Batched generation with left padding: greedy (temperature 0) or sampling, seeded per batch so that
 the result does not depend on what ran before.
 
-``generate`` serves eval; ``rollout`` serves the online stages (grpo, rejection sampling): it also says
-whether each completion ended, stops on every end token the chat template uses, and leaves the training
-state of the model (train mode, ``use_cache``, gradient checkpointing, the random number generators) as
-it found it.
+``generate`` serves eval, ``rollout`` the online stages (grpo, ppo, rejection sampling). Both say whether
+each completion ended, and stop on the end tokens they are given (``end_tokens``: every end token the chat
+template uses, not only ``eos_token_id``); ``rollout`` also leaves the training state of the model (train
+mode, ``use_cache``, gradient checkpointing, the random number generators) as it found it.
 """
 
 from __future__ import annotations
@@ -160,19 +160,22 @@ def generate(
     seed: int = 0,
     device: torch.device | None = None,
     on_batch: Callable[[int], None] | None = None,
-) -> list[list[int]]:
-    """Completions (token ids, without the stop token) for each prompt (token ids), in order.
+    stops: list[int] | None = None,
+) -> list[tuple[list[int], bool]]:
+    """(completion token ids without the stop token, whether it ended with one) for each prompt (token ids),
+    in order. stops: the tokens that end a completion (end_tokens: the chat template's end of turn and the
+    eos ids); None: the eos ids alone.
 
     Batch b is sampled with torch seed ``seed + b``: the same inputs, seed and batch size give the same
     completions on the same device. ``on_batch(n)`` is called after each batch (progress bars).
     """
     device = device or next(model.parameters()).device
     model.eval()
-    outs = _generate_batches(
+    return _generate_batches(
         model,
         tokenizer,
         prompts,
-        stop_ids(model, tokenizer),
+        stops if stops is not None else stop_ids(model, tokenizer),
         max_new_tokens=max_new_tokens,
         sampling=_sampling(temperature, top_p, 0),
         batch_size=batch_size,
@@ -180,7 +183,6 @@ def generate(
         device=device,
         on_batch=on_batch,
     )
-    return [ids for ids, _ in outs]
 
 
 @torch.no_grad()

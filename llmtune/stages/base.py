@@ -77,12 +77,12 @@ class StageDefaults:
     def load_frozen(self, recipe: Any, path: str, what: str, dist: Any, tokenizer: Any, head: Head = "lm") -> Any:
         """A frozen model for inference next to the trained one (a reference): under ZeRO-3 partitioned over the
         processes like the trained model, so every process must run the same number of forward passes on it."""
-        loaded = load(
-            ModelSpec.frozen(recipe, path, what, head),
-            dist.device,
-            tokenizer,
-            zero3=frozen_zero3_config(recipe, dist.world_size),
-        )
+        from llmtune.engine.report import run_console
+
+        zero3 = frozen_zero3_config(recipe, dist.world_size)
+        where = f"partitioned over {dist.world_size} processes (ZeRO-3)" if zero3 else f"on {dist.device.type}"
+        run_console(dist.is_main).print(f"loading {what} {path} (frozen, {where}) ...")
+        loaded = load(ModelSpec.frozen(recipe, path, what, head), dist.device, tokenizer, zero3=zero3)
         self.__dict__.setdefault("frozen_models", []).append(loaded)  # keeps a ZeRO-3 inference engine alive
         return loaded.model
 

@@ -46,27 +46,24 @@ _RUN_FILES = {"recipe.yaml", "run.json", "metrics.jsonl", "checkpoints", ".expor
 
 
 def read_prompts(recipe: RejectionSamplingRecipe, console: Console) -> list[Any]:
-    """Every usable prompt of data.train (each source's columns / max_samples / system applied); dropped rows
-    are counted and reported. No usable prompt is a DataError (exit 2), raised before any model loads."""
-    from llmtune.data.sources import read_rows
-    from llmtune.eval.tasks import convert
+    """Every usable prompt of data.train, read by the data pipeline the other stages use (formats, columns,
+    max_samples, system, weight, on_bad_row), without tokenizing: each round renders them with its own
+    model's tokenizer. No usable prompt is a DataError (exit 2), raised before any model loads."""
+    from llmtune.data.pipeline import PromptExample, build_data
+    from llmtune.engine.report import print_data_summary
     from llmtune.generation.prompts import to_prompt
 
+    def encode(row: dict, fmt: str, src: DataSource) -> list[PromptExample]:
+        return [PromptExample(input_ids=[], labels=[], prompt=to_prompt(row, src.system))]
+
+    bundle = build_data(recipe, encode, "prompts", default_format="prompts", use_cache=False)
+    print_data_summary(console, bundle, recipe)
+    if bundle.eval:
+        console.print(f"note: {len(bundle.eval)} held-out prompt(s) (data.eval / eval_split) are not sampled")
     prompts = []
-    for src in recipe.data.train:
-        rows = read_rows(src)
-        if src.max_samples is not None:
-            rows = rows[: src.max_samples]
-        try:
-            kept, report = convert(rows, lambda r, s=src.system: to_prompt(r, s), src.path, "prompts")
-        except DataError as e:
-            raise DataError(f"data.train: {e.message}", hint=e.hint) from None
-        console.print(f"prompts: {src.path}: {report.rows} rows, {report.kept} usable, {report.dropped} dropped")
-        for line in report.first_dropped(3):
-            console.print(f"  dropped {line}")
-        for index, p in kept:
-            p.row = index
-            prompts.append(p)
+    for e in bundle.train:
+        e.prompt.row = e.row
+        prompts.append(e.prompt)
     return prompts
 
 

@@ -194,6 +194,9 @@ def test_eval_generate_exact_match_equals_independent_count(tmp_path: Path) -> N
     assert got["exact_match_count"] == count and got["exact_match"] == pytest.approx(count / len(prompts))
     gens = [json.loads(line) for line in Path(got["generations"]).read_text().splitlines()]
     assert [g["completion"] for g in gens] == expected
+    n = len(gens)
+    assert got["truncated_share"] == pytest.approx(sum(not g["ended"] for g in gens) / n)
+    assert got["empty_share"] == pytest.approx(sum(not g["completion"].strip() for g in gens) / n)
 
 
 def _reward_model(path: Path) -> Path:

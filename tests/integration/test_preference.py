@@ -207,13 +207,17 @@ def test_shared_demo_files_train(tmp_path: Path, shared_data: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["rm", "dpo"])
-def test_two_process_zero3(tmp_path: Path, stage: str) -> None:
+@pytest.mark.parametrize(("stage", "method"), [("rm", "full"), ("dpo", "lora"), ("dpo", "full")])
+def test_two_process_zero3(tmp_path: Path, stage: str, method: str) -> None:
+    """dpo full: the reference is a frozen copy, partitioned over the two processes like the policy, and
+    (precompute_reference false) run in every step."""
     data = polite_pairs(tmp_path / "pairs.jsonl", n=64)
+    extra = {"dpo": {"precompute_reference": False}} if (stage, method) == ("dpo", "full") else {}
     recipe = base_recipe(
         tmp_path,
         stage=stage,
-        finetuning={"method": "full" if stage == "rm" else "lora", "lora_dropout": 0.0},
+        **extra,
+        finetuning={"method": method, "lora_dropout": 0.0},
         data={"train": [{"path": str(data)}], "max_length": 64, "eval_split": 0.25},
         train={"max_steps": 3, "micro_batch_size": 4, "lr": 1e-3, "log_every": 1},
         distributed={"zero_stage": 3},
@@ -227,7 +231,13 @@ def test_two_process_zero3(tmp_path: Path, stage: str) -> None:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY_MODEL), out)
+        if method == "lora":
+            PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY_MODEL), out)
+        else:
+            assert "(frozen, partitioned over 2 processes (ZeRO-3))" in stdout
+            AutoModelForCausalLM.from_pretrained(out)
+            train = [m["loss"] for m in metrics if "loss" in m]
+            assert train[-1] < train[0]  # the reference in the loss is the frozen start, the policy moves
     else:
         from transformers import AutoModelForSequenceClassification
 

@@ -90,7 +90,7 @@ def greedy_exact_match(model_dir: Path, words: list[str], adapter: Path | None =
         for w in words
     ]
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    outs = generate(model, tok, ids, max_new_tokens=8, temperature=0.0, batch_size=len(ids))
+    outs = [o for o, _ in generate(model, tok, ids, max_new_tokens=8, temperature=0.0, batch_size=len(ids))]
     return sum(tok.decode(o, skip_special_tokens=True).strip() == w for o, w in zip(outs, words, strict=True)) / len(
         words
     )
@@ -220,7 +220,7 @@ def test_bad_input_is_refused_before_any_model_loads(tmp_path: Path, start_model
     recipe = rs_recipe(tmp_path, start_model)
     recipe["data"]["train"] = [{"path": str(bad)}]
     proc = run_cli("train", str(write_recipe(tmp_path, recipe)))
-    assert_refused(proc, "no row is usable as prompts")
+    assert_refused(proc, "no usable example", "bad.jsonl")
     assert "round 1" not in proc.stdout
 
     recipe = rs_recipe(tmp_path, start_model, output_dir=str(tmp_path / "out2"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmtune.generation.sample import end_tokens, rollout, stop_ids, template_end_token
+from llmtune.generation.sample import end_tokens, generate, rollout, stop_ids, template_end_token
 from llmtune.recipe.schema import GenerationConfig
 from tests.conftest import TINY_MODEL
 
@@ -87,3 +87,18 @@ def test_rollout_restores_the_training_state(model_and_tokenizer) -> None:
     assert model.training and model.config.use_cache is False and model.is_activation_checkpointing
     model.gradient_checkpointing_disable()
     model.eval()
+
+
+def test_eval_generate_stops_on_the_tokens_it_is_given(model_and_tokenizer) -> None:
+    """eval's generate: the stop tokens passed (end_tokens), else the eos ids; the ended flag says which
+    completions reached one."""
+    model, tok = model_and_tokenizer
+    ids = [_prompt(tok)] * 2
+    base = generate(model, tok, ids, max_new_tokens=6, stops=[-1])
+    assert all(len(c) == 6 and not ended for c, ended in base)
+    stop = base[0][0][3]
+    cut = generate(model, tok, ids, max_new_tokens=6, stops=[stop])
+    assert all(ended and c == base[0][0][: base[0][0].index(stop)] for c, ended in cut)
+    assert generate(model, tok, ids, max_new_tokens=6) == generate(
+        model, tok, ids, max_new_tokens=6, stops=stop_ids(model, tok)
+    )
