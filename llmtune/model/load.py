@@ -540,10 +540,9 @@ def _load_frozen(spec: ModelSpec, device: torch.device, tokenizer: Any | None, z
     model.requires_grad_(False)
     engine = None
     if zero3 is not None:
-        import deepspeed
+        from llmtune.engine.config import zero3_inference_engine
 
-        # no optimizer: DeepSpeed's ZeRO-3 inference, which gathers each layer's weights for its forward pass
-        engine = deepspeed.initialize(model=model, config=zero3)[0]
+        engine = zero3_inference_engine(model, zero3)
         model = engine.module
         del hf_ds
     else:
