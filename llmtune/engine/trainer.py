@@ -525,6 +525,7 @@ def _train_window(
         stop = all_reduce_sum(torch.tensor([1.0 if stop_requested else 0.0], dtype=torch.float64, device=dist.device))
         return WindowResult(0.0, 0.0, None, {}, None, True, stop.item() > 0)
     batches = [_to(b, dist.device) for b in window]
+    stage.prepare_window(engine, batches, dist)  # window-level quantities (KTO's reference point)
     local_units = sum(stage.units(b).double() for b in batches)
     global_units = all_reduce_sum(torch.as_tensor(local_units, dtype=torch.float64, device=dist.device))
     denom = max(global_units.item(), 1.0)

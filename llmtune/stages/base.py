@@ -89,6 +89,10 @@ class StageDefaults:
     def collate(self, samples: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
         return collate(samples, pad_id)
 
+    def prepare_window(self, engine: Any, batches: list[dict[str, torch.Tensor]], dist: Any) -> None:
+        """Called with a step's micro-batches (this process's) before any of them trains: a stage whose loss
+        needs a statistic of the whole step adds it to the batches (every process calls it at once)."""
+
     def batch_source(self, data: StageData, recipe: Any, dist: Any, collate: Any) -> Any:
         """Where the loop draws its windows from: the fixed, shuffled training samples."""
         return Batches(data.train, recipe, dist, collate)

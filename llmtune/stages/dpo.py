@@ -125,6 +125,28 @@ class DpoStage(StageDefaults):
         for j, s in enumerate(samples):
             s.ref_logps = table[j, : len(s.parts)].tolist()
 
+    def prepare_window(self, engine: Any, batches: list[dict[str, torch.Tensor]], dist: Any) -> None:
+        """KTO's reference point z0 = mean(log pi - log ref) over the whole step (every micro-batch of every
+        process), clamped at 0: the update then does not depend on how the step is split into micro-batches.
+        One extra forward pass without gradients per micro-batch."""
+        if self.recipe.dpo.loss != "kto":
+            return
+        total = torch.zeros(2, dtype=torch.float64, device=dist.device)
+        with torch.no_grad():
+            for b in batches:
+                logps, _ = batch_logps(engine, b)
+                ref = b["ref_logps"] if "ref_logps" in b else self._reference_logps(engine, self.reference, b)
+                total += torch.stack(
+                    [
+                        (logps.double() - ref.double()).sum(),
+                        torch.tensor(logps.numel(), device=dist.device, dtype=torch.float64),
+                    ]
+                )
+        total = all_reduce_sum(total)
+        z0 = (total[0] / total[1].clamp(min=1)).clamp(min=0).float()
+        for b in batches:
+            b["kto_kl"] = z0
+
     # --- the step ----------------------------------------------------------------------------------------------
 
     def step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
@@ -138,7 +160,8 @@ class DpoStage(StageDefaults):
         if cfg.loss == "kto":
             assert ref is not None
             desirable = batch["value"] > 0.5
-            kl = kto_reference_point(logps, ref)
+            # the whole step's reference point (prepare_window); in evaluation, the batch's own
+            kl = batch["kto_kl"] if "kto_kl" in batch else kto_reference_point(logps, ref)
             losses, rewards = kto_loss(
                 logps, ref, desirable, kl, cfg.beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight
             )
