@@ -47,6 +47,9 @@ def empty_preferred(rm: Path) -> float:
     import torch
 
     from llmtune.rewards.model import RewardModelSource
+    from llmtune.stages import quiet_libraries
+
+    quiet_libraries()  # transformers' weight-loading bar and notes, as in every llmtune command
 
     rows = [json.loads(line) for line in (FACTS / "held.jsonl").read_text().splitlines()]
     source = RewardModelSource(str(rm), device="cpu", dtype=torch.float32)

@@ -51,6 +51,9 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # "Token indices sequence length is longer than ... indexing errors": rows are tokenized whole, then cut
+    # to data.max_length (capped at the model's positions); a row left with nothing to learn is dropped and named
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
     if not sys.stderr.isatty():  # in a log file, transformers' "Loading weights" bars are only noise
         from transformers.utils import logging as hf_logging
 

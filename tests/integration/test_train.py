@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TINY_MODEL, as_if_killed, base_recipe, read_metrics, run_cli, write_recipe
+from tests.conftest import ROOT, TINY_MODEL, as_if_killed, assert_ok, base_recipe, read_metrics, run_cli, write_recipe
 
 WORDS = [
     "river",
@@ -324,3 +324,17 @@ def test_reward_model_with_lm_regulariser_through_the_cli(tmp_path: Path) -> Non
     records = [r for r in read_metrics(out) if "loss" in r]
     assert len(records) == 6 and all(r["lm_loss"] > 0 for r in records)
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_console_holds_no_library_noise(tmp_path: Path) -> None:
+    """A row longer than the tokenizer's model_max_length is cut by llmtune, not a transformers warning about
+    indexing errors; DeepSpeed's accelerator warning is not shown either."""
+    long_row = {"messages": [{"role": "user", "content": "word " * 3000}, {"role": "assistant", "content": "ok"}]}
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps(long_row) + "\n" + (ROOT / "recipes" / "quickstart" / "sft.jsonl").read_text())
+    recipe = base_recipe(tmp_path, data={"train": [{"path": str(data)}], "max_length": 128}, train={"max_steps": 1})
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe)))
+    assert_ok(proc)
+    console = proc.stdout + proc.stderr
+    assert "indexing errors" not in console and "Setting accelerator" not in console
+    assert "dropped" in proc.stdout  # the long row, cut to nothing to learn, is counted
