@@ -504,7 +504,9 @@ REWARD_MODEL_HINT = (
 )
 
 
-def _load_frozen(spec: ModelSpec, device: torch.device, tokenizer: Any | None, zero3: dict[str, Any] | None) -> Any:
+def _load_frozen(
+    spec: ModelSpec, device: torch.device, tokenizer: Any | None, zero3: dict[str, Any] | None
+) -> LoadedModel:
     config = load_config(spec.path, spec.what, **spec.hub_kwargs())
     if spec.head == "lm":
         refuse_reward_model(config, f"{spec.what} {spec.path}")
