@@ -1,6 +1,7 @@
 """Invariants every stage keeps: the split of a step into micro-batches does not change the update (micro-batch
-8 x accumulation 1 = micro-batch 2 x accumulation 4, KTO's batch reference point included), and a seed
-fixes the run (the same seed twice: identical losses; another seed: other ones)."""
+8 x accumulation 1 = micro-batch 2 x accumulation 4, KTO's batch reference point included), nor its split
+over processes (one process = two with the same global batch), and a seed fixes the run (the same seed
+twice: identical losses; another seed: other ones)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ DATA = {
 }
 
 
-def _run(tmp_path: Path, stage: str, mb: int, ga: int, seed: int = 0, **extra: dict) -> Path:
-    sub = tmp_path / f"{stage}-mb{mb}-ga{ga}-s{seed}"
+def _run(tmp_path: Path, stage: str, mb: int, ga: int, seed: int = 0, nproc: int = 1, **extra: dict) -> Path:
+    sub = tmp_path / f"{stage}-mb{mb}-ga{ga}-s{seed}-p{nproc}"
     sub.mkdir()
     recipe = base_recipe(
         sub,
@@ -35,7 +36,7 @@ def _run(tmp_path: Path, stage: str, mb: int, ga: int, seed: int = 0, **extra: d
         **({"dpo": {"loss": "kto"}} if stage == "kto" else {}),
         **extra,
     )
-    assert_ok(run_cli("train", str(write_recipe(sub, recipe))))
+    assert_ok(run_cli("train", str(write_recipe(sub, recipe)), nproc=nproc))
     return Path(recipe["output_dir"])
 
 
@@ -46,6 +47,20 @@ def test_micro_batch_split_does_not_change_the_update(tmp_path: Path, stage: str
     b = _run(tmp_path, stage, 2, 4)
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=5e-5, rtol=1e-4, msg=f"{stage}: {k}")
+    la = [m["loss"] for m in read_metrics(a) if "loss" in m]
+    lb = [m["loss"] for m in read_metrics(b) if "loss" in m]
+    assert la == pytest.approx(lb, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["cpt", "sft", "rm", "dpo", "kto"])
+def test_one_process_and_two_give_the_same_weights(tmp_path: Path, stage: str) -> None:
+    """The same global batch (8 rows a step) on one process (4 x accumulation 2) and on two (4 x 1 each)."""
+    a = _run(tmp_path, stage, 4, 2)
+    b = _run(tmp_path, stage, 4, 1, nproc=2)
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=5e-5, rtol=1e-4, msg=f"{stage}: {k}")
     la = [m["loss"] for m in read_metrics(a) if "loss" in m]
