@@ -61,14 +61,12 @@ done
 mkdir -p "$OUT" || exit 2
 TSV="$OUT/pipeline.tsv"
 
-# shellcheck disable=SC2206
 LLMTUNE=(llmtune)
 if [ -n "${LAUNCH:-}" ]; then
   # shellcheck disable=SC2206
   LLMTUNE=(${LAUNCH} -m llmtune)
   case $LAUNCH in *--module*) LLMTUNE=(${LAUNCH} llmtune) ;; esac
 fi
-# shellcheck disable=SC2206
 EXTRA=()
 for s in ${SET:-}; do EXTRA+=(--set "$s"); done
 

@@ -40,11 +40,8 @@ def _run(tmp_path: Path, stage: str, mb: int, ga: int, seed: int = 0, nproc: int
     return Path(recipe["output_dir"])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", ["cpt", "sft", "rm", "dpo", "kto"])
-def test_micro_batch_split_does_not_change_the_update(tmp_path: Path, stage: str) -> None:
-    a = _run(tmp_path, stage, 8, 1)
-    b = _run(tmp_path, stage, 2, 4)
+def _assert_same_run(a: Path, b: Path, stage: str) -> None:
+    """Two runs' final weights and logged losses agree (float tolerance)."""
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -56,16 +53,19 @@ def test_micro_batch_split_does_not_change_the_update(tmp_path: Path, stage: str
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["cpt", "sft", "rm", "dpo", "kto"])
+def test_micro_batch_split_does_not_change_the_update(tmp_path: Path, stage: str) -> None:
+    a = _run(tmp_path, stage, 8, 1)
+    b = _run(tmp_path, stage, 2, 4)
+    _assert_same_run(a, b, stage)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["cpt", "sft", "rm", "dpo", "kto"])
 def test_one_process_and_two_give_the_same_weights(tmp_path: Path, stage: str) -> None:
     """The same global batch (8 rows a step) on one process (4 x accumulation 2) and on two (4 x 1 each)."""
     a = _run(tmp_path, stage, 4, 2)
     b = _run(tmp_path, stage, 4, 1, nproc=2)
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=5e-5, rtol=1e-4, msg=f"{stage}: {k}")
-    la = [m["loss"] for m in read_metrics(a) if "loss" in m]
-    lb = [m["loss"] for m in read_metrics(b) if "loss" in m]
-    assert la == pytest.approx(lb, rel=1e-4, abs=1e-5)
+    _assert_same_run(a, b, stage)
 
 
 @pytest.mark.slow
