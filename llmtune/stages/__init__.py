@@ -50,6 +50,9 @@ def quiet_libraries() -> None:
     # bitsandbytes reports that optional hub kernels are absent and falls back to its own CPU code.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # ... through the `kernels` package (transformers >= 5.25 installs it), which says offline that it
+    # skips a publisher check for a kernel it then does not find; the CPU fallback is used either way.
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # "Token indices sequence length is longer than ... indexing errors": rows are tokenized whole, then cut
     # to data.max_length (capped at the model's positions); a row left with nothing to learn is dropped and named
