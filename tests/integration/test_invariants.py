@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, assert_ok, base_recipe, read_metrics, run_cli, write_recipe
+from tests.conftest import ROOT, TINY_MODEL, assert_ok, base_recipe, read_metrics, run_cli, write_recipe
 
 FACTS = ROOT / "recipes" / "quickstart" / "facts"
 DATA = {
@@ -20,18 +20,33 @@ DATA = {
     "sft": {"train": [{"path": str(FACTS / "sft.jsonl"), "format": "messages"}]},
     "rm": {"train": [{"path": str(FACTS / "pairs.jsonl"), "format": "pairs"}]},
     "dpo": {"train": [{"path": str(FACTS / "pairs.jsonl"), "format": "pairs"}]},
+    "online": {"train": [{"path": str(FACTS / "prompts.jsonl"), "format": "prompts"}]},
+}
+# The online stages sample their batches: the sampler's batch is fixed (generation.batch_size) so that both
+# runs draw the same completions, and a reward that needs no answer spreads their scores on a random model
+# (short completions score higher), so that the update is not zero.
+REWARD = {"rule": "length_penalty:12"}
+ONLINE = {
+    "grpo": {"grpo": {"num_generations": 4, "beta": 0.1, "reward": REWARD}},
+    "ppo": {"ppo": {"ppo_epochs": 2, "reward": REWARD}},
+    "rejection_sampling": {
+        "rejection_sampling": {"num_samples": 4, "threshold": None, "reward": REWARD},
+    },
 }
 
 
 def _run(tmp_path: Path, stage: str, mb: int, ga: int, seed: int = 0, nproc: int = 1, **extra: dict) -> Path:
     sub = tmp_path / f"{stage}-mb{mb}-ga{ga}-s{seed}-p{nproc}"
     sub.mkdir()
+    online = stage in ONLINE
+    if online:
+        extra = {**ONLINE[stage], "generation": {"max_new_tokens": 8, "temperature": 1.0, "batch_size": 8}, **extra}
     recipe = base_recipe(
         sub,
         stage="dpo" if stage == "kto" else stage,
         seed=seed,
         finetuning={"method": "full"},
-        data={**DATA["dpo" if stage == "kto" else stage], "max_length": 64, "shuffle": True},
+        data={**DATA["online" if online else "dpo" if stage == "kto" else stage], "max_length": 64, "shuffle": True},
         train={"max_steps": 2, "micro_batch_size": mb, "grad_accum": ga, "lr": 1e-3, "log_every": 1},
         **({"dpo": {"loss": "kto"}} if stage == "kto" else {}),
         **extra,
@@ -52,11 +67,14 @@ def _assert_same_run(a: Path, b: Path, stage: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["cpt", "sft", "rm", "dpo", "kto"])
+@pytest.mark.parametrize("stage", ["cpt", "sft", "rm", "dpo", "kto", "grpo", "ppo", "rejection_sampling"])
 def test_micro_batch_split_does_not_change_the_update(tmp_path: Path, stage: str) -> None:
     a = _run(tmp_path, stage, 8, 1)
     b = _run(tmp_path, stage, 2, 4)
     _assert_same_run(a, b, stage)
+    if stage in ONLINE:  # the sampled batches gave an update to compare, not none
+        start, end = load_file(TINY_MODEL / "model.safetensors"), load_file(a / "model.safetensors")
+        assert any(not torch.equal(start[k], end[k]) for k in start), f"{stage}: the weights did not move"
 
 
 @pytest.mark.slow
