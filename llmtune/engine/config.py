@@ -144,11 +144,11 @@ def build_optimizer(
 def lr_lambda(recipe: RecipeBase, total_steps: int):
     t = recipe.train
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
-    floor = t.min_lr_ratio
+    floor, start = t.min_lr_ratio, t.warmup_start_ratio
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
+        if step < warmup:  # linear from `start` (0: from nothing) toward 1 at the end of the warmup
+            return start + (1 - start) * (step + 1) / (warmup + 1)
         if t.lr_scheduler == "constant":
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))

@@ -37,6 +37,7 @@ from llmtune.engine.checkpoint import (
 )
 from llmtune.engine.config import build_optimizer, build_scheduler, check_precision, deepspeed_config
 from llmtune.engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
+from llmtune.engine.ema import WeightAverage
 from llmtune.engine.report import MetricsLog, Progress, print_data_summary, run_console
 from llmtune.errors import DataError, RecipeError, TrainingError
 from llmtune.manifest import RunManifest
@@ -137,6 +138,7 @@ class Run:
     manifest: RunManifest | None = None
     saved_step: int = -1
     progress: Progress | None = None
+    ema: WeightAverage | None = None  # train.ema
 
 
 def train(
@@ -268,6 +270,10 @@ def _start_engine(run: Run) -> None:
         _schedule_from_recipe(scheduler, base_lrs)
         run.resumed, run.saved_step = True, run.state.step
         console.print(f"resumed from {ckpt} (step {run.state.step})")
+    if recipe.train.ema is not None:  # from the weights training starts (or resumes) with
+        run.ema = WeightAverage(engine.module, recipe.train.ema.decay, recipe.train.ema.every)
+        if ckpt is not None:
+            run.ema.load(ckpt)
 
     t, mb = recipe.train, recipe.train.micro_batch_size
     console.print(
@@ -331,6 +337,8 @@ def _loop(run: Run) -> None:
                     step_metrics = {**result.metrics, **batches.metrics()}
                     if "rollout_s" in step_metrics:  # the window was generated just before this step
                         step_metrics["train_s"] = time.perf_counter() - step_start
+                    if run.ema is not None:
+                        run.ema.after_step(state.step)
                     if window is None:  # the stage ended this rollout's steps early: no update, the schedule moves on
                         skipped = "early_stop"
                         run.scheduler.step()
@@ -392,7 +400,9 @@ def _save(run: Run) -> None:
     t = run.recipe.train
     run.state.stage_state = run.stage.state_dict()
     best = (t.best_metric, t.best_mode) if t.best_metric else None
-    save_checkpoint(run.engine, run.out, run.state, run.dist.rank, t.keep_checkpoints, best)
+    path = save_checkpoint(run.engine, run.out, run.state, run.dist.rank, t.keep_checkpoints, best)
+    if run.ema is not None and run.dist.is_main:  # every process holds the same average (ZeRO 0-2)
+        run.ema.save(path)
     run.saved_step = run.state.step
 
 
@@ -413,6 +423,10 @@ def _finish(run: Run) -> None:
     barrier()
     run.console.print(f"writing the model to {out} ...")
     run.stage.export(run.engine, run.tokenizer, staging, run.recipe, dist)
+    if run.ema is not None:  # the average in the model's own export shape, beside it
+        run.console.print(f"writing the weight average ({run.ema.updates} updates) to {out / 'ema'} ...")
+        with run.ema.swapped_in():
+            run.stage.export(run.engine, run.tokenizer, staging / "ema", run.recipe, dist)
     files = _publish(staging, out) if dist.is_main else []
     m = run.manifest
     m.status, m.finished, m.steps = "finished", time.strftime("%Y-%m-%dT%H:%M:%S"), state.step

@@ -157,6 +157,13 @@ class DataConfig(Block):
         return self
 
 
+class EmaConfig(Block):
+    decay: float = Field(
+        default=0.999, gt=0, lt=1, description="Weight of the old average at each update (0.999: ~1000 updates)."
+    )
+    every: int = Field(default=1, ge=1, description="Update the average every N optimizer steps.")
+
+
 class TrainConfig(Block):
     epochs: float = Field(default=1, gt=0, description="Passes over the training data (max_steps wins when set).")
     max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps to run; overrides epochs.")
@@ -168,6 +175,13 @@ class TrainConfig(Block):
     )
     warmup_ratio: float = Field(default=0.0, ge=0, lt=1, description="Fraction of steps for linear warmup.")
     warmup_steps: int | None = Field(default=None, ge=0, description="Warmup steps; overrides warmup_ratio.")
+    warmup_start_ratio: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="LR at the first warmup step as a fraction of lr. Re-warming for continued pretraining: "
+        "warm up from a floor (e.g. the min_lr_ratio the earlier run ended at), then decay to min_lr_ratio.",
+    )
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="Final LR as a fraction of lr (cosine, linear).")
     optimizer: Literal["adamw", "adamw_8bit", "sgd"] = Field(default="adamw", description="Optimizer.")
     weight_decay: float = Field(default=0.0, ge=0, description="Decoupled weight decay.")
@@ -194,6 +208,11 @@ class TrainConfig(Block):
     )
     max_nan_skips: int = Field(
         default=10, ge=1, description="on_nan: skip stops the run once more than this many steps were skipped."
+    )
+    ema: EmaConfig | None = Field(
+        default=None,
+        description="An exponential moving average of the trained weights, exported to output_dir/ema/ "
+        "({decay, every}); null: off.",
     )
 
     @field_validator("max_grad_norm")
@@ -511,6 +530,11 @@ class RecipeBase(Block):
             )
         if self.finetuning.method == "qlora" and self.precision == "fp16" and self.model.dtype == "bf16":
             raise ValueError("precision fp16 with model.dtype bf16: set both to bf16, or both to fp16")
+        if self.train.ema is not None and self.distributed.zero_stage == 3:
+            raise ValueError(
+                "train.ema cannot be combined with distributed.zero_stage 3 in this version (the average "
+                "needs the whole weights on every process): use zero_stage 0-2, or remove train.ema"
+            )
         return self
 
     def data_files(self) -> list[Path]:

@@ -53,6 +53,21 @@ def test_lr_schedule_shapes(tmp_path: Path, kind: str) -> None:
     assert mid == pytest.approx(expected)
 
 
+def test_rewarming_starts_from_a_floor_and_decays_to_one(tmp_path: Path) -> None:
+    """Continued pretraining: warm up from 0.1 x lr (where an earlier run's cosine may have ended) over 4
+    steps, then cosine down to the floor again."""
+    r = _recipe(tmp_path, train={"warmup_steps": 4, "warmup_start_ratio": 0.1, "min_lr_ratio": 0.1})
+    f = lr_lambda(r, total_steps=24)
+    assert f(0) == pytest.approx(0.1 + 0.9 * 1 / 5) and f(3) == pytest.approx(0.1 + 0.9 * 4 / 5)
+    assert f(4) == pytest.approx(1.0) and f(24) == pytest.approx(0.1)
+    assert all(f(i) < f(i + 1) for i in range(4))
+
+
+def test_ema_is_refused_with_zero3(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match=r"train\.ema cannot be combined with distributed\.zero_stage 3"):
+        _recipe(tmp_path, train={"ema": {"decay": 0.9}}, distributed={"zero_stage": 3})
+
+
 def test_weight_decay_skips_biases_and_norms(tmp_path: Path) -> None:
     r = _recipe(tmp_path, train={"weight_decay": 0.1})
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
