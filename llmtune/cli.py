@@ -197,20 +197,49 @@ def merge(
     ] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Allow a non-empty --out.")] = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard.")] = "5GB",
+    method: Annotated[
+        str, typer.Option("--method", help="weighted (sum_i w_i theta_i) | fisher (each weight by its importance).")
+    ] = "weighted",
+    fisher_data: Annotated[
+        str | None, typer.Option("--fisher-data", help="fisher: a text or sft data file to estimate importance on.")
+    ] = None,
+    fisher_samples: Annotated[int, typer.Option("--fisher-samples", help="fisher: rows of --fisher-data used.")] = 64,
+    fisher_max_length: Annotated[int, typer.Option("--fisher-max-length", help="fisher: tokens per sample.")] = 512,
 ) -> None:
     """Average several checkpoints or adapters with weights (model soup, EMA-style mixtures) into one model.
 
-    Adapters are merged into their base first, so the result is base + sum_i w_i * delta_i exactly."""
+    Adapters are merged into their base first, so the result is base + sum_i w_i * delta_i exactly.
+    --method fisher weighs every weight element by each model's diagonal Fisher information, estimated from
+    squared gradients on --fisher-data (Matena & Raffel, 2022)."""
     if dtype not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"--dtype {dtype!r} is not one of auto, bf16, fp16, fp32")
-    from llmtune.model.merge import average_models
+    if method not in ("weighted", "fisher"):
+        raise UserError(f"--method {method!r} is not one of weighted, fisher")
+    if (method == "fisher") != (fisher_data is not None):
+        raise UserError(
+            "--method fisher needs --fisher-data"
+            if method == "fisher"
+            else "--fisher-data is only read by --method fisher",
+            hint="pass --method fisher --fisher-data FILE (text or sft rows), or neither",
+        )
+    if fisher_samples < 1 or fisher_max_length < 2:
+        raise UserError("--fisher-samples must be >= 1 and --fisher-max-length >= 2")
+    from llmtune.model.merge import FisherData, average_models
     from llmtune.stages import quiet_libraries
 
     quiet_libraries()
     _no_load_bars()
     with err.status("averaging"):
+        fisher = FisherData(fisher_data, None, fisher_samples, fisher_max_length) if fisher_data else None
         r = average_models(
-            models, weights, out, base=base, dtype=dtype, overwrite=overwrite, max_shard_size=max_shard_size
+            models,
+            weights,
+            out,
+            base=base,
+            dtype=dtype,
+            overwrite=overwrite,
+            max_shard_size=max_shard_size,
+            fisher=fisher,
         )
     out_console = Console(highlight=False, soft_wrap=True)
     for note in r.notes:

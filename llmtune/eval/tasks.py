@@ -201,36 +201,57 @@ def _detect_format(rows: list[Any], path: str) -> str:
 # ------------------------------------------------------------------------------------------ perplexity
 
 
-def perplexity(env: Env) -> TaskResult:
-    cfg = env.cfg
-    rows = read_data(cfg.data, cfg.max_samples)
-    fmt = cfg.format
+def lm_rows(path: str, fmt: str | None, max_samples: int | None = None) -> tuple[list[Any], str]:
+    """The rows of a text or sft data file and their format (detected when None); other data is refused."""
+    rows = read_data(path, max_samples)
     if fmt is None:
-        fmt = _detect_format(rows, cfg.data)
+        fmt = _detect_format(rows, path)
     if fmt in ("prompts", "pairs"):
         raise UserError(
-            f"task perplexity reads text or sft data (text, alpaca, sharegpt, messages), not {fmt}",
+            f"{path} holds {fmt} rows: perplexity and Fisher weights are computed on text or sft data "
+            "(text, alpaca, sharegpt, messages)",
             hint="use --task generate for prompts, --task preference for pairs",
         )
-    policy = load_causal_lm(cfg.model, cfg.adapter, env.dtype, env.device, "--model")
-    tok = policy.tokenizer
-    template = _template(tok, cfg.chat_template, required=fmt != "text")
+    return rows, fmt
+
+
+def lm_samples(
+    rows: list[Any],
+    fmt: str,
+    path: str,
+    tok: Any,
+    chat_template: str | None,
+    max_length: int,
+    system: str | None = None,
+) -> tuple[list[Sample], SourceReport]:
+    """Rows (from lm_rows) as scored token samples, labelled as training labels them: every token of a text
+    document, cut into max_length pieces; the assistant replies of a conversation. Used by task perplexity
+    and by Fisher-weighted merging."""
+    template = _template(tok, chat_template, required=fmt != "text")
 
     def encode(row: dict) -> list[Sample]:
         if fmt == "text":  # a document, cut into max_length pieces as cpt does; every token is learned
             ids = encode_text(tok, to_text(row))
             return [
                 Sample(c, list(c))
-                for c in (ids[i : i + cfg.max_length] for i in range(0, len(ids), cfg.max_length))
+                for c in (ids[i : i + max_length] for i in range(0, len(ids), max_length))
                 if len(c) >= 2
             ]
         assert template is not None
-        conv = to_conversation(row, fmt, default_system=cfg.system)
-        ids, labels = encode_conversation(tok, template, conv, cfg.max_length, train_on_prompt=False)
+        conv = to_conversation(row, fmt, default_system=system)
+        ids, labels = encode_conversation(tok, template, conv, max_length, train_on_prompt=False)
         return [Sample(ids, labels)]
 
-    encoded, report = convert(rows, encode, cfg.data, fmt)
-    samples = [s for _, ss in encoded for s in ss]
+    encoded, report = convert(rows, encode, path, fmt)
+    return [s for _, ss in encoded for s in ss], report
+
+
+def perplexity(env: Env) -> TaskResult:
+    cfg = env.cfg
+    rows, fmt = lm_rows(cfg.data, cfg.format, cfg.max_samples)  # before the model loads
+    policy = load_causal_lm(cfg.model, cfg.adapter, env.dtype, env.device, "--model")
+    samples, report = lm_samples(rows, fmt, cfg.data, policy.tokenizer, cfg.chat_template, cfg.max_length, cfg.system)
+    tok = policy.tokenizer
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))  # less padding
     loss_sum, count = 0.0, 0
     with progress(env.console, len(samples), "perplexity") as advance, torch.no_grad():

@@ -366,6 +366,54 @@ class AverageResult:
     files: list[str] = field(default_factory=list)
 
 
+@dataclass
+class FisherData:
+    """Where Fisher-weighted averaging estimates each model's parameter importance."""
+
+    path: str
+    format: str | None = None
+    samples: int = 64
+    max_length: int = 512
+
+
+def fisher_diagonal(model: torch.nn.Module, samples: list[Any]) -> dict[str, torch.Tensor]:
+    """The empirical Fisher information's diagonal per parameter: the mean over samples of the squared
+    gradient of the sample's mean token log-likelihood (its labels as training learns them)."""
+    from llmtune.objectives.lm import lm_loss_sum
+
+    params = {n: p for n, p in model.named_parameters()}
+    for p in params.values():
+        p.requires_grad_(True)
+    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    model.eval()  # no dropout: the importance of the weights as they are
+    used = 0
+    for sample in samples:
+        ids = torch.tensor([sample.input_ids])
+        labels = torch.tensor([sample.labels])
+        model.zero_grad(set_to_none=True)
+        loss_sum, count = lm_loss_sum(model(input_ids=ids).logits, labels)
+        if count.item() == 0:
+            continue
+        (loss_sum / count).backward()
+        for n, p in params.items():
+            if p.grad is not None:
+                fisher[n] += p.grad.detach().float() ** 2
+        used += 1
+    model.zero_grad(set_to_none=True)
+    if used == 0:
+        raise UserError("no sample of the Fisher data has a token to score", hint="check --fisher-data and its rows")
+    return {n: f / used for n, f in fisher.items()}
+
+
+def fisher_average(thetas: list[torch.Tensor], fishers: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """sum_i w_i F_i theta_i / sum_i w_i F_i per element (Matena & Raffel, 2022); where every F_i is zero
+    (a weight no sample's gradient reaches), the plain weighted average sum_i w_i theta_i."""
+    num = sum(w * f * t for w, f, t in zip(weights, fishers, thetas, strict=True))
+    den = sum(w * f for w, f in zip(weights, fishers, strict=True))
+    plain = sum(w * t for w, t in zip(weights, thetas, strict=True))
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), plain)
+
+
 def average_models(
     inputs: list[str],
     weights: list[float] | None,
@@ -375,14 +423,23 @@ def average_models(
     dtype: str = "auto",
     overwrite: bool = False,
     max_shard_size: str = "5GB",
+    fisher: FisherData | None = None,
 ) -> AverageResult:
     """Weighted average of full checkpoints and / or LoRA adapters: sum_i w_i * theta_i, with sum_i w_i = 1.
 
     Each adapter is first merged into its base (``base``, or the one its adapter_config names), so the
     average of adapters on one base is exactly base + sum_i w_i * B_i A_i * scale_i. All inputs must
     share one architecture (same parameter names and shapes); weights are normalised to sum to 1.
+
+    With ``fisher``, each weight element is averaged in proportion to w_i times model i's Fisher importance
+    (see fisher_average), estimated on the first ``fisher.samples`` samples of a text or sft data file.
     """
     weights = check_weights(inputs, weights)  # before anything is loaded
+    fisher_rows: tuple[list[Any], str] | None = None
+    if fisher is not None:
+        from llmtune.eval.tasks import lm_rows
+
+        fisher_rows = lm_rows(fisher.path, fisher.format, fisher.samples)
     for p in inputs:
         check_finished(p, "--model")
 
@@ -409,6 +466,11 @@ def average_models(
     if len(tasks) > 1:
         raise UserError("cannot average causal LMs with reward models", hint="pass models of one kind")
     task = tasks.pop()
+    if fisher is not None and task != "CAUSAL_LM":
+        raise UserError(
+            "--method fisher estimates importance from a causal LM's likelihood of data; these are reward models",
+            hint="average reward models with --method weighted",
+        )
     check_out_dir(out, overwrite, [*inputs, *(b for b, _, _ in kinds)])
     bases = list(dict.fromkeys(b for b, a, _ in kinds if a))  # adapters' bases, each once
     check_tokenizers_agree(
@@ -419,10 +481,27 @@ def average_models(
 
     first: torch.nn.Module | None = None
     acc: dict[str, torch.Tensor] = {}
+    samples: list[Any] = []
+    kept: list[dict[str, torch.Tensor]] = []  # fisher: each model's parameters and importance
+    importance: list[dict[str, torch.Tensor]] = []
     for i, ((b, a, _), w) in enumerate(zip(kinds, weights, strict=True)):
         model = (
             load_with_adapter(b, a, task, torch.float32).merge_and_unload() if a else load_base(b, task, torch.float32)
         )
+        if fisher_rows is not None:
+            if i == 0:
+                from llmtune.eval.tasks import lm_samples
+
+                tok = tokenizer_from(a or b, b, set_pad=False)
+                rows, fmt = fisher_rows
+                samples, report = lm_samples(rows, fmt, fisher.path, tok, None, fisher.max_length)
+                notes.append(
+                    f"Fisher importance from {len(samples)} sample(s) of {fisher.path} ({fmt}"
+                    + (f"; {report.dropped} row(s) dropped" if report.dropped else "")
+                    + ")"
+                )
+            importance.append(fisher_diagonal(model, samples))
+            kept.append({n: p.detach().float().clone() for n, p in model.named_parameters()})
         state = model.state_dict()
         if i == 0:
             first = model
@@ -440,6 +519,13 @@ def average_models(
             acc[k] += v.detach().float() * w
         del model, state
     assert first is not None
+    if importance:  # every parameter (tied ones once) Fisher-weighted; buffers keep the plain average
+        names = {p.data_ptr(): n for n, p in first.named_parameters()}
+        merged = {n: fisher_average([k[n] for k in kept], [f[n] for f in importance], weights) for n in kept[0]}
+        for k, v in first.state_dict().items():
+            if v.data_ptr() in names:
+                acc[k] = merged[names[v.data_ptr()]]
+        del kept, importance
     first.load_state_dict(acc)
     first.to(target)
     paths = [a or b for b, a, _ in kinds]
@@ -448,6 +534,16 @@ def average_models(
         _clear(out)
     files = save_model(first, tokenizer, out, max_shard_size)
     (out / "merge.json").write_text(
-        json.dumps({"models": inputs, "weights": weights, "dtype": _dtype_name(target)}, indent=2) + os.linesep
+        json.dumps(
+            {
+                "models": inputs,
+                "weights": weights,
+                "dtype": _dtype_name(target),
+                "method": "fisher" if fisher else "weighted",
+                **({"fisher": {"data": fisher.path, "samples": len(samples)}} if fisher else {}),
+            },
+            indent=2,
+        )
+        + os.linesep
     )
     return AverageResult(out, weights, _dtype_name(target), notes, [*files, "merge.json"])

@@ -321,3 +321,64 @@ def test_eval_bad_paths_and_formats(tmp_path: Path) -> None:
         run_cli("eval", "--model", str(TINY_MODEL), "--data", str(text), "--task", "preference"), "no preference pairs"
     )
     assert_refused_plain(run_cli("eval", str(tmp_path / "nope.yaml")), "does not exist")
+
+
+def test_merge_fisher_matches_an_independent_fisher_average(trained: dict[str, Path], tmp_path: Path) -> None:
+    """merge --method fisher: each weight element is sum_i w_i F_i theta_i / sum_i w_i F_i, with F_i model
+    i's mean squared gradient of each document's mean token loss (recomputed here with transformers)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    docs = tmp_path / "docs.txt"
+    docs.write_text("\n".join(TEXTS) + "\n")
+    out = tmp_path / "fisher"
+    proc = run_cli(
+        "merge", "--model", str(TINY_MODEL), "--model", str(trained["lora"]), "--weight", "1", "--weight", "3",
+        "--method", "fisher", "--fisher-data", str(docs), "--fisher-samples", "4", "--out", str(out),
+    )  # fmt: skip
+    assert_ok(proc)
+    assert "Fisher importance from 4 sample(s)" in proc.stdout
+    assert json.loads((out / "merge.json").read_text())["method"] == "fisher"
+
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+    ids = [tok(t)["input_ids"] + [tok.eos_token_id] for t in TEXTS[:4]]
+    base = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32)
+    tuned = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32), trained["lora"]
+    ).merge_and_unload()
+    thetas, fishers = [], []
+    for model in (base, tuned):
+        model.eval().requires_grad_(True)  # peft froze the base it merged into
+        f = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+        for x in ids:
+            model.zero_grad()
+            t = torch.tensor([x])
+            model(input_ids=t, labels=t).loss.backward()
+            for n, p in model.named_parameters():
+                f[n] += p.grad**2 / len(ids)
+        thetas.append({n: p.detach() for n, p in model.named_parameters()})
+        fishers.append(f)
+    w = [0.25, 0.75]
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    closer_to_tuned = 0
+    for n, p in merged.named_parameters():
+        num = w[0] * fishers[0][n] * thetas[0][n] + w[1] * fishers[1][n] * thetas[1][n]
+        den = w[0] * fishers[0][n] + w[1] * fishers[1][n]
+        plain = w[0] * thetas[0][n] + w[1] * thetas[1][n]
+        expected = torch.where(den > 0, num / den.clamp_min(1e-38), plain)
+        torch.testing.assert_close(p.detach(), expected, atol=1e-6, rtol=1e-4, msg=n)
+        closer_to_tuned += int(not torch.allclose(p.detach(), plain, atol=1e-7))
+    assert closer_to_tuned > 0  # it is not the plain weighted average
+
+
+def test_merge_fisher_bad_options(tmp_path: Path) -> None:
+    out = str(tmp_path / "o")
+    m = ["--model", str(TINY_MODEL), "--model", str(TINY_MODEL), "--out", out]
+    assert_refused_plain(run_cli("merge", *m, "--method", "fisher"), "--method fisher needs --fisher-data")
+    assert_refused_plain(run_cli("merge", *m, "--fisher-data", "x.txt"), "only read by --method fisher")
+    assert_refused_plain(run_cli("merge", *m, "--method", "soup"), "--method 'soup'")
+    pairs = str(TINY_MODEL.parent / "pairs.jsonl")
+    assert_refused_plain(
+        run_cli("merge", *m, "--method", "fisher", "--fisher-data", pairs), "cannot detect the data format", "text"
+    )
+    assert not Path(out).exists()
