@@ -200,6 +200,21 @@ def _implicit_prompt(row: dict, chosen: list, rejected: list, default_system: st
     return convs
 
 
+def pairs_shape(row: Any) -> str:
+    """Which of the pairs shapes a row has, in words (for ``llmtune data inspect``)."""
+    if not isinstance(row, dict) or "chosen" not in row:
+        return "something else (no chosen key)"
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if any(k in row for k in _PROMPT_KEYS):
+        key = next(k for k in _PROMPT_KEYS if k in row)
+        return f"{key} + chosen + rejected"
+    if isinstance(chosen, str) and (is_hh_dialogue(chosen) or is_hh_dialogue(rejected)):
+        return "Anthropic HH-RLHF dialogues (the turns chosen and rejected share are the prompt)"
+    if isinstance(chosen, list):
+        return "full conversations (TRL's implicit prompt: the turns chosen and rejected share)"
+    return "chosen + rejected texts without a prompt (their shared start is the prompt)"
+
+
 def _pairs(row: dict, default_system: str | None) -> PreferenceRow:
     for key in ("chosen", "rejected"):
         if key not in row:
