@@ -25,7 +25,7 @@ from llmtune.data.sources import read_rows
 from llmtune.errors import DataError
 from llmtune.recipe.schema import DataSource, RecipeBase, looks_local
 
-PIPELINE_VERSION = "4"  # bump when tokenization output changes, to invalidate caches
+PIPELINE_VERSION = "5"  # bump when tokenization output changes, to invalidate caches
 
 
 @dataclass

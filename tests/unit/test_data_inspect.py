@@ -95,6 +95,27 @@ def test_llama_factory_demo_files(capsys, shared_data: Path) -> None:
     assert text.startswith(learned) and len(learned) > 100
 
 
+def test_glaive_tool_calls_are_learned_and_observations_are_not(capsys, shared_data: Path) -> None:
+    path = shared_data / "llama-factory" / "glaive_toolcall_en_demo.json"
+    row = json.loads(path.read_text())[0]
+    for template in ("chatml", None):  # the built-in chatml and the tiny model's own template render tools
+        out = inspect(capsys, path, max_rows=5, chat_template=template, row=1)
+        assert "format: sharegpt (detected from the first rows)" in out
+        tools = json.loads(row["tools"])
+        assert "<tools>\n" + json.dumps(tools[0]) + "\n</tools>" in out.split("[[")[0]  # the system turn
+        expected = []
+        for turn in row["conversations"]:
+            if turn["from"] == "gpt":
+                expected.append(turn["value"] + END)
+            elif turn["from"] == "function_call":
+                call = json.loads(turn["value"])
+                body = json.dumps({"name": call["name"], "arguments": call["arguments"]}, ensure_ascii=False)
+                expected.append(f"<tool_call>\n{body}\n</tool_call>{END}")
+            elif turn["from"] == "observation":
+                assert f"<|im_start|>tool\n{turn['value']}{END}" in out
+        assert marked(out) == expected
+
+
 def test_with_a_recipe_and_the_same_examples_as_training(tmp_path: Path, capsys, tokenizer) -> None:
     recipe = ROOT / "recipes" / "quickstart.yaml"
     out = inspect(capsys, None, recipe_path=recipe, overrides=["data.max_length=32"], row=1)
