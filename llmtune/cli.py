@@ -323,6 +323,9 @@ def data_inspect(
     ] = None,
     row: Annotated[int | None, _opt("Show this row (from 1) rendered (default: the first kept row).", "--row")] = None,
     max_rows: Annotated[int | None, _opt("Read only the first N rows.", "--max-rows")] = None,
+    registry: Annotated[
+        str | None, _opt("Without --recipe: a dataset_info.json; FILE is then one of its names.", "--registry")
+    ] = None,
     markers: Annotated[
         bool | None,
         typer.Option(
@@ -336,7 +339,9 @@ def data_inspect(
     token lengths, and one example rendered with its trained tokens highlighted."""
     from llmtune.data.inspect import inspect_command
 
-    inspect_command(file, recipe, set_ or [], model, stage, format_, max_length, chat_template, row, max_rows, markers)
+    inspect_command(
+        file, recipe, set_ or [], model, stage, format_, max_length, chat_template, row, max_rows, markers, registry
+    )
 
 
 @app.command()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from rich.console import Console
+from rich.markup import escape
 from rich.text import Text
 
 from llmtune.data.formats import RowError, detect_format
@@ -68,12 +69,18 @@ def stage_encoder(recipe: Any, tokenizer: Any, template: str | None, max_length:
     return prompt_encoder(tokenizer, template, max(budget, 8)), "prompts"
 
 
-def guess_stage(path: str, fmt: str | None, columns: dict[str, str]) -> tuple[str, dict[str, Any]]:
+def guess_stage(
+    path: str, fmt: str | None, columns: dict[str, str], tags: dict[str, str] | None = None
+) -> tuple[str, dict[str, Any]]:
     """The stage (and stage block) to read a file with when no recipe says: from format:, else the rows."""
     from llmtune.data.preference import detect_preference_format
 
     if fmt is None:
-        rows = [r.data for r in read_rows(DataSource(path=path, columns=columns))[:50] if r.data is not None]
+        rows = [
+            r.data
+            for r in read_rows(DataSource(path=path, columns=columns, tags=tags or {}))[:50]
+            if r.data is not None
+        ]
         if not rows:
             raise DataError(f"{path}: no readable row in the first 50 rows", hint="check the file's format")
         fmt = detect_preference_format(rows) or detect_format(rows)
@@ -271,6 +278,7 @@ def inspect_command(
     row: int | None,
     max_rows: int | None,
     markers: bool | None,
+    registry: str | None = None,
 ) -> None:
     from llmtune.recipe import load_recipe, validate_recipe
 
@@ -297,19 +305,32 @@ def inspect_command(
     else:
         if overrides:
             raise UserError("--set changes a recipe: it needs --recipe", hint="pass --recipe R, or drop --set")
+        if registry is not None and file is None:
+            raise UserError(
+                "--registry needs the NAME of one of its datasets", hint="llmtune data inspect NAME --registry R"
+            )
         if file is None:
             raise UserError("give a data FILE, or --recipe R to inspect its training sources", hint="see --help")
         extra: dict[str, Any] = {}
         guessed = stage is None
+        source: dict[str, Any] = {"path": str(file), "format": fmt}
+        if registry is not None:  # FILE is a name of the registry
+            data = validate_recipe(
+                {"stage": "sft", "output_dir": "inspect", "model": {"path": "-"},
+                 "data": {"registry": registry, "train": [{"name": str(file), "format": fmt}]}},
+                "data inspect --registry",
+            ).data  # fmt: skip
+            source = data.train[0].model_dump()
+            file = Path(source["path"])
         if stage == "kto":
             stage, extra = "dpo", {"dpo": {"loss": "kto"}}
         elif stage is None:
-            stage, extra = guess_stage(str(file), fmt, {})
+            stage, extra = guess_stage(str(file), fmt, source.get("columns") or {}, source.get("tags") or {})
         raw = {
             "stage": stage,
             "output_dir": "inspect",
             "model": {"path": model or str(default_model), "chat_template": chat_template},
-            "data": {"train": [{"path": str(file), "format": fmt}], "max_length": max_length or 2048},
+            "data": {"train": [source], "max_length": max_length or 2048},
             **extra,
         }
         recipe = validate_recipe(raw, "data inspect")
@@ -342,7 +363,8 @@ def inspect_command(
     out.print(f"{said}; chat template: {which}; max_length {recipe.data.max_length}", markup=False)
     use_markers = markers if markers is not None else not out.is_terminal
     for src in sources:
-        out.print(f"\n[bold]{src.path}[/]")
+        named = f" (dataset {src.name} of the registry)" if src.name else ""
+        out.print(f"\n[bold]{escape(src.path)}[/]{escape(named)}")
         ins = inspect_source(recipe, src, tokenizer, template)
         print_inspection(out, ins, tokenizer, row=row, markers=use_markers, rows=read_rows(src))
 
@@ -351,6 +373,9 @@ def _sources(recipe: Any, file: Path | None, fmt: str | None) -> list[DataSource
     """The recipe's source for FILE (its columns / system / format kept), a new source, or all train sources."""
     if file is None:
         return [s.model_copy() for s in recipe.data.train]
+    named = [s for s in [*recipe.data.train, *recipe.data.eval] if s.name == str(file)]
+    if named:
+        return [named[0].model_copy(update={"format": fmt or named[0].format})]
     target = file.expanduser().resolve()
     for s in [*recipe.data.train, *recipe.data.eval]:
         p = Path(s.path).expanduser()
