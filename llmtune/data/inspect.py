@@ -83,7 +83,14 @@ def guess_stage(
         ]
         if not rows:
             raise DataError(f"{path}: no readable row in the first 50 rows", hint="check the file's format")
-        fmt = detect_preference_format(rows) or detect_format(rows)
+        fmt = detect_preference_format(rows)
+        if fmt is None:
+            try:
+                fmt = detect_format(rows)
+            except DataError:
+                if not any(isinstance(r, dict) and ("prompt" in r or "question" in r) for r in rows):
+                    raise
+                fmt = "prompts"  # prompts (and answers) for the online stages
     if fmt in ("pairs", "unpaired"):
         return "dpo", {"dpo": {"loss": "kto"}} if fmt == "unpaired" else {}
     if fmt in ("ranked", "pointwise"):
@@ -91,7 +98,7 @@ def guess_stage(
     if fmt == "text":
         return "cpt", {}
     if fmt == "prompts":
-        return "grpo", {}
+        return "grpo", {"train": {"micro_batch_size": 8}}  # whole groups of grpo.num_generations (8)
     return "sft", {}
 
 
@@ -105,6 +112,8 @@ def inspect_source(recipe: Any, src: DataSource, tokenizer: Any, template: str |
     except RecursionError:  # pragma: no cover - defensive: the measuring pass never decides anything
         full_examples = examples
     full = [e.longest for e in full_examples]
+    if default_format == "prompts":  # prompts are cut to leave room for the generated tokens
+        max_length = max(max_length - recipe.generation.max_new_tokens, 8)
     by_row: dict[int, list[int]] = {}
     for e in full_examples:
         by_row.setdefault(e.row, []).append(e.longest)
@@ -257,6 +266,10 @@ def _print_example(out: Console, ins: Inspection, tokenizer: Any, row: int | Non
         seqs = e.sequences()
         names = _part_names(ins.stage, ins.report.format, len(seqs), e.values)
         for name, (ids, labels) in zip(names, seqs, strict=True):
+            if not labels:  # a prompt of the online stages: the model generates what is learned
+                out.print(f"prompt, row {index + 1}{where}: {len(ids)} tokens (nothing in it is trained)")
+                out.print(render_example(tokenizer, ids, [IGNORE_INDEX] * len(ids), markers))
+                continue
             n_trained = sum(1 for x in labels if x != IGNORE_INDEX)
             label = f" {name}:" if name else ":"
             out.print(

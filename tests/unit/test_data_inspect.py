@@ -86,6 +86,13 @@ def test_llama_factory_demo_files(capsys, shared_data: Path) -> None:
     out = inspect(capsys, lf / "kto_en_demo.json", max_rows=40, max_length=8192, stage="sft")
     assert re.search(r"^\s+\d+  label false \(an undesirable reply: KTO data\)", out, flags=re.M)
 
+    # prompts (grpo): the question is rendered for generation, nothing is trained
+    gsm = shared_data / "gsm8k" / "train_first1000.jsonl"
+    out = inspect(capsys, gsm, max_rows=10, max_length=512)
+    assert "stage grpo" in out and "format: prompts" in out and "over max_length 448:" in out  # 512 - 64 new tokens
+    assert "prompt, row 1 (line 1):" in out and "nothing in it is trained" in out and marked(out) == []
+    assert json.loads(gsm.read_text().splitlines()[0])["question"] in out
+
     # raw text (cpt): every token is learned, long documents become max_length chunks
     out = inspect(capsys, lf / "c4_demo.jsonl", max_rows=20, max_length=128)
     assert "stage cpt" in out and "format: text" in out and "token lengths before truncation (each document)" in out
