@@ -107,10 +107,7 @@ def inspect_source(recipe: Any, src: DataSource, tokenizer: Any, template: str |
     encode, default_format = stage_encoder(recipe, tokenizer, template, max_length)
     examples, report = load_source(src, encode, default_format, None, "inspect")
     full_encode, _ = stage_encoder(recipe, tokenizer, template, UNLIMITED)
-    try:
-        full_examples, _ = load_source(src, full_encode, default_format, None, "inspect")
-    except RecursionError:  # pragma: no cover - defensive: the measuring pass never decides anything
-        full_examples = examples
+    full_examples, _ = load_source(src, full_encode, default_format, None, "inspect")
     full = [e.longest for e in full_examples]
     if default_format == "prompts":  # prompts are cut to leave room for the generated tokens
         max_length = max(max_length - recipe.generation.max_new_tokens, 8)
