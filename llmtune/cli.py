@@ -319,6 +319,60 @@ def eval_(
     run_eval(cfg, Console(highlight=False, soft_wrap=True), err)
 
 
+data_app = typer.Typer(
+    help="Look at data as training reads it (format, drops, lengths, label masks).", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    file: Annotated[
+        Path | None, typer.Argument(help="A data file or directory (default: the recipe's sources).")
+    ] = None,
+    recipe: Annotated[
+        Path | None,
+        _opt("Read the data as this recipe's stage does (its model, chat template, max_length).", "--recipe"),
+    ] = None,
+    set_: SetOption = None,
+    model: Annotated[
+        str | None, _opt("Without --recipe: the tokenizer's model (default: the repository's tiny model).", "--model")
+    ] = None,
+    stage: Annotated[
+        str | None,
+        _opt("Without --recipe: sft | cpt | rm | dpo | kto | grpo (default: guessed from the rows).", "--stage"),
+    ] = None,
+    format_: Annotated[str | None, _opt("The rows' format (default: detected, as in a recipe).", "--format")] = None,
+    max_length: Annotated[
+        int | None, _opt("Longest sequence (default: the recipe's, else 2048).", "--max-length")
+    ] = None,
+    chat_template: Annotated[
+        str | None,
+        _opt("Without --recipe: a built-in template (chatml, llama3, alpaca) or a .jinja file.", "--chat-template"),
+    ] = None,
+    row: Annotated[int | None, _opt("Show this row (from 1) rendered (default: the first kept row).", "--row")] = None,
+    max_rows: Annotated[int | None, _opt("Read only the first N rows.", "--max-rows")] = None,
+    registry: Annotated[
+        str | None, _opt("Without --recipe: a dataset_info.json; FILE is then one of its names.", "--registry")
+    ] = None,
+    markers: Annotated[
+        bool | None,
+        typer.Option(
+            "--markers/--no-markers",
+            help="Mark trained tokens with [[...]] (default: when the output is not a terminal; else colours).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Show what training makes of a data file: the format, rows kept and dropped (per reason), a histogram of
+    token lengths, and one example rendered with its trained tokens highlighted."""
+    from llmtune.data.inspect import inspect_command
+
+    inspect_command(
+        file, recipe, set_ or [], model, stage, format_, max_length, chat_template, row, max_rows, markers, registry
+    )
+
+
 @app.command()
 def version() -> None:
     """Print the llmtune version."""

@@ -81,10 +81,10 @@ def _render(tokenizer: Any, template: str, messages: list[dict], tools: Any, gen
     return out
 
 
-def _with_tools_in_system(conv: Conversation) -> list[dict]:
+def _with_tools_in_system(messages: list[dict], tools: list) -> list[dict]:
     """For templates that ignore `tools`, describe the tools in the system message instead."""
-    text = "You can call these tools:\n" + "\n".join(json.dumps(t, ensure_ascii=False) for t in conv.tools or [])
-    msgs = [dict(m) for m in conv.messages]
+    text = "You can call these tools:\n" + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    msgs = [dict(m) for m in messages]
     if msgs and msgs[0]["role"] == "system":
         msgs[0]["content"] = msgs[0]["content"] + "\n\n" + text
     else:
@@ -92,12 +92,23 @@ def _with_tools_in_system(conv: Conversation) -> list[dict]:
     return msgs
 
 
+def template_messages(conv: Conversation, template: str) -> tuple[list[dict], list | None]:
+    """The messages and tools to render ``conv`` with: function calls as ``tool_calls`` for a template that
+    renders them (else as their JSON text), and the tools passed to a template that renders ``tools`` (else
+    described in the system message)."""
+    messages = [dict(m) for m in conv.messages]
+    if conv.calls and "tool_calls" in template:
+        for i, (before, calls) in conv.calls.items():
+            messages[i] = {"role": "assistant", "content": before, "tool_calls": calls}
+    tools = conv.tools or None
+    if tools and "tools" not in template:
+        messages, tools = _with_tools_in_system(messages, tools), None
+    return messages, tools
+
+
 def assistant_spans(tokenizer: Any, template: str, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
     """Render the whole conversation; return the text and the (start, end) character span of every reply."""
-    tools = conv.tools or None
-    messages = conv.messages
-    if tools and "tools" not in template:
-        messages, tools = _with_tools_in_system(conv), None
+    messages, tools = template_messages(conv, template)
     full = _render(tokenizer, template, messages, tools, False)
     spans: list[tuple[int, int]] = []
     cursor = 0

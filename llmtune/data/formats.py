@@ -58,11 +58,16 @@ class Conversation:
     """A conversation in canonical form.
 
     ``messages``: ``{"role": "system" | "user" | "assistant" | "tool", "content": str}`` dicts, a system
-    message only first. ``tools``: the parsed tool / function definitions of the row, or None.
+    message only first; a function call's content is its JSON text (what templates without tool support
+    render). ``tools``: the parsed tool / function definitions of the row, or None. ``calls``: for each
+    assistant message that calls functions (by index in ``messages``), the text before the calls and the
+    calls in transformers' form (``[{"type": "function", "function": {"name", "arguments"}}]``), which
+    templates that render ``tool_calls`` get instead of the JSON text.
     """
 
     messages: list[dict]
     tools: list | None = None
+    calls: dict[int, tuple[str, list[dict]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -70,6 +75,8 @@ class _Turn:
     role: str
     content: str
     call: bool = field(default=False)  # an assistant function call (tool results may follow)
+    # the call in transformers' tool_calls form, with the text before it, when it parses as {name, arguments}
+    structured: tuple[str, list[dict]] | None = field(default=None)
 
 
 # ------------------------------------------------------------------------------------------- detection
@@ -159,10 +166,36 @@ def to_conversation(row: dict, fmt: str, default_system: str | None = None) -> C
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     _validate(turns)
+    if default_system is not None and turns[0].role != "system":
+        turns.insert(0, _Turn("system", default_system))
     messages = [{"role": t.role, "content": t.content} for t in turns]
-    if default_system is not None and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": default_system})
-    return Conversation(messages=messages, tools=tools)
+    calls = {i: t.structured for i, t in enumerate(turns) if t.structured is not None}
+    return Conversation(messages=messages, tools=tools, calls=calls)
+
+
+def _tool_calls(value: Any) -> list[dict] | None:
+    """A function call as written in the data ({"name", "arguments"}, a list of them, or OpenAI's
+    {"type": "function", "function": {...}} items) in transformers' tool_calls form; None for anything else."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            return None
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for item in items:
+        if isinstance(item, dict) and isinstance(item.get("function"), dict):
+            item = item["function"]
+        if not (isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"]):
+            return None
+        args = item.get("arguments", {})
+        if isinstance(args, str):  # OpenAI writes the arguments as JSON text
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except (json.JSONDecodeError, RecursionError):
+                return None
+        calls.append({"type": "function", "function": {"name": item["name"], "arguments": args}})
+    return calls or None
 
 
 def _alpaca(row: dict) -> list[_Turn]:
@@ -210,11 +243,12 @@ def _sharegpt(row: dict) -> tuple[list[_Turn], list | None]:
         if role is None:
             raise RowError(f"turn {n} has unknown role {raw_role!r}")
         call = raw_role.lower() == "function_call"
+        structured = _tool_calls(value) if call else None
         if (call or role == "tool") and isinstance(value, (dict, list)):
             value = json.dumps(value, ensure_ascii=False)
         if not isinstance(value, str):
             raise RowError(f"turn {n} content is not text (got {_kind(value)})")
-        turns.append(_Turn(role, value, call=call))
+        turns.append(_Turn(role, value, call=call, structured=None if structured is None else ("", structured)))
     system = _text_field(row, "system")
     if system.strip() and not (turns and turns[0].role == "system"):
         turns.insert(0, _Turn("system", system))
@@ -243,15 +277,19 @@ def _messages(row: dict) -> tuple[list[_Turn], list | None]:
             content = _join_parts(content, n)
         elif role == "tool" and isinstance(content, dict):
             content = json.dumps(content, ensure_ascii=False)
+        structured = None
         if calls:
             calls_text = json.dumps(calls, ensure_ascii=False)
+            parsed = _tool_calls(calls)
             if content is None or (isinstance(content, str) and not content.strip()):
+                structured = None if parsed is None else ("", parsed)
                 content = calls_text
             elif isinstance(content, str):
+                structured = None if parsed is None else (content, parsed)
                 content = f"{content}\n{calls_text}"
         if not isinstance(content, str):
             raise RowError(f"turn {n} content is not text (got {_kind(content)})")
-        turns.append(_Turn(role, content, call=bool(calls)))
+        turns.append(_Turn(role, content, call=bool(calls), structured=structured))
     return turns, _parse_tools(row.get("tools"))
 
 

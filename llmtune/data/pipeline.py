@@ -25,7 +25,7 @@ from llmtune.data.sources import read_rows
 from llmtune.errors import DataError
 from llmtune.recipe.schema import DataSource, RecipeBase, looks_local
 
-PIPELINE_VERSION = "4"  # bump when tokenization output changes, to invalidate caches
+PIPELINE_VERSION = "5"  # bump when tokenization output changes, to invalidate caches
 
 
 @dataclass
@@ -77,6 +77,8 @@ class SourceReport:
     cached: bool = False
     fingerprint: str = ""  # the source's file contents and settings: a resume checks the data did not change
     weight: float = 1.0
+    format: str = ""  # the format the rows were read as (data.*.format, the stage's default, or detected)
+    detected: bool = False  # format was detected from the first rows
 
     @property
     def dropped(self) -> int:
@@ -157,6 +159,8 @@ def _save_cache(path: Path, examples: list[Example], report: SourceReport) -> No
         "reasons": dict(report.reasons),
         "first": report.first,
         "first_where": report.first_where,
+        "format": report.format,
+        "detected": report.detected,
     }
     (path / "report.json").write_text(json.dumps(meta))
     os.replace(tmp, path / "examples.npz")  # the npz is written last: a cache entry is complete or absent
@@ -189,6 +193,7 @@ def _load_cache(path: Path, name: str) -> tuple[list[Example], SourceReport] | N
     report.reasons.update(meta["reasons"])
     report.first = [tuple(x) for x in meta["first"]]  # type: ignore[misc]
     report.first_where = list(meta.get("first_where", []))
+    report.format, report.detected = str(meta.get("format", "")), bool(meta.get("detected", False))
     return examples, report
 
 
@@ -233,6 +238,8 @@ def load_source(
         if not sample:
             raise DataError(f"{src.path}: no readable row in the first 50 rows", hint="check the file's format")
         fmt = detect_format(sample)
+        report.detected = True
+    report.format = fmt
     examples: list[Example] = []
     for row in rows:
         if row.data is None:

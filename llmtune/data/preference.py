@@ -5,7 +5,10 @@ Formats (``format:`` of a data source; rm and dpo pick the one their loss reads 
 - ``pairs``: ``{prompt, chosen, rejected}`` with a text prompt or a message list, and text, ``{role, content}``
   / ``{from, value}`` or one-message-list responses; TRL's ``{chosen, rejected}`` full conversations (the
   prompt is the shared part); LLaMA-Factory's ``{conversations, chosen: {from, value}, rejected: {...}}``;
-  alpaca ``{instruction, input, chosen, rejected}``. An optional numeric ``margin`` column (rm).
+  alpaca ``{instruction, input, chosen, rejected}``; Anthropic HH-RLHF's raw ``{chosen, rejected}`` strings of
+  ``"\n\nHuman: ...\n\nAssistant: ..."`` turns (parsed into turns; the prompt is the turns they share);
+  any other ``{chosen, rejected}`` strings without a prompt column: their shared start (cut at a word
+  boundary) is the prompt. An optional numeric ``margin`` column (rm).
 - ``ranked``: ``{prompt, responses: [...]}``, best first.
 - ``pointwise``: ``{prompt, response, score}`` (or ``{messages, score}``, the last message the response).
 - ``unpaired`` (KTO): ``{prompt, completion, label: bool}`` or ``{messages, label}``. KTO also reads
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,24 +139,101 @@ def _last_reply(row: dict, key: str, default_system: str | None) -> Conversation
     return conv
 
 
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
+
+
+def is_hh_dialogue(text: Any) -> bool:
+    """True for Anthropic HH-RLHF's raw dialogue text: "\\n\\nHuman: ...\\n\\nAssistant: ..." turns."""
+    return isinstance(text, str) and text.lstrip().startswith("Human:") and "\n\nAssistant:" in text
+
+
+def hh_messages(text: str, what: str = "dialogue") -> list[dict]:
+    """The turns of an HH-RLHF dialogue as ``{role, content}`` messages (Human: user, Assistant: assistant),
+    their text stripped. An empty turn stays (validation names it); text before the first turn is refused."""
+    parts = _HH_TURN.split("\n\n" + text.lstrip())
+    if parts[0].strip():
+        raise RowError(f"{what}: text before the first 'Human:' turn of an HH-RLHF dialogue")
+    return [
+        {"role": "user" if role == "Human" else "assistant", "content": content.strip()}
+        for role, content in zip(parts[1::2], parts[2::2], strict=True)
+    ]
+
+
+def split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen reply, rejected reply) of two texts without a prompt column: the prompt is their
+    shared start, cut back to a word boundary so that no word is split, with a non-empty reply on each
+    side. Raises RowError when they share no such start."""
+    k = next(
+        (i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b), min(len(chosen), len(rejected))
+    )
+
+    def mid_word(i: int) -> bool:
+        return chosen[i - 1].isalnum() and (chosen[i : i + 1].isalnum() or rejected[i : i + 1].isalnum())
+
+    while k > 0 and (mid_word(k) or not chosen[k:].strip() or not rejected[k:].strip()):
+        k -= 1
+    prompt = chosen[:k].strip()
+    if not prompt:
+        raise RowError(
+            "no prompt: the row has no prompt column (prompt, conversations, instruction, messages) and chosen "
+            "and rejected share no start to take as the prompt"
+        )
+    return prompt, chosen[k:].strip(), rejected[k:].strip()
+
+
+def _implicit_prompt(row: dict, chosen: list, rejected: list, default_system: str | None) -> list[Conversation]:
+    """Two full conversations (TRL's implicit prompt, or parsed HH-RLHF dialogues) whose shared turns are
+    the prompt: they must differ only in their last reply."""
+    convs = []
+    for what, messages in (("chosen", chosen), ("rejected", rejected)):
+        try:
+            convs.append(_last_reply({"messages": messages, "tools": row.get("tools")}, "messages", default_system))
+        except RowError as e:
+            raise RowError(f"{what}: {e}") from None
+    a, b = convs[0].messages, convs[1].messages
+    if a[:-1] != b[:-1]:
+        turn = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)) - 1)
+        raise RowError(
+            f"chosen and rejected differ before their last reply (at turn {turn + 1}; chosen has {len(a)} turns, "
+            f"rejected {len(b)}): the prompt is the turns they share, and only the last reply may differ"
+        )
+    return convs
+
+
+def pairs_shape(row: Any) -> str:
+    """Which of the pairs shapes a row has, in words (for ``llmtune data inspect``)."""
+    if not isinstance(row, dict) or "chosen" not in row:
+        return "something else (no chosen key)"
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if any(k in row for k in _PROMPT_KEYS):
+        key = next(k for k in _PROMPT_KEYS if k in row)
+        return f"{key} + chosen + rejected"
+    if isinstance(chosen, str) and (is_hh_dialogue(chosen) or is_hh_dialogue(rejected)):
+        return "Anthropic HH-RLHF dialogues (the turns chosen and rejected share are the prompt)"
+    if isinstance(chosen, list):
+        return "full conversations (TRL's implicit prompt: the turns chosen and rejected share)"
+    return "chosen + rejected texts without a prompt (their shared start is the prompt)"
+
+
 def _pairs(row: dict, default_system: str | None) -> PreferenceRow:
     for key in ("chosen", "rejected"):
         if key not in row:
             raise RowError(f"missing key '{key}'")
     chosen, rejected = row["chosen"], row["rejected"]
     has_prompt = any(k in row for k in _PROMPT_KEYS)
+    if not has_prompt and isinstance(chosen, str) and isinstance(rejected, str):
+        if is_hh_dialogue(chosen) or is_hh_dialogue(rejected):  # Anthropic HH-RLHF's raw shape
+            chosen, rejected = hh_messages(chosen, "chosen"), hh_messages(rejected, "rejected")
+        elif chosen.strip() != rejected.strip() and chosen.strip() and rejected.strip():
+            prompt, chosen, rejected = split_shared_prefix(chosen, rejected)
+            row = {**row, "prompt": prompt}
+    convs: list[Conversation] = []
     if not has_prompt and isinstance(chosen, list) and isinstance(rejected, list) and len(chosen) > 1:
         # TRL's implicit prompt: two full conversations that differ only in the last reply
-        convs = [
-            _last_reply({"messages": m, "tools": row.get("tools")}, "messages", default_system)
-            for m in (chosen, rejected)
-        ]
-        if convs[0].messages[:-1] != convs[1].messages[:-1]:
-            raise RowError("chosen and rejected conversations differ before their last reply")
+        convs = _implicit_prompt(row, chosen, rejected, default_system)
         texts = [c.messages[-1]["content"] for c in convs]
     else:
         texts = [_text(chosen, "chosen"), _text(rejected, "rejected")]
-        convs = []
     if texts[0].strip() == texts[1].strip():
         raise RowError("chosen and rejected are identical")
     if not convs:

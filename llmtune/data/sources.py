@@ -49,13 +49,18 @@ class Row:
 
 
 def read_rows(src: DataSource) -> list[Row]:
-    """All rows of ``src`` (a file, a directory of data files, or a hub id), with ``src.columns`` applied."""
+    """All rows of ``src`` (a file, a directory of data files, or a hub id), with ``src.columns`` and
+    ``src.tags`` (sharegpt role names, see llmtune.data.registry) applied."""
     if not looks_local(src.path):
         parsed: list[Parsed] = [(row, None, f"row {i}") for i, row in enumerate(_read_hub(src), start=1)]
     else:
         parsed = _read_local(Path(src.path).expanduser(), src.path)
     if src.columns:
         parsed = _rename(parsed, src.columns, src.path)
+    if src.tags:
+        from llmtune.data.registry import apply_tags
+
+        parsed = [(row if row is None else apply_tags(row, src.tags), err, where) for row, err, where in parsed]
     return [Row(i, data, err, where) for i, (data, err, where) in enumerate(parsed)]
 
 

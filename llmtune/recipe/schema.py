@@ -94,7 +94,16 @@ class FinetuningConfig(Block):
 
 
 class DataSource(Block):
-    path: str = Field(description="A file (json, jsonl, parquet, csv, txt), a directory of them, or a hub id.")
+    path: str = Field(
+        default="",
+        description="A file (json, jsonl, parquet, csv, txt), a directory of them, or a hub id (or give name:).",
+    )
+    name: str | None = Field(
+        default=None,
+        description="A dataset of the registry (data.registry, a dataset_info.json): its file, columns and tags "
+        "fill the keys this source does not set.",
+    )
+    registry: str | None = Field(default=None, description="The registry file for name: (default: data.registry).")
     format: (
         Literal["alpaca", "sharegpt", "messages", "text", "pairs", "ranked", "pointwise", "unpaired", "prompts"] | None
     ) = Field(
@@ -117,9 +126,38 @@ class DataSource(Block):
         description="Rename columns to the names the format expects, e.g. {instruction: question, output: answer}.",
     )
     system: str | None = Field(default=None, description="System prompt for rows that have none.")
+    tags: dict[str, str] = Field(
+        default_factory=dict,
+        description="sharegpt turns with other keys / role names, as LLaMA-Factory's tags: role_tag, content_tag, "
+        "user_tag, assistant_tag, observation_tag, function_tag, system_tag (e.g. {role_tag: role, "
+        "content_tag: content, user_tag: user, assistant_tag: assistant}).",
+    )
+
+    @field_validator("tags")
+    @classmethod
+    def _tag_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        from llmtune.data.registry import TAG_KEYS
+
+        unknown = [k for k in v if k not in TAG_KEYS]
+        if unknown:
+            raise ValueError(f"unknown tag {unknown[0]!r}: use {', '.join(TAG_KEYS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _path_or_name(self) -> DataSource:
+        if not self.path and not self.name:
+            raise ValueError(
+                "has no path: set path: (a file, a directory or a hub id) or name: (a dataset of data.registry)"
+            )
+        return self
 
 
 class DataConfig(Block):
+    registry: str | None = Field(
+        default=None,
+        description="A dataset registry (LLaMA-Factory's dataset_info.json shape: names -> file_name / hf_hub_url, "
+        "formatting, columns, tags); sources then name a dataset with name:.",
+    )
     train: list[DataSource] = Field(description="One or more sources, mixed.")
     eval: list[DataSource] = Field(default_factory=list, description="Held-out sources for evaluation.")
     eval_split: float = Field(
@@ -149,6 +187,31 @@ class DataConfig(Block):
         if not v:
             raise ValueError("is empty: list at least one source, e.g. [{path: data/train.jsonl}]")
         return v
+
+    @model_validator(mode="after")
+    def _resolve_names(self) -> DataConfig:
+        """A source with name: and no path takes its path, columns, tags, ... from the registry (the keys it
+        sets itself win); a source with both is left as it is (a resolved recipe validates again unchanged)."""
+        from llmtune.data.registry import RegistryError, resolve
+
+        for group, sources in (("train", self.train), ("eval", self.eval)):
+            for i, src in enumerate(sources):
+                if src.name is None or src.path:
+                    continue
+                registry = src.registry or self.registry
+                if registry is None:
+                    raise ValueError(
+                        f"data.{group}.{i}.name {src.name!r} needs a registry: set data.registry (or the source's "
+                        "registry:) to a dataset_info.json file, or give path: instead"
+                    )
+                try:
+                    fields = resolve(registry, src.name)
+                except RegistryError as e:
+                    raise ValueError(f"{group}.{i}.name: {e}") from None
+                for key, value in fields.items():
+                    if key not in src.model_fields_set:
+                        setattr(src, key, value)
+        return self
 
     @model_validator(mode="after")
     def _eval_choice(self) -> DataConfig:

@@ -245,3 +245,25 @@ def test_two_process_zero3(tmp_path: Path, stage: str, method: str) -> None:
         assert model.score.weight.shape == (1, 64)
         assert (out / "model.safetensors").is_file()
     assert any("eval/accuracy" in m for m in metrics)
+
+
+def test_raw_hh_rlhf_file_trains_rm_and_dpo(tmp_path: Path) -> None:
+    """Anthropic HH-RLHF's raw shape ({chosen, rejected} dialogue strings, no prompt column, no format:) is
+    parsed into turns and trains rm and dpo; its 4 unusable rows are dropped with their reasons."""
+    data = Path(__file__).resolve().parents[1] / "assets" / "hh_rlhf_sample.jsonl"
+    for stage in ("rm", "dpo"):
+        sub = tmp_path / stage
+        sub.mkdir()
+        recipe = base_recipe(
+            sub,
+            stage=stage,
+            data={"train": [{"path": str(data)}], "max_length": 256},
+            train={"max_steps": 3, "micro_batch_size": 4, "lr": 1e-4, "log_every": 1},
+        )
+        out, stdout = _train(sub, recipe)
+        assert "dropped 4 of 39 rows" in stdout, stdout
+        assert "differ before their last reply" in stdout and "no prompt" in stdout
+        losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
+        assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+        if stage == "dpo":  # the reference is the starting model: step 1 is log 2
+            assert losses[0] == pytest.approx(math.log(2), abs=1e-3)

@@ -165,9 +165,15 @@ def test_tools_rendered_by_a_template_that_supports_them(tokenizer, template):
     assert learned(tokenizer, ids, labels) == f"{CALL}<|im_end|>{FINAL}<|im_end|>"
 
 
+# chatml as it was before it rendered tools: a template that knows neither tools nor tool_calls
+PLAIN_CHATML = (
+    "{%- for message in messages -%}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
 def test_tools_described_in_system_for_a_template_without_tools(tokenizer):
-    chatml = resolve_chat_template(tokenizer, "chatml", required=True)
-    assert chatml is not None and "tools" not in chatml
+    chatml = PLAIN_CHATML
     description = "You can call these tools:\n" + json.dumps(TOOLS[0])
     ids, labels = encode_conversation(tokenizer, chatml, tool_conv(), 1024)
     text = tokenizer.decode(ids)
@@ -180,7 +186,7 @@ def test_tools_described_in_system_for_a_template_without_tools(tokenizer):
 
 
 def test_tool_results_are_not_learned(tokenizer, template):
-    for tmpl in (template, resolve_chat_template(tokenizer, "chatml", required=True)):
+    for tmpl in (template, resolve_chat_template(tokenizer, "chatml", required=True), PLAIN_CHATML):
         ids, labels = encode_conversation(tokenizer, tmpl, tool_conv(), 1024)
         assert OBSERVATION in tokenizer.decode(ids)
         assert OBSERVATION not in learned(tokenizer, ids, labels)
@@ -296,3 +302,63 @@ def test_encode_text_appends_eos_once(tokenizer):
     assert ids2 == ids
     with pytest.raises(RowError, match="empty"):
         encode_text(tokenizer, "")
+
+
+GLAIVE_ROW = {  # the shape of LLaMA-Factory's glaive_toolcall_en_demo.json
+    "conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": CALL},
+        {"from": "observation", "value": OBSERVATION},
+        {"from": "gpt", "value": FINAL},
+    ],
+    "tools": json.dumps(TOOLS),
+}
+TOOL_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("name", ["tokenizer", "chatml"])
+def test_function_calls_render_as_tool_calls_in_templates_that_support_them(tokenizer, template, name):
+    """The tiny model's own template and the built-in chatml render the tools in the system turn and a
+    function call as <tool_call> (learned); the observation is a tool turn, not learned."""
+    tmpl = template if name == "tokenizer" else resolve_chat_template(tokenizer, "chatml", required=True)
+    conv = to_conversation(GLAIVE_ROW, "sharegpt", default_system="Be brief.")
+    assert conv.calls == {
+        2: ("", [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}])
+    }
+    ids, labels = encode_conversation(tokenizer, tmpl, conv, 1024)
+    text = tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n") and json.dumps(TOOLS[0]) in text
+    assert text.count("<|im_start|>system") == 1
+    assert f"<|im_start|>assistant\n{TOOL_CALL}<|im_end|>" in text
+    assert f"<|im_start|>tool\n{OBSERVATION}<|im_end|>" in text
+    assert learned(tokenizer, ids, labels) == f"{TOOL_CALL}<|im_end|>{FINAL}<|im_end|>"
+    # a template without tool_calls gets the call as its JSON text (learned all the same)
+    ids, labels = encode_conversation(tokenizer, PLAIN_CHATML, conv, 1024)
+    assert learned(tokenizer, ids, labels) == f"{CALL}<|im_end|>{FINAL}<|im_end|>"
+
+
+def test_openai_tool_calls_keep_the_text_before_them(tokenizer):
+    row = {
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": "Let me check.",
+                "tool_calls": [
+                    {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+                ],
+            },
+            {"role": "tool", "content": OBSERVATION},
+            {"role": "assistant", "content": FINAL},
+        ],
+        "tools": TOOLS,
+    }
+    conv = to_conversation(row, "messages")
+    chatml = resolve_chat_template(tokenizer, "chatml", required=True)
+    ids, labels = encode_conversation(tokenizer, chatml, conv, 1024)
+    assert learned(tokenizer, ids, labels) == f"Let me check.\n{TOOL_CALL}<|im_end|>{FINAL}<|im_end|>"
+    # a call whose arguments are not JSON stays text
+    row["messages"][1]["tool_calls"][0]["function"]["arguments"] = "{city: Paris"
+    conv = to_conversation(row, "messages")
+    assert conv.calls == {}
+    assert "get_weather" in learned(tokenizer, *encode_conversation(tokenizer, chatml, conv, 1024))

@@ -277,3 +277,103 @@ def test_shared_preference_files_load(
     for s in samples[:20]:
         for ids, labels in s.sequences():
             assert any(t != IGNORE_INDEX for t in labels[1:]) and len(ids) <= 2048
+
+
+# --- Anthropic HH-RLHF's raw shape and implicit prompts ----------------------------------------------------------
+
+HH_FILE = Path(__file__).resolve().parents[1] / "assets" / "hh_rlhf_sample.jsonl"
+
+
+def test_hh_rlhf_dialogues_are_parsed_into_turns_with_the_shared_turns_as_prompt() -> None:
+    row = {
+        "chosen": "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Colour?\n\nAssistant: Blue.",
+        "rejected": "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Colour?\n\nAssistant:  No. ",
+    }
+    pref = to_preference(row, "pairs")
+    assert pref.responses == ["Blue.", "No."]
+    prompt = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Colour?"},
+    ]
+    for conv in pref.conversations:
+        assert conv.messages[:-1] == prompt
+    # the same with a system prompt from the source, and without the leading blank lines
+    pref = to_preference({k: v.lstrip() for k, v in row.items()}, "pairs", default_system="Be brief.")
+    assert pref.conversations[1].messages[0] == {"role": "system", "content": "Be brief."}
+    assert pref.conversations[1].messages[1:-1] == prompt
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        (
+            {"chosen": "\n\nHuman: Spain?\n\nAssistant: Madrid.", "rejected": "\n\nHuman: Italy?\n\nAssistant: Rome."},
+            "differ before their last reply \\(at turn 1",
+        ),
+        (
+            {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi\n\nAssistant:"},
+            "rejected: turn 2",
+        ),
+        ({"chosen": "\n\nHuman: Hi\n\nAssistant: Same", "rejected": "\n\nHuman: Hi\n\nAssistant: Same "}, "identical"),
+        (
+            {"chosen": "note\n\nHuman: Hi\n\nAssistant: A", "rejected": "\n\nHuman: Hi\n\nAssistant: B"},
+            "chosen: text before",
+        ),
+        ({"chosen": "Good answer.", "rejected": "Bad answer."}, "no prompt: .*share no start"),
+        ({"chosen": "Yes", "rejected": "Yes, sure"}, "no prompt"),
+    ],
+)
+def test_pairs_without_a_usable_shared_prompt_are_refused_with_a_reason(row: dict, reason: str) -> None:
+    with pytest.raises(RowError, match=reason):
+        to_preference(row, "pairs")
+
+
+@pytest.mark.parametrize(
+    ("chosen", "rejected", "expected"),
+    [
+        ("Q: what is 2+2? A: 4", "Q: what is 2+2? A: 5", ("Q: what is 2+2? A:", "4", "5")),
+        ("The answer is four.", "The answer is five.", ("The answer is", "four.", "five.")),  # no split word
+        ("Say hi.\nHi!", "Say hi.\nGo away.", ("Say hi.", "Hi!", "Go away.")),
+    ],
+)
+def test_plain_pairs_split_their_shared_start_into_the_prompt(chosen: str, rejected: str, expected: tuple) -> None:
+    pref = to_preference({"chosen": chosen, "rejected": rejected}, "pairs")
+    prompt, *replies = expected
+    assert pref.responses == replies
+    assert [c.messages[:-1] for c in pref.conversations] == [[{"role": "user", "content": prompt}]] * 2
+
+
+def test_hh_rlhf_file_builds_with_dropped_rows_counted_per_reason(tmp_path: Path, tokenizer) -> None:
+    recipe = DpoRecipe.model_validate(
+        {
+            "stage": "dpo",
+            "output_dir": str(tmp_path / "out"),
+            "model": {"path": str(TINY_MODEL)},
+            "data": {"train": [{"path": str(HH_FILE)}], "max_length": 256},
+        }
+    )
+    template = tokenizer.chat_template
+    bundle = build_data(recipe, preference_encoder(tokenizer, template, 256), "hh", "pairs", use_cache=False)
+    (report,) = bundle.reports
+    assert (report.rows, report.kept) == (39, 35)
+    reasons = "\n".join(report.reasons)
+    for phrase in (
+        "differ before their last reply",
+        "rejected: turn 2: empty assistant reply",
+        "no prompt",
+        "identical",
+    ):
+        assert phrase in reasons, reasons
+    assert report.first_dropped()[0].startswith("line 6: chosen and rejected differ")
+    # every kept row: two sequences sharing the rendered prompt, labels only on each last reply
+    for e in bundle.train:
+        (c_ids, c_lab), (r_ids, r_lab) = e.sequences()
+        first = c_lab.index(next(x for x in c_lab if x != IGNORE_INDEX))
+        assert c_ids[:first] == r_ids[:first]
+        assert all(x == IGNORE_INDEX for x in r_lab[:first])
+    multi = [e for e in bundle.train if tokenizer.decode(e.sequences()[0][0]).count("<|im_start|>user") == 3]
+    assert len(multi) == 1
+    (c_ids, c_lab), _ = multi[0].sequences()
+    learned = tokenizer.decode([t for t in c_lab if t != IGNORE_INDEX])
+    assert learned.startswith("Four plus four is eight.") and "six" not in learned
