@@ -75,10 +75,13 @@ class Tracker(Protocol):
     name: str
 
     def start(
-        self, out: Path, run_name: str, recipe: dict[str, Any], recipe_text: str, ids: dict, resume_step: int | None
+        self, out: Path, run_name: str, recipe: dict[str, Any], recipe_text: str, ids: dict[str, Any]
     ) -> None: ...
 
     def log(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def rewind(self, step: int) -> None:
+        """A resumed run logs again from this step on (wandb and mlflow keep every value they got)."""
 
     def finish(self, status: str) -> None: ...
 
@@ -86,12 +89,10 @@ class Tracker(Protocol):
 class TensorBoardTracker:
     name = "tensorboard"
 
-    def start(self, out, run_name, recipe, recipe_text, ids, resume_step):
+    def start(self, out, run_name, recipe, recipe_text, ids):
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step: a resumed run hides what the killed run logged after its last checkpoint
-        purge = resume_step + 1 if resume_step is not None else None
-        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=purge)
+        self.writer = SummaryWriter(str(out / "tensorboard"))
         if not ids.get("tensorboard"):  # once per run
             ids["tensorboard"] = True
             indented = "\n".join("    " + line for line in recipe_text.splitlines())  # markdown code block
@@ -103,6 +104,14 @@ class TensorBoardTracker:
             self.writer.add_scalar(k, v, step)
         self.writer.flush()
 
+    def rewind(self, step: int) -> None:
+        """Hide the events at `step` and after (a resumed run logs them again): a session start at that step,
+        which tensorboard reads as "purge what follows" (SummaryWriter's purge_step, at any time)."""
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        self.writer._get_file_writer().add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+        self.writer.flush()
+
     def finish(self, status):
         self.writer.close()
 
@@ -110,7 +119,7 @@ class TensorBoardTracker:
 class WandbTracker:
     name = "wandb"
 
-    def start(self, out, run_name, recipe, recipe_text, ids, resume_step):
+    def start(self, out, run_name, recipe, recipe_text, ids):
         import wandb
 
         run_id = ids.get("wandb_id") or secrets.token_hex(4)  # not `random`: that one is seeded for training
@@ -136,7 +145,7 @@ class WandbTracker:
 class MlflowTracker:
     name = "mlflow"
 
-    def start(self, out, run_name, recipe, recipe_text, ids, resume_step):
+    def start(self, out, run_name, recipe, recipe_text, ids):
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             # A local file store: mlflow 3 keeps it behind this switch (its default is a database server)
@@ -198,11 +207,9 @@ class Trackers:
         *,
         enabled: bool = True,
         resume: bool = False,
-        resume_step: int | None = None,
         warn: Any = print,
     ) -> Trackers:
-        """Start each tracker named: fresh, or (resume) continuing the runs trackers.json names; resume_step:
-        the step the run continues after (tensorboard drops what was logged past it)."""
+        """Start each tracker named: fresh, or (resume) continuing the runs trackers.json names."""
         if not enabled or not names:
             return cls([], warn)
         ids_path = out / IDS_FILE
@@ -216,7 +223,7 @@ class Trackers:
         for name in names:
             tracker = BACKENDS[name]()
             try:
-                tracker.start(out, run_name, recipe, recipe_text, ids, resume_step)
+                tracker.start(out, run_name, recipe, recipe_text, ids)
             except Exception as e:
                 warn(f"warning: tracker {name} could not start ({type(e).__name__}: {e}); training goes on without it")
                 continue
@@ -241,6 +248,17 @@ class Trackers:
                 tracker.log(step, metrics)
             except Exception as e:
                 self._drop(tracker, "log", e)
+
+    def resumed_after(self, step: int) -> None:
+        """The run continues after `step` (a checkpoint's): what was logged past it is logged again."""
+        for tracker in list(self.trackers):
+            rewind = getattr(tracker, "rewind", None)
+            if rewind is None:
+                continue
+            try:
+                rewind(step + 1 + self.step_offset)
+            except Exception as e:
+                self._drop(tracker, "rewind", e)
 
     def close(self, status: str = "finished") -> None:
         """End every tracker's run: finished, stopped or failed."""

@@ -290,7 +290,9 @@ def _start_engine(run: Run, trackers: Trackers | None = None) -> None:
         f"on {dist.device.type}"
     )
     resume_step = run.state.step if run.resumed else None
-    run.trackers = trackers if trackers is not None else open_trackers(recipe, run.out, dist, console, resume_step)
+    run.trackers = trackers if trackers is not None else open_trackers(recipe, run.out, dist, console, run.resumed)
+    if resume_step is not None:
+        run.trackers.resumed_after(resume_step)
     run.log = MetricsLog(run.out / "metrics.jsonl", dist.is_main, resume_step=resume_step, trackers=run.trackers)
     run.manifest = RunManifest(
         llmtune=__version__,
@@ -307,7 +309,7 @@ def _start_engine(run: Run, trackers: Trackers | None = None) -> None:
         run.manifest.write(run.out)
 
 
-def open_trackers(recipe: RecipeBase, out: Path, dist: DistInfo, console: Console, resume_step: int | None):
+def open_trackers(recipe: RecipeBase, out: Path, dist: DistInfo, console: Console, resume: bool) -> Trackers:
     """The run's train.report_to trackers (on rank 0), continuing the earlier tracker runs on a resume."""
     return Trackers.open(
         recipe.train.report_to,
@@ -316,8 +318,7 @@ def open_trackers(recipe: RecipeBase, out: Path, dist: DistInfo, console: Consol
         resolved_dict(recipe),
         dump_recipe(recipe),
         enabled=dist.is_main,
-        resume=resume_step is not None,
-        resume_step=resume_step,
+        resume=resume,
         warn=lambda m: console.print(f"[yellow]{escape(m)}[/]"),
     )
 

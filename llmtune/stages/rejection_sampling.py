@@ -171,16 +171,15 @@ def run_rejection_sampling(
                 console.print(f"[bold]round {k}/{rs.rounds}[/]: finished earlier, skipped")
                 continue
             console.print(f"[bold]round {k}/{rs.rounds}[/]: model {sft.model.path}")
+            # one tracker run for all rounds: round k's steps follow the steps of the rounds before it, and the
+            # round's generation statistics come at the step its training starts from
+            offset = sum(_planned_steps(round_dir(out, j) / MODEL_DIR) for j in range(1, k))
             if (rdir / GENERATED).is_file():
                 console.print(f"round {k}: generation was complete ({rdir / GENERATED}), not repeated")
             else:
-                generate_round(recipe, prompts, k, rdir, sft.model.path, dist, console, trust_reward_code)
-            _write_rounds(out, rs.rounds)
-            # one tracker run for all rounds: round k's steps follow the steps of the rounds before it
-            offset = sum(_planned_steps(round_dir(out, j) / MODEL_DIR) for j in range(1, k))
-            if dist.is_main and (rdir / GENERATED).is_file():
-                stats = json.loads((rdir / GENERATED).read_text())
+                stats = generate_round(recipe, prompts, k, rdir, sft.model.path, dist, console, trust_reward_code)
                 trackers.shifted(offset).log({"step": 0, **{f"rounds/{key}": v for key, v in stats.items()}})
+            _write_rounds(out, rs.rounds)
             if not done or resume_round == k:
                 train(  # the process group is this run's: train() leaves it up
                     sft,

@@ -39,7 +39,12 @@ def tensorboard_scalars(logdir: Path) -> dict[str, dict[int, float]]:
 
     acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    series = {}
+    for tag in acc.Tags()["scalars"]:
+        events = acc.Scalars(tag)
+        series[tag] = {e.step: e.value for e in events}
+        assert len(series[tag]) == len(events), f"tensorboard {tag}: a step twice in {[e.step for e in events]}"
+    return series
 
 
 def wandb_records(path: Path) -> list[Any]:
