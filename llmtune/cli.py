@@ -19,7 +19,7 @@ app = typer.Typer(
     name="llmtune",
     help="Adapt open LLMs from YAML recipes: continued pretraining (cpt), supervised fine-tuning (sft), "
     "reward models (rm) and preference optimisation (dpo, kto) on one DeepSpeed trainer core, with full, "
-    "freeze, LoRA and 4-bit QLoRA fine-tuning; merge adapters (merge-lora, merge) and evaluate (eval).",
+    "freeze, LoRA and 4-bit QLoRA fine-tuning; merge adapters (merge-lora, merge), evaluate (eval) and chat with a model (chat).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -371,6 +371,48 @@ def data_inspect(
     inspect_command(
         file, recipe, set_ or [], model, stage, format_, max_length, chat_template, row, max_rows, markers, registry
     )
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="Model directory, hub id, adapter directory or .gguf file.")],
+    adapter: Annotated[str | None, _opt("A peft adapter on MODEL.", "--adapter")] = None,
+    system: Annotated[str | None, _opt("System prompt.", "--system")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest reply, in tokens.", min=1)] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.", min=0.0)] = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.", min=0.0, max=1.0)] = 0.9,
+    chat_template: Annotated[
+        str | None, _opt("chatml | llama3 | alpaca | a .jinja file (default: the tokenizer's).", "--chat-template")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto | bf16 | fp16 | fp32")] = "auto",
+    seed: Annotated[int | None, _opt("Seed for sampling (default: random).", "--seed")] = None,
+    show_prompt: Annotated[
+        bool, typer.Option("--show-prompt", help="Print the rendered prompt (history included) before each reply.")
+    ] = False,
+) -> None:
+    """Chat with a model in the terminal: its chat template, the reply streamed, the conversation kept.
+
+    /reset forgets the conversation, /exit (or Ctrl-D) quits; Ctrl-C stops a reply."""
+    if dtype not in ("auto", "bf16", "fp16", "fp32"):
+        raise UserError(f"--dtype {dtype!r} is not one of auto, bf16, fp16, fp32")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {device!r} is not one of auto, cpu, cuda")
+    from llmtune.chat import Conversation, load_chat, run_chat
+    from llmtune.stages import quiet_libraries
+
+    quiet_libraries()
+    _no_load_bars()
+    with err.status(f"loading {model}"):
+        c = load_chat(
+            model, adapter, chat_template=chat_template, device=device, dtype=dtype,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, console=err,
+        )  # fmt: skip
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
+    run_chat(c, Conversation(c.tokenizer, c.template, system), show_prompt=show_prompt)
 
 
 @app.command()

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmtune.engine.trackers import TRACKER_FILES
 from llmtune.errors import TrainingError, UserError
 from llmtune.manifest import status_of
 
@@ -327,7 +328,7 @@ def plan_run(
     saved = out / "recipe.yaml"
     same = saved.is_file() and saved.read_text(encoding="utf-8") == recipe_text
     # A run of ours that stopped before it left anything of value (no checkpoint, no model): start over.
-    ours = {"recipe.yaml", "run.json", "metrics.jsonl", "checkpoints", EXPORT_STAGING}
+    ours = {"recipe.yaml", "run.json", "metrics.jsonl", "checkpoints", EXPORT_STAGING, *TRACKER_FILES}
     nothing_of_value = {p.name for p in out.iterdir()} <= ours
     if nothing_of_value and not complete_checkpoints(out):
         return RunPlan()

@@ -28,10 +28,11 @@ def run_console(is_main: bool) -> Console:
 class MetricsLog:
     """One JSON object per line: step, loss, lr, ... and eval/* metrics. Only the main process writes."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None) -> None:
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None, trackers: Any = None) -> None:
         """A fresh log, or (resume_step) the old one cut back to the records up to the resumed step, so that
-        steps a killed run logged after its last checkpoint are not listed twice."""
-        self.path, self.enabled = path, enabled
+        steps a killed run logged after its last checkpoint are not listed twice. trackers (engine.trackers):
+        they get every row written here."""
+        self.path, self.enabled, self.trackers = path, enabled, trackers
         if not enabled:
             return
         kept: list[str] = []
@@ -51,6 +52,8 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(clean) + "\n")
             f.flush()
+        if self.trackers is not None:
+            self.trackers.log(clean)
 
 
 def _fmt(v: Any) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from llmtune import __version__
 from llmtune.data.chat import resolve_chat_template
@@ -39,10 +40,11 @@ from llmtune.engine.config import build_optimizer, build_scheduler, check_precis
 from llmtune.engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
 from llmtune.engine.ema import WeightAverage
 from llmtune.engine.report import MetricsLog, Progress, print_data_summary, run_console
+from llmtune.engine.trackers import Trackers, remove_tracker_files, status_of_exception
 from llmtune.errors import DataError, RecipeError, TrainingError
 from llmtune.manifest import RunManifest
 from llmtune.model.load import describe, load_tokenizer, position_limit, tokenizer_record
-from llmtune.recipe.load import dump_recipe
+from llmtune.recipe.load import dump_recipe, resolved_dict
 from llmtune.recipe.schema import RecipeBase
 
 
@@ -65,6 +67,7 @@ def prepare_output_dir(recipe: RecipeBase, dist: DistInfo, console: Console, **o
         out.mkdir(parents=True, exist_ok=True)
         if plan.resume_from is None:
             fresh_start(out)
+            remove_tracker_files(out)  # a fresh start is a new tracker run
         else:
             removed = remove_partial_checkpoints(out)
             if removed:
@@ -135,6 +138,7 @@ class Run:
     state: TrainerState | None = None
     resumed: bool = False
     log: MetricsLog | None = None
+    trackers: Trackers | None = None
     manifest: RunManifest | None = None
     saved_step: int = -1
     progress: Progress | None = None
@@ -149,16 +153,25 @@ def train(
     resume_from: Path | None = None,
     overwrite: bool = False,
     trust_reward_code: bool = False,
+    trackers: Trackers | None = None,
 ) -> None:
     """setup (fail fast, before any heavy work) -> model and engine -> the loop -> the final evaluation,
-    checkpoint and export."""
+    checkpoint and export. trackers: a caller's (rejection sampling's rounds share one); by default the run
+    opens those train.report_to names and closes them at the end, also when it fails."""
     stage.trust_reward_code = trust_reward_code
     run = _setup(recipe, stage, local_rank, resume=resume, resume_from=resume_from, overwrite=overwrite)
     if run is None:
         return
-    _start_engine(run)
-    _loop(run)
-    _finish(run)
+    _start_engine(run, trackers)
+    try:
+        _loop(run)
+        _finish(run)
+    except BaseException as e:
+        if trackers is None and run.trackers is not None:
+            run.trackers.close(status_of_exception(e))
+        raise
+    if trackers is None and run.trackers is not None:
+        run.trackers.close("finished")
 
 
 def _setup(recipe: RecipeBase, stage: Any, local_rank: int | None, **options: Any) -> Run | None:
@@ -225,7 +238,7 @@ def _setup(recipe: RecipeBase, stage: Any, local_rank: int | None, **options: An
     )
 
 
-def _start_engine(run: Run) -> None:
+def _start_engine(run: Run, trackers: Trackers | None = None) -> None:
     """Load the model, build the optimizer and schedule, wrap them in DeepSpeed, restore a checkpoint, and
     write the manifest."""
     recipe, dist, console = run.recipe, run.dist, run.console
@@ -282,7 +295,11 @@ def _start_engine(run: Run) -> None:
         f"{mb * t.grad_accum * dist.world_size} rows/step | ZeRO-{recipe.distributed.zero_stage} {recipe.precision} "
         f"on {dist.device.type}"
     )
-    run.log = MetricsLog(run.out / "metrics.jsonl", dist.is_main, resume_step=run.state.step if run.resumed else None)
+    resume_step = run.state.step if run.resumed else None
+    run.trackers = trackers if trackers is not None else open_trackers(recipe, run.out, dist, console, run.resumed)
+    if resume_step is not None:
+        run.trackers.resumed_after(resume_step)
+    run.log = MetricsLog(run.out / "metrics.jsonl", dist.is_main, resume_step=resume_step, trackers=run.trackers)
     run.manifest = RunManifest(
         llmtune=__version__,
         torch=torch.__version__,
@@ -296,6 +313,20 @@ def _start_engine(run: Run) -> None:
     )
     if dist.is_main:
         run.manifest.write(run.out)
+
+
+def open_trackers(recipe: RecipeBase, out: Path, dist: DistInfo, console: Console, resume: bool) -> Trackers:
+    """The run's train.report_to trackers (on rank 0), continuing the earlier tracker runs on a resume."""
+    return Trackers.open(
+        recipe.train.report_to,
+        out,
+        recipe.train.run_name or out.resolve().name,
+        resolved_dict(recipe),
+        dump_recipe(recipe),
+        enabled=dist.is_main,
+        resume=resume,
+        warn=lambda m: console.print(f"[yellow]{escape(m)}[/]"),
+    )
 
 
 def _loop(run: Run) -> None:

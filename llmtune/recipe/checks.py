@@ -153,6 +153,7 @@ def check_paths(recipe: RecipeBase) -> list[str]:
         recipe, [v for _, v in models if v] + [src.path for src in [*recipe.data.train, *recipe.data.eval]]
     )
     _check_reward_block(recipe)
+    _check_trackers(recipe)
     check_precision_here(recipe)
     for group, sources in (("train", recipe.data.train), ("eval", recipe.data.eval)):
         for i, src in enumerate(sources):
@@ -165,6 +166,19 @@ def check_paths(recipe: RecipeBase) -> list[str]:
             hint=f"use one of {', '.join(BUILTIN_TEMPLATES)}, a path to a .jinja file, or null for the tokenizer's own",
         )
     return notes
+
+
+def _check_trackers(recipe: RecipeBase) -> None:
+    """Each train.report_to tracker's package is installed (looked up, not imported: validate stays fast)."""
+    from llmtune.engine.trackers import PIP_NAMES, missing_tracker
+
+    name = missing_tracker(recipe.train.report_to)
+    if name is not None:
+        raise RecipeError(
+            f"train.report_to: {name} is not installed in this Python environment ({sys.executable})",
+            hint=f"pip install {PIP_NAMES[name]} (or llmtune[trackers] for all three), or remove {name} from "
+            "train.report_to",
+        )
 
 
 def _check_reward_block(recipe: RecipeBase) -> None:

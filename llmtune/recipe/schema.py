@@ -277,6 +277,29 @@ class TrainConfig(Block):
         description="An exponential moving average of the trained weights, exported to output_dir/ema/ "
         "({decay, every}); null: off.",
     )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="Trackers that get every metrics.jsonl row and the resolved recipe (rank 0 only): tensorboard "
+        "(output_dir/tensorboard), wandb (offline in output_dir/wandb unless WANDB_MODE is set), mlflow (a local "
+        "file store output_dir/mlruns unless MLFLOW_TRACKING_URI is set). One name, a list, or none. "
+        "pip install llmtune[trackers].",
+    )
+    run_name: str | None = Field(
+        default=None, description="The trackers' run name (default: the output_dir's folder name)."
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, v: object) -> object:
+        if v is None or v == "none":
+            return []
+        if isinstance(v, str):
+            v = [x.strip() for x in v.split(",") if x.strip()]  # "wandb" or "tensorboard,wandb" (--set)
+        if v == ["all"]:
+            return ["tensorboard", "wandb", "mlflow"]
+        if isinstance(v, list):
+            return list(dict.fromkeys(v))  # each tracker once, in order
+        return v
 
     @field_validator("max_grad_norm")
     @classmethod

@@ -160,6 +160,7 @@ def run_rejection_sampling(
         console.print(f"continuing the run in {out}: finished rounds and generations are kept")
 
     manifest = _manifest(recipe, dist)
+    trackers = _open_trackers(recipe, out, dist, console, continuing)
     try:
         for k in range(1, rs.rounds + 1):
             rdir = round_dir(out, k)
@@ -170,10 +171,14 @@ def run_rejection_sampling(
                 console.print(f"[bold]round {k}/{rs.rounds}[/]: finished earlier, skipped")
                 continue
             console.print(f"[bold]round {k}/{rs.rounds}[/]: model {sft.model.path}")
+            # one tracker run for all rounds: round k's steps follow the steps of the rounds before it, and the
+            # round's generation statistics come at the step its training starts from
+            offset = sum(_planned_steps(round_dir(out, j) / MODEL_DIR) for j in range(1, k))
             if (rdir / GENERATED).is_file():
                 console.print(f"round {k}: generation was complete ({rdir / GENERATED}), not repeated")
             else:
-                generate_round(recipe, prompts, k, rdir, sft.model.path, dist, console, trust_reward_code)
+                stats = generate_round(recipe, prompts, k, rdir, sft.model.path, dist, console, trust_reward_code)
+                trackers.shifted(offset).log({"step": 0, **{f"rounds/{key}": v for key, v in stats.items()}})
             _write_rounds(out, rs.rounds)
             if not done or resume_round == k:
                 train(  # the process group is this run's: train() leaves it up
@@ -182,6 +187,7 @@ def run_rejection_sampling(
                     local_rank=local_rank,
                     resume=True,
                     resume_from=resume_from if resume_round == k else None,
+                    trackers=trackers.shifted(offset, round=k),
                 )
             if _uses_adapter(recipe) and k < rs.rounds:
                 if dist.is_main:
@@ -195,17 +201,46 @@ def run_rejection_sampling(
             manifest.status, manifest.finished = "finished", time.strftime("%Y-%m-%dT%H:%M:%S")
             manifest.write(out)
             console.print(f"[green]done[/]: {rs.rounds} round(s); final model written to {out} ({', '.join(files)})")
+        trackers.close("finished")
         barrier()
     except BaseException as e:
-        from llmtune.engine.trainer import Stopped
+        from llmtune.engine.trackers import status_of_exception
 
+        trackers.close(status_of_exception(e))
         if dist.is_main and out.is_dir():
-            manifest.status = "stopped" if isinstance(e, (Stopped, KeyboardInterrupt)) else "failed"
+            manifest.status = status_of_exception(e)
             manifest.write(out)
         raise
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _planned_steps(model_dir: Path) -> int:
+    manifest = RunManifest.read(model_dir)
+    return (manifest.total_steps or 0) if manifest is not None else 0
+
+
+def _open_trackers(recipe: RejectionSamplingRecipe, out: Path, dist: Any, console: Console, continuing: bool):
+    """One tracker run for the whole run in output_dir (each round's rows carry their round), continuing the
+    earlier one when the run continues."""
+    from rich.markup import escape
+
+    from llmtune.engine.trackers import Trackers, remove_tracker_files
+    from llmtune.recipe.load import dump_recipe, resolved_dict
+
+    if dist.is_main and not continuing:
+        remove_tracker_files(out)
+    return Trackers.open(
+        recipe.train.report_to,
+        out,
+        recipe.train.run_name or out.resolve().name,
+        resolved_dict(recipe),
+        dump_recipe(recipe),
+        enabled=dist.is_main,
+        resume=continuing,
+        warn=lambda m: console.print(f"[yellow]{escape(m)}[/]"),
+    )
 
 
 def _check_answers(recipe: RejectionSamplingRecipe, prompts: list[Any]) -> None:

@@ -106,3 +106,30 @@ def test_sft_dpo_grpo_on_the_gguf_model_reload_and_answer_in_the_template(tmp_pa
         base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
         reply = _answer(Path(base), out, QA[0][0])
         assert "Paris" in reply and reply.rstrip().endswith("<|im_end|>"), (stage, reply)
+
+
+def test_chat_answers_in_the_template_and_stops_at_its_end_token(converted: Path) -> None:
+    """`llmtune chat`'s model path on the real model, in process: the .gguf file (converted by the fixture, found in
+    the cache), greedy, two turns: the reply is right and ends with <|im_end|> well before the token budget, and
+    the second prompt carries the first exchange in the template."""
+    from rich.console import Console
+
+    from llmtune.chat import Conversation, load_chat
+
+    chat = load_chat(
+        str(GGUF), None, chat_template=None, device="cpu", dtype="fp32", max_new_tokens=48, temperature=0.0,
+        top_p=1.0, console=Console(stderr=True),
+    )  # fmt: skip
+    conv = Conversation(chat.tokenizer, chat.template, "Answer in a few words.")
+    ids, budget, _ = chat.fit(conv, QA[0][0])
+    reply = "".join(chat.stream(ids, budget))
+    assert "Paris" in reply and chat.ended, reply
+    assert "<|im_start|>" not in reply and "<|im_end|>" not in reply
+    conv.add(QA[0][0], reply.strip())
+    prompt = conv.prompt(QA[3][0])
+    assert prompt.startswith("<|im_start|>system\nAnswer in a few words.<|im_end|>")
+    assert f"<|im_start|>assistant\n{reply.strip()}<|im_end|>\n<|im_start|>user\n{QA[3][0]}<|im_end|>" in prompt
+    ids, budget, _ = chat.fit(conv, QA[3][0])
+    assert chat.tokenizer.decode(ids) == prompt
+    second = "".join(chat.stream(ids, budget))
+    assert chat.ended and second.strip(), second

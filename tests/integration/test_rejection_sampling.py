@@ -8,6 +8,7 @@ behaviour (stop after the word) carries over to the held-out words.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmtune.engine.trackers import numbers
 from tests.conftest import assert_ok, assert_refused, base_recipe, run_cli, write_recipe
 
 WORDS = ["river", "stone", "cloud", "apple", "tiger", "lamp", "green", "paper"]
@@ -176,10 +178,13 @@ def test_two_lora_rounds_resume_after_an_interruption(tmp_path: Path, start_mode
         train={"lr": 5e-3, "epochs": 2, "save_every": 2},
         rejection_sampling={"rounds": 2, "max_prompts": 6},
     )
+    trackers = [name for name in ("tensorboard", "mlflow") if importlib.util.find_spec(name)]  # llmtune[trackers]
+    recipe["train"]["report_to"] = trackers
     path = write_recipe(tmp_path, recipe)
-    assert_ok(run_cli("train", str(path)))
+    assert_ok(run_cli("train", str(path), env={"MLFLOW_TRACKING_URI": ""}))
     out = Path(recipe["output_dir"])
     r1, r2 = out / "round-1", out / "round-2"
+    ids = json.loads((out / "trackers.json").read_text())
     assert (r1 / "merged" / "config.json").is_file()  # round 2 started from the merged round-1 model
     assert "round-1/merged" in (r2 / "model" / "recipe.yaml").read_text()
     assert len(_read(out / "rounds.jsonl")) == 2
@@ -202,7 +207,7 @@ def test_two_lora_rounds_resume_after_an_interruption(tmp_path: Path, start_mode
     r1_model = os.stat(r1 / "model" / "adapter_model.safetensors").st_mtime_ns
     r2_samples = os.stat(r2 / "samples.jsonl").st_mtime_ns
 
-    proc = run_cli("train", str(path))
+    proc = run_cli("train", str(path), env={"MLFLOW_TRACKING_URI": ""})
     assert_ok(proc)
     assert "round 1/2: finished earlier, skipped" in proc.stdout
     assert "round 2: generation was complete" in proc.stdout
@@ -213,6 +218,32 @@ def test_two_lora_rounds_resume_after_an_interruption(tmp_path: Path, start_mode
     assert (out / "adapter_model.safetensors").is_file()
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
     assert len(_read(out / "rounds.jsonl")) == 2
+
+    # one tracker run for both rounds, continued after the interruption: round 2's steps follow round 1's, the
+    # rows are metrics.jsonl's (with their round) and each round's statistics at the step its training starts
+    assert json.loads((out / "trackers.json").read_text()) == ids
+    offsets = {1: 0, 2: json.loads((r1 / "model" / "run.json").read_text())["total_steps"]}
+    want: dict[str, dict[int, float]] = {}
+    for row in _read(out / "metrics.jsonl"):
+        for k, v in numbers(row).items():
+            want.setdefault(k, {})[row["step"] + offsets[row["round"]]] = v
+    for stats in _read(out / "rounds.jsonl"):
+        for k, v in numbers(stats).items():
+            want.setdefault(f"rounds/{k}", {})[offsets[stats["round"]]] = v
+    if "tensorboard" in trackers:
+        from tests.integration.test_trackers import assert_same, tensorboard_scalars
+
+        assert_same(tensorboard_scalars(out / "tensorboard"), want, "tensorboard")
+    if "mlflow" in trackers:
+        from mlflow.tracking import MlflowClient
+
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        client = MlflowClient(tracking_uri=ids["mlflow_uri"])
+        run = client.get_run(ids["mlflow_run_id"])
+        assert run.info.status == "FINISHED"
+        history = {k: client.get_metric_history(run.info.run_id, k) for k in run.data.metrics}
+        got = {k: {m.step: m.value for m in sorted(ms, key=lambda m: m.timestamp)} for k, ms in history.items()}
+        assert_same(got, want, "mlflow")  # (the steps logged again after the resume: their last values)
 
 
 def test_bad_input_is_refused_before_any_model_loads(tmp_path: Path, start_model: Path) -> None:
