@@ -41,6 +41,7 @@ from llmtune.engine.report import MetricsLog, Progress, print_data_summary, run_
 from llmtune.errors import DataError, RecipeError, TrainingError
 from llmtune.manifest import RunManifest
 from llmtune.model.load import describe, load_tokenizer, position_limit, tokenizer_record
+from llmtune.plot import write_run_curves
 from llmtune.recipe.load import dump_recipe
 from llmtune.recipe.schema import RecipeBase
 
@@ -397,7 +398,8 @@ def _save(run: Run) -> None:
 
 
 def _finish(run: Run) -> None:
-    """The final evaluation and checkpoint, then the export through a staging directory, and the manifest."""
+    """The final evaluation and checkpoint, then the export through a staging directory, the manifest, and
+    the curves (curves.png)."""
     dist, out, state = run.dist, run.out, run.state
     assert state is not None and run.manifest is not None
     if run.data.eval:
@@ -419,6 +421,7 @@ def _finish(run: Run) -> None:
     m.trainer_state = asdict(state)
     if dist.is_main:
         m.write(out)
+        write_run_curves(out, run.console)  # curves.png; a failure to draw is a warning, never a failed run
     barrier()
     skips = f" ({state.nan_skips} skipped for NaN / Inf)" if state.nan_skips else ""
     run.console.print(
