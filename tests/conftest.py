@@ -159,7 +159,7 @@ def as_if_killed(out: Path, *, drop: tuple[str, ...] = (), unmark: tuple[str, ..
     for name in unmark:
         (out / "checkpoints" / name / "COMPLETE").unlink()
     if export:
-        for f in ("model.safetensors", "adapter_model.safetensors"):
+        for f in ("model.safetensors", "adapter_model.safetensors", "curves.png"):
             (out / f).unlink(missing_ok=True)
     manifest = json.loads((out / "run.json").read_text())
     (out / "run.json").write_text(json.dumps({**manifest, "status": "running"}))
