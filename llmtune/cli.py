@@ -15,13 +15,25 @@ from rich.markup import escape
 from llmtune import __version__
 from llmtune.errors import LlmtuneError, UserError
 
+
+def _examples(*lines: str) -> str:
+    """A command's --help epilog: its example command lines (typer keeps the line breaks; escaped for rich)."""
+    return "Examples:\n\n" + "\n".join(escape(line) for line in lines)
+
+
 app = typer.Typer(
     name="llmtune",
     help="Adapt open LLMs from YAML recipes: continued pretraining (cpt), supervised fine-tuning (sft), "
     "reward models (rm) and preference optimisation (dpo, kto) on one DeepSpeed trainer core, with full, "
     "freeze, LoRA and 4-bit QLoRA fine-tuning; merge adapters (merge-lora, merge), evaluate (eval) and chat with a model (chat).",
+    epilog=_examples(
+        "llmtune init sft --out sft.yaml",
+        "llmtune validate sft.yaml",
+        "llmtune train sft.yaml --set train.lr=1e-4",
+        "llmtune plot runs/sft",
+    )
+    + "\n\nShell completion: llmtune --install-completion (bash, zsh, fish, PowerShell).",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True, highlight=False)
@@ -59,7 +71,9 @@ def _root(
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
 
 
-@app.command()
+@app.command(
+    epilog=_examples("llmtune validate recipes/quickstart.yaml", "llmtune validate recipe.yaml --set train.lr=1e-4")
+)
 def validate(
     recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
     set_: SetOption = None,
@@ -77,7 +91,13 @@ def validate(
     out.print(dump_recipe(r), markup=False, end="")
 
 
-@app.command()
+@app.command(
+    epilog=_examples(
+        "llmtune train recipes/quickstart.yaml",
+        "llmtune train recipe.yaml --set train.lr=1e-4 --set output_dir=runs/lr1e-4",
+        "torchrun --nproc_per_node 2 -m llmtune train recipe.yaml",
+    )
+)
 def train(
     recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
     set_: SetOption = None,
@@ -136,7 +156,10 @@ def _opt(help_: str, *names: str) -> Any:
     return typer.Option(*names, help=help_, show_default=False)
 
 
-@app.command("merge-lora")
+@app.command(
+    "merge-lora",
+    epilog=_examples("llmtune merge-lora --adapter runs/sft --out runs/sft-merged --dtype bf16"),
+)
 def merge_lora(
     adapter: Annotated[Path, _opt("The LoRA / QLoRA adapter directory (a training output).", "--adapter")],
     out: Annotated[Path, _opt("Where the merged model is written.", "--out")],
@@ -182,7 +205,12 @@ def merge_lora(
     )
 
 
-@app.command()
+@app.command(
+    epilog=_examples(
+        "llmtune merge --model runs/sft-a --model runs/sft-b --out runs/soup",
+        "llmtune merge --model runs/a --model runs/b --weight 0.7 --weight 0.3 --out runs/mix",
+    )
+)
 def merge(
     models: Annotated[
         list[str], _opt("A full model or LoRA adapter directory to average (repeat, two or more).", "--model")
@@ -248,7 +276,14 @@ def merge(
     out_console.print(f"averaged model ({r.dtype}) written to {r.out}: {mix}", markup=False)
 
 
-@app.command("eval")
+@app.command(
+    "eval",
+    epilog=_examples(
+        "llmtune eval --model runs/sft --data held.jsonl --task perplexity -o report.json",
+        "llmtune eval --model runs/dpo --data pairs.jsonl --task preference",
+        "llmtune eval eval.yaml --max-samples 100",
+    ),
+)
 def eval_(
     config: Annotated[
         Path | None, typer.Argument(help="An eval YAML file with the same keys as the options (options override it).")
@@ -325,7 +360,14 @@ data_app = typer.Typer(
 app.add_typer(data_app, name="data")
 
 
-@data_app.command("inspect")
+@data_app.command(
+    "inspect",
+    epilog=_examples(
+        "llmtune data inspect data/train.jsonl",
+        "llmtune data inspect --recipe recipes/sft_lora.yaml",
+        "llmtune data inspect pairs.jsonl --model Qwen/Qwen2.5-0.5B-Instruct --stage dpo --row 3",
+    ),
+)
 def data_inspect(
     file: Annotated[
         Path | None, typer.Argument(help="A data file or directory (default: the recipe's sources).")
@@ -373,7 +415,13 @@ def data_inspect(
     )
 
 
-@app.command()
+@app.command(
+    epilog=_examples(
+        "llmtune chat runs/sft-merged",
+        "llmtune chat Qwen/Qwen2.5-0.5B-Instruct --adapter runs/sft --system 'You are terse.'",
+        "llmtune chat model.gguf --temperature 0",
+    )
+)
 def chat(
     model: Annotated[str, typer.Argument(help="Model directory, hub id, adapter directory or .gguf file.")],
     adapter: Annotated[str | None, _opt("A peft adapter on MODEL.", "--adapter")] = None,
@@ -415,7 +463,85 @@ def chat(
     run_chat(c, Conversation(c.tokenizer, c.template, system), show_prompt=show_prompt)
 
 
-@app.command()
+def _complete_stage(incomplete: str) -> list[str]:
+    from llmtune.recipe.starter import starter_names
+
+    return [s for s in starter_names() if s.startswith(incomplete)]
+
+
+@app.command(
+    epilog=_examples(
+        "llmtune init sft",
+        "llmtune init dpo --model runs/sft-merged --out dpo.yaml",
+        "llmtune init grpo --model Qwen/Qwen2.5-0.5B-Instruct --out grpo.yaml --force",
+    )
+)
+def init(
+    stage: Annotated[
+        str,
+        typer.Argument(
+            help="cpt | sft | rm | dpo | kto (dpo with loss kto) | ppo | grpo | rejection_sampling",
+            autocompletion=_complete_stage,
+            show_default=False,
+        ),
+    ],
+    model: Annotated[
+        str | None, _opt("model.path of the recipe (default: HuggingFaceTB/SmolLM2-135M-Instruct).", "--model")
+    ] = None,
+    out: Annotated[Path | None, _opt("Write the recipe to this file (default: print it).", "--out", "-o")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Let --out replace an existing file.")] = False,
+) -> None:
+    """Print (or write) a commented starter recipe for a stage that `llmtune validate` accepts as written.
+
+    Its data is the repository's quickstart data: replace it with your own."""
+    from llmtune.recipe.starter import render
+
+    text = render(stage, model)
+    if out is None:
+        sys.stdout.write(text)
+        return
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory", hint=f"name a file, e.g. {out / (stage + '.yaml')}")
+    if out.exists() and not force:
+        raise UserError(f"--out {out} exists", hint="pass --force to replace it, or choose another file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    print(f"wrote {out}; check it with: llmtune validate {out}")
+
+
+@app.command(
+    epilog=_examples(
+        "llmtune plot runs/sft",
+        "llmtune plot runs/lr1e-4 runs/lr3e-4 --out lr.png",
+        "llmtune plot runs/dpo --metric eval/accuracy --metric margin",
+    )
+)
+def plot(
+    run_dirs: Annotated[list[Path], typer.Argument(help="One or more run output directories (with metrics.jsonl).")],
+    out: Annotated[
+        Path | None,
+        _opt("The PNG to write (default: RUN_DIR/curves.png for one run, curves.png here for several).", "--out", "-o"),
+    ] = None,
+    metrics: Annotated[
+        list[str] | None,
+        _opt(
+            "Plot this metric of metrics.jsonl, one panel each (repeatable; default: loss, reward, accuracy, kl).",
+            "--metric",
+        ),
+    ] = None,
+) -> None:
+    """Draw the training curves of a run, or compare several runs (one line per run) in one PNG.
+
+    Every run already writes its own curves.png to output_dir when it finishes."""
+    from llmtune.plot import CURVES_FILE, draw
+
+    target = out or (run_dirs[0] / CURVES_FILE if len(run_dirs) == 1 else Path(CURVES_FILE))
+    with err.status("drawing"):
+        path = draw(run_dirs, target, metrics or None)
+    print(f"curves written to {path}")
+
+
+@app.command(epilog=_examples("llmtune version"))
 def version() -> None:
     """Print the llmtune version."""
     print(__version__)

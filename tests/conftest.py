@@ -138,6 +138,16 @@ def read_metrics(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def assert_curves(out: Path, *panels: str) -> None:
+    """The run's curves.png (drawn when it finished) is a PNG, and the curves of its metrics.jsonl are these
+    panels (what tests/unit/test_plot.py checks line by line)."""
+    from llmtune.plot import CURVES_FILE, curve_data, read_run
+
+    png = (out / CURVES_FILE).read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000, len(png)
+    assert [p.title for p in curve_data([read_run(out)])] == list(panels)
+
+
 def as_if_killed(out: Path, *, drop: tuple[str, ...] = (), unmark: tuple[str, ...] = (), export: bool = True) -> None:
     """Leave output_dir as a SIGKILL would: the named checkpoints never written (drop) or never completed
     (unmark), no exported model (export=True removes it), run.json still saying running."""
@@ -149,7 +159,7 @@ def as_if_killed(out: Path, *, drop: tuple[str, ...] = (), unmark: tuple[str, ..
     for name in unmark:
         (out / "checkpoints" / name / "COMPLETE").unlink()
     if export:
-        for f in ("model.safetensors", "adapter_model.safetensors"):
+        for f in ("model.safetensors", "adapter_model.safetensors", "curves.png"):
             (out / f).unlink(missing_ok=True)
     manifest = json.loads((out / "run.json").read_text())
     (out / "run.json").write_text(json.dumps({**manifest, "status": "running"}))

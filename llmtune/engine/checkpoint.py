@@ -328,7 +328,7 @@ def plan_run(
     saved = out / "recipe.yaml"
     same = saved.is_file() and saved.read_text(encoding="utf-8") == recipe_text
     # A run of ours that stopped before it left anything of value (no checkpoint, no model): start over.
-    ours = {"recipe.yaml", "run.json", "metrics.jsonl", "checkpoints", EXPORT_STAGING, *TRACKER_FILES}
+    ours = {"recipe.yaml", "run.json", "metrics.jsonl", "curves.png", "checkpoints", EXPORT_STAGING, *TRACKER_FILES}
     nothing_of_value = {p.name for p in out.iterdir()} <= ours
     if nothing_of_value and not complete_checkpoints(out):
         return RunPlan()

@@ -44,6 +44,7 @@ from llmtune.engine.trackers import Trackers, remove_tracker_files, status_of_ex
 from llmtune.errors import DataError, RecipeError, TrainingError
 from llmtune.manifest import RunManifest
 from llmtune.model.load import describe, load_tokenizer, position_limit, tokenizer_record
+from llmtune.plot import write_run_curves
 from llmtune.recipe.load import dump_recipe, resolved_dict
 from llmtune.recipe.schema import RecipeBase
 
@@ -438,7 +439,8 @@ def _save(run: Run) -> None:
 
 
 def _finish(run: Run) -> None:
-    """The final evaluation and checkpoint, then the export through a staging directory, and the manifest."""
+    """The final evaluation and checkpoint, then the export through a staging directory, the manifest, and
+    the curves (curves.png)."""
     dist, out, state = run.dist, run.out, run.state
     assert state is not None and run.manifest is not None
     if run.data.eval:
@@ -464,6 +466,7 @@ def _finish(run: Run) -> None:
     m.trainer_state = asdict(state)
     if dist.is_main:
         m.write(out)
+        write_run_curves(out, run.console)  # curves.png; a failure to draw is a warning, never a failed run
     barrier()
     skips = f" ({state.nan_skips} skipped for NaN / Inf)" if state.nan_skips else ""
     run.console.print(

@@ -39,7 +39,7 @@ from llmtune.recipe.schema import DataConfig, DataSource, RejectionSamplingRecip
 
 GENERATED = "generated.json"  # written last in a round directory: its generation is complete
 MODEL_DIR, MERGED_DIR = "model", "merged"
-_RUN_FILES = {"recipe.yaml", "run.json", "metrics.jsonl", "checkpoints", ".export-in-progress"}
+_RUN_FILES = {"recipe.yaml", "run.json", "metrics.jsonl", "curves.png", "checkpoints", ".export-in-progress"}
 
 
 # ------------------------------------------------------------------------------------------------- prompts
@@ -126,6 +126,7 @@ def run_rejection_sampling(
     from llmtune.engine.distributed import barrier, setup_distributed
     from llmtune.engine.report import run_console
     from llmtune.engine.trainer import train
+    from llmtune.plot import write_run_curves
     from llmtune.recipe.load import dump_recipe
     from llmtune.rewards import check_rewards
     from llmtune.stages.sft import SftStage
@@ -200,6 +201,7 @@ def run_rejection_sampling(
             manifest.tokenizer, manifest.torch, manifest.deepspeed = final.tokenizer, final.torch, final.deepspeed
             manifest.status, manifest.finished = "finished", time.strftime("%Y-%m-%dT%H:%M:%S")
             manifest.write(out)
+            write_run_curves(out, console)  # every round's loss, and the sampled reward per round
             console.print(f"[green]done[/]: {rs.rounds} round(s); final model written to {out} ({', '.join(files)})")
         trackers.close("finished")
         barrier()

@@ -18,7 +18,7 @@ import yaml
 
 from tests.conftest import ROOT, assert_refused, base_recipe, run_cli, write_recipe
 
-HEAVY = ("torch", "deepspeed", "peft", "transformers", "bitsandbytes")
+HEAVY = ("torch", "deepspeed", "peft", "transformers", "bitsandbytes", "matplotlib")
 
 
 def _misspelled_key(tmp_path: Path) -> dict[str, Any]:
@@ -140,7 +140,7 @@ def test_train_refuses_what_cannot_run_here_before_training(
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
-# Runs the CLI in-process (--help, validate, validate as the deepspeed launcher calls it) and reports which heavy modules got imported.
+# Runs the CLI in-process (--help, validate, validate as the deepspeed launcher calls it, init) and reports which heavy modules got imported.
 _NO_TORCH_PROBE = """
 import json, runpy, sys
 recipe, heavy_roots = sys.argv[1], set(json.loads(sys.argv[2]))
@@ -149,6 +149,7 @@ for argv in (
     ["llmtune", "--help"],
     ["llmtune", "validate", recipe],
     ["llmtune", "--local_rank=0", "validate", recipe],  # the deepspeed launcher puts it first
+    ["llmtune", "init", "sft"],
 ):
     sys.argv = argv
     try:
@@ -173,7 +174,7 @@ def test_validate_and_help_do_not_import_torch(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     line = next(x for x in proc.stdout.splitlines() if x.startswith("PROBE"))
     result = json.loads(line.removeprefix("PROBE"))
-    assert result["codes"] == [0, 0, 0], proc.stdout + proc.stderr
+    assert result["codes"] == [0, 0, 0, 0], proc.stdout + proc.stderr
     assert "is a valid sft recipe" in proc.stdout  # validate really ran
     assert result["heavy"] == [], f"imported by --help / validate: {result['heavy']}"
 

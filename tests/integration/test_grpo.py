@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import as_if_killed, assert_ok, assert_refused, base_recipe, read_metrics, run_cli, write_recipe
+from tests.conftest import (
+    as_if_killed,
+    assert_curves,
+    assert_ok,
+    assert_refused,
+    base_recipe,
+    read_metrics,
+    run_cli,
+    write_recipe,
+)
 
 WORDS = ["apple", "river", "green", "stone", "cloud", "tiger", "piano", "lemon"]
 
@@ -128,6 +137,7 @@ def test_grpo_variants_run(tmp_path: Path, grpo: dict) -> None:
         assert all("kl" in m for m in train)
     evals = [m for m in metrics if "eval/reward" in m]
     assert evals and 0.0 <= evals[-1]["eval/reward"] <= 1.0
+    assert_curves(out, "loss", "reward", *(["kl"] if grpo.get("beta") else []))
 
 
 def test_grpo_bad_input_is_refused_before_training(tmp_path: Path) -> None:

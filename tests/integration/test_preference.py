@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY_MODEL, base_recipe, read_metrics, run_cli, write_recipe
+from tests.conftest import TINY_MODEL, assert_curves, base_recipe, read_metrics, run_cli, write_recipe
 
 TOPICS = ["river", "stone", "cloud", "apple", "tiger", "lamp", "paper", "music", "winter", "bread", "glass"]
 POLITE = ["please enjoy", "thank you kindly", "with pleasure", "happy to help", "you are welcome"]
@@ -155,6 +155,7 @@ def test_dpo_lora_raises_held_out_implicit_reward_accuracy(tmp_path: Path) -> No
     final = [m for m in metrics if "eval/accuracy" in m][-1]
     assert final["eval/accuracy"] > 0.8, final
     assert final["eval/margin"] > 0.3
+    assert_curves(out, "loss", "reward", "accuracy")
 
     # the same implicit rewards recomputed with transformers + peft: beta * (log pi - log ref), ref = base
     tok = AutoTokenizer.from_pretrained(out)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from llmtune.engine.trackers import numbers
-from tests.conftest import assert_ok, assert_refused, base_recipe, run_cli, write_recipe
+from tests.conftest import assert_curves, assert_ok, assert_refused, base_recipe, run_cli, write_recipe
 
 WORDS = ["river", "stone", "cloud", "apple", "tiger", "lamp", "green", "paper"]
 HELD_OUT = ["seven", "music", "winter", "bread", "glass", "orange", "house", "light"]
@@ -146,6 +146,8 @@ def test_one_round_learns_writes_its_files_and_the_output_loads(tmp_path: Path, 
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["status"] == "finished" and manifest["stage"] == "rejection_sampling"
     assert (out / "recipe.yaml").is_file() and (out / "model.safetensors").is_file()
+    assert_curves(out, "loss", "reward per round (sampling)")  # drawn from output_dir's metrics, not copied
+    assert_curves(r1 / "model", "loss")
     before = greedy_exact_match(start_model, HELD_OUT)
     after = greedy_exact_match(out, HELD_OUT)
     assert after > before, (before, after)

@@ -10,7 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, TINY_MODEL, as_if_killed, assert_ok, base_recipe, read_metrics, run_cli, write_recipe
+from tests.conftest import (
+    ROOT,
+    TINY_MODEL,
+    as_if_killed,
+    assert_curves,
+    assert_ok,
+    base_recipe,
+    read_metrics,
+    run_cli,
+    write_recipe,
+)
 
 WORDS = [
     "river",
@@ -114,6 +124,7 @@ def test_sft_methods_learn_and_outputs_load(tmp_path: Path, method: str, extra: 
     assert "max_grad_norm" in saved  # defaults are filled in
     evals = [m for m in read_metrics(out) if "eval/loss" in m]
     assert evals and evals[-1]["step"] == 40
+    assert_curves(out, "loss")
 
 
 def test_sft_packing_trains(tmp_path: Path) -> None:
