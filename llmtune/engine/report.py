@@ -136,6 +136,15 @@ def print_data_summary(console: Console, data: Any, recipe: Any) -> None:
                 "data) and are not trained on; sft learns the rows with label true. To learn from both, train "
                 "the file with stage dpo and dpo.loss: kto"
             )
+    summary = getattr(data.train, "summary", None)
+    if summary is not None:  # a memory-mapped corpus: counted from its index, not by reading every row
+        c = summary()
+        console.print(
+            f"train rows: {c['rows']:,} (max_length {recipe.data.max_length}, packed, memory-mapped), tokens: "
+            f"{c['tokens']:,}, learned tokens: {c['learned']:,}, longest row: {c['longest']}; eval rows: "
+            f"{len(data.eval):,}"
+        )
+        return
     lengths = [len(s.input_ids) for s in data.train]
     if any(lengths):  # (rejection sampling's prompts are not tokenized when they are read)
         learned = sum(sum(1 for x in s.labels[1:] if x != -100) for s in data.train)

@@ -171,6 +171,11 @@ class DataConfig(Block):
         default=False,
         description="cpt: concatenate and chunk; sft: several examples per row with restarting position ids.",
     )
+    memory_map: bool = Field(
+        default=False,
+        description="cpt with packing, for corpora larger than memory: local .txt / .jsonl files tokenized once "
+        "into a token file in the data cache, and rows read from it through a memory map while training.",
+    )
     on_bad_row: Literal["drop", "error"] = Field(
         default="drop",
         description="drop: skip malformed / empty / untrainable rows and count them; error: stop.",
@@ -616,6 +621,10 @@ class RecipeBase(Block):
             )
         if self.finetuning.method == "qlora" and self.precision == "fp16" and self.model.dtype == "bf16":
             raise ValueError("precision fp16 with model.dtype bf16: set both to bf16, or both to fp16")
+        if self.data.memory_map and getattr(self, "stage", None) != "cpt":
+            raise ValueError("data.memory_map is for stage cpt (raw text, packed); remove it, or use stage: cpt")
+        if self.data.memory_map and not self.data.packing:
+            raise ValueError("data.memory_map reads packed rows from one token stream: set data.packing: true with it")
         if self.train.ema is not None and self.distributed.zero_stage == 3:
             raise ValueError(
                 "train.ema cannot be combined with distributed.zero_stage 3 in this version (the average "

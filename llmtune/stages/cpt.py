@@ -16,6 +16,11 @@ class CptStage(LanguageModelStep):
 
     def build_data(self, recipe: CptRecipe, tokenizer: Any, template: str | None) -> StageData:
         d = recipe.data
+        if d.memory_map:  # tokenized once into the cache, read through a memory map while training
+            from llmtune.data.corpus import build_corpus
+
+            train, evals, reports = build_corpus(recipe, tokenizer, fingerprint_tokenizer(tokenizer, None))
+            return StageData(train=train, eval=evals, reports=reports)
         settings = recipe_settings(recipe, d.packing, fingerprint_tokenizer(tokenizer, None))
         bundle = build_data(recipe, text_encoder(tokenizer, d.max_length, d.packing), settings, "text")
         shape = (lambda ex: pack_stream(ex, d.max_length)) if d.packing else as_samples
