@@ -302,6 +302,22 @@ class RunPlan:
     finished: bool = False  # the same recipe already finished here: nothing to do
 
 
+def same_recipe(saved: str, current: str) -> bool:
+    """Whether a run's saved recipe.yaml is the recipe now resolved: the same text, or the same once the saved
+    one is resolved again (a newer llmtune adds keys at their defaults, which change nothing)."""
+    if saved == current:
+        return True
+    import yaml
+
+    from llmtune.recipe.load import dump_recipe, validate_recipe
+
+    try:
+        raw = yaml.safe_load(saved)
+        return isinstance(raw, dict) and yaml.safe_load(dump_recipe(validate_recipe(raw))) == yaml.safe_load(current)
+    except Exception:  # a saved recipe this version cannot read is another recipe
+        return False
+
+
 def plan_run(
     out: Path, recipe_text: str, *, resume: bool = True, resume_from: Path | None = None, overwrite: bool = False
 ) -> RunPlan:
@@ -326,7 +342,7 @@ def plan_run(
     if not out.exists() or not any(out.iterdir()):
         return RunPlan()
     saved = out / "recipe.yaml"
-    same = saved.is_file() and saved.read_text(encoding="utf-8") == recipe_text
+    same = saved.is_file() and same_recipe(saved.read_text(encoding="utf-8"), recipe_text)
     # A run of ours that stopped before it left anything of value (no checkpoint, no model): start over.
     ours = {"recipe.yaml", "run.json", "metrics.jsonl", "curves.png", "checkpoints", EXPORT_STAGING, *TRACKER_FILES}
     nothing_of_value = {p.name for p in out.iterdir()} <= ours

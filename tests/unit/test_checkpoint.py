@@ -167,3 +167,21 @@ def test_check_numbers_decides_stop_skip_and_overflow(tmp_path: Path, precision:
     assert state.nan_skips == 2
     with pytest.raises(TrainingError, match=r"3 steps skipped for NaN / Inf, more than train\.max_nan_skips=2"):
         _check_numbers(_result(loss=float("nan"), nonfinite="loss"), skip, state, tmp_path, console)
+
+
+def test_a_recipe_saved_before_new_keys_existed_is_the_same_recipe(tmp_path: Path) -> None:
+    """A run written by an older llmtune (its recipe.yaml lacks keys added since, at their defaults) resumes;
+    a real change is still another recipe."""
+    import yaml
+
+    from llmtune.engine.checkpoint import same_recipe
+    from llmtune.recipe.load import dump_recipe, validate_recipe
+    from tests.conftest import base_recipe
+
+    current = dump_recipe(validate_recipe(base_recipe(tmp_path)))
+    older = yaml.safe_load(current)
+    del older["train"]["ema"], older["data"]["memory_map"]  # keys this version added, at their defaults
+    assert same_recipe(yaml.safe_dump(older, sort_keys=False), current)
+    older["train"]["lr"] = 0.5
+    assert not same_recipe(yaml.safe_dump(older, sort_keys=False), current)
+    assert not same_recipe("stage: [unreadable", current)
