@@ -102,9 +102,16 @@ def _to_tuple(x: Any) -> Any:
 
 
 def save_checkpoint(
-    engine: Any, output_dir: Path, state: TrainerState, rank: int, keep: int, best: tuple[str, str] | None = None
+    engine: Any,
+    output_dir: Path,
+    state: TrainerState,
+    rank: int,
+    keep: int,
+    best: tuple[str, str] | None = None,
+    extra: Any = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+    """Collective: every rank calls it. Returns the checkpoint directory. extra: an object whose
+    save(checkpoint_dir) rank 0 calls before the checkpoint is marked complete (adalora's schedule state)."""
     root = checkpoint_dir(output_dir)
     t = tag(state.step)
     path = root / t
@@ -114,6 +121,8 @@ def save_checkpoint(
     try:
         engine.save_checkpoint(str(root), tag=t, save_latest=False)
         (path / f"rng_state_{rank}.json").write_text(json.dumps(_rng_state()))
+        if extra is not None and rank == 0:
+            extra.save(path)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         if isinstance(e, OSError) and e.strerror:
