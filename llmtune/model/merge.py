@@ -103,8 +103,8 @@ def read_adapter_config(adapter: str | Path) -> dict[str, Any]:
         raise UserError(
             f"{adapter} is a {_UNMERGEABLE[kind]} adapter: it cannot be merged into the base, its virtual tokens "
             "are extra inputs, not a change of the weights",
-            hint="use it as an adapter: PeftModel.from_pretrained(base, adapter) (llmtune eval --adapter takes it "
-            "too); methods lora / qlora / adalora / ia3 train adapters that merge",
+            hint="use it as an adapter: PeftModel.from_pretrained(base, adapter); methods lora / qlora / "
+            "adalora / ia3 train adapters that merge",
         )
     if kind not in MERGEABLE:
         raise UserError(

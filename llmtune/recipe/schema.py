@@ -700,6 +700,12 @@ def _check_method_fits(recipe: RecipeBase) -> None:
             "finetuning.method adalora cannot be combined with distributed.zero_stage 3: its rank allocation "
             "masks whole adapter weights, which ZeRO-3 partitions; use zero_stage 0-2 (adapters are small)"
         )
+    if method == "prefix" and recipe.train.gradient_checkpointing:
+        raise ValueError(
+            "finetuning.method prefix cannot be combined with train.gradient_checkpointing (peft's prefix tuning "
+            "passes its prefix as a key / value cache, which checkpointing does not support): set "
+            "gradient_checkpointing: false, or use method prompt / ptuning"
+        )
     if method in PROMPT_METHODS and recipe.data.packing:
         raise ValueError(
             f"finetuning.method {method} cannot be combined with data.packing: peft ignores the position ids "

@@ -151,7 +151,9 @@ def test_adalora_schedule_longer_than_the_run_is_refused_before_the_model_loads(
     assert "loading" not in proc.stdout
 
 
-@pytest.mark.parametrize(("stage", "name"), [("rm", "ia3"), ("rm", "adalora"), ("dpo", "prefix"), ("dpo", "ia3")])
+@pytest.mark.parametrize(
+    ("stage", "name"), [("rm", "ia3"), ("rm", "adalora"), ("dpo", "prefix"), ("dpo", "ptuning"), ("dpo", "ia3")]
+)
 def test_method_trains_preference_stages(tmp_path: Path, stage: str, name: str) -> None:
     """rm (score head trained with the adapter, merged/ written for the mergeable methods) and dpo (the reference
     is a frozen copy of the base) train with the new methods; the outputs load as peft adapters."""

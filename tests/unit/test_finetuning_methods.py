@@ -151,9 +151,30 @@ def test_adalora_with_zero3_and_prompt_methods_with_packing_are_refused(tmp_path
     assert "set data.packing: false" in str(info.value)
 
 
+def test_prefix_with_gradient_checkpointing_is_refused(tmp_path: Path) -> None:
+    msg = _error(tmp_path, {"method": "prefix"}, train={"gradient_checkpointing": True})
+    assert "prefix cannot be combined with train.gradient_checkpointing" in msg and "use method prompt" in msg
+    assert _load(tmp_path, {"method": "ptuning"}, train={"gradient_checkpointing": True}).train.gradient_checkpointing
+
+
 def test_method_set_from_the_command_line(tmp_path: Path) -> None:
     path = write_recipe(tmp_path, _recipe(tmp_path, {"method": "lora"}))
     r = load_recipe(path, ["finetuning.method=dora"])
     assert r.finetuning.method == "lora" and r.finetuning.use_dora
     r = load_recipe(path, ["finetuning.method=ia3", "finetuning.ia3.target_modules=[v_proj]"])
     assert r.finetuning.ia3.target_modules == ["v_proj"]
+
+
+def test_a_prompt_adapter_as_model_path_is_refused_without_the_merge_hint(tmp_path: Path) -> None:
+    import json
+
+    from llmtune.recipe.checks import check_model_dir
+
+    d = tmp_path / "prefix-out"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING", "base_model_name_or_path": "b"}))
+    with pytest.raises(RecipeError) as info:
+        check_model_dir("model.path", str(d))
+    msg = str(info.value)
+    assert "is a PREFIX_TUNING adapter" in msg and "cannot be merged" in msg and "merge-lora" not in msg
+    assert "its base model (b)" in msg
