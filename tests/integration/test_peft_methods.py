@@ -152,7 +152,7 @@ def test_adalora_schedule_longer_than_the_run_is_refused_before_the_model_loads(
 
 
 @pytest.mark.parametrize(
-    ("stage", "name"), [("rm", "ia3"), ("rm", "adalora"), ("dpo", "prefix"), ("dpo", "ptuning"), ("dpo", "ia3")]
+    ("stage", "name"), [("rm", "ia3"), ("rm", "adalora"), ("dpo", "prefix"), ("dpo", "ptuning"), ("dpo", "adalora")]
 )
 def test_method_trains_preference_stages(tmp_path: Path, stage: str, name: str) -> None:
     """rm (score head trained with the adapter, merged/ written for the mergeable methods) and dpo (the reference
@@ -177,3 +177,19 @@ def test_method_trains_preference_stages(tmp_path: Path, stage: str, name: str) 
     else:
         model = AutoPeftModelForCausalLM.from_pretrained(out).eval()
         assert _logits(model, ids).shape[-1] == model.get_input_embeddings().num_embeddings
+
+
+@pytest.mark.parametrize("name", ["adalora", "ia3"])
+def test_method_trains_grpo(tmp_path: Path, name: str) -> None:
+    """grpo samples with the adapter on and (beta > 0) scores against a frozen copy of the base."""
+    from peft import AutoPeftModelForCausalLM
+
+    from tests.integration.test_grpo import grpo_recipe
+
+    recipe = grpo_recipe(tmp_path, grpo={"beta": 0.1}, train={"max_steps": 3})
+    recipe["finetuning"] = METHODS[name]
+    assert_ok(run_cli("train", str(write_recipe(tmp_path, recipe))))
+    out = tmp_path / "out"
+    assert len([m for m in read_metrics(out) if "loss" in m]) == 3
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == PEFT_TYPE[name]
+    AutoPeftModelForCausalLM.from_pretrained(out)
