@@ -76,7 +76,7 @@ class AdaLoraOptions(Block):
     def _budget(self) -> AdaLoraOptions:
         if self.target_r > self.init_r:
             raise ValueError(
-                f"finetuning.adalora.target_r {self.target_r} is above init_r {self.init_r}: the budget only "
+                f"target_r {self.target_r} is above init_r {self.init_r}: the budget only "
                 "shrinks; lower target_r or raise init_r"
             )
         return self
@@ -101,16 +101,16 @@ class Ia3Options(Block):
         t, f = self.target_modules, self.feedforward_modules
         if f is not None and t is None:
             raise ValueError(
-                "finetuning.ia3.feedforward_modules is set without target_modules: name target_modules too "
+                "feedforward_modules is set without target_modules: name target_modules too "
                 "(feedforward_modules must be a subset of them)"
             )
         if t is not None and f is not None and not set(f) <= set(t):
             raise ValueError(
-                f"finetuning.ia3.feedforward_modules {sorted(set(f) - set(t))} are not in target_modules: "
+                f"feedforward_modules {sorted(set(f) - set(t))} are not in target_modules: "
                 "add them to target_modules or remove them"
             )
         if t is not None and not t:
-            raise ValueError("finetuning.ia3.target_modules is empty: name at least one module, or use null")
+            raise ValueError("target_modules is empty: name at least one module, or use null")
         return self
 
 
@@ -231,7 +231,7 @@ class FinetuningConfig(Block):
             if getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True):
                 users = [m for m, keys in _METHOD_KEYS.items() if name in keys]
                 raise ValueError(
-                    f"finetuning.{name} is not used by method {self.method} (it is for {' / '.join(users)}): "
+                    f"{name} is not used by method {self.method} (it is for {' / '.join(users)}): "
                     "remove it, or choose that method"
                 )
         if self.method in PROMPT_METHODS:
@@ -239,7 +239,7 @@ class FinetuningConfig(Block):
             for key, methods in _PROMPT_KEYS.items():
                 if self.method not in methods and getattr(self.prompt, key) != getattr(fresh, key):
                     raise ValueError(
-                        f"finetuning.prompt.{key} is not used by method {self.method} (it is for "
+                        f"prompt.{key} is not used by method {self.method} (it is for "
                         f"{' / '.join(methods)}): remove it, or choose that method"
                     )
         return self

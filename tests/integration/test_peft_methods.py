@@ -130,6 +130,12 @@ def test_adalora_schedule_follows_the_real_steps_and_resumes_exactly(tmp_path: P
 
     cfg_a = json.loads((out_a / "adapter_config.json").read_text())
     cfg_b = json.loads((out_b / "adapter_config.json").read_text())
+    assert cfg_a["total_step"] == 4  # optimizer steps, not the 8 micro-batches nor peft's placeholder
+    # peft's cubic schedule at step 2 of 4 (tinit 1, tfinal 1): (1 - (2 - 1) / (4 - 1 - 1))^3 = 1/8 of the way
+    # from init_r to target_r left: int((56 - 28) / 8 + 28) = 31 of the 14 matrices' 56 ranks kept (a
+    # 3-step schedule would already be at its final 28)
+    at_2 = torch.load(out_a / "checkpoints" / "step-00000002" / "adalora_state.pt", weights_only=True)
+    assert len(at_2["rank_pattern"]) == 14 and sum(sum(v) for v in at_2["rank_pattern"].values()) == 31
     pattern = cfg_a["rank_pattern"]
     assert pattern and cfg_b["rank_pattern"] == pattern
     kept = [sum(v) for v in pattern.values()]

@@ -57,15 +57,15 @@ def test_dora_and_rslora_can_be_combined(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("finetuning", "phrases"),
     [
-        ({"method": "lora", "adalora": {"init_r": 16}}, ["finetuning.adalora is not used by method lora", "adalora"]),
-        ({"method": "ia3", "lora_r": 4}, ["finetuning.lora_r is not used by method ia3", "lora / qlora"]),
-        ({"method": "adalora", "lora_r": 4}, ["finetuning.lora_r is not used by method adalora"]),
-        ({"method": "prefix", "ia3": {"target_modules": ["v_proj"]}}, ["finetuning.ia3 is not used by method prefix"]),
-        ({"method": "full", "use_dora": True}, ["finetuning.use_dora is not used by method full"]),
+        ({"method": "lora", "adalora": {"init_r": 16}}, ["finetuning: adalora is not used by method lora", "adalora"]),
+        ({"method": "ia3", "lora_r": 4}, ["finetuning: lora_r is not used by method ia3", "lora / qlora"]),
+        ({"method": "adalora", "lora_r": 4}, ["finetuning: lora_r is not used by method adalora"]),
+        ({"method": "prefix", "ia3": {"target_modules": ["v_proj"]}}, ["finetuning: ia3 is not used by method prefix"]),
+        ({"method": "full", "use_dora": True}, ["finetuning: use_dora is not used by method full"]),
         ({"method": "prompt", "prompt": {"encoder_type": "lstm"}}, ["prompt.encoder_type", "it is for ptuning"]),
         ({"method": "ptuning", "prompt": {"init_text": "Hi"}}, ["prompt.init_text", "it is for prompt"]),
         ({"method": "prompt", "prompt": {"prefix_projection": True}}, ["prompt.prefix_projection", "for prefix"]),
-        ({"method": "lora", "prompt": {"num_virtual_tokens": 4}}, ["finetuning.prompt is not used by method lora"]),
+        ({"method": "lora", "prompt": {"num_virtual_tokens": 4}}, ["finetuning: prompt is not used by method lora"]),
     ],
 )
 def test_a_key_of_another_method_is_refused(tmp_path: Path, finetuning: dict[str, Any], phrases: list[str]) -> None:
