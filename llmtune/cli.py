@@ -161,7 +161,9 @@ def _opt(help_: str, *names: str) -> Any:
     epilog=_examples("llmtune merge-lora --adapter runs/sft --out runs/sft-merged --dtype bf16"),
 )
 def merge_lora(
-    adapter: Annotated[Path, _opt("The LoRA / QLoRA adapter directory (a training output).", "--adapter")],
+    adapter: Annotated[
+        Path, _opt("The LoRA / QLoRA / DoRA / AdaLoRA / IA3 adapter directory (a training output).", "--adapter")
+    ],
     out: Annotated[Path, _opt("Where the merged model is written.", "--out")],
     base: Annotated[
         str | None, _opt("The base model the adapter was trained on (default: the one it records).", "--base")
@@ -175,7 +177,7 @@ def merge_lora(
 ) -> None:
     """Merge a LoRA adapter into its base and write a standalone model; then check it against base + adapter.
 
-    QLoRA adapters are merged into the base loaded at --dtype from its full-precision weights (never into
+    Also DoRA, AdaLoRA and IA3 adapters; prefix / prompt / P-tuning adapters cannot be merged. QLoRA adapters are merged into the base loaded at --dtype from its full-precision weights (never into
     4-bit weights). Reward-model adapters keep their score head."""
     if dtype not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"--dtype {dtype!r} is not one of auto, bf16, fp16, fp32")

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from llmtune.recipe.schema import (
+    AdaLoraOptions,
     DataConfig,
     DataSource,
     DistributedConfig,
@@ -21,7 +22,9 @@ from llmtune.recipe.schema import (
     FinetuningConfig,
     GenerationConfig,
     GrpoConfig,
+    Ia3Options,
     ModelConfig,
+    PromptOptions,
     RecipeBase,
     RejectionSamplingConfig,
     RewardConfig,
@@ -39,6 +42,9 @@ BLOCKS: list[tuple[str, type[BaseModel], str]] = [
     ),
     ("model", ModelConfig, "The model a stage starts from."),
     ("finetuning", FinetuningConfig, "What trains."),
+    ("finetuning.adalora (method adalora)", AdaLoraOptions, "AdaLoRA's rank budget over the run's optimizer steps."),
+    ("finetuning.ia3 (method ia3)", Ia3Options, "(IA)^3's rescaled modules."),
+    ("finetuning.prompt (methods prefix, prompt, ptuning)", PromptOptions, "The virtual tokens."),
     ("data", DataConfig, "Where the rows come from and how they become batches."),
     ("data.train[] / data.eval[]", DataSource, "One data source."),
     ("train", TrainConfig, "The optimisation loop."),
@@ -78,6 +84,8 @@ def _default(field: object) -> str:
     if default is PydanticUndefined and factory is None:
         return "**required**"
     value = factory() if factory is not None else default
+    if isinstance(value, BaseModel):
+        return "(its block below)"
     if isinstance(value, bool):
         value = str(value).lower()
     return f"`{'null' if value is None else value}`"

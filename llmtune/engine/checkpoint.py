@@ -103,9 +103,17 @@ def _to_tuple(x: Any) -> Any:
 
 
 def save_checkpoint(
-    engine: Any, output_dir: Path, state: TrainerState, rank: int, keep: int, best: tuple[str, str] | None = None
+    engine: Any,
+    output_dir: Path,
+    state: TrainerState,
+    rank: int,
+    keep: int,
+    best: tuple[str, str] | None = None,
+    extras: tuple[Any, ...] = (),
 ) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+    """Collective: every rank calls it. Returns the checkpoint directory. extras: objects whose
+    save(checkpoint_dir) rank 0 calls before the checkpoint is marked complete (adalora's schedule state,
+    the weight average)."""
     root = checkpoint_dir(output_dir)
     t = tag(state.step)
     path = root / t
@@ -115,6 +123,9 @@ def save_checkpoint(
     try:
         engine.save_checkpoint(str(root), tag=t, save_latest=False)
         (path / f"rng_state_{rank}.json").write_text(json.dumps(_rng_state()))
+        if rank == 0:
+            for extra in extras:
+                extra.save(path)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         if isinstance(e, OSError) and e.strerror:

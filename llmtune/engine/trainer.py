@@ -12,6 +12,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,7 @@ class Run:
     saved_step: int = -1
     progress: Progress | None = None
     ema: WeightAverage | None = None  # train.ema
+    adalora: Any = None  # engine.adalora.AdaLoraSchedule for finetuning.method adalora
 
 
 def train(
@@ -219,6 +221,13 @@ def _setup(recipe: RecipeBase, stage: Any, local_rank: int | None, **options: An
     batches = stage.batch_source(data, recipe, dist, collate)
     t = recipe.train
     total_steps = t.max_steps if t.max_steps is not None else max(1, round(t.epochs * batches.windows_per_epoch))
+    a = recipe.finetuning.adalora
+    if recipe.finetuning.method == "adalora" and a.tinit + a.tfinal >= total_steps:
+        raise RecipeError(
+            f"finetuning.adalora: tinit {a.tinit} + tfinal {a.tfinal} leave no step of this run's {total_steps} "
+            "to shrink the rank budget in",
+            hint=f"lower tinit / tfinal so that tinit + tfinal < {total_steps}, or train more steps",
+        )
     state = TrainerState(
         world_size=dist.world_size, zero_stage=recipe.distributed.zero_stage, data_fingerprint=data_fingerprint
     )
@@ -274,6 +283,10 @@ def _start_engine(run: Run, trackers: Trackers | None = None) -> None:
         # nothing to average with: skip the gradient all-reduce (ZeRO 1-3 gather their gradients through it)
         engine.enable_backward_allreduce = False
     run.engine, run.scheduler = engine, scheduler
+    if recipe.finetuning.method == "adalora":
+        from llmtune.engine.adalora import AdaLoraSchedule
+
+        run.adalora = AdaLoraSchedule(engine, run.total_steps)
 
     ckpt = run.resume_from
     if ckpt is not None:
@@ -281,6 +294,8 @@ def _start_engine(run: Run, trackers: Trackers | None = None) -> None:
         fingerprint = run.state.data_fingerprint
         run.state = load_checkpoint(engine, ckpt, dist.rank, quantized=recipe.finetuning.method == "qlora")
         run.state.data_fingerprint = fingerprint
+        if run.adalora is not None:
+            run.adalora.load(ckpt)
         _schedule_from_recipe(scheduler, base_lrs)
         run.resumed, run.saved_step = True, run.state.step
         console.print(f"resumed from {ckpt} (step {run.state.step})")
@@ -357,7 +372,9 @@ def _loop(run: Run) -> None:
                     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
                     step_start = time.perf_counter()
                     try:
-                        result = _train_window(engine, stage, window, dist, run.guard, stopper.signum != 0)
+                        result = _train_window(
+                            engine, stage, window, dist, run.guard, stopper.signum != 0, run.adalora, state.step + 1
+                        )
                     except Exception as e:
                         if is_fp16_scale_error(e):
                             raise fp16_scale_error(e, state.step + 1, out) from None
@@ -432,9 +449,9 @@ def _save(run: Run) -> None:
     t = run.recipe.train
     run.state.stage_state = run.stage.state_dict()
     best = (t.best_metric, t.best_mode) if t.best_metric else None
-    path = save_checkpoint(run.engine, run.out, run.state, run.dist.rank, t.keep_checkpoints, best)
-    if run.ema is not None and run.dist.is_main:  # every process holds the same average (ZeRO 0-2)
-        run.ema.save(path)
+    # every process holds the same weight average (ZeRO 0-2): process 0 writes it with the checkpoint
+    extras = tuple(x for x in (run.adalora, run.ema) if x is not None)
+    save_checkpoint(run.engine, run.out, run.state, run.dist.rank, t.keep_checkpoints, best, extras=extras)
     run.saved_step = run.state.step
 
 
@@ -455,11 +472,14 @@ def _finish(run: Run) -> None:
         shutil.rmtree(staging, ignore_errors=True)
     barrier()
     run.console.print(f"writing the model to {out} ...")
-    run.stage.export(run.engine, run.tokenizer, staging, run.recipe, dist)
-    if run.ema is not None:  # the average in the model's own export shape, beside it
-        run.console.print(f"writing the weight average ({run.ema.updates} updates) to {out / 'ema'} ...")
-        with run.ema.swapped_in():
-            run.stage.export(run.engine, run.tokenizer, staging / "ema", run.recipe, dist)
+    with warnings.catch_warnings():
+        if run.adalora is not None:  # ranks AdaLoRA pruned to 0 are empty tensors by design, not unsaved shards
+            warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
+        run.stage.export(run.engine, run.tokenizer, staging, run.recipe, dist)
+        if run.ema is not None:  # the average in the model's own export shape, beside it
+            run.console.print(f"writing the weight average ({run.ema.updates} updates) to {out / 'ema'} ...")
+            with run.ema.swapped_in():
+                run.stage.export(run.engine, run.tokenizer, staging / "ema", run.recipe, dist)
     files = _publish(staging, out) if dist.is_main else []
     m = run.manifest
     m.status, m.finished, m.steps = "finished", time.strftime("%Y-%m-%dT%H:%M:%S"), state.step
@@ -562,13 +582,16 @@ def _train_window(
     dist: DistInfo,
     guard: StepGuard,
     stop_requested: bool = False,
+    adalora: Any = None,
+    step: int = 0,
 ):
     """One optimizer step over an accumulation window. The loss is normalised by the number of units
     (tokens) in the whole window on all ranks, so the update does not depend on how rows are split into
     micro-batches, accumulation steps and processes. DeepSpeed averages gradients over ranks, hence the
     factor world_size. Before the update, a NaN / Inf loss on any rank (or, under ZeRO-0, a non-finite
     gradient) vetoes it on every rank. A None window (the stage skips the step on every rank) only votes on
-    stopping."""
+    stopping. adalora: AdaLoRA's schedule, which reads the step's gradients (`step`: this step's 1-based
+    number) around the update."""
     if window is None:
         stop = all_reduce_sum(torch.tensor([1.0 if stop_requested else 0.0], dtype=torch.float64, device=dist.device))
         return WindowResult(0.0, 0.0, None, {}, None, True, stop.item() > 0)
@@ -600,11 +623,15 @@ def _train_window(
     if nonfinite is None and grad_norm is not None and not math.isfinite(grad_norm):
         nonfinite = "gradient"
     guard.block = nonfinite is not None
+    if adalora is not None:
+        adalora.before_update()
     try:
         engine.step()
     finally:
         guard.block = False
     applied = engine.was_step_applied()
+    if adalora is not None:
+        adalora.after_update(step, applied and nonfinite is None)
     metrics = {
         k: all_reduce_sum(torch.as_tensor(v, device=dist.device)).item() / denom for k, v in sorted(sums.items())
     }

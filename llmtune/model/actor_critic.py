@@ -194,6 +194,7 @@ def load_reward_adapter(policy: nn.Module, path: str, device: torch.device, inde
         lora_alpha=cfg.get("lora_alpha", 8),
         target_modules=cfg.get("target_modules"),
         use_rslora=cfg.get("use_rslora", False),
+        use_dora=cfg.get("use_dora", False),
         lora_dropout=0.0,
         bias="none",
         task_type="CAUSAL_LM",

@@ -1,7 +1,8 @@
 """Loading the model and tokenizer a recipe names, and making the parts that train trainable.
 
-full: every weight; freeze: the last N decoder layers and named modules; lora: peft adapters;
-qlora: peft adapters on a 4-bit NF4 base (bitsandbytes), prepared for k-bit training.
+full: every weight; freeze: the last N decoder layers and named modules; lora (dora / rslora), adalora, ia3,
+prefix, prompt, ptuning: peft adapters; qlora: lora on a 4-bit NF4 base (bitsandbytes), prepared for k-bit
+training.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from rich.console import Console
 
 from llmtune.errors import RecipeError, UserError
 from llmtune.manifest import RunManifest, TokenizerRecord
-from llmtune.recipe.schema import FinetuningConfig, ModelConfig, RecipeBase, looks_local
+from llmtune.recipe.schema import PROMPT_METHODS, FinetuningConfig, ModelConfig, RecipeBase, looks_local
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -487,7 +488,9 @@ def _load_trained(spec: ModelSpec, device: torch.device, tokenizer: Any) -> Load
     _fit_tokenizer(model, spec, tokenizer)
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_method(model, ft, spec.gradient_checkpointing, head_modules=["score"] if spec.score_head else [])
+    model = apply_method(
+        model, ft, spec.gradient_checkpointing, head_modules=["score"] if spec.score_head else [], tokenizer=tokenizer
+    )
     trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(_numel(p) for p in model.parameters())
     if trainable == 0:
@@ -639,7 +642,11 @@ def _numel(p: torch.nn.Parameter) -> int:
 
 
 def apply_method(
-    model: torch.nn.Module, ft: FinetuningConfig, grad_ckpt: bool, head_modules: list[str] | None = None
+    model: torch.nn.Module,
+    ft: FinetuningConfig,
+    grad_ckpt: bool,
+    head_modules: list[str] | None = None,
+    tokenizer: Any | None = None,
 ) -> torch.nn.Module:
     """head_modules: new modules (a reward head) that train in full with every method and are saved with
     the adapter."""
@@ -654,7 +661,7 @@ def apply_method(
             if any(name.split(".")[0] == h for h in head_modules):
                 p.requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     if ft.method == "qlora":
         _keep_4bit_layout(model)
@@ -671,26 +678,89 @@ def apply_method(
                 f"finetuning.modules_to_save: no module of the model is called {wanted!r}",
                 hint=f"name modules that exist (this model has {', '.join(leaves)}), or remove it",
             )
-    config = LoraConfig(
-        r=ft.lora_r,
-        lora_alpha=ft.lora_alpha,
-        lora_dropout=ft.lora_dropout,
-        target_modules=ft.target_modules,
-        modules_to_save=[*ft.modules_to_save, *head_modules] or None,
-        use_rslora=ft.use_rslora,
-        task_type="SEQ_CLS" if head_modules else "CAUSAL_LM",
-        bias="none",
-    )
+    to_save = [*ft.modules_to_save, *head_modules] or None
+    task_type = "SEQ_CLS" if head_modules else "CAUSAL_LM"
+    config = peft_config(ft, task_type, to_save, model_type=getattr(model.config, "model_type", None))
     try:
         model = get_peft_model(model, config)
     except ValueError as e:
+        key = "finetuning.ia3" if ft.method == "ia3" else f"finetuning.target_modules {ft.target_modules!r}"
         raise RecipeError(
-            f"finetuning.target_modules {ft.target_modules!r}: {str(e).splitlines()[0]}",
+            f"{key}: {str(e).splitlines()[0]}",
             hint="name modules that exist in the model (e.g. q_proj, v_proj), or use all-linear",
         ) from None
-    if grad_ckpt:
+    if ft.method == "prompt" and ft.prompt.init_text:
+        _init_prompt_from_text(model, ft, tokenizer)
+    if grad_ckpt and ft.method not in PROMPT_METHODS:
         model.enable_input_require_grads()
     return model
+
+
+def peft_config(
+    ft: FinetuningConfig, task_type: str, modules_to_save: list[str] | None = None, model_type: str | None = None
+) -> Any:
+    """The peft config of a fine-tuning method (lora / qlora with their dora / rslora options, adalora, ia3,
+    prefix, prompt, ptuning). AdaLoRA's total_step is a placeholder here: the trainer sets it to the run's
+    real optimizer-step count before the first step (llmtune.engine.adalora)."""
+    import peft
+
+    lora = {"lora_alpha": ft.lora_alpha, "lora_dropout": ft.lora_dropout, "target_modules": ft.target_modules}
+    common = {"task_type": task_type, "modules_to_save": modules_to_save}
+    if ft.method in ("lora", "qlora"):
+        return peft.LoraConfig(
+            r=ft.lora_r, use_rslora=ft.use_rslora, use_dora=ft.use_dora, bias="none", **lora, **common
+        )
+    if ft.method == "adalora":
+        a = ft.adalora
+        return peft.AdaLoraConfig(
+            init_r=a.init_r,
+            target_r=a.target_r,
+            tinit=a.tinit,
+            tfinal=a.tfinal,
+            deltaT=a.delta_t,
+            beta1=a.beta1,
+            beta2=a.beta2,
+            total_step=a.tinit + a.tfinal + 1,
+            **lora,
+            **common,
+        )
+    if ft.method == "ia3":
+        targets, feedforward = ft.ia3.target_modules, ft.ia3.feedforward_modules
+        if targets is not None and feedforward is None:  # those of the targets peft counts as feed-forward
+            default = peft.utils.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type or "", [])
+            feedforward = [m for m in targets if m in default]
+        return peft.IA3Config(target_modules=targets, feedforward_modules=feedforward, **common)
+    p = ft.prompt
+    if ft.method == "prefix":
+        return peft.PrefixTuningConfig(
+            num_virtual_tokens=p.num_virtual_tokens,
+            prefix_projection=p.prefix_projection,
+            encoder_hidden_size=p.encoder_hidden_size,
+            **common,
+        )
+    if ft.method == "prompt":
+        return peft.PromptTuningConfig(num_virtual_tokens=p.num_virtual_tokens, **common)
+    assert ft.method == "ptuning", ft.method
+    return peft.PromptEncoderConfig(
+        num_virtual_tokens=p.num_virtual_tokens,
+        encoder_hidden_size=p.encoder_hidden_size,
+        encoder_reparameterization_type=p.encoder_type.upper(),
+        **common,
+    )
+
+
+def _init_prompt_from_text(model: Any, ft: FinetuningConfig, tokenizer: Any) -> None:
+    """Prompt tuning from text (peft's PromptTuningInit.TEXT, with the recipe's tokenizer): the virtual tokens
+    start as the embeddings of finetuning.prompt.init_text's tokens, repeated or cut to num_virtual_tokens."""
+    n = ft.prompt.num_virtual_tokens
+    ids = tokenizer(ft.prompt.init_text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise RecipeError("finetuning.prompt.init_text has no tokens", hint="give some text, or remove init_text")
+    ids = (ids * (n // len(ids) + 1))[:n]
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        init = embed(torch.tensor(ids, device=embed.weight.device)).detach().clone()
+        model.prompt_encoder["default"].embedding.weight.copy_(init.to(torch.float32))
 
 
 def _keep_4bit_layout(model: torch.nn.Module) -> None:
@@ -745,8 +815,11 @@ def _freeze(model: torch.nn.Module, ft: FinetuningConfig) -> torch.nn.Module:
 
 def describe(loaded: LoadedModel, recipe: RecipeBase, console: Console) -> None:
     pct = 100.0 * loaded.trainable_params / max(loaded.total_params, 1)
+    ft = recipe.finetuning
+    options = [name for name, on in (("dora", ft.use_dora), ("rslora", ft.use_rslora)) if on]
+    method = ft.method + (f" ({' + '.join(options)})" if options and ft.method in ("lora", "qlora") else "")
     console.print(
-        f"model: {recipe.model.path} | method {recipe.finetuning.method} | "
+        f"model: {recipe.model.path} | method {method} | "
         f"trainable {loaded.trainable_params:,} / {loaded.total_params:,} params ({pct:.2f}%)"
     )
 

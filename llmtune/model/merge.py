@@ -98,9 +98,24 @@ def read_adapter_config(adapter: str | Path) -> dict[str, Any]:
     cfg = adapter_config_or_none(a)
     if not isinstance(cfg, dict) or "peft_type" not in cfg:
         raise UserError(f"{cfg_file} is not a peft adapter config (no peft_type)")
-    if cfg.get("peft_type") != "LORA":
-        raise UserError(f"{adapter} is a {cfg.get('peft_type')} adapter; merge-lora merges LoRA adapters")
+    kind = cfg.get("peft_type")
+    if kind in _UNMERGEABLE:
+        raise UserError(
+            f"{adapter} is a {_UNMERGEABLE[kind]} adapter: it cannot be merged into the base, its virtual tokens "
+            "are extra inputs, not a change of the weights",
+            hint="use it as an adapter: PeftModel.from_pretrained(base, adapter); methods lora / qlora / "
+            "adalora / ia3 train adapters that merge",
+        )
+    if kind not in MERGEABLE:
+        raise UserError(
+            f"{adapter} is a {kind} adapter; merge-lora merges LoRA, DoRA, AdaLoRA and IA3 adapters",
+            hint="pass the output of a run with finetuning.method lora / qlora / adalora / ia3",
+        )
     return cfg
+
+
+MERGEABLE = ("LORA", "ADALORA", "IA3")  # peft types whose merge_and_unload folds the adapter into the weights
+_UNMERGEABLE = {"PREFIX_TUNING": "prefix-tuning", "PROMPT_TUNING": "prompt-tuning", "P_TUNING": "P-tuning"}
 
 
 def training_method(adapter: str | Path) -> str | None:

@@ -256,6 +256,14 @@ def _model_dirs_below(d: Path) -> list[str]:
     return found[:3]
 
 
+def _adapter_kind(d: Path) -> str | None:
+    try:
+        cfg = json.loads((d / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return cfg.get("peft_type") if isinstance(cfg, dict) else None
+
+
 def _adapter_base(d: Path) -> str | None:
     try:
         cfg = json.loads((d / "adapter_config.json").read_text(encoding="utf-8"))
@@ -282,6 +290,13 @@ def check_model_dir(key: str, value: str) -> None:
         merged = f"{value.rstrip('/')}-merged"
         base = _adapter_base(d)
         base_hint = f"its base model ({base})" if base else "the base model it was trained on"
+        kind = _adapter_kind(d)
+        if kind in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"):  # virtual tokens: nothing to merge
+            raise RecipeError(
+                f"{key}: {value} is a {kind} adapter (adapter_config.json), not a whole model, and it cannot be "
+                "merged into one",
+                hint=f"point {key} at {base_hint}, and load the adapter with PeftModel.from_pretrained(base, adapter)",
+            )
         raise RecipeError(
             f"{key}: {value} is a LoRA adapter (adapter_config.json), not a whole model",
             hint=f"merge it into its base first: llmtune merge-lora --adapter {value} --out {merged}, then set "

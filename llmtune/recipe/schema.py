@@ -56,11 +56,118 @@ class ModelConfig(Block):
     )
 
 
+class AdaLoraOptions(Block):
+    """AdaLoRA (method: adalora): LoRA whose rank budget shrinks over training to the most important
+    singular directions (peft's AdaLoraConfig; its total_step is the run's real optimizer-step count)."""
+
+    init_r: int = Field(default=12, ge=1, description="Rank every adapted matrix starts with.")
+    target_r: int = Field(default=8, ge=1, description="Average rank the budget shrinks to.")
+    tinit: int = Field(default=0, ge=0, description="Optimizer steps at full rank before the budget starts to shrink.")
+    tfinal: int = Field(
+        default=0,
+        ge=0,
+        description="Last optimizer steps at the final rank pattern (tinit + tfinal < the run's steps).",
+    )
+    delta_t: int = Field(default=1, ge=1, description="Steps between two rank re-allocations (peft's deltaT).")
+    beta1: float = Field(default=0.85, gt=0, lt=1, description="EMA factor of the sensitivity.")
+    beta2: float = Field(default=0.85, gt=0, lt=1, description="EMA factor of the uncertainty.")
+
+    @model_validator(mode="after")
+    def _budget(self) -> AdaLoraOptions:
+        if self.target_r > self.init_r:
+            raise ValueError(
+                f"target_r {self.target_r} is above init_r {self.init_r}: the budget only "
+                "shrinks; lower target_r or raise init_r"
+            )
+        return self
+
+
+class Ia3Options(Block):
+    """(IA)^3 (method: ia3): learned vectors that rescale keys, values and feed-forward activations."""
+
+    target_modules: list[str] | None = Field(
+        default=None,
+        description="Modules that get a scaling vector; null: peft's default for the model type "
+        "(llama: k_proj, v_proj, down_proj).",
+    )
+    feedforward_modules: list[str] | None = Field(
+        default=None,
+        description="Those of target_modules whose input (not output) is scaled; null: peft's default "
+        "(llama: down_proj), or those of target_modules that peft's default names. A subset of target_modules.",
+    )
+
+    @model_validator(mode="after")
+    def _subset(self) -> Ia3Options:
+        t, f = self.target_modules, self.feedforward_modules
+        if f is not None and t is None:
+            raise ValueError(
+                "feedforward_modules is set without target_modules: name target_modules too "
+                "(feedforward_modules must be a subset of them)"
+            )
+        if t is not None and f is not None and not set(f) <= set(t):
+            raise ValueError(
+                f"feedforward_modules {sorted(set(f) - set(t))} are not in target_modules: "
+                "add them to target_modules or remove them"
+            )
+        if t is not None and not t:
+            raise ValueError("target_modules is empty: name at least one module, or use null")
+        return self
+
+
+class PromptOptions(Block):
+    """Virtual tokens (methods prefix, prompt, ptuning): trained vectors in front of every sequence."""
+
+    num_virtual_tokens: int = Field(default=16, ge=1, description="prefix / prompt / ptuning: virtual tokens.")
+    encoder_hidden_size: int = Field(
+        default=128,
+        ge=1,
+        description="ptuning: hidden size of the prompt encoder; prefix: of the projection (prefix_projection).",
+    )
+    encoder_type: Literal["mlp", "lstm"] = Field(default="mlp", description="ptuning: the prompt encoder.")
+    prefix_projection: bool = Field(
+        default=False, description="prefix: reparameterise the prefix through a 2-layer MLP."
+    )
+    init_text: str | None = Field(
+        default=None,
+        description="prompt: initialise the virtual tokens from this text's token embeddings (null: random).",
+    )
+
+
+LORA_METHODS = ("lora", "qlora")  # after the dora / rslora aliases are resolved
+PROMPT_METHODS = ("prefix", "prompt", "ptuning")  # virtual tokens: nothing to merge into the weights
+PEFT_METHODS = (*LORA_METHODS, "adalora", "ia3", *PROMPT_METHODS)  # the trained model is a peft adapter
+MERGEABLE_METHODS = (*LORA_METHODS, "adalora", "ia3")
+# which keys of FinetuningConfig each peft method reads beyond modules_to_save (the others must keep their
+# defaults, so that a key set for another method is not silently ignored)
+_METHOD_KEYS = {
+    "lora": {"lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora"},
+    "adalora": {"lora_alpha", "lora_dropout", "target_modules", "adalora"},
+    "ia3": {"ia3"},
+    "prefix": {"prompt"},
+    "prompt": {"prompt"},
+    "ptuning": {"prompt"},
+}
+_METHOD_KEYS["qlora"] = _METHOD_KEYS["lora"] | {"quant_type", "double_quant"}
+_PROMPT_KEYS = {
+    "num_virtual_tokens": PROMPT_METHODS,
+    "encoder_hidden_size": ("ptuning", "prefix"),
+    "encoder_type": ("ptuning",),
+    "prefix_projection": ("prefix",),
+    "init_text": ("prompt",),
+}
+
+
 class FinetuningConfig(Block):
-    method: Literal["full", "freeze", "lora", "qlora"] = Field(
+    method: Literal[
+        "full", "freeze", "lora", "qlora", "dora", "rslora", "adalora", "ia3", "prefix", "prompt", "ptuning"
+    ] = Field(
         default="lora",
         description="full: all weights; freeze: only the last layers / named modules; "
-        "lora: low-rank adapters; qlora: lora on a 4-bit NF4 base.",
+        "lora: low-rank adapters; qlora: lora on a 4-bit NF4 base; dora / rslora: lora with use_dora / "
+        "use_rslora (read back as method lora); adalora: lora with a rank budget over training; ia3: "
+        "learned rescaling vectors; prefix: prefix tuning (trained keys / values per layer); prompt: prompt "
+        "tuning (trained input embeddings); ptuning: P-tuning (virtual tokens from a prompt encoder). "
+        "All but full / freeze train a peft adapter.",
     )
     lora_r: int = Field(default=16, ge=1, description="LoRA rank.")
     lora_alpha: float = Field(default=32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
@@ -73,6 +180,14 @@ class FinetuningConfig(Block):
         default_factory=list, description="Modules trained in full and saved with the adapter (e.g. lm_head)."
     )
     use_rslora: bool = Field(default=False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    use_dora: bool = Field(
+        default=False, description="lora / qlora: DoRA, weight-decomposed LoRA (a learned magnitude per output)."
+    )
+    adalora: AdaLoraOptions = Field(default_factory=AdaLoraOptions, description="method adalora: its schedule.")
+    ia3: Ia3Options = Field(default_factory=Ia3Options, description="method ia3: which modules are rescaled.")
+    prompt: PromptOptions = Field(
+        default_factory=PromptOptions, description="methods prefix / prompt / ptuning: the virtual tokens."
+    )
     trainable_layers: int = Field(
         default=2, ge=0, description="freeze: number of last decoder layers that are trained."
     )
@@ -91,6 +206,43 @@ class FinetuningConfig(Block):
         if isinstance(v, list) and not v:
             raise ValueError("is empty: name at least one module (e.g. [q_proj, v_proj]) or use all-linear")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: object) -> object:
+        """method dora / rslora: lora with use_dora / use_rslora (one code path, one saved form)."""
+        if isinstance(data, dict) and data.get("method") in ("dora", "rslora"):
+            key = f"use_{data['method']}"
+            if data.get(key) is False:
+                raise ValueError(f"method {data['method']} with {key}: false: remove {key}, or use method: lora")
+            data = {**data, "method": "lora", key: True}
+        return data
+
+    @model_validator(mode="after")
+    def _keys_of_other_methods(self) -> FinetuningConfig:
+        """A key that only another method reads must keep its default: set, it would be silently ignored.
+        (full / freeze ignore the lora keys, as they always did; the keys of the other peft methods are new.)"""
+        if self.method in _METHOD_KEYS:
+            used = _METHOD_KEYS[self.method] | {"method", "modules_to_save"}
+            checked = set().union(*_METHOD_KEYS.values()) - used
+        else:
+            checked = {"use_dora", "adalora", "ia3", "prompt"}
+        for name in sorted(checked):
+            if getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True):
+                users = [m for m, keys in _METHOD_KEYS.items() if name in keys]
+                raise ValueError(
+                    f"{name} is not used by method {self.method} (it is for {' / '.join(users)}): "
+                    "remove it, or choose that method"
+                )
+        if self.method in PROMPT_METHODS:
+            fresh = PromptOptions()
+            for key, methods in _PROMPT_KEYS.items():
+                if self.method not in methods and getattr(self.prompt, key) != getattr(fresh, key):
+                    raise ValueError(
+                        f"prompt.{key} is not used by method {self.method} (it is for "
+                        f"{' / '.join(methods)}): remove it, or choose that method"
+                    )
+        return self
 
 
 class DataSource(Block):
@@ -368,7 +520,7 @@ class RmConfig(Block):
     )
     export_merged: bool = Field(
         default=True,
-        description="lora / qlora: also write a merged full reward model to output_dir/merged "
+        description="lora / qlora / adalora / ia3: also write a merged full reward model to output_dir/merged "
         "(loadable by AutoModelForSequenceClassification without peft).",
     )
     lm_loss_weight: float = Field(
@@ -630,11 +782,54 @@ class RecipeBase(Block):
                 "train.ema cannot be combined with distributed.zero_stage 3 in this version (the average "
                 "needs the whole weights on every process): use zero_stage 0-2, or remove train.ema"
             )
+        _check_method_fits(self)
         return self
 
     def data_files(self) -> list[Path]:
         """Local paths named by the data sources (hub ids excluded)."""
         return [Path(s.path) for s in [*self.data.train, *self.data.eval] if looks_local(s.path)]
+
+
+# stages a peft method other than lora / qlora cannot train in this version, and why
+_STAGES_REFUSED = {
+    "rm": (PROMPT_METHODS, "a reward model reads its score at the last real token, which virtual tokens shift"),
+    "ppo": (
+        ("adalora", "ia3", *PROMPT_METHODS),
+        "ppo's policy and critic are lora adapters on one base (memory: shared) or full / freeze models",
+    ),
+    "grpo": (PROMPT_METHODS, "sampling with virtual tokens is not supported in this version"),
+    "rejection_sampling": (
+        ("adalora", "ia3", *PROMPT_METHODS),
+        "each round merges a lora adapter into the next round's model",
+    ),
+}
+
+
+def _check_method_fits(recipe: RecipeBase) -> None:
+    """The combinations of a peft method with a stage, ZeRO-3 or packing that cannot work, refused up front."""
+    method, stage = recipe.finetuning.method, getattr(recipe, "stage", None)
+    refused, why = _STAGES_REFUSED.get(stage, ((), ""))
+    if method in refused:
+        allowed = "lora / qlora" if stage != "rm" else "lora / qlora / adalora / ia3"
+        raise ValueError(
+            f"finetuning.method {method} cannot train stage {stage}: {why}; use method {allowed} (or full / freeze)"
+        )
+    if method == "adalora" and recipe.distributed.zero_stage == 3:
+        raise ValueError(
+            "finetuning.method adalora cannot be combined with distributed.zero_stage 3: its rank allocation "
+            "masks whole adapter weights, which ZeRO-3 partitions; use zero_stage 0-2 (adapters are small)"
+        )
+    if method == "prefix" and recipe.train.gradient_checkpointing:
+        raise ValueError(
+            "finetuning.method prefix cannot be combined with train.gradient_checkpointing (peft's prefix tuning "
+            "passes its prefix as a key / value cache, which checkpointing does not support): set "
+            "gradient_checkpointing: false, or use method prompt / ptuning"
+        )
+    if method in PROMPT_METHODS and recipe.data.packing:
+        raise ValueError(
+            f"finetuning.method {method} cannot be combined with data.packing: peft ignores the position ids "
+            "that keep packed examples apart when it adds virtual tokens; set data.packing: false"
+        )
 
 
 class CptRecipe(RecipeBase):

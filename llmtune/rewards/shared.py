@@ -30,6 +30,13 @@ def check_shared_rewards(recipe: Any) -> None:
                 hint="train the reward model with finetuning.method lora on the same base as model.path, or use "
                 "ppo.memory: separate",
             )
+        if cfg.get("peft_type") != "LORA":
+            raise RecipeError(
+                f"ppo.memory shared: the reward model {path} is a {cfg.get('peft_type')} adapter; shared mode puts "
+                "LoRA reward adapters on the policy's base",
+                hint="train the reward model with finetuning.method lora (or dora / rslora), or use ppo.memory: "
+                "separate with its merged/ model",
+            )
         if not same_path(str(base), recipe.model.path):
             raise RecipeError(
                 f"ppo.memory shared: the reward model {path} is an adapter of {base}, not of the policy's base "

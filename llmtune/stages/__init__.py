@@ -47,6 +47,9 @@ def quiet_libraries() -> None:
 
     # peft probes this deprecated transformers property; the warning is not the user's to act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    # AdaLoRA adapters store their rank pattern by lora_E parameter; peft's LoRA check of rank_pattern keys
+    # against module names calls them ignored, but AdaLoRA itself resizes the layers by them when it loads.
+    warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match")
     # bitsandbytes reports that optional hub kernels are absent and falls back to its own CPU code.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -119,12 +119,14 @@ class StageDefaults:
 
 
 def forward_lm(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits (B, T, V) of a causal LM for a collated batch (padded or packed)."""
+    """Logits (B, T, V) of a causal LM for a collated batch (padded or packed). Prompt / P-tuning put their
+    virtual tokens in front of the sequence: their logits are dropped, so that position t still predicts t+1."""
     kwargs: dict[str, torch.Tensor] = {"input_ids": batch["input_ids"]}
     for k in ("attention_mask", "position_ids"):
         if k in batch:
             kwargs[k] = batch[k]
-    return model(**kwargs, use_cache=False).logits
+    logits = model(**kwargs, use_cache=False).logits
+    return logits[:, -batch["input_ids"].shape[1] :]
 
 
 def recipe_settings(recipe: RecipeBase, *parts: object) -> str:

@@ -18,7 +18,7 @@ from llmtune.objectives.preference import (
     reward_centering,
     token_logps,
 )
-from llmtune.recipe.schema import RmRecipe
+from llmtune.recipe.schema import MERGEABLE_METHODS, RmRecipe
 from llmtune.stages.base import StageData, StageDefaults, StepOutput, recipe_settings
 
 FORMAT_OF_LOSS = {"pairwise": "pairs", "ranked": "ranked", "pointwise": "pointwise"}
@@ -113,7 +113,7 @@ class RmStage(StageDefaults):
 
     def export(self, engine: Any, tokenizer: Any, out: Path, recipe: RmRecipe, dist: Any) -> list[str]:
         files = export_model(engine, tokenizer, out, recipe.distributed.zero_stage, dist.rank)
-        if dist.rank == 0 and recipe.finetuning.method in ("lora", "qlora") and recipe.rm.export_merged:
+        if dist.rank == 0 and recipe.finetuning.method in MERGEABLE_METHODS and recipe.rm.export_merged:
             from llmtune.model.reward import save_merged_reward_model
 
             save_merged_reward_model(recipe, out, out / "merged", tokenizer)
