@@ -417,6 +417,77 @@ def data_inspect(
     )
 
 
+@data_app.command(
+    "synth",
+    epilog=_examples(
+        "llmtune data synth --model Qwen/Qwen2.5-1.5B-Instruct --seeds seeds.jsonl --out synth.jsonl --num 500",
+        "llmtune data synth --model runs/sft-merged --seeds data/alpaca.json --out evol.jsonl --method evol",
+    ),
+)
+def data_synth(
+    model: Annotated[str, _opt("The causal LM that writes the data (a directory, hub id or .gguf).", "--model")],
+    seeds: Annotated[str, _opt("Seed tasks: an sft file (alpaca, sharegpt, messages) or prompts.", "--seeds")],
+    out: Annotated[Path, _opt("The alpaca JSONL file to write (appended to: a rerun continues).", "--out")],
+    method: Annotated[str, typer.Option("--method", help="self-instruct | evol (Evol-Instruct).")] = "self-instruct",
+    num: Annotated[int, typer.Option("--num", help="Rows to write.", min=1)] = 100,
+    adapter: Annotated[str | None, _opt("A peft adapter on --model.", "--adapter")] = None,
+    max_attempts: Annotated[
+        int | None, _opt("Stop after this many generated instructions (default 20 x --num).", "--max-attempts")
+    ] = None,
+    similarity: Annotated[
+        float, typer.Option("--similarity", help="Drop instructions with ROUGE-L >= this to a kept one.")
+    ] = 0.7,
+    min_words: Annotated[int, typer.Option("--min-words", help="Shortest instruction kept, in words.")] = 3,
+    max_words: Annotated[int, typer.Option("--max-words", help="Longest instruction kept, in words.")] = 150,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature.", min=0.0)] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest reply.", min=1)] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Generations per batch.", min=1)] = 8,
+    chat_template: Annotated[
+        str | None, _opt("chatml | llama3 | alpaca | a .jinja file (default: the tokenizer's).", "--chat-template")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Attempt i samples with seed + i.")] = 0,
+) -> None:
+    """Write synthetic instruction data with a local model (Self-Instruct or Evol-Instruct), filtered by
+    length, ROUGE-L similarity to the kept instructions and repetition, as an sft (alpaca) JSONL file."""
+    from llmtune.data.synth import SynthConfig, Synthesizer, model_completer, read_seeds
+    from llmtune.stages import quiet_libraries
+
+    if not 0 < similarity <= 1:
+        raise UserError(f"--similarity {similarity} must be in (0, 1]")
+    if method not in ("self-instruct", "evol"):
+        raise UserError(f"--method {method!r} is not one of self-instruct, evol")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory", hint="name a .jsonl file")
+    cfg = SynthConfig(
+        method=method, num=num, max_attempts=max_attempts, similarity=similarity, min_words=min_words,
+        max_words=max_words, temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+    )  # fmt: skip
+    tasks = read_seeds(seeds)
+    quiet_libraries()
+    _no_load_bars()
+    with err.status(f"loading {model}"):
+        complete = model_completer(model, adapter, cfg, chat_template, err)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    synth = Synthesizer(complete, tasks, out, cfg)
+    if synth.rows:
+        err.print(f"{out} holds {len(synth.rows)} rows from an earlier run ({synth.attempts} attempts): continuing")
+    with err.status(f"{method}: {len(synth.rows)} / {num} rows") as status:
+        result = synth.run(lambda row: status.update(f"{method}: {len(synth.rows)} / {num} rows"))
+    rejected = ", ".join(f"{why} {n}" for why, n in sorted(result["rejected"].items(), key=lambda kv: -kv[1]))
+    print(
+        f"{result['rows']} rows in {out} after {result['attempts']} attempts"
+        + (f"; rejected: {rejected}" if rejected else "")
+    )
+    if result["rows"] == 0:
+        raise UserError(
+            f"no generated row passed the filters in {result['attempts']} attempts",
+            hint="use a stronger (instruction-tuned) model, raise --max-new-tokens or --max-attempts, or loosen "
+            "--similarity / --min-words",
+        )
+    if result["rows"] < num:
+        print(f"note: {num - result['rows']} rows short of --num: the attempts ran out (--max-attempts)")
+
+
 @app.command(
     epilog=_examples(
         "llmtune chat runs/sft-merged",
