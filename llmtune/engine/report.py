@@ -126,6 +126,11 @@ def print_data_summary(console: Console, data: Any, recipe: Any) -> None:
             first = ", ".join(_first_dropped(r, 3))
             console.print(f"[yellow]dropped[/] {r.dropped} of {r.rows} rows of {r.name}: {reasons}. First: {first}")
     for r in data.reports:
+        filtered = [(why, n) for why, n in r.reasons.items() if "data.dedup" in why or "data.filter" in why]
+        if filtered:
+            counts = "; ".join(f"{why}: {n}" for why, n in filtered)
+            console.print(f"filtered {sum(n for _, n in filtered)} rows of {r.name}: {counts}")
+    for r in data.reports:
         n = r.reasons.get(UNDESIRABLE, 0)
         if n:
             console.print(
