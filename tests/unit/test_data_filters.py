@@ -167,7 +167,9 @@ def test_sft_replay_fraction_and_labels(tmp_path: Path, tokenizer) -> None:
     ]
     sft.write_text("".join(json.dumps(r) + "\n" for r in rows))
     lm = tmp_path / "lm.jsonl"
-    lm.write_text("".join(json.dumps({"text": f"Plain document {i}: " + "words " * (i % 9 + 3)}) + "\n" for i in range(20)))
+    lm.write_text(
+        "".join(json.dumps({"text": f"Plain document {i}: " + "words " * (i % 9 + 3)}) + "\n" for i in range(20))
+    )
     recipe = validate_recipe(
         base_recipe(
             tmp_path, data={"train": [{"path": str(sft)}], "max_length": 64, "replay": {"path": str(lm), "ratio": 0.05}}
@@ -185,9 +187,9 @@ def test_sft_replay_fraction_and_labels(tmp_path: Path, tokenizer) -> None:
     assert [r.name for r in data.reports][-1] == f"replay: {lm}"
     assert data.reports[-1].examples == 2
 
-    from llmtune.engine.distributed import DistInfo
-
     import torch
+
+    from llmtune.engine.distributed import DistInfo
 
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     batches = Batches(data.train, recipe, dist, lambda samples: samples)  # micro_batch_size 4: 10 windows
