@@ -395,6 +395,9 @@ def perplexity_filter(
             tmp.write_text(json.dumps([[i, r, p] for (i, r), p in sorted(scores.items())]))
             os.replace(tmp, cache_file)
     low, high = select_by_perplexity(scores, cfg.drop_low, cfg.drop_high)
+    for _, report in sources:  # a resume checks these: other drop fractions or another model is other data
+        if report.fingerprint:
+            report.fingerprint = hashlib.sha256(f"{report.fingerprint}|{parts[0]}|{cfg}".encode()).hexdigest()[:32]
     out: list[list[Example]] = []
     for i, (examples, report) in enumerate(sources):
         for (j, row), side in sorted([(k_, "low") for k_ in low] + [(k_, "high") for k_ in high]):
@@ -456,6 +459,8 @@ def add_replay(recipe: RecipeBase, bundle: DataBundle, tokenizer: Any, settings:
     cache = cache_root(recipe) if bundle.reports and all(x.fingerprint for x in bundle.reports) else None
     examples, report = load_source(src, encode, "text", cache, f"replay|{settings}")
     report.name = f"replay: {r.path}"
+    if report.fingerprint:  # the ratio decides how many replay rows the run trains on
+        report.fingerprint = hashlib.sha256(f"{report.fingerprint}|{r.ratio}".encode()).hexdigest()[:32]
     if not examples:
         raise DataError(
             f"data.replay.path {r.path} yields no usable text ({report.rows} rows read, all dropped)",
