@@ -107,6 +107,7 @@ class DataBundle:
     train: list[Example]
     eval: list[Example]
     reports: list[SourceReport]
+    notes: list[str] = field(default_factory=list)  # printed under the data summary (e.g. the perplexity filter)
 
 
 Encoder = Callable[[dict[str, Any], str, DataSource], list[Example]]
@@ -297,6 +298,7 @@ def build_data(
     evals: list[Example] = []
     reports: list[SourceReport] = []
     loaded: list[tuple[str, DataSource, list[Example], SourceReport]] = []
+    notes: list[str] = []
     for group, sources in (("train", d.train), ("eval", d.eval)):
         for src in sources:
             examples, report = load_source(src, encode, default_format, cache, settings, dedup)
@@ -311,9 +313,10 @@ def build_data(
     if d.filter.perplexity is not None:
         if scorer is None:
             raise DataError(f"data.filter.perplexity is not supported for stage {recipe.stage}")
-        kept = perplexity_filter(
+        kept, note = perplexity_filter(
             recipe, [(ex, rep) for group, _, ex, rep in loaded if group == "train"], scorer, cache is not None
         )
+        notes.append(note)
         trained = iter(kept)
         loaded = [(g, s, next(trained) if g == "train" else ex, r) for g, s, ex, r in loaded]
     for group, src, examples, report in loaded:
@@ -343,7 +346,7 @@ def build_data(
                 "data.on_bad_row is error and some rows cannot be used:\n  " + "\n  ".join(lines),
                 hint="fix those rows, or set data.on_bad_row: drop to skip them",
             )
-    return DataBundle(train=train, eval=evals, reports=reports)
+    return DataBundle(train=train, eval=evals, reports=reports, notes=notes)
 
 
 def _reasons_hint(report: SourceReport) -> str:
@@ -358,11 +361,12 @@ def _reasons_hint(report: SourceReport) -> str:
 
 def perplexity_filter(
     recipe: RecipeBase, sources: list[tuple[list[Example], SourceReport]], scorer: Scorer, use_cache: bool
-) -> list[list[Example]]:
+) -> tuple[list[list[Example]], str]:
     """data.filter.perplexity: score every training row (a row's perplexity: exp of the mean NLL over the
     learned tokens of all its examples), drop the drop_low fraction with the lowest and the drop_high fraction
     with the highest perplexity over all training sources together, and count them in the sources' reports.
-    The scores are cached (model + data) and written to output_dir/perplexity_scores.jsonl."""
+    The scores are cached (model + data) and written to output_dir/perplexity_scores.jsonl. Returns the kept
+    examples of each source and a line for the user."""
     cfg = recipe.data.filter.perplexity
     assert cfg is not None
     model = cfg.model or recipe.model.path
@@ -372,9 +376,11 @@ def perplexity_filter(
     cache_file = cache_root(recipe) / "perplexity" / f"{key}.json"
     cacheable = use_cache and all(rep.fingerprint for _, rep in sources)
     scores: dict[tuple[int, int], float] | None = None
+    cached = False
     if cacheable and cache_file.is_file():
         try:
             scores = {(int(i), int(r)): float(p) for i, r, p in json.loads(cache_file.read_text())}
+            cached = True
         except (OSError, ValueError, TypeError):
             scores = None
     if scores is None:
@@ -407,15 +413,21 @@ def perplexity_filter(
         gone = {row for j, row in low | high if j == i}
         out.append([e for e in examples if e.row not in gone])
         report.examples = len(out[-1])
+    path = Path(recipe.output_dir) / "perplexity_scores.jsonl"
     if int(os.environ.get("RANK", "0")) == 0:
-        path = Path(recipe.output_dir) / "perplexity_scores.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             for (i, row), p in sorted(scores.items()):
                 dropped = "low" if (i, row) in low else "high" if (i, row) in high else None
                 rec = {"source": sources[i][1].name, "row": row, "perplexity": p, "kept": dropped is None}
                 f.write(json.dumps({**rec, "dropped": dropped}) + "\n")
-    return out
+    kept = sorted(p for k_, p in scores.items() if k_ not in low and k_ not in high)
+    note = (
+        f"perplexity filter: {len(scores)} training rows scored with {model} "
+        f"({'scores from the cache' if cached else 'scored now'}); dropped {len(low)} easiest and {len(high)} "
+        f"hardest, kept perplexities {kept[0]:.4g} to {kept[-1]:.4g}; scores in {path}"
+    )
+    return out, note
 
 
 def model_fingerprint(path: str, revision: str | None = None) -> str:

@@ -138,6 +138,8 @@ def print_data_summary(console: Console, data: Any, recipe: Any) -> None:
                 "data) and are not trained on; sft learns the rows with label true. To learn from both, train "
                 "the file with stage dpo and dpo.loss: kto"
             )
+    for note in getattr(data, "notes", []):
+        console.print(note)
     lengths = [len(s.input_ids) for s in data.train]
     if any(lengths):  # (rejection sampling's prompts are not tokenized when they are read)
         learned = sum(sum(1 for x in s.labels[1:] if x != -100) for s in data.train)

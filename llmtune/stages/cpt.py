@@ -22,4 +22,4 @@ class CptStage(LanguageModelStep):
         scorer = model_scorer(recipe, tokenizer) if d.filter.perplexity is not None else None
         bundle = build_data(recipe, encode, settings, "text", scorer=scorer)
         shape = (lambda ex: pack_stream(ex, d.max_length)) if d.packing else as_samples
-        return StageData(train=shape(bundle.train), eval=shape(bundle.eval), reports=bundle.reports)
+        return StageData(train=shape(bundle.train), eval=shape(bundle.eval), reports=bundle.reports, notes=bundle.notes)

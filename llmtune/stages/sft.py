@@ -38,4 +38,4 @@ class SftStage(LanguageModelStep):
             evals = pack_examples(bundle.eval, d.max_length, recipe.seed)
         else:
             train, evals = as_samples(bundle.train), as_samples(bundle.eval)
-        return StageData(train=train, eval=evals, reports=bundle.reports)
+        return StageData(train=train, eval=evals, reports=bundle.reports, notes=bundle.notes)

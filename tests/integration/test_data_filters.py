@@ -159,3 +159,68 @@ def test_perplexity_filter_drops_the_independently_easiest_and_hardest(tmp_path:
     assert {s["row"] for s in scores if s["dropped"] == "low"} == set(order[:4])
     assert {s["row"] for s in scores if s["dropped"] == "high"} == set(order[-2:])
     assert sum(s["kept"] for s in scores) == 14
+    assert "perplexity filter: 20 training rows scored with" in proc.stdout and "(scored now)" in proc.stdout
+
+    # other fractions, same model and data: the scores come from the cache, the choice is made again
+    recipe["data"]["filter"]["perplexity"].update(drop_low=0.0, drop_high=0.25)
+    recipe["output_dir"] = str(tmp_path / "out2")
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe, "again.yaml")), timeout=300)
+    assert_ok(proc)
+    assert "(scores from the cache)" in proc.stdout and "dropped 0 easiest and 5 hardest" in proc.stdout
+    again = [json.loads(line) for line in (tmp_path / "out2" / "perplexity_scores.jsonl").read_text().splitlines()]
+    assert [s["perplexity"] for s in again] == [s["perplexity"] for s in scores]
+    assert {s["row"] for s in again if not s["kept"]} == set(order[-5:])
+
+
+def test_sft_perplexity_is_scored_on_the_replies(tmp_path: Path) -> None:
+    """sft rows are scored on their learned tokens only: the reply and its end-of-turn marker, found here
+    independently from the tokenizer's own chat template (prompt rendered with the generation prompt)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rng = random.Random(8)
+    rows = []
+    for i in range(10):
+        reply = " ".join(["yes"] * (3 + i)) if i % 2 else "".join(rng.choice("qzxjkv") for _ in range(20 + i))
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Row {i}: {_sentence(rng, 6)}"},
+                    {"role": "assistant", "content": reply},
+                ]
+            }
+        )
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = base_recipe(
+        tmp_path,
+        data={"train": [{"path": str(data)}], "max_length": 512, "filter": {"perplexity": {"drop_high": 0.2}}},
+        train={"max_steps": 1},
+    )
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe)), timeout=300)
+    assert_ok(proc)
+    scores = [json.loads(x) for x in (tmp_path / "out" / "perplexity_scores.jsonl").read_text().splitlines()]
+
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32).eval()
+    ref = []
+    for r in rows:
+        full = tok.apply_chat_template(r["messages"], tokenize=False)
+        prompt = tok.apply_chat_template(r["messages"][:1], tokenize=False, add_generation_prompt=True)
+        end = full.index(tok.eos_token, len(prompt)) + len(tok.eos_token)  # the reply and its <|im_end|>
+        enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = torch.tensor([enc["input_ids"]])
+        labels = torch.tensor(
+            [
+                [
+                    t if s < end and e > len(prompt) else -100
+                    for t, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+                ]
+            ]
+        )
+        with torch.no_grad():
+            ref.append(math.exp(model(input_ids=ids, labels=labels).loss.item()))
+    for s in scores:
+        assert math.isclose(s["perplexity"], ref[s["row"]], rel_tol=1e-3), (s, ref[s["row"]])
+    hardest = sorted(range(10), key=lambda i: ref[i])[-2:]
+    assert {s["row"] for s in scores if not s["kept"]} == set(hardest)
