@@ -6,7 +6,9 @@ duplicates when their prompt texts are equal after lowercasing and collapsing wh
 when the Jaccard similarity of their word 3-gram sets is at least the threshold. Near duplicates are found
 with MinHash (128 fixed hash functions, 32 bands of 4: a pair at Jaccard 0.7 becomes a candidate with
 probability 0.9998) and every candidate is confirmed with the exact Jaccard, so no row is dropped on an
-estimate. The first row of a group is kept; the order of the file decides.
+estimate. The training sources are deduplicated together, in the recipe's order (a row of a later source
+that repeats a row of an earlier one is dropped from the later), and the eval sources together; the first
+row of a group is kept.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ NUM_PERM = 128
 BANDS = 32
 _MERSENNE = (1 << 31) - 1
 _WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def is_filter_reason(reason: str) -> bool:
+    """A drop reason of data.dedup or data.filter (a usable row filtered out, not a bad row)."""
+    return "data.dedup)" in reason or "data.filter." in reason
 
 
 def near_reason(threshold: float) -> str:

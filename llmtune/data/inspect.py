@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from llmtune.data.formats import RowError, detect_format
-from llmtune.data.pipeline import IGNORE_INDEX, Encoder, Example, SourceReport, load_source
+from llmtune.data.pipeline import IGNORE_INDEX, Encoder, Example, SourceReport, dedup_sources, load_source
 from llmtune.data.sources import read_rows
 from llmtune.errors import DataError, UserError
 from llmtune.recipe.schema import DataSource
@@ -113,8 +113,9 @@ def inspect_source(recipe: Any, src: DataSource, tokenizer: Any, template: str |
     # which needs a model's scores); the histogram below shows every usable row
     d = recipe.data
     encode, default_format = stage_encoder(recipe, tokenizer, template, max_length, filters=True)
-    dedup = (d.dedup, d.dedup_threshold) if d.dedup is not None else None
-    examples, report = load_source(src, encode, default_format, None, "inspect", dedup)
+    examples, report = load_source(src, encode, default_format, None, "inspect", d.dedup is not None)
+    if d.dedup is not None:
+        examples = dedup_sources([(examples, report)], d.dedup, d.dedup_threshold)[0]
     full_encode, _ = stage_encoder(recipe, tokenizer, template, UNLIMITED)
     full_examples, _ = load_source(src, full_encode, default_format, None, "inspect")
     full = [e.longest for e in full_examples]

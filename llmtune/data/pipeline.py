@@ -21,7 +21,14 @@ from typing import Any
 import numpy as np
 
 from llmtune.data.chat import IGNORE_INDEX, encode_conversation, encode_text
-from llmtune.data.filters import Deduper, length_check, perplexity_reason, prompt_text, select_by_perplexity
+from llmtune.data.filters import (
+    Deduper,
+    is_filter_reason,
+    length_check,
+    perplexity_reason,
+    prompt_text,
+    select_by_perplexity,
+)
 from llmtune.data.formats import UNDESIRABLE, RowError, detect_format, is_undesirable, to_conversation, to_text
 from llmtune.data.sources import read_rows
 from llmtune.errors import DataError
@@ -81,10 +88,17 @@ class SourceReport:
     weight: float = 1.0
     format: str = ""  # the format the rows were read as (data.*.format, the stage's default, or detected)
     detected: bool = False  # format was detected from the first rows
+    # data.dedup: (row index, where, prompt text) of every usable row, in file order (filters.prompt_text)
+    prompts: list[tuple[int, str, str]] = field(default_factory=list)
 
     @property
     def dropped(self) -> int:
         return self.rows - self.kept
+
+    @property
+    def filtered(self) -> int:
+        """Rows that data.dedup / data.filter removed (usable rows, not bad ones)."""
+        return sum(n for why, n in self.reasons.items() if is_filter_reason(why))
 
     def drop(self, index: int, reason: str, where: str = "") -> None:
         self.reasons[reason] += 1
@@ -166,6 +180,7 @@ def _save_cache(path: Path, examples: list[Example], report: SourceReport) -> No
         "first_where": report.first_where,
         "format": report.format,
         "detected": report.detected,
+        "prompts": report.prompts,
     }
     (path / "report.json").write_text(json.dumps(meta))
     os.replace(tmp, path / "examples.npz")  # the npz is written last: a cache entry is complete or absent
@@ -199,6 +214,7 @@ def _load_cache(path: Path, name: str) -> tuple[list[Example], SourceReport] | N
     report.first = [tuple(x) for x in meta["first"]]  # type: ignore[misc]
     report.first_where = list(meta.get("first_where", []))
     report.format, report.detected = str(meta.get("format", "")), bool(meta.get("detected", False))
+    report.prompts = [(int(i), str(w), str(t)) for i, w, t in meta.get("prompts", [])]
     return examples, report
 
 
@@ -220,14 +236,14 @@ def load_source(
     default_format: str | None,
     cache_dir: Path | None,
     settings: str,
-    dedup: tuple[str, float] | None = None,
+    prompts: bool = False,
 ) -> tuple[list[Example], SourceReport]:
-    """Tokenize one source (or take it from the cache); malformed rows are dropped and counted. dedup: (mode,
-    threshold) of data.dedup: a row whose prompt text repeats an earlier row's is dropped (filters.Deduper)."""
+    """Tokenize one source (or take it from the cache); malformed rows are dropped and counted. prompts: keep
+    each usable row's prompt text in report.prompts, for data.dedup (dedup_sources)."""
     key = None
     fingerprint = ""
     if cache_dir is not None:
-        parts = [_fingerprint_source(src), src.model_dump_json(), str(default_format), settings, f"dedup={dedup}"]
+        parts = [_fingerprint_source(src), src.model_dump_json(), str(default_format), settings, f"prompts={prompts}"]
         fingerprint = hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
         key = hashlib.sha256(f"{PIPELINE_VERSION}|{fingerprint}".encode()).hexdigest()[:32]
         hit = _load_cache(cache_dir / key, src.path)
@@ -247,18 +263,14 @@ def load_source(
         report.detected = True
     report.format = fmt
     examples: list[Example] = []
-    deduper = Deduper(*dedup) if dedup is not None else None
     for row in rows:
         if row.data is None:
             report.drop(row.index, row.error or "unreadable row", row.where)
             continue
         try:
             out = encode(row.data, fmt, src)
-            # after encoding: a malformed row is reported for what is wrong with it, and only usable rows
-            # take part in dedup (the first usable copy is kept)
-            duplicate = deduper.check(prompt_text(row.data, fmt, src.system)) if deduper is not None else None
-            if duplicate is not None:
-                raise RowError(duplicate)
+            if prompts:  # only usable rows take part in dedup: the first usable copy is kept
+                report.prompts.append((row.index, row.where, prompt_text(row.data, fmt, src.system)))
         except RowError as e:
             report.drop(row.index, str(e), row.where)
             continue
@@ -293,7 +305,6 @@ def build_data(
     d = recipe.data
     cache = cache_root(recipe) if use_cache else None
     rng = random.Random(recipe.seed)
-    dedup = (d.dedup, d.dedup_threshold) if d.dedup is not None else None
     train: list[Example] = []
     evals: list[Example] = []
     reports: list[SourceReport] = []
@@ -301,7 +312,7 @@ def build_data(
     notes: list[str] = []
     for group, sources in (("train", d.train), ("eval", d.eval)):
         for src in sources:
-            examples, report = load_source(src, encode, default_format, cache, settings, dedup)
+            examples, report = load_source(src, encode, default_format, cache, settings, d.dedup is not None)
             report.examples = len(examples)
             reports.append(report)
             if not examples:
@@ -310,6 +321,12 @@ def build_data(
                     hint=_reasons_hint(report),
                 )
             loaded.append((group, src, examples, report))
+    if d.dedup is not None:  # the training sources together, in order; the eval sources together
+        for group in ("train", "eval"):
+            mine = [k for k, x in enumerate(loaded) if x[0] == group]
+            kept = dedup_sources([(loaded[k][2], loaded[k][3]) for k in mine], d.dedup, d.dedup_threshold)
+            for k, examples in zip(mine, kept, strict=True):
+                loaded[k] = (loaded[k][0], loaded[k][1], examples, loaded[k][3])
     if d.filter.perplexity is not None:
         if scorer is None:
             raise DataError(f"data.filter.perplexity is not supported for stage {recipe.stage}")
@@ -339,9 +356,9 @@ def build_data(
         report.examples = len(weighted) + held_out  # what the source contributes, after its weight
         train.extend(weighted)
     if d.on_bad_row == "error":
-        bad = [r for r in reports if r.dropped]
+        bad = [r for r in reports if r.dropped > r.filtered]
         if bad:
-            lines = [f"{r.name}: {r.dropped} bad rows, e.g. " + "; ".join(r.first_dropped()) for r in bad]
+            lines = [f"{r.name}: {r.dropped - r.filtered} bad rows, e.g. " + "; ".join(r.first_dropped()) for r in bad]
             raise DataError(
                 "data.on_bad_row is error and some rows cannot be used:\n  " + "\n  ".join(lines),
                 hint="fix those rows, or set data.on_bad_row: drop to skip them",
@@ -357,6 +374,27 @@ def _reasons_hint(report: SourceReport) -> str:
             "desirable replies: train this file with stage dpo and dpo.loss: kto, or give sft rows with label true"
         )
     return f"reasons: {top}. Check the format (set data.*.format / columns) and data.max_length"
+
+
+def dedup_sources(
+    sources: list[tuple[list[Example], SourceReport]], mode: str, threshold: float
+) -> list[list[Example]]:
+    """data.dedup over several sources read in order (their report.prompts): a row whose prompt text repeats a
+    kept row of the same or an earlier source is dropped and counted in its source's report; returns the
+    examples each source keeps."""
+    deduper = Deduper(mode, threshold)
+    out: list[list[Example]] = []
+    for examples, report in sources:
+        gone: set[int] = set()
+        for row, where, text in report.prompts:
+            reason = deduper.check(text)
+            if reason is not None:
+                report.drop(row, reason, where)
+                report.kept -= 1
+                gone.add(row)
+        out.append([e for e in examples if e.row not in gone] if gone else examples)
+        report.examples = len(out[-1])
+    return out
 
 
 def perplexity_filter(

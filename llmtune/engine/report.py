@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
+from llmtune.data.filters import is_filter_reason
 from llmtune.data.formats import UNDESIRABLE
 
 
@@ -126,7 +127,7 @@ def print_data_summary(console: Console, data: Any, recipe: Any) -> None:
             first = ", ".join(_first_dropped(r, 3))
             console.print(f"[yellow]dropped[/] {r.dropped} of {r.rows} rows of {r.name}: {reasons}. First: {first}")
     for r in data.reports:
-        filtered = [(why, n) for why, n in r.reasons.items() if "data.dedup" in why or "data.filter" in why]
+        filtered = [(why, n) for why, n in r.reasons.items() if is_filter_reason(why)]
         if filtered:
             counts = "; ".join(f"{why}: {n}" for why, n in filtered)
             console.print(f"filtered {sum(n for _, n in filtered)} rows of {r.name}: {counts}")

@@ -252,9 +252,10 @@ class DataConfig(Block):
     shuffle: bool = Field(default=True, description="Shuffle training rows every epoch (seeded).")
     dedup: Literal["exact", "near"] | None = Field(
         default=None,
-        description="Drop duplicate rows within each source, keeping the first: exact (same prompt text after "
-        "lowercasing and collapsing whitespace) or near (word 3-gram Jaccard >= dedup_threshold, found by "
-        "MinHash); the prompt text is the user turns (sft) or the text (cpt).",
+        description="Drop duplicate rows, keeping the first (the training sources together in order, the eval "
+        "sources together): exact (same prompt text after lowercasing and collapsing whitespace) or near (word "
+        "3-gram Jaccard >= dedup_threshold, found by MinHash); the prompt text is the user turns (sft) or the "
+        "text (cpt).",
     )
     dedup_threshold: float = Field(
         default=0.7, gt=0, le=1, description="dedup near: the word 3-gram Jaccard similarity that makes a duplicate."

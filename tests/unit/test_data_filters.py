@@ -195,3 +195,40 @@ def test_sft_replay_fraction_and_labels(tmp_path: Path, tokenizer) -> None:
     batches = Batches(data.train, recipe, dist, lambda samples: samples)  # micro_batch_size 4: 10 windows
     seen = [s for window in batches.epoch_windows(0) for micro in window for s in micro]
     assert len(seen) == 40 and sum(1 for s in seen if all(x != IGNORE_INDEX for x in s.labels)) == 2
+
+
+def test_dedup_across_sources_and_not_a_bad_row(tmp_path: Path, tokenizer) -> None:
+    """A row of the second source that repeats (or nearly repeats) one of the first is dropped from the second;
+    with on_bad_row: error, duplicates are filtered, not bad rows; a malformed row still stops the run."""
+    from llmtune.data.pipeline import build_data, conversation_encoder, fingerprint_tokenizer
+    from llmtune.errors import DataError
+    from llmtune.stages.base import recipe_settings
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first = [{"instruction": LONG, "output": "one"}, {"instruction": "Name a river.", "output": "Nile"}]
+    second = [
+        {"instruction": LONG.replace("recycled", "salvaged"), "output": "two"},  # near dup of a.jsonl row 1
+        {"instruction": "name a   RIVER.", "output": "Amazon"},  # exact dup of a.jsonl row 2
+        {"instruction": "Name a mountain.", "output": "Everest"},
+    ]
+    for path, rows in ((a, first), (b, second)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    template = resolve_chat_template(tokenizer, None, required=True)
+
+    def build(**data: Any):
+        sources = [{"path": str(a)}, {"path": str(b)}]
+        recipe = validate_recipe(base_recipe(tmp_path, data={"train": sources, "max_length": 256, **data}))
+        settings = recipe_settings(recipe, False, fingerprint_tokenizer(tokenizer, template))
+        return build_data(recipe, conversation_encoder(tokenizer, template, 256, False), settings)
+
+    for _ in range(2):  # the second time from the cache
+        bundle = build(dedup="near", on_bad_row="error")
+        ra, rb = bundle.reports
+        assert (ra.kept, rb.kept) == (2, 1) and len(bundle.train) == 3
+        assert rb.reasons == {EXACT_DUPLICATE: 1, near_reason(0.7): 1}
+        assert rb.first_dropped() == [f"line 1: {near_reason(0.7)}", f"line 2: {EXACT_DUPLICATE}"]
+    assert [r.kept for r in build(dedup="exact").reports] == [2, 2]
+    assert [r.kept for r in build().reports] == [2, 3]
+    b.write_text(b.read_text() + "not json\n")
+    with pytest.raises(DataError, match="1 bad rows"):
+        build(dedup="near", on_bad_row="error")
