@@ -12,6 +12,8 @@ import math
 import random
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import TINY_MODEL, assert_ok, base_recipe, run_cli, write_recipe
 
 WORDS = [
@@ -82,6 +84,7 @@ def _dedup_rows() -> tuple[list[dict], dict[str, int]]:
     return rows + extra, {"exact": 3, "near": 4, "long": 2}
 
 
+@pytest.mark.slow  # two CLI runs (the second checks the cache)
 def test_dedup_and_length_filter_counts(tmp_path: Path) -> None:
     rows, counts = _dedup_rows()
     data = tmp_path / "rows.json"
@@ -122,6 +125,7 @@ def _independent_perplexities(texts: list[str]) -> list[float]:
     return out
 
 
+@pytest.mark.slow  # two CLI runs (the second checks the cache)
 def test_perplexity_filter_drops_the_independently_easiest_and_hardest(tmp_path: Path) -> None:
     rng = random.Random(5)
     texts = []
