@@ -195,7 +195,7 @@ def model_scorer(recipe: Any, tokenizer: Any) -> Callable[[list[Any]], list[tupl
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 path,
-                torch_dtype=dtype,
+                dtype=dtype,
                 revision=recipe.model.revision if cfg.model is None else None,
                 trust_remote_code=recipe.model.trust_remote_code,
             )
