@@ -138,9 +138,15 @@ def assistant_spans(tokenizer: Any, template: str, conv: Conversation) -> tuple[
 
 
 def encode_conversation(
-    tokenizer: Any, template: str, conv: Conversation, max_length: int, train_on_prompt: bool = False
+    tokenizer: Any,
+    template: str,
+    conv: Conversation,
+    max_length: int,
+    train_on_prompt: bool = False,
+    bounds: tuple[int | None, int | None] = (None, None),
 ) -> tuple[list[int], list[int]]:
-    """Token ids and labels (IGNORE_INDEX outside assistant replies), truncated to max_length."""
+    """Token ids and labels (IGNORE_INDEX outside assistant replies), truncated to max_length. bounds: (min, max)
+    tokens of the whole rendered conversation, before truncation (data.filter); a row outside is a RowError."""
     text, spans = assistant_spans(tokenizer, template, conv)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
@@ -159,6 +165,10 @@ def encode_conversation(
                 labels[j] = ids[j]
     if all(x == IGNORE_INDEX for x in labels[1:]):
         raise RowError("the chat template leaves no assistant token to learn: check model.chat_template")
+    if bounds != (None, None):
+        from llmtune.data.filters import length_check
+
+        length_check(len(ids), *bounds)
     if len(ids) > max_length:
         ids, labels = ids[:max_length], labels[:max_length]
     if all(x == IGNORE_INDEX for x in labels[1:]):

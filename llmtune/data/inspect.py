@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from llmtune.data.formats import RowError, detect_format
-from llmtune.data.pipeline import IGNORE_INDEX, Encoder, Example, SourceReport, load_source
+from llmtune.data.pipeline import IGNORE_INDEX, Encoder, Example, SourceReport, dedup_sources, load_source
 from llmtune.data.sources import read_rows
 from llmtune.errors import DataError, UserError
 from llmtune.recipe.schema import DataSource
@@ -48,16 +48,21 @@ class Inspection:
     full_by_row: dict[int, list[int]]
 
 
-def stage_encoder(recipe: Any, tokenizer: Any, template: str | None, max_length: int) -> tuple[Encoder, str | None]:
-    """The encoder and default format the recipe's stage builds its data with (see each stage's build_data)."""
+def stage_encoder(
+    recipe: Any, tokenizer: Any, template: str | None, max_length: int, filters: bool = False
+) -> tuple[Encoder, str | None]:
+    """The encoder and default format the recipe's stage builds its data with (see each stage's build_data);
+    filters: with data.filter's token bounds (sft, cpt)."""
     from llmtune.data.pipeline import conversation_encoder, text_encoder
     from llmtune.data.preference import preference_encoder
 
     stage = recipe.stage
+    f = recipe.data.filter
+    bounds = (f.min_tokens, f.max_tokens) if filters else (None, None)
     if stage == "sft":
-        return conversation_encoder(tokenizer, template, max_length, recipe.sft.train_on_prompt), None
+        return conversation_encoder(tokenizer, template, max_length, recipe.sft.train_on_prompt, bounds), None
     if stage == "cpt":
-        return text_encoder(tokenizer, max_length, recipe.data.packing), "text"
+        return text_encoder(tokenizer, max_length, recipe.data.packing, bounds), "text"
     if stage == "rm":
         return preference_encoder(tokenizer, template, max_length), RM_FORMAT_OF_LOSS[recipe.rm.loss]
     if stage == "dpo":
@@ -104,8 +109,13 @@ def guess_stage(
 
 def inspect_source(recipe: Any, src: DataSource, tokenizer: Any, template: str | None) -> Inspection:
     max_length = recipe.data.max_length
-    encode, default_format = stage_encoder(recipe, tokenizer, template, max_length)
-    examples, report = load_source(src, encode, default_format, None, "inspect")
+    # the rows training keeps: with data.dedup and data.filter's token bounds (not the perplexity filter,
+    # which needs a model's scores); the histogram below shows every usable row
+    d = recipe.data
+    encode, default_format = stage_encoder(recipe, tokenizer, template, max_length, filters=True)
+    examples, report = load_source(src, encode, default_format, None, "inspect", d.dedup is not None)
+    if d.dedup is not None:
+        examples = dedup_sources([(examples, report)], d.dedup, d.dedup_threshold)[0]
     full_encode, _ = stage_encoder(recipe, tokenizer, template, UNLIMITED)
     full_examples, _ = load_source(src, full_encode, default_format, None, "inspect")
     full = [e.longest for e in full_examples]

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
+from llmtune.data.filters import is_filter_reason
 from llmtune.data.formats import UNDESIRABLE
 
 
@@ -129,6 +130,11 @@ def print_data_summary(console: Console, data: Any, recipe: Any) -> None:
             first = ", ".join(_first_dropped(r, 3))
             console.print(f"[yellow]dropped[/] {r.dropped} of {r.rows} rows of {r.name}: {reasons}. First: {first}")
     for r in data.reports:
+        filtered = [(why, n) for why, n in r.reasons.items() if is_filter_reason(why)]
+        if filtered:
+            counts = "; ".join(f"{why}: {n}" for why, n in filtered)
+            console.print(f"filtered {sum(n for _, n in filtered)} rows of {r.name}: {counts}")
+    for r in data.reports:
         n = r.reasons.get(UNDESIRABLE, 0)
         if n:
             console.print(
@@ -136,6 +142,8 @@ def print_data_summary(console: Console, data: Any, recipe: Any) -> None:
                 "data) and are not trained on; sft learns the rows with label true. To learn from both, train "
                 "the file with stage dpo and dpo.loss: kto"
             )
+    for note in getattr(data, "notes", []):
+        console.print(note)
     summary = getattr(data.train, "summary", None)
     if summary is not None:  # a memory-mapped corpus: counted from its index, not by reading every row
         c = summary()

@@ -304,6 +304,76 @@ class DataSource(Block):
         return self
 
 
+class PerplexityFilter(Block):
+    model: str | None = Field(
+        default=None,
+        description="The model that scores the rows (hub id or directory); null: model.path, the model being "
+        "trained, as it is before training.",
+    )
+    drop_low: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Fraction of the training rows with the lowest perplexity (easiest) dropped.",
+    )
+    drop_high: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Fraction of the training rows with the highest perplexity (hardest) dropped.",
+    )
+    batch_size: int = Field(default=8, ge=1, description="Rows per forward pass while scoring.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> PerplexityFilter:
+        if self.drop_low + self.drop_high >= 1:
+            raise ValueError(
+                f"drop_low {self.drop_low} + drop_high {self.drop_high} >= 1 would drop every row: keep their sum "
+                "below 1 (e.g. drop_low: 0.1, drop_high: 0.1)"
+            )
+        if self.drop_low == 0 and self.drop_high == 0:
+            raise ValueError("drops nothing: set drop_low and / or drop_high (fractions, e.g. 0.1), or remove it")
+        return self
+
+
+class DataFilter(Block):
+    min_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Drop rows whose tokenized length (before truncation to max_length) is below this.",
+    )
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Drop rows whose tokenized length (before truncation to max_length) is above this "
+        "(data.max_length cuts long rows instead).",
+    )
+    perplexity: PerplexityFilter | None = Field(
+        default=None,
+        description="Score each training row's perplexity on its learned tokens with a model and drop the "
+        "easiest / hardest fractions ({model, drop_low, drop_high, batch_size}); scores are cached and written "
+        "to output_dir/perplexity_scores.jsonl.",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> DataFilter:
+        if self.min_tokens is not None and self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens {self.min_tokens} > max_tokens {self.max_tokens}: no row could pass")
+        return self
+
+    def active(self) -> bool:
+        return self.min_tokens is not None or self.max_tokens is not None or self.perplexity is not None
+
+
+class ReplayConfig(Block):
+    path: str = Field(description="Plain-text rows ({text: ...} json / jsonl / parquet, or a .txt file) to replay.")
+    ratio: float = Field(
+        gt=0, lt=1, description="Fraction of the training examples that are replay rows (0.05: 5 in every 100)."
+    )
+    columns: dict[str, str] = Field(default_factory=dict, description="Rename a column to text, e.g. {text: body}.")
+    max_samples: int | None = Field(default=None, ge=1, description="Use at most this many rows of the file.")
+
+
 class DataConfig(Block):
     registry: str | None = Field(
         default=None,
@@ -337,6 +407,24 @@ class DataConfig(Block):
         description="Where tokenized data is cached (default: $LLMTUNE_CACHE or ~/.cache/llmtune).",
     )
     shuffle: bool = Field(default=True, description="Shuffle training rows every epoch (seeded).")
+    dedup: Literal["exact", "near"] | None = Field(
+        default=None,
+        description="Drop duplicate rows, keeping the first (the training sources together in order, the eval "
+        "sources together): exact (same prompt text after lowercasing and collapsing whitespace) or near (word "
+        "3-gram Jaccard >= dedup_threshold, found by MinHash); the prompt text is the user turns (sft) or the "
+        "text (cpt).",
+    )
+    dedup_threshold: float = Field(
+        default=0.7, gt=0, le=1, description="dedup near: the word 3-gram Jaccard similarity that makes a duplicate."
+    )
+    filter: DataFilter = Field(
+        default_factory=DataFilter, description="Row filters: token length bounds and a perplexity filter."
+    )
+    replay: ReplayConfig | None = Field(
+        default=None,
+        description="sft: plain-text LM rows (every token learned, cut to max_length) mixed in so that `ratio` of "
+        "the training examples are replay rows ({path, ratio, columns, max_samples}).",
+    )
 
     @field_validator("train")
     @classmethod
@@ -777,6 +865,24 @@ class RecipeBase(Block):
             raise ValueError("data.memory_map is for stage cpt (raw text, packed); remove it, or use stage: cpt")
         if self.data.memory_map and not self.data.packing:
             raise ValueError("data.memory_map reads packed rows from one token stream: set data.packing: true with it")
+        stage = getattr(self, "stage", "")
+        d = self.data
+        if stage not in ("cpt", "sft"):
+            used = [k for k, on in (("data.dedup", d.dedup), ("data.filter", d.filter.active())) if on]
+            if used:
+                raise ValueError(
+                    f"{used[0]} is supported for stages sft and cpt, not {stage}: remove it from the recipe"
+                )
+        if d.replay is not None and stage != "sft":
+            raise ValueError(
+                f"data.replay mixes plain-text rows into sft; stage {stage} does not use it: remove data.replay "
+                "(for cpt, list the file under data.train)"
+            )
+        if d.memory_map and (d.dedup or d.filter.active()):
+            raise ValueError(
+                "data.memory_map reads the corpus as it is: data.dedup and data.filter do not apply to it; "
+                "remove them, or set data.memory_map: false"
+            )
         if self.train.ema is not None and self.distributed.zero_stage == 3:
             raise ValueError(
                 "train.ema cannot be combined with distributed.zero_stage 3 in this version (the average "

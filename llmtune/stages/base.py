@@ -131,4 +131,6 @@ def forward_lm(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.
 
 def recipe_settings(recipe: RecipeBase, *parts: object) -> str:
     """The settings that change tokenization, for the data cache key."""
-    return "|".join(map(str, (recipe.stage, recipe.data.max_length, *parts)))
+    d = recipe.data
+    filters = (d.dedup, d.dedup_threshold if d.dedup == "near" else None, d.filter.min_tokens, d.filter.max_tokens)
+    return "|".join(map(str, (recipe.stage, recipe.data.max_length, *parts, *filters)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmtune.data.filters import model_scorer
 from llmtune.data.pipeline import as_samples, build_data, fingerprint_tokenizer, pack_stream, text_encoder
 from llmtune.recipe.schema import CptRecipe
 from llmtune.stages.base import StageData, recipe_settings
@@ -22,6 +23,8 @@ class CptStage(LanguageModelStep):
             train, evals, reports = build_corpus(recipe, tokenizer, fingerprint_tokenizer(tokenizer, None))
             return StageData(train=train, eval=evals, reports=reports)
         settings = recipe_settings(recipe, d.packing, fingerprint_tokenizer(tokenizer, None))
-        bundle = build_data(recipe, text_encoder(tokenizer, d.max_length, d.packing), settings, "text")
+        encode = text_encoder(tokenizer, d.max_length, d.packing, (d.filter.min_tokens, d.filter.max_tokens))
+        scorer = model_scorer(recipe, tokenizer) if d.filter.perplexity is not None else None
+        bundle = build_data(recipe, encode, settings, "text", scorer=scorer)
         shape = (lambda ex: pack_stream(ex, d.max_length)) if d.packing else as_samples
-        return StageData(train=shape(bundle.train), eval=shape(bundle.eval), reports=bundle.reports)
+        return StageData(train=shape(bundle.train), eval=shape(bundle.eval), reports=bundle.reports, notes=bundle.notes)

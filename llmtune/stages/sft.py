@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmtune.data.filters import model_scorer
 from llmtune.data.pipeline import (
+    add_replay,
     as_samples,
     build_data,
     conversation_encoder,
@@ -25,11 +27,15 @@ class SftStage(LanguageModelStep):
         d = recipe.data
         on_prompt = recipe.sft.train_on_prompt
         settings = recipe_settings(recipe, on_prompt, fingerprint_tokenizer(tokenizer, template))
-        encoder = conversation_encoder(tokenizer, template, d.max_length, on_prompt)
-        bundle = build_data(recipe, encoder, settings)
+        bounds = (d.filter.min_tokens, d.filter.max_tokens)
+        encoder = conversation_encoder(tokenizer, template, d.max_length, on_prompt, bounds)
+        scorer = model_scorer(recipe, tokenizer) if d.filter.perplexity is not None else None
+        bundle = build_data(recipe, encoder, settings, scorer=scorer)
+        if d.replay is not None:
+            add_replay(recipe, bundle, tokenizer, settings)
         if d.packing:
             train = pack_examples(bundle.train, d.max_length, recipe.seed)
             evals = pack_examples(bundle.eval, d.max_length, recipe.seed)
         else:
             train, evals = as_samples(bundle.train), as_samples(bundle.eval)
-        return StageData(train=train, eval=evals, reports=bundle.reports)
+        return StageData(train=train, eval=evals, reports=bundle.reports, notes=bundle.notes)

@@ -149,6 +149,31 @@ def test_with_a_recipe_and_the_same_examples_as_training(tmp_path: Path, capsys,
     assert [(e.input_ids, e.labels) for e in ins.examples] == [(s.input_ids, s.labels) for s in trained]
 
 
+def test_inspect_counts_what_the_filters_drop(tmp_path: Path, tokenizer) -> None:
+    """inspect with a recipe drops what training drops for data.dedup and data.filter's token bounds."""
+    long = "Explain how tides rise and fall along a rocky northern coast and why fishermen there plan around them every single week of the year"
+    rows = [
+        {"instruction": long, "input": "", "output": "The moon."},
+        {"instruction": long.upper(), "input": "", "output": "Again."},  # exact after normalisation
+        {"instruction": long.replace("rocky", "sandy"), "input": "", "output": "Near."},  # one word changed
+        {"instruction": "Name a colour.", "input": "", "output": "Blue " * 200},  # over max_tokens
+        {"instruction": "Name a fruit.", "input": "", "output": "Pear."},
+    ]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows))
+    src = DataSource(path=str(path))
+    data = {"train": [src.model_dump()], "dedup": "near", "filter": {"max_tokens": 150}, "max_length": 512}
+    r = validate_recipe({"stage": "sft", "output_dir": str(tmp_path), "model": {"path": str(TINY_MODEL)}, "data": data})
+    template = resolve_chat_template(tokenizer, None, required=True)
+    ins = inspect_source(r, src, tokenizer, template)
+    assert ins.report.kept == 2 and len(ins.full) == 5
+    assert sorted(ins.report.reasons.values()) == [1, 1, 1]
+    from llmtune.stages.sft import SftStage
+
+    trained = SftStage().build_data(r, tokenizer, template).train
+    assert [(e.input_ids, e.labels) for e in ins.examples] == [(s.input_ids, s.labels) for s in trained]
+
+
 def test_histogram_buckets() -> None:
     lines = histogram([5, 12, 12, 30, 70, 400], max_length=32)
     assert lines[0].split()[0] == "0-9" and lines[0].split()[-1] == "1"
