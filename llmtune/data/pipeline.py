@@ -525,6 +525,20 @@ def add_replay(recipe: RecipeBase, bundle: DataBundle, tokenizer: Any, settings:
 # --- encoders for the two text stages ------------------------------------------------------------------
 
 
+def with_quality_label(conv: Any, row: dict[str, Any], src: DataSource) -> None:
+    """Quality-conditioned training: the row's label (src.quality_column) put before its first user turn."""
+    col = src.quality_column
+    label = row.get(col) if isinstance(row, dict) else None
+    if label is None or (isinstance(label, str) and not label.strip()):
+        raise RowError(f"no quality label: column {col!r} is missing or empty (quality_column)")
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)
+    first = next((m for m in conv.messages if m["role"] == "user"), None)
+    if first is None:
+        raise RowError("no user turn to put the quality label before")
+    first["content"] = src.quality_prefix.format(label=label) + first["content"]
+
+
 def conversation_encoder(
     tokenizer: Any,
     template: str,
@@ -538,6 +552,8 @@ def conversation_encoder(
         if is_undesirable(row):  # KTO data: sft must not learn the replies marked bad
             raise RowError(UNDESIRABLE)
         conv = to_conversation(row, fmt, default_system=src.system)
+        if src.quality_column is not None:
+            with_quality_label(conv, row, src)
         ids, labels = encode_conversation(tokenizer, template, conv, max_length, train_on_prompt, bounds)
         return [Example(ids, labels)]
 

@@ -278,12 +278,32 @@ class DataSource(Block):
         description="Rename columns to the names the format expects, e.g. {instruction: question, output: answer}.",
     )
     system: str | None = Field(default=None, description="System prompt for rows that have none.")
+    quality_column: str | None = Field(
+        default=None,
+        description="sft: a column holding each row's quality label (e.g. a score or high / low); its value "
+        "prefixes the first user turn through quality_prefix, so that at inference the best label can be asked for.",
+    )
+    quality_prefix: str = Field(
+        default="[quality: {label}] ",
+        description="quality_column: the text put before the first user turn; {label} is the row's value.",
+    )
     tags: dict[str, str] = Field(
         default_factory=dict,
         description="sharegpt turns with other keys / role names, as LLaMA-Factory's tags: role_tag, content_tag, "
         "user_tag, assistant_tag, observation_tag, function_tag, system_tag (e.g. {role_tag: role, "
         "content_tag: content, user_tag: user, assistant_tag: assistant}).",
     )
+
+    @field_validator("quality_prefix")
+    @classmethod
+    def _quality_prefix(cls, v: str) -> str:
+        try:
+            v.format(label="x")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError("may hold only {label} in braces, e.g. '[quality: {label}] '") from None
+        if "{label}" not in v:
+            raise ValueError("must hold {label} (where the row's quality label goes), e.g. '[quality: {label}] '")
+        return v
 
     @field_validator("tags")
     @classmethod
@@ -873,6 +893,8 @@ class RecipeBase(Block):
                 raise ValueError(
                     f"{used[0]} is supported for stages sft and cpt, not {stage}: remove it from the recipe"
                 )
+        if stage != "sft" and any(x.quality_column for x in [*d.train, *d.eval]):
+            raise ValueError(f"quality_column conditions sft on a quality label; stage {stage} does not read it")
         if d.replay is not None and stage != "sft":
             raise ValueError(
                 f"data.replay mixes plain-text rows into sft; stage {stage} does not use it: remove data.replay "
