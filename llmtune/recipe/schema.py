@@ -413,10 +413,13 @@ class DataConfig(Block):
         default=False,
         description="cpt: concatenate and chunk; sft: several examples per row with restarting position ids.",
     )
-    memory_map: bool = Field(
-        default=False,
-        description="cpt with packing, for corpora larger than memory: local .txt / .jsonl files tokenized once "
-        "into a token file in the data cache, and rows read from it through a memory map while training.",
+    memory_map: bool | Literal["auto"] = Field(
+        default="auto",
+        description="cpt: local .txt / .jsonl files tokenized once into a token file in the data cache, and rows "
+        "read from it through a memory map while training (the same rows as in memory; memory does not grow with "
+        "the corpus). auto: on for cpt unless data.dedup / data.filter or a source it cannot read (a hub dataset, "
+        "parquet, ...) needs the rows in memory (the log says so); true: on, refusing what it cannot do; false: "
+        "off.",
     )
     on_bad_row: Literal["drop", "error"] = Field(
         default="drop",
@@ -881,10 +884,8 @@ class RecipeBase(Block):
             )
         if self.finetuning.method == "qlora" and self.precision == "fp16" and self.model.dtype == "bf16":
             raise ValueError("precision fp16 with model.dtype bf16: set both to bf16, or both to fp16")
-        if self.data.memory_map and getattr(self, "stage", None) != "cpt":
-            raise ValueError("data.memory_map is for stage cpt (raw text, packed); remove it, or use stage: cpt")
-        if self.data.memory_map and not self.data.packing:
-            raise ValueError("data.memory_map reads packed rows from one token stream: set data.packing: true with it")
+        if self.data.memory_map is True and getattr(self, "stage", None) != "cpt":
+            raise ValueError("data.memory_map is for stage cpt (raw text); remove it, or use stage: cpt")
         stage = getattr(self, "stage", "")
         d = self.data
         if stage not in ("cpt", "sft"):
@@ -900,10 +901,10 @@ class RecipeBase(Block):
                 f"data.replay mixes plain-text rows into sft; stage {stage} does not use it: remove data.replay "
                 "(for cpt, list the file under data.train)"
             )
-        if d.memory_map and (d.dedup or d.filter.active()):
+        if d.memory_map is True and (d.dedup or d.filter.active()):
             raise ValueError(
                 "data.memory_map reads the corpus as it is: data.dedup and data.filter do not apply to it; "
-                "remove them, or set data.memory_map: false"
+                "remove them, or set data.memory_map: auto (reads the rows into memory when they are set)"
             )
         if self.train.ema is not None and self.distributed.zero_stage == 3:
             raise ValueError(
