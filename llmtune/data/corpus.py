@@ -124,6 +124,30 @@ class PackedCorpus(Sequence):
         return {"rows": self.n, "tokens": tokens, "learned": tokens - self.n, "longest": longest}
 
 
+class CorpusConcat(Sequence):
+    """Several sources' rows one after the other (data.schedule keeps each source's rows apart)."""
+
+    def __init__(self, parts: list[PackedCorpus]) -> None:
+        self.parts = parts
+        self.starts = np.cumsum([0, *(len(p) for p in parts)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int | slice) -> Any:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[k][i - int(self.starts[k])]
+
+    def summary(self) -> dict[str, int]:
+        each = [p.summary() for p in self.parts]
+        out = {key: sum(c[key] for c in each) for key in ("rows", "tokens", "learned")}
+        return {**out, "longest": max((c["longest"] for c in each), default=0)}
+
+
 def rows_in(tokens: int, max_length: int) -> int:
     """Rows of max_length the tokens give; a last shorter piece counts when it has 2 tokens or more."""
     whole, rest = divmod(tokens, max_length)
@@ -340,9 +364,10 @@ def _chunks(start: np.ndarray, length: np.ndarray, max_length: int) -> tuple[np.
 
 def build_corpus(
     recipe: RecipeBase, tokenizer: Any, fingerprint: str, settings: str
-) -> tuple[PackedCorpus, PackedCorpus, list[SourceReport]]:
-    """The train and eval rows of a memory-mapped cpt run and the sources' reports: the rows the in-memory
-    pipeline (build_data, then pack_stream or one row per chunk) makes from the same recipe, in the same order.
+) -> tuple[Sequence, PackedCorpus, list[SourceReport], list[tuple[str, PackedCorpus]] | None]:
+    """The train and eval rows of a memory-mapped cpt run, the sources' reports, and with data.schedule each
+    training source's id and rows: the rows the in-memory pipeline (build_data, then pack_stream or one row
+    per chunk) makes from the same recipe, in the same order.
     fingerprint: the tokenizer's (the token files' cache key); settings: the in-memory pipeline's settings,
     so that a source's report carries the fingerprint a resume compares, whichever path read it."""
     d = recipe.data
@@ -420,4 +445,8 @@ def build_corpus(
         cat = [np.concatenate([p[j] for p in parts]) if parts else np.zeros(0, dtype=np.int64) for j in range(3)]
         return PackedCorpus(files, d.max_length, *cat, packed=packed)
 
-    return corpus(train), corpus(evals), reports
+    if d.schedule is None:
+        return corpus(train), corpus(evals), reports, None
+    # data.schedule: each source packed on its own, as the in-memory path packs each source's examples
+    sources = [(src.source_id(), corpus([p])) for (_, src, *_), p in zip(loaded, train, strict=False)]
+    return CorpusConcat([c for _, c in sources]), corpus(evals), reports, sources
