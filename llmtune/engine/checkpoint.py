@@ -322,9 +322,19 @@ def same_recipe(saved: str, current: str) -> bool:
 
     from llmtune.recipe.load import dump_recipe, validate_recipe
 
+    def same_run(recipe: dict) -> dict:
+        # data.memory_map picks how the rows are read, not which rows (both paths give the same ones): a run
+        # saved with the old default (false) resumes under the new one (auto)
+        data = recipe.get("data")
+        if isinstance(data, dict):
+            data.pop("memory_map", None)
+        return recipe
+
     try:
         raw = yaml.safe_load(saved)
-        return isinstance(raw, dict) and yaml.safe_load(dump_recipe(validate_recipe(raw))) == yaml.safe_load(current)
+        if not isinstance(raw, dict):
+            return False
+        return same_run(yaml.safe_load(dump_recipe(validate_recipe(raw)))) == same_run(yaml.safe_load(current))
     except Exception:  # a saved recipe this version cannot read is another recipe
         return False
 

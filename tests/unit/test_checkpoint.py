@@ -185,3 +185,21 @@ def test_a_recipe_saved_before_new_keys_existed_is_the_same_recipe(tmp_path: Pat
     older["train"]["lr"] = 0.5
     assert not same_recipe(yaml.safe_dump(older, sort_keys=False), current)
     assert not same_recipe("stage: [unreadable", current)
+
+
+def test_a_run_saved_with_memory_map_false_resumes_under_the_auto_default(tmp_path: Path) -> None:
+    """memory_map picks how the rows are read, not which (tests/unit/test_corpus_rows.py): the old default,
+    written into a run's recipe.yaml, is the same run as the new one."""
+    import yaml
+
+    from llmtune.engine.checkpoint import same_recipe
+    from llmtune.recipe.load import dump_recipe, validate_recipe
+    from tests.conftest import base_recipe
+
+    current = dump_recipe(validate_recipe(base_recipe(tmp_path, stage="cpt", finetuning={"method": "full"})))
+    assert yaml.safe_load(current)["data"]["memory_map"] == "auto"
+    older = yaml.safe_load(current)
+    older["data"]["memory_map"] = False
+    assert same_recipe(yaml.safe_dump(older, sort_keys=False), current)
+    older["data"]["max_length"] = 64
+    assert not same_recipe(yaml.safe_dump(older, sort_keys=False), current)
