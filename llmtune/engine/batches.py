@@ -231,6 +231,22 @@ class ScheduledBatches:
             self.last_shares = [float(c) / self.rows_per_step for c in counts]
             yield [self.collate([self.sources[j][1][i] for j, i in idx]) for idx in micro]
 
+    def describe(self) -> str:
+        """The schedule's phases as steps, for the log: "data.schedule: steps 1-20 general 100%; ..."."""
+        from llmtune.data.schedule import phase_ends
+
+        phases = self.recipe.data.schedule
+        assert phases is not None
+        names = [name for name, _ in self.sources]
+        parts, start = [], 0
+        for p, end in zip(phases, phase_ends(phases, self.total_steps), strict=True):
+            if end > start:
+                total = sum(p.weights.values())
+                mix = " ".join(f"{n} {p.weights[n] / total:.0%}" for n in names)
+                parts.append(f"steps {start + 1}-{end} {'rising to ' if p.ramp else ''}{mix}")
+            start = end
+        return "data.schedule: " + "; ".join(parts)
+
     def metrics(self) -> dict[str, float]:
         """The share of each source in the last step's rows (data/share/<source>)."""
         return {f"data/share/{name}": x for (name, _), x in zip(self.sources, self.last_shares, strict=False)}

@@ -311,6 +311,9 @@ def _start_engine(run: Run, trackers: Trackers | None = None) -> None:
         f"{mb * t.grad_accum * dist.world_size} rows/step | ZeRO-{recipe.distributed.zero_stage} {recipe.precision} "
         f"on {dist.device.type}"
     )
+    phases = getattr(run.batches, "describe", None)
+    if phases is not None:  # data.schedule: its phases in steps
+        console.print(phases())
     resume_step = run.state.step if run.resumed else None
     run.trackers = trackers if trackers is not None else open_trackers(recipe, run.out, dist, console, run.resumed)
     if resume_step is not None:

@@ -134,6 +134,7 @@ def test_each_phase_draws_the_scheduled_shares(tmp_path: Path, tokenizer: object
                 ids = tuple(s.input_ids)
                 got[(k >= 20, "domain" if ids in rows["domain"] and ids not in rows["general"] else "general")] += 1
     assert got[(False, "domain")] == 0 and got[(True, "domain")] == per_phase[1]["domain"]
+    assert batches.describe() == "data.schedule: steps 1-20 general 100% domain 0%; steps 21-50 general 20% domain 80%"
     assert batches.metrics() == {"data/share/general": pytest.approx(0.25), "data/share/domain": pytest.approx(0.75)}
 
 
