@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import os
 import random
@@ -169,6 +168,31 @@ def source_files(src: DataSource) -> list[tuple[Path, str]]:
     return [(q, f"{q.relative_to(path).as_posix()} ") for q in found if supported_suffix(q) is not None]
 
 
+def _lines(raw: Any, path: Path) -> Iterator[str]:
+    """The file's lines (split at \\n, without it), decoded as UTF-8 (a BOM at the start is skipped); text
+    that is not UTF-8 or a broken gzip file is refused as the in-memory reader refuses it."""
+    offset = 0
+    try:
+        for n, chunk in enumerate(raw, start=1):
+            try:
+                text = chunk.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"data file {path} is not UTF-8 text: byte 0x{chunk[e.start]:02x} at byte offset "
+                    f"{offset + e.start} (line {n}) cannot be decoded",
+                    hint="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in > out`)",
+                ) from None
+            offset += len(chunk)
+            yield text[:-1] if text.endswith("\n") else text
+    except (OSError, EOFError) as e:
+        if not path.name.lower().endswith(".gz"):
+            raise
+        raise DataError(
+            f"data file {path} is not a valid gzip file ({e})",
+            hint="re-compress it with gzip, or decompress it and drop the .gz suffix",
+        ) from None
+
+
 def _documents(src: DataSource, report: SourceReport) -> Iterator[tuple[str, int, str]]:
     """The source's documents (text, row index, place), one at a time; rows without usable text are dropped
     and counted. Rows are numbered and read as sources.read_rows does (blank lines are no rows)."""
@@ -179,12 +203,11 @@ def _documents(src: DataSource, report: SourceReport) -> Iterator[tuple[str, int
         jsonl = not f.name.lower().endswith(".txt")
         opener = gzip.open if f.name.lower().endswith(".gz") else open
         with opener(f, "rb") as raw:
-            lines = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="\n")
-            for n, line in enumerate(lines, start=1):
+            for n, line in enumerate(_lines(raw, f), start=1):
                 where = f"{label}line {n}"
                 if src.max_samples is not None and index >= src.max_samples:
                     return
-                line = line.rstrip("\n").rstrip("\r") if not jsonl else line.rstrip("\n")
+                line = line.rstrip("\r") if not jsonl else line
                 if not line.strip():
                     continue  # blank lines are separators, not rows
                 report.rows += 1

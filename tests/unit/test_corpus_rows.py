@@ -101,3 +101,36 @@ def test_auto_falls_back_to_memory_and_says_why(tmp_path: Path, tokenizer: objec
     assert not mapped and "data.eval[0]" in note and "not x.csv" in note
     sft = validate_recipe(base_recipe(tmp_path))  # other stages never take it
     assert sft.data.memory_map == "auto" and memory_map_plan(sft) == (False, None)
+
+
+def test_text_is_read_as_the_in_memory_reader_reads_it(tmp_path: Path, tokenizer: object) -> None:
+    """A BOM, Windows line ends, a blank line, a directory (sorted, hidden files skipped, gzip): the same
+    documents; a file that is not UTF-8 is refused as the in-memory reader refuses it."""
+    import gzip
+
+    from llmtune.errors import DataError
+
+    docs = [line for line in FACTS.read_text().splitlines() if line.strip()][:30]
+    d = tmp_path / "dir"
+    (d / "sub").mkdir(parents=True)
+    (d / "b.txt").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(docs[:10]).encode() + b"\r\n\r\n")
+    (d / "sub" / "a.jsonl.gz").write_bytes(
+        gzip.compress("\n".join(json.dumps({"text": x}) for x in docs[10:20]).encode())
+    )
+    (d / ".hidden.txt").write_text("not read\n")
+    (d / "c.txt").write_text("\n".join(docs[20:]))
+    out = {}
+    for mm in (False, True):
+        raw = base_recipe(tmp_path, stage="cpt", data={"train": [{"path": str(d)}], "max_length": 24, "memory_map": mm})
+        out[mm] = CptStage().build_data(validate_recipe(raw), tokenizer, None)
+    assert isinstance(out[True].train, PackedCorpus) and _rows(out[True].train) == _rows(out[False].train)
+    assert out[True].reports[0].rows == out[False].reports[0].rows == 30
+    bad = tmp_path / "latin.txt"
+    bad.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    errors = []
+    for mm in (False, True):
+        raw = base_recipe(tmp_path, stage="cpt", data={"train": [{"path": str(bad)}], "memory_map": mm})
+        with pytest.raises(DataError, match="is not UTF-8 text: byte 0xe9 at byte offset 3 \\(line 1\\)") as e:
+            CptStage().build_data(validate_recipe(raw), tokenizer, None)
+        errors.append(e.value.hint)
+    assert errors[0] == errors[1]
