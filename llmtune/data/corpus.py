@@ -311,6 +311,15 @@ def unmappable(src: DataSource) -> str | None:
     other = [f for f, _ in files if not f.name.lower().endswith(SUFFIXES)]
     if other:
         return f"reads {', '.join(SUFFIXES)} files, not {other[0].name}"
+    for f, _ in files:  # a JSON array saved as .jsonl (the in-memory reader takes it): not a row a line
+        if not f.name.lower().endswith(".txt"):
+            with (gzip.open if f.name.lower().endswith(".gz") else open)(f, "rb") as fh:
+                try:
+                    head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+                except (OSError, EOFError):
+                    head = b""
+            if head.startswith(b"["):
+                return f"reads a JSON object a line, and {f.name} holds a JSON array"
     return None
 
 

@@ -99,6 +99,11 @@ def test_auto_falls_back_to_memory_and_says_why(tmp_path: Path, tokenizer: objec
     recipe = _recipe(tmp_path / "sub", None, eval=[{"path": str(parquet)}])
     mapped, note = memory_map_plan(recipe)
     assert not mapped and "data.eval[0]" in note and "not x.csv" in note
+    array = tmp_path / "array.jsonl"
+    array.write_text(json.dumps([{"text": "one"}, {"text": "two"}]))
+    recipe = _recipe(tmp_path / "sub", None, eval=[{"path": str(array)}])
+    mapped, note = memory_map_plan(recipe)
+    assert not mapped and "array.jsonl holds a JSON array" in note
     sft = validate_recipe(base_recipe(tmp_path))  # other stages never take it
     assert sft.data.memory_map == "auto" and memory_map_plan(sft) == (False, None)
 
