@@ -190,16 +190,23 @@ class ScheduledBatches:
         shares = step_shares(recipe.data.schedule, [name for name, _ in sources], self.total_steps)
         self.counts = step_counts(shares, self.rows_per_step)  # (steps, sources)
         self.before = np.concatenate([np.zeros((1, len(sources)), dtype=np.int64), np.cumsum(self.counts, 0)])
-        self._perm: dict[tuple[int, int], list[int]] = {}
+        self._perm: dict[tuple[int, int], Any] = {}
         self.last_shares: list[float] = []
 
-    def _order(self, j: int, p: int) -> list[int]:
-        """Source j's row order for its pass p (seeded; kept for the pass the run is in)."""
+    def _order(self, j: int, p: int) -> Any:
+        """Source j's row order for its pass p (seeded; an int64 array, 8 bytes a row, kept for the pass the
+        run is in)."""
+        import hashlib
+
+        import numpy as np
+
         key = (j, p)
         if key not in self._perm:
-            order = list(range(len(self.sources[j][1])))
+            n = len(self.sources[j][1])
+            order = np.arange(n, dtype=np.int64)
             if self.recipe.data.shuffle:
-                random.Random(f"{self.recipe.seed}|schedule|{j}|{p}").shuffle(order)
+                seed = int(hashlib.sha256(f"{self.recipe.seed}|schedule|{j}|{p}".encode()).hexdigest()[:16], 16)
+                order = np.random.default_rng(seed).permutation(n)
             self._perm = {k: v for k, v in self._perm.items() if k[0] != j}
             self._perm[key] = order
         return self._perm[key]
@@ -212,7 +219,7 @@ class ScheduledBatches:
             n = len(samples)
             start = int(self.before[s, j]) + (step - s) * int(self.counts[s, j])
             for k in range(start, start + int(self.counts[s, j])):
-                rows.append((j, self._order(j, k // n)[k % n]))
+                rows.append((j, int(self._order(j, k // n)[k % n])))
         if self.recipe.data.shuffle:
             random.Random(f"{self.recipe.seed}|step|{step}").shuffle(rows)
         return rows
