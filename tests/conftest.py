@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -38,10 +39,8 @@ def _become_subreaper() -> None:
     import ctypes
 
     pr_set_child_subreaper = 36
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 _become_subreaper()
@@ -79,10 +78,8 @@ def kill_descendants(pid: int) -> list[int]:
 
     killed = descendants(pid)
     for child in killed:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     while True:  # reap our children (and adopted orphans) so that no zombie is left
         try:
             reaped, _ = os.waitpid(-1, os.WNOHANG)
