@@ -80,10 +80,10 @@ def validate(
 ) -> None:
     """Check a recipe and that its data files exist, without training (and without importing torch)."""
     from llmtune.recipe import dump_recipe, load_recipe
-    from llmtune.recipe.checks import check_paths
+    from llmtune.recipe.checks import check_hub, check_paths
 
     r = load_recipe(recipe, set_ or [])
-    notes = check_paths(r)
+    notes = check_paths(r, planned_ok=True) + check_hub(r, refuse=False)
     out = Console(highlight=False, soft_wrap=True)  # never wrap: the resolved YAML must stay valid
     for note in notes:
         out.print(f"note: {note}", markup=False)
@@ -120,11 +120,12 @@ def train(
 
     Started again with the same recipe, a run resumes from its newest complete checkpoint."""
     from llmtune.recipe import load_recipe
-    from llmtune.recipe.checks import check_paths
+    from llmtune.recipe.checks import check_hub, check_paths
 
     try:
         r = load_recipe(recipe, set_ or [])
         check_paths(r)
+        check_hub(r, refuse=True)  # a hub model neither cached nor reachable: now, not after a minute of retries
         if int(os.environ.get("RANK", "0")) == 0:  # the imports below take seconds: say what is happening
             Console(highlight=False, soft_wrap=True).print(
                 f"stage {r.stage}: {escape(str(recipe))} is valid; starting (torch, DeepSpeed, transformers) ..."

@@ -73,7 +73,7 @@ class RunManifest:
     def read(cls, path: str | Path | None) -> RunManifest | None:
         """The run.json of a local llmtune output directory; None when there is none, or it is not a JSON
         object. Fields of the wrong type are left unset."""
-        from llmtune.recipe.schema import looks_local
+        from llmtune.paths import looks_local
 
         if not path or not looks_local(str(path)):
             return None

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from llmtune.paths import looks_local
+
 DATA_FORMATS = ("alpaca", "sharegpt", "messages", "text", "pairs", "ranked", "pointwise", "unpaired", "prompts")
 PREFERENCE_FORMATS = ("pairs", "ranked", "pointwise", "unpaired")
 
@@ -1112,17 +1114,3 @@ Recipe = Annotated[
     Field(discriminator="stage"),
 ]
 STAGES = ("cpt", "sft", "rm", "dpo", "ppo", "grpo", "rejection_sampling")
-
-_FILE_SUFFIXES = {".json", ".jsonl", ".parquet", ".csv", ".txt", ".tsv", ".arrow", ".gz"}
-
-
-def looks_local(path: str) -> bool:
-    """True when a data / model path names the local filesystem rather than a hub id.
-
-    A path that exists, starts with ``.``, ``/`` or ``~``, has a data-file suffix, or has more than one
-    ``/`` is local; ``name`` or ``owner/name`` that does not exist is a hub id.
-    """
-    p = Path(path).expanduser()
-    if p.exists() or path.startswith((".", "/", "~")) or p.suffix.lower() in _FILE_SUFFIXES:
-        return True
-    return path.count("/") > 1

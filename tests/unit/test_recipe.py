@@ -501,7 +501,8 @@ def test_looks_local_existing_directory(tmp_path: Path, monkeypatch: pytest.Monk
     (tmp_path / "org" / "model").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     assert looks_local("org/model") is True  # exists here, so it is not a hub id
-    assert looks_local("org/other") is False
+    assert looks_local("org/other") is True  # org/ is a folder here: a mistyped local path, not a hub id
+    assert looks_local("elsewhere/other") is False
 
 
 def test_check_paths_ok_on_local_recipe(tmp_path: Path) -> None:
