@@ -100,7 +100,10 @@ def check_hub_models(
     )
     if refuse:
         raise UserError(msg, hint=hint)
-    return [f"{msg}: train refuses it; {hint}"]
+    return [
+        f"{key} {path!r} is not in the local Hugging Face cache and the hub cannot be reached ({reason}): train "
+        f"refuses it; the model that ships in the repository works offline: {fix}"
+    ]
 
 
 def _go_offline() -> None:

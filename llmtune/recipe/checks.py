@@ -67,9 +67,9 @@ def _check_output_dir(recipe: RecipeBase, inputs: list[str]) -> None:
 
 
 # Where a data file of the same name is looked for when a recipe's data path does not exist, relative to
-# the current directory: the shared demo data beside the repository, and the data/ folder the recipes' comments
-# name. The walk is bounded so that a large data/ tree cannot slow validate down.
-DATA_SEARCH_ROOTS = ("../shared/data", "data")
+# the current directory: shared demo data beside the repository, the data/ folder the recipes' comments name,
+# and the shipped recipes' demo data. The walk is bounded so that a large data/ tree cannot slow validate down.
+DATA_SEARCH_ROOTS = ("../shared/data", "data", "recipes/data")
 _SEARCH_MAX_ENTRIES = 20_000
 _SEARCH_MAX_FOUND = 3
 
@@ -96,7 +96,7 @@ def same_name_files(name: str, roots: tuple[str, ...] = DATA_SEARCH_ROOTS) -> li
 
 def _missing_data_hint(path: Path, group: str, i: int) -> str:
     """What to do about a data path that does not exist: where relative paths are taken from, which key to
-    set, and a file of the same name under ../shared/data/ or data/ when there is one (likely the one meant)."""
+    set, and a file of the same name under DATA_SEARCH_ROOTS when there is one (likely the one meant)."""
     hint = (
         "fix the path: relative paths are taken from the directory you run llmtune in; "
         f"point data.{group}[{i}].path at your file (in the recipe, or with --set data.{group}.{i}.path=FILE)"
