@@ -171,3 +171,21 @@ def test_validate_and_train_refuse_a_long_output_dir(command: str, tmp_path: Pat
     )
     assert "fix: shorten that part of output_dir" in text
     _no_torch(proc.stderr)
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["init", "sft", "--out"], "--out"),
+        (["merge-lora", "--adapter", str(TINY_MODEL), "--out"], "--out"),
+        (["plot", str(TINY_MODEL), "--out"], "--out"),
+    ],
+    ids=["init", "merge-lora", "plot"],
+)
+def test_commands_refuse_a_long_out_path(args: list[str], key: str, tmp_path: Path) -> None:
+    proc = run_cli(*args, str(tmp_path / LONG / "x"), env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    text = _message_lines(proc.stderr)
+    assert f"error: {key}: the path component 'sweep-lr1e-4_bs32_lr1e-4...lr1e-4_bs32_' is" in text, text
+    assert "Traceback" not in text
+    _no_torch(proc.stderr)
