@@ -133,7 +133,8 @@ def missing_path_message(key: str, value: str) -> tuple[str, str]:
     msg += ")"
     close = close_siblings(value)
     if close:
-        hint = f"did you mean {' or '.join(close)}? (--set {key}={close[0]})"
+        fix = f"{key} {close[0]}" if key.startswith("--") else f"--set {key}={close[0]}"
+        hint = f"did you mean {' or '.join(close)}? ({fix})"
     else:
         hint = (
             f"fix the path (relative paths are taken from the directory you run llmtune in: {Path.cwd()}), "

@@ -106,7 +106,8 @@ def test_validate_and_eval_refuse_a_mistyped_model_path(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
     text = _message_lines(proc.stderr)
-    assert "error: --model: runs/quickstart-merge does not exist" in text and "runs/quickstart-merged" in text
+    assert "error: --model: runs/quickstart-merge does not exist" in text
+    assert "fix: did you mean runs/quickstart-merged? (--model runs/quickstart-merged)" in text
     assert "Traceback" not in text
     _no_torch(proc.stderr)  # refused before anything loads: no hub lookup, no model
 
