@@ -102,3 +102,37 @@ def test_train_and_eval_refuse_an_uncached_hub_model_offline(tmp_path: Path) -> 
         assert "fix: use the small model that ships in the repository" in text
         assert f"{fix}recipes/quickstart/model" in text
         _no_torch(proc.stderr)
+
+
+def test_go_offline_reaches_a_loaded_huggingface_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub reads HF_HUB_OFFLINE when imported: an already imported one is switched too."""
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    hub._go_offline()
+    assert constants.HF_HUB_OFFLINE is True and constants.is_offline_mode()
+    import os
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+@pytest.mark.slow  # loads torch and the model: ~18 s on 2 busy cores
+def test_a_cached_hub_model_loads_offline(tmp_path: Path) -> None:
+    """A hub id whose files are in the local cache works offline: the check lets it through, and transformers
+    finds it there (the tiny model laid out as huggingface_hub caches a download). eval: the quickest load."""
+    import json
+    import shutil
+
+    from tests.conftest import TINY_MODEL, assert_ok
+
+    cache = tmp_path / "hf-cache"
+    _cache_model(cache, "llmtune-test/tiny")
+    snapshot = cache / "models--llmtune-test--tiny" / "snapshots" / "abc123"
+    shutil.rmtree(snapshot)
+    shutil.copytree(TINY_MODEL, snapshot)
+    report = tmp_path / "report.json"
+    args = ["--model", "llmtune-test/tiny", "--data", str(SFT_DATA), "--task", "perplexity", "--max-samples", "2"]
+    proc = run_cli("eval", *args, "-o", str(report), env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)})
+    assert_ok(proc)
+    assert json.loads(report.read_text())["settings"]["model"] == "llmtune-test/tiny"
