@@ -637,7 +637,11 @@ def version() -> None:
 
 def main() -> None:
     """Every command's known failures (bad input: exit 2; a run that had to stop: exit 1) end here as one
-    message without a traceback; anything else is a bug and keeps its traceback."""
+    message without a traceback; anything else is a bug and keeps its traceback. A reader of stdout / stderr
+    that goes away (`| tee` ended by Ctrl-C, `| head`) never ends a command: its output is dropped."""
+    from llmtune.runtime import guard_std_streams
+
+    guard_std_streams()
     try:
         app()
     except LlmtuneError as e:
