@@ -24,6 +24,7 @@ from rich.markup import escape
 
 from llmtune import __version__
 from llmtune.data.chat import resolve_chat_template
+from llmtune.engine.batches import total_steps as steps_of_run
 from llmtune.engine.checkpoint import (
     EXPORT_STAGING,
     RunPlan,
@@ -219,8 +220,7 @@ def _setup(recipe: RecipeBase, stage: Any, local_rank: int | None, **options: An
 
     collate = functools.partial(stage.collate, pad_id=tokenizer.pad_token_id)
     batches = stage.batch_source(data, recipe, dist, collate)
-    t = recipe.train
-    total_steps = t.max_steps if t.max_steps is not None else max(1, round(t.epochs * batches.windows_per_epoch))
+    total_steps = steps_of_run(recipe, batches.windows_per_epoch)
     a = recipe.finetuning.adalora
     if recipe.finetuning.method == "adalora" and a.tinit + a.tfinal >= total_steps:
         raise RecipeError(

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import torch
 
 from llmtune.data.pipeline import Sample, SourceReport, collate
-from llmtune.engine.batches import Batches
+from llmtune.engine.batches import Batches, ScheduledBatches
 from llmtune.engine.checkpoint import export_model
 from llmtune.engine.config import frozen_zero3_config
 from llmtune.model.load import Head, LoadedModel, ModelSpec, load
@@ -23,6 +23,8 @@ class StageData:
     reports: list[SourceReport]
     notes: list[str] = field(default_factory=list)
     reached: set[int] | None = None  # indices of the training samples this run's steps will use (None: all)
+    # data.schedule: each training source's id and rows (train holds them all, for the data summary)
+    sources: list[tuple[str, Any]] | None = None
 
 
 @dataclass
@@ -94,7 +96,11 @@ class StageDefaults:
         needs a statistic of the whole step adds it to the batches (every process calls it at once)."""
 
     def batch_source(self, data: StageData, recipe: Any, dist: Any, collate: Any) -> Any:
-        """Where the loop draws its windows from: the fixed, shuffled training samples."""
+        """Where the loop draws its windows from: the fixed, shuffled training samples, or with data.schedule
+        the sources' rows in the shares of each phase."""
+        if recipe.data.schedule is not None:
+            assert data.sources is not None, f"stage {recipe.stage} gives its sources for data.schedule"
+            return ScheduledBatches(data.sources, recipe, dist, collate)
         return Batches(data.train, recipe, dist, collate)
 
     def before_training(self, engine: Any, data: StageData, dist: Any, collate: Any) -> None:
