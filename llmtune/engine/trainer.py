@@ -252,7 +252,7 @@ def _start_engine(run: Run, trackers: Trackers | None = None) -> None:
     """Load the model, build the optimizer and schedule, wrap them in DeepSpeed, restore a checkpoint, and
     write the manifest."""
     recipe, dist, console = run.recipe, run.dist, run.console
-    ds_config = deepspeed_config(recipe, dist.world_size)
+    ds_config = deepspeed_config(recipe, dist.world_size, grad_accum=run.batches.accum)
     import deepspeed
 
     hf_ds = None
@@ -304,12 +304,12 @@ def _start_engine(run: Run, trackers: Trackers | None = None) -> None:
         if ckpt is not None:
             run.ema.load(ckpt)
 
-    t, mb = recipe.train, recipe.train.micro_batch_size
+    mb, b = recipe.train.micro_batch_size, run.batches
     console.print(
-        f"training: {len(run.data.train):,} rows, {run.batches.windows_per_epoch:,} steps/epoch, "
-        f"{_plural(run.total_steps, 'step')} | batch {mb} x accum {t.grad_accum} x {dist.world_size} proc = "
-        f"{mb * t.grad_accum * dist.world_size} rows/step | ZeRO-{recipe.distributed.zero_stage} {recipe.precision} "
-        f"on {dist.device.type}"
+        f"training: {len(run.data.train):,} rows, {b.windows_per_epoch:,} steps/epoch, "
+        f"{_plural(run.total_steps, 'step')} | {b.step_text + ' | ' if b.step_text else ''}batch {mb} x accum "
+        f"{b.accum} x {dist.world_size} proc = {b.rows_per_step} rows/step | ZeRO-{recipe.distributed.zero_stage} "
+        f"{recipe.precision} on {dist.device.type}"
     )
     resume_step = run.state.step if run.resumed else None
     run.trackers = trackers if trackers is not None else open_trackers(recipe, run.out, dist, console, run.resumed)
