@@ -107,7 +107,9 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 
 
 def peak_line(peak: dict[str, float]) -> str:
-    """>>> peak_line({"peak_rss_gb": 3.1})
+    """The peak as one line for the end of a run.
+
+    >>> peak_line({"peak_rss_gb": 3.1})
     'peak memory: 3.10 GB resident (CPU)'
     """
     if "cuda_max_allocated_gb" in peak:
