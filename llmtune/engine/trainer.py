@@ -46,6 +46,7 @@ from llmtune.engine.trackers import Trackers, remove_tracker_files, status_of_ex
 from llmtune.errors import DataError, RecipeError, TrainingError
 from llmtune.manifest import RunManifest
 from llmtune.model.load import describe, load_tokenizer, position_limit, tokenizer_record
+from llmtune.objectives.logprobs import chunk_positions, lm_head_of
 from llmtune.plot import write_run_curves
 from llmtune.recipe.load import dump_recipe, resolved_dict
 from llmtune.recipe.schema import RecipeBase
@@ -285,6 +286,14 @@ def _start_engine(run: Run, trackers: Trackers | None = None) -> None:
         # nothing to average with: skip the gradient all-reduce (ZeRO 1-3 gather their gradients through it)
         engine.enable_backward_allreduce = False
     run.engine, run.scheduler = engine, scheduler
+    head = lm_head_of(engine)
+    if head is not None:
+        cfg = engine.module.config
+        vocab = int(getattr(getattr(cfg, "text_config", None) or cfg, "vocab_size", 0))
+        console.print(
+            f"LM head: applied per chunk of {chunk_positions(vocab):,} positions ({vocab:,}-token vocabulary): "
+            "no (B, T, V) logits are kept"
+        )
     if recipe.finetuning.method == "adalora":
         from llmtune.engine.adalora import AdaLoraSchedule
 

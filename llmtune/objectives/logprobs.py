@@ -154,14 +154,13 @@ def lm_loss_sum_from_hidden(
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     m = model
     for _ in range(8):
-        if hasattr(m, "get_output_embeddings") and hasattr(m, "config") and not hasattr(m, "get_base_model"):
-            return m
-        if hasattr(m, "get_base_model"):  # peft
+        subs = m._modules
+        if isinstance(subs.get("module"), torch.nn.Module):  # a DeepSpeed engine (its getattr reaches inside)
+            m = subs["module"]
+        elif isinstance(subs.get("policy"), torch.nn.Module) and "value_head" in subs:  # an actor-critic
+            m = subs["policy"]
+        elif hasattr(type(m), "get_base_model"):  # peft
             m = m.get_base_model()
-        elif isinstance(getattr(m, "module", None), torch.nn.Module):  # DeepSpeed engine
-            m = m.module
-        elif isinstance(getattr(m, "policy", None), torch.nn.Module):  # actor-critic
-            m = m.policy
         else:
             break
     return m

@@ -199,3 +199,18 @@ def test_softcapped_head_falls_back():
         num_key_value_heads=1, head_dim=8, final_logit_softcapping=5.0,
     )  # fmt: skip
     _check_model(Gemma2ForCausalLM(cfg), expect_split=False)
+
+
+def test_split_reaches_a_model_held_by_a_wrapper():
+    """A DeepSpeed engine holds the model as its submodule `module` (and forwards attribute reads to it): the
+    swap must happen on the model itself, not as a new attribute of the wrapper."""
+    from llmtune.objectives.logprobs import hidden_states_as_logits
+
+    model = _llama()
+    wrapper = torch.nn.Module()
+    wrapper.module = model
+    head = model.lm_head
+    with hidden_states_as_logits(wrapper) as got:
+        assert got is head and model.lm_head is not head
+        assert wrapper.module(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 16)
+    assert model.lm_head is head and "lm_head" not in wrapper._modules
