@@ -55,6 +55,7 @@ class RunManifest:
     rounds: int | None = None  # rejection sampling: its rounds
     tokenizer: TokenizerRecord | None = None  # later stages check the tokenizer they load against it
     trainer_state: dict[str, Any] | None = None  # the counters at the finish (engine.checkpoint.TrainerState)
+    peak_memory: dict[str, float] | None = None  # engine.memory.peak_memory at the end (finished or not), in GB
 
     @property
     def is_finished(self) -> bool:

@@ -27,11 +27,10 @@ from llmtune.engine.config import frozen_zero3_config
 from llmtune.engine.distributed import all_reduce_sum
 from llmtune.generation.sample import end_tokens
 from llmtune.model.load import weight_dtype
-from llmtune.objectives.preference import IGNORE_INDEX, token_logps
+from llmtune.objectives.preference import IGNORE_INDEX
 from llmtune.objectives.rl import (
     aggregate_loss,
     clipped_policy_loss,
-    entropy_from_logits,
     group_advantages,
     kl_estimate,
     masked_mean,
@@ -40,7 +39,7 @@ from llmtune.objectives.rl import (
     zero_std_groups,
 )
 from llmtune.recipe.schema import GrpoRecipe
-from llmtune.stages.base import StageData, StepOutput, forward_lm
+from llmtune.stages.base import StageData, StepOutput, lm_token_logps
 from llmtune.stages.online import NoSignalWarning, OnlineStage, micro_batches, step_shape
 
 
@@ -174,13 +173,13 @@ class GrpoStage(OnlineStage):
         for batch in window:
             b = {k: v.to(dev) for k, v in batch.items()}
             if self.recipe.grpo.num_iterations > 1:
-                batch["old_logps"] = token_logps(forward_lm(self.engine, b), b["labels"])[0].cpu()
+                batch["old_logps"] = lm_token_logps(self.engine, b)[0].cpu()
             if self.recipe.grpo.beta > 0:
                 if self.reference is not None:
-                    ref = token_logps(forward_lm(self.reference, b), b["labels"])[0]
+                    ref = lm_token_logps(self.reference, b)[0]
                 else:
                     with model.disable_adapter():
-                        ref = token_logps(forward_lm(self.engine, b), b["labels"])[0]
+                        ref = lm_token_logps(self.engine, b)[0]
                 batch["ref_logps"] = ref.cpu()
         model.train(was_training)
 
@@ -243,8 +242,7 @@ class GrpoStage(OnlineStage):
 
     def step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         cfg = self.recipe.grpo
-        logits = forward_lm(model, batch)  # (B, T, V)
-        logp, mask = token_logps(logits, batch["labels"])  # (B, T-1)
+        logp, mask, entropy = lm_token_logps(model, batch, with_entropy=True)  # (B, T-1) each, chunked
         old = batch["old_logps"] if "old_logps" in batch else logp.detach()
         per_token, clipped = clipped_policy_loss(logp, old, batch["advantages"], cfg.epsilon, cfg.epsilon_high)
         kl = None
@@ -253,10 +251,10 @@ class GrpoStage(OnlineStage):
             per_token = per_token + cfg.beta * kl
         loss_sum, units = aggregate_loss(per_token, mask, cfg.loss_type, self.recipe.generation.max_new_tokens)
         with torch.no_grad():  # token means of this micro-batch, weighted by its units in the step's mean
-            entropy = entropy_from_logits(logits[:, :-1].detach())
+            assert entropy is not None
             metrics = {
                 "clip_fraction": masked_mean(clipped, mask) * units,
-                "entropy": masked_mean(entropy, mask) * units,
+                "entropy": masked_mean(entropy.detach(), mask) * units,
             }
             if kl is not None:
                 metrics["kl"] = masked_mean(kl.detach(), mask) * units

@@ -46,12 +46,12 @@ from llmtune.model.actor_critic import (
     load_reward_adapter,
 )
 from llmtune.model.load import LoadedModel, ModelSpec, _numel, load, weight_dtype
-from llmtune.objectives.preference import IGNORE_INDEX, token_logps
+from llmtune.objectives.logprobs import hidden_states_as_logits, token_logps_from_hidden
+from llmtune.objectives.preference import IGNORE_INDEX
 from llmtune.objectives.rl import (
     AdaptiveKLController,
     clipped_policy_loss,
     clipped_value_loss,
-    entropy_from_logits,
     explained_variance_of_moments,
     gae,
     kl_estimate,
@@ -249,17 +249,14 @@ class PpoStage(OnlineStage):
         was_training = model.training
         model.eval()
         try:
-            logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], part="policy")
-            old, _ = token_logps(logits, b["labels"])
-            del logits
+            old = policy_logps(engine, b)[0]
             if self.reference is not None:
-                ref_logits = self.reference(
-                    input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False
-                ).logits
+                with hidden_states_as_logits(self.reference) as head:
+                    out = self.reference(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+                ref = token_logps_from_hidden(out.logits, b["labels"], head)[0]
             else:
                 with model.policy.disable_adapter():
-                    ref_logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], part="policy")
-            ref, _ = token_logps(ref_logits, b["labels"])
+                    ref = policy_logps(engine, b)[0]
             values = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], part="values")[:, :-1]
         finally:
             model.train(was_training)
@@ -346,22 +343,18 @@ class PpoStage(OnlineStage):
     def step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         p = self.recipe.ppo
         ids, attn = batch["input_ids"], batch["attention_mask"]
-        logits = model(input_ids=ids, attention_mask=attn, part="policy")
-        logp, mask = token_logps(logits, batch["labels"])
+        logp, mask, entropy = policy_logps(model, batch, with_entropy=True)  # (B, T-1) each, chunked
+        assert entropy is not None
         values = model(input_ids=ids, attention_mask=attn, part="values")[:, :-1]
         old = batch["old_logps"]
         pg, clipped = clipped_policy_loss(logp, old, batch["advantages"], p.cliprange, dual_clip=p.dual_clip)
         vf, vf_clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], mask, p.cliprange_value)
         per_token = pg + p.vf_coef * vf
-        entropy = None
-        if p.entropy_coef > 0:
-            entropy = entropy_from_logits(logits[:, :-1])
+        if p.entropy_coef > 0:  # the entropy bonus, differentiated through the chunked head as the log-probs are
             per_token = per_token - p.entropy_coef * entropy
         units = mask.sum().double()
         loss_sum = (per_token * mask).sum()
         with torch.no_grad():
-            if entropy is None:
-                entropy = entropy_from_logits(logits[:, :-1].detach())
             log_ratio = (logp - old) * mask
             metrics = {
                 "policy_loss": (pg * mask).sum().double(),
@@ -442,3 +435,15 @@ def _collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         b[key] = x
     del b["mask"], b["lengths"]
     return b
+
+
+def policy_logps(
+    model: Any, b: dict[str, torch.Tensor], with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Token log-probs (B, T-1) of the labels under the actor-critic's policy, their mask and (with_entropy) the
+    entropy per position: from the policy's hidden states, its LM head applied per chunk of positions (no
+    (B, T, V) logits). adapter_switching: a peft-wrapped head is not split off where one peft model holds the
+    policy and critic adapters (the adapter active in backward could differ)."""
+    with hidden_states_as_logits(model, adapter_switching=True) as head:
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], part="policy")
+    return token_logps_from_hidden(out, b["labels"], head, with_entropy=with_entropy)
