@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -56,12 +57,23 @@ def offline_reason() -> str | None:
     target = urlparse(proxy if proxy and "://" in proxy else f"http://{proxy}") if proxy else url
     host = target.hostname or "huggingface.co"
     port = target.port or (443 if target.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
-            return None
-    except OSError as e:
-        via = f" (the proxy for {url.hostname})" if proxy else ""
-        return f"no connection to {host}:{port}{via}: {e.strerror or e.__class__.__name__}"
+    via = f" (the proxy for {url.hostname})" if proxy else ""
+    result: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+                result.append(None)
+        except OSError as e:
+            result.append(f"no connection to {host}:{port}{via}: {e.strerror or e.__class__.__name__}")
+
+    # in a thread: a name lookup that hangs (a resolver that does not answer) is not bound by the timeout
+    worker = threading.Thread(target=connect, daemon=True)
+    worker.start()
+    worker.join(CONNECT_TIMEOUT_S + 0.5)
+    if not result:
+        return f"no answer from {host}:{port}{via} within {CONNECT_TIMEOUT_S:g} s"
+    return result[0]
 
 
 def _shipped_model() -> str:

@@ -136,3 +136,24 @@ def test_a_cached_hub_model_loads_offline(tmp_path: Path) -> None:
     proc = run_cli("eval", *args, "-o", str(report), env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)})
     assert_ok(proc)
     assert json.loads(report.read_text())["settings"]["model"] == "llmtune-test/tiny"
+
+
+def test_a_lookup_that_hangs_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resolver that never answers (getaddrinfo is not bound by the socket timeout): the check gives up
+    after its own limit instead of waiting. The connection here blocks until the test ends."""
+    import contextlib
+    import socket
+    import threading
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    release = threading.Event()
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: (release.wait(), contextlib.nullcontext())[1])
+    monkeypatch.setattr(hub, "CONNECT_TIMEOUT_S", 0.05)
+    try:
+        assert offline_reason() == "no answer from huggingface.co:443 within 0.05 s"
+    finally:
+        release.set()
