@@ -91,7 +91,7 @@ def validate(
     from llmtune.recipe.checks import check_hub, check_paths
 
     r = load_recipe(recipe, set_ or [])
-    notes = check_paths(r, planned_ok=True) + check_hub(r, refuse=False)
+    notes = check_hub(r, refuse=False, notes=check_paths(r, planned_ok=True))
     out = Console(highlight=False, soft_wrap=True)  # never wrap: the resolved YAML must stay valid
     for note in notes:
         out.print(f"note: {note}", markup=False)

@@ -134,9 +134,10 @@ def recipe_paths(recipe: RecipeBase) -> list[tuple[str, str]]:
     return [(k, v) for k, v in found if v]
 
 
-def check_hub(recipe: RecipeBase, *, refuse: bool) -> list[str]:
+def check_hub(recipe: RecipeBase, *, refuse: bool, notes: list[str] | None = None) -> list[str]:
     """The hub models a recipe names must be in the local cache or the hub reachable (llmtune.model.hub):
-    train refuses at once (refuse), validate notes it."""
+    train refuses at once (refuse), validate notes it. notes: check_paths' notes, returned with the note
+    that says the same model is loaded from the hub replaced by this one."""
     from llmtune.model.hub import check_hub_models
 
     models: list[tuple[str, str | None, str | None]] = [
@@ -153,7 +154,10 @@ def check_hub(recipe: RecipeBase, *, refuse: bool) -> list[str]:
     perplexity = recipe.data.filter.perplexity
     if perplexity is not None and perplexity.model:
         models.append(("data.filter.perplexity.model", perplexity.model, None))
-    return check_hub_models(models, refuse=refuse)
+    found = check_hub_models(models, refuse=refuse)
+    keys = {note.split(" ", 1)[0] for note in found}
+    kept = [n for n in notes or [] if not (n.split(" ", 1)[0] in keys and n.endswith("it is loaded from the hub"))]
+    return kept + found
 
 
 # ------------------------------------------------------------------------------ outputs of shipped recipes

@@ -157,3 +157,13 @@ def test_a_lookup_that_hangs_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None
         assert offline_reason() == "no answer from huggingface.co:443 within 0.05 s"
     finally:
         release.set()
+
+
+def test_validate_notes_an_unreachable_hub_model_once(tmp_path: Path) -> None:
+    """validate (offline, not cached): one note for the model, that train refuses it and what works offline."""
+    recipe = write_recipe(tmp_path, base_recipe(tmp_path, model={"path": MODEL}))
+    proc = run_cli("validate", str(recipe), env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    notes = [line for line in proc.stdout.splitlines() if line.startswith("note: model.path")]
+    assert len(notes) == 1, notes
+    assert "train refuses it" in notes[0] and "--set model.path=recipes/quickstart/model" in notes[0]
