@@ -32,7 +32,8 @@ from llmtune.data.filters import (
 from llmtune.data.formats import UNDESIRABLE, RowError, detect_format, is_undesirable, to_conversation, to_text
 from llmtune.data.sources import read_rows
 from llmtune.errors import DataError
-from llmtune.recipe.schema import DataSource, RecipeBase, looks_local
+from llmtune.paths import looks_local
+from llmtune.recipe.schema import DataSource, RecipeBase
 
 PIPELINE_VERSION = "5"  # bump when tokenization output changes, to invalidate caches
 

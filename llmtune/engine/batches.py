@@ -42,6 +42,9 @@ class Batches:
         per_rank = math.ceil(len(samples) / dist.world_size)
         self.micro_per_rank = math.ceil(per_rank / t.micro_batch_size)
         self.windows_per_epoch = self.micro_per_rank // t.grad_accum
+        self.accum = t.grad_accum  # micro-batches per optimizer step
+        self.rows_per_step = t.micro_batch_size * t.grad_accum * dist.world_size
+        self.step_text = ""  # what a step holds, beyond rows (the online stages: prompts x generations)
         if self.windows_per_epoch == 0:
             raise DataError(
                 f"{len(samples)} training rows give {self.micro_per_rank} micro-batches per process per epoch, "
@@ -85,11 +88,12 @@ class Batches:
 class Rollouts:
     """Windows a stage makes from prompts with the current policy. Each rank takes `prompts_per_rollout`
     prompts of its shard of the epoch's order per rollout; ``make(prompts, seed)`` turns them into the
-    rollout's `steps_per_rollout` windows, one per optimizer step (it generates, scores, and may return metrics
-    through ``last_metrics``): grpo's num_iterations steps on one window, ppo's epochs over mini-batches. A
-    rollout's seed depends only on its position, so a run resumed at a rollout boundary samples what the
-    uninterrupted run sampled. A stage may end a rollout's steps early (``skip_rest``, e.g. ppo's KL early
-    stop): the remaining windows come as None, steps that update nothing."""
+    rollout's `steps_per_rollout` windows, one per optimizer step, each of `accum` micro-batches (it generates,
+    scores, and may return metrics through ``last_metrics``): grpo's num_iterations steps on one window, ppo's
+    epochs over mini-batches. A rollout's seed depends only on its position, so a run resumed at a rollout
+    boundary samples what the uninterrupted run sampled (``extra_prompts`` draws more, seeded the same way).
+    A stage may end a rollout's steps early (``skip_rest``, e.g. ppo's KL early stop): the remaining windows
+    come as None, steps that update nothing."""
 
     def __init__(
         self,
@@ -98,16 +102,22 @@ class Rollouts:
         dist: DistInfo,
         prompts_per_rollout: int,
         steps_per_rollout: int = 1,
+        *,
+        accum: int = 1,
+        rows_per_step: int = 0,
+        step_text: str = "",
     ) -> None:
         self.prompts, self.recipe, self.dist = prompts, recipe, dist
         self.per_rollout, self.steps_per_rollout = prompts_per_rollout, steps_per_rollout
+        self.accum, self.rows_per_step, self.step_text = accum, rows_per_step, step_text
         per_rank = math.ceil(len(prompts) / dist.world_size)
         self.rollouts_per_epoch = per_rank // prompts_per_rollout
         if self.rollouts_per_epoch == 0:
             raise DataError(
                 f"{len(prompts)} training prompts give {per_rank} per process, fewer than the {prompts_per_rollout} "
                 "prompts one rollout needs",
-                hint="add prompts, or lower train.micro_batch_size or train.grad_accum (ppo: ppo.rollout_batch_size)",
+                hint=f"add prompts, or lower {getattr(recipe, 'stage', '')}.prompts_per_step"
+                + (" or ppo.rollout_batch_size" if getattr(recipe, "stage", "") == "ppo" else ""),
             )
         self.windows_per_epoch = self.rollouts_per_epoch * steps_per_rollout
         self.make: Callable[[list[Any], int], list[Window]] | None = None  # set by the stage once the engine exists
@@ -132,6 +142,15 @@ class Rollouts:
                 self.last_metrics["rollout_s"] = time.perf_counter() - t0
                 self._cache = (key, windows)
             yield None if self.skip_rest else self._cache[1][k]
+
+    def extra_prompts(self, seed: int, draw: int) -> list[Any]:
+        """`prompts_per_rollout` more prompts from this rank's shard, drawn at random (seeded by the rollout's
+        seed and the draw's number: a resumed run draws the same), for dynamic sampling."""
+        rng = random.Random(seed * 1009 + draw)
+        pool = self.prompts[self.dist.rank :: self.dist.world_size] or self.prompts
+        if len(pool) >= self.per_rollout:
+            return rng.sample(pool, self.per_rollout)
+        return rng.choices(pool, k=self.per_rollout)
 
     def metrics(self) -> dict[str, float]:
         return dict(self.last_metrics)

@@ -24,8 +24,8 @@ import torch
 
 from llmtune.errors import LlmtuneError, UserError
 from llmtune.model.load import DTYPES, check_tokenizers_agree, load_config, tokenizer_from
+from llmtune.paths import looks_local
 from llmtune.recipe.checks import check_finished
-from llmtune.recipe.schema import looks_local
 
 # max |logit difference| allowed, relative to max(1, max |logit|) of the reference, per saved dtype:
 # fp32 leaves only summation-order noise; bf16 / fp16 round every merged weight once.

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from llmtune.paths import looks_local
+
 DATA_FORMATS = ("alpaca", "sharegpt", "messages", "text", "pairs", "ranked", "pointwise", "unpaired", "prompts")
 PREFERENCE_FORMATS = ("pairs", "ranked", "pointwise", "unpaired")
 
@@ -882,8 +884,25 @@ class GenerationConfig(Block):
     )
 
 
+PROMPTS_PER_STEP_DESCRIPTION = (
+    "Prompts feeding one optimizer step, summed over all processes (a multiple of the number of processes). "
+    "Independent of train.micro_batch_size, which only splits the step's rows (completions) into forward "
+    "passes for memory; the accumulation follows (rows / micro_batch_size)."
+)
+
+
 class GrpoConfig(Block):
     num_generations: int = Field(default=8, description="Completions per prompt (the group); at least 2.")
+    prompts_per_step: int = Field(default=16, ge=1, description=PROMPTS_PER_STEP_DESCRIPTION)
+    dynamic_sampling: bool = Field(
+        default=False,
+        description="DAPO's dynamic sampling: groups whose completions all scored alike (no reward spread, no "
+        "signal) are dropped and more prompts drawn to replace them, up to dynamic_sampling_draws extra draws "
+        "per step (then zero-spread groups fill the step).",
+    )
+    dynamic_sampling_draws: int = Field(
+        default=3, ge=1, description="dynamic_sampling: at most this many extra draws of prompts per step."
+    )
     beta: float = Field(default=0.0, ge=0, description="KL to the reference (k3, in the loss); 0 loads no reference.")
     reward: RewardConfig = Field(default_factory=lambda: RewardConfig(rule="exact_match"))
     advantage: Literal["group", "rloo"] = Field(
@@ -928,11 +947,12 @@ class PpoConfig(Block):
         "the reference is the adapter disabled, a lora reward model of the same base is one more adapter. "
         "Default: shared for lora / qlora, separate otherwise.",
     )
+    prompts_per_step: int = Field(default=16, ge=1, description=PROMPTS_PER_STEP_DESCRIPTION)
     rollout_batch_size: int | None = Field(
         default=None,
         ge=1,
-        description="Completions each process generates per rollout (one per prompt); a multiple of "
-        "train.micro_batch_size x train.grad_accum (one optimizer step's mini-batch). Default: one mini-batch.",
+        description="Completions each process generates per rollout (one per prompt); a multiple of its share "
+        "of ppo.prompts_per_step (one optimizer step's mini-batch). Default: one mini-batch.",
     )
     ppo_epochs: int = Field(default=4, ge=1, description="Passes over each rollout's mini-batches.")
     kl_coef: float = Field(default=0.05, ge=0, description="Initial coefficient of the per-token KL penalty.")
@@ -979,18 +999,35 @@ class PpoConfig(Block):
 
 
 class RejectionSamplingConfig(Block):
-    num_samples: int = Field(default=8, ge=1, description="Completions sampled per prompt each round.")
+    num_samples: int = Field(
+        default=8,
+        description="Completions sampled per prompt each round; at least 2 (a best must beat a worst).",
+    )
     rounds: int = Field(default=1, ge=1, description="generate -> score -> select -> fine-tune, this many times.")
     reward: RewardConfig = Field(default_factory=lambda: RewardConfig(rule="exact_match"))
-    threshold: float | None = Field(
-        default=None, description="Keep a prompt's best completion only when its reward is at least this."
+    threshold: float | Literal["none"] | None = Field(
+        default=None,
+        description="A prompt's best completion is kept only when it beats the prompt's worst (the rewards "
+        "spread) and its reward is at least this. null: the reward's known maximum for rules (exact_match, "
+        "contains, gsm8k, regex give 1.0: only right answers are kept), no threshold for reward models and "
+        "user code. none: no threshold (only the spread decides).",
     )
     selection: Literal["best", "best_and_worst"] = Field(
         default="best",
         description="best: the best completion per prompt (sft rows); best_and_worst: also writes chosen / "
-        "rejected pairs (best vs worst) for a dpo stage.",
+        "rejected pairs (best vs worst, from the prompts whose best is kept) for a dpo stage.",
     )
     max_prompts: int | None = Field(default=None, ge=1, description="Prompts sampled per round (default: all).")
+
+    @field_validator("num_samples")
+    @classmethod
+    def _samples(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(
+                f"is {v}: a prompt's best completion is kept when it beats the prompt's worst, so best-of-N needs "
+                "at least 2 samples (e.g. 8)"
+            )
+        return v
 
 
 class RecipeBase(Block):
@@ -1179,6 +1216,22 @@ def _prompt_sources(recipe: RecipeBase) -> None:
             )
 
 
+def _step_in_prompts(recipe: RecipeBase, stage: str, generations: int) -> None:
+    """grpo / ppo count a step in prompts (<stage>.prompts_per_step); train.grad_accum, which used to size
+    the step (micro_batch_size x grad_accum completions per process), would now silently mean something
+    else: refused unless it is 1, with the setting that keeps the old step."""
+    t = recipe.train
+    if t.grad_accum != 1:
+        old = t.micro_batch_size * t.grad_accum // generations
+        raise ValueError(
+            f"train.grad_accum {t.grad_accum}: {stage} counts a step in prompts, {stage}.prompts_per_step (all "
+            "processes), and splits its rows into micro-batches of train.micro_batch_size by itself; remove "
+            f"train.grad_accum (to keep the step of micro_batch_size x grad_accum = "
+            f"{t.micro_batch_size * t.grad_accum} completions per process, set {stage}.prompts_per_step: "
+            f"{max(old, 1)} x the number of processes)"
+        )
+
+
 class GrpoRecipe(RecipeBase):
     """Group relative policy optimisation (and RLOO): sample a group per prompt, score, push up the better ones."""
 
@@ -1189,13 +1242,7 @@ class GrpoRecipe(RecipeBase):
     @model_validator(mode="after")
     def _batch(self) -> GrpoRecipe:
         _prompt_sources(self)
-        t, g = self.train, self.grpo.num_generations
-        per_proc = t.micro_batch_size * t.grad_accum
-        if per_proc % g:
-            raise ValueError(
-                f"train.micro_batch_size x train.grad_accum = {per_proc} completions per process per step is not "
-                f"a multiple of grpo.num_generations={g}: a step must hold whole groups (e.g. micro_batch_size {g})"
-            )
+        _step_in_prompts(self, "grpo", self.grpo.num_generations)
         return self
 
 
@@ -1209,7 +1256,7 @@ class PpoRecipe(RecipeBase):
     @model_validator(mode="after")
     def _ppo(self) -> PpoRecipe:
         _prompt_sources(self)
-        p, t = self.ppo, self.train
+        p = self.ppo
         lora = self.finetuning.method in ("lora", "qlora")
         if p.memory is None:
             p.memory = "shared" if lora else "separate"
@@ -1218,12 +1265,7 @@ class PpoRecipe(RecipeBase):
                 f"ppo.memory shared needs finetuning.method lora or qlora (the policy and critic are adapters on one "
                 f"base), not {self.finetuning.method}: use memory: separate, or method: lora"
             )
-        mini = t.micro_batch_size * t.grad_accum
-        if p.rollout_batch_size is not None and p.rollout_batch_size % mini:
-            raise ValueError(
-                f"ppo.rollout_batch_size {p.rollout_batch_size} is not a multiple of train.micro_batch_size x "
-                f"train.grad_accum = {mini} (one optimizer step's mini-batch): use e.g. {mini * 2}"
-            )
+        _step_in_prompts(self, "ppo", 1)
         if p.critic_init == "reward" and not p.reward.models():
             raise ValueError(
                 "ppo.critic_init reward needs a reward model: set ppo.reward.model, or critic_init: policy"
@@ -1250,17 +1292,3 @@ Recipe = Annotated[
     Field(discriminator="stage"),
 ]
 STAGES = ("cpt", "sft", "rm", "dpo", "ppo", "grpo", "rejection_sampling")
-
-_FILE_SUFFIXES = {".json", ".jsonl", ".parquet", ".csv", ".txt", ".tsv", ".arrow", ".gz"}
-
-
-def looks_local(path: str) -> bool:
-    """True when a data / model path names the local filesystem rather than a hub id.
-
-    A path that exists, starts with ``.``, ``/`` or ``~``, has a data-file suffix, or has more than one
-    ``/`` is local; ``name`` or ``owner/name`` that does not exist is a hub id.
-    """
-    p = Path(path).expanduser()
-    if p.exists() or path.startswith((".", "/", "~")) or p.suffix.lower() in _FILE_SUFFIXES:
-        return True
-    return path.count("/") > 1

@@ -13,6 +13,7 @@ from llmtune.engine.batches import Batches, ScheduledBatches
 from llmtune.engine.checkpoint import export_model
 from llmtune.engine.config import frozen_zero3_config
 from llmtune.model.load import Head, LoadedModel, ModelSpec, load
+from llmtune.objectives.logprobs import hidden_states_as_logits, lm_loss_sum_from_hidden, token_logps_from_hidden
 from llmtune.recipe.schema import RecipeBase
 
 
@@ -133,6 +134,24 @@ def forward_lm(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.
             kwargs[k] = batch[k]
     logits = model(**kwargs, use_cache=False).logits
     return logits[:, -batch["input_ids"].shape[1] :]
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token loss over the learned tokens and their number, from the final hidden states and the
+    LM head applied a chunk of positions at a time (no (B, T, V) logits; objectives/logprobs.py)."""
+    with hidden_states_as_logits(model) as head:
+        hidden = forward_lm(model, batch)  # (B, T, H); the logits (B, T, V) where head is None
+    return lm_loss_sum_from_hidden(hidden, batch["labels"], head)
+
+
+def lm_token_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Token log-probs (B, T-1) of the labels, their mask and (with_entropy) the entropy per position, chunked
+    as lm_loss is."""
+    with hidden_states_as_logits(model) as head:
+        hidden = forward_lm(model, batch)
+    return token_logps_from_hidden(hidden, batch["labels"], head, with_entropy=with_entropy)
 
 
 def recipe_settings(recipe: RecipeBase, *parts: object) -> str:
