@@ -205,6 +205,8 @@ class ScheduledBatches:
         self.windows_per_epoch = math.ceil(math.ceil(n / dist.world_size) / t.micro_batch_size) // t.grad_accum
         self.windows_per_epoch = max(1, self.windows_per_epoch)
         self.rows_per_step = t.micro_batch_size * t.grad_accum * dist.world_size
+        self.accum = t.grad_accum  # micro-batches per optimizer step
+        self.step_text = ""
         self.total_steps = total_steps(recipe, self.windows_per_epoch)
         shares = step_shares(recipe.data.schedule, [name for name, _ in sources], self.total_steps)
         self.counts = step_counts(shares, self.rows_per_step)  # (steps, sources)
