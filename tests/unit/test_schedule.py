@@ -258,3 +258,16 @@ def test_refused_for_other_stages_and_with_replay(tmp_path: Path) -> None:
         validate_recipe(base_recipe(tmp_path, stage="dpo", data=data))
     with pytest.raises(Exception, match=r"data.replay and data.schedule both mix rows in"):
         validate_recipe(base_recipe(tmp_path, data={**data, "replay": {"path": str(general), "ratio": 0.1}}))
+
+
+def test_the_trainer_reads_what_the_fixed_batches_offer(tmp_path: Path, tokenizer: object) -> None:
+    """The trainer's start line and DeepSpeed config read these of any batch source (a schedule run once
+    failed at start when the fixed batches gained one)."""
+    recipe = _cpt(tmp_path)
+    batches = _source(recipe, tokenizer)
+    plain = _cpt(tmp_path, schedule=None)
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    fixed = CptStage().batch_source(CptStage().build_data(plain, tokenizer, None), plain, dist, list)
+    public = {k for k in vars(fixed) if not k.startswith("_") and k not in ("samples", "micro_per_rank")}
+    assert public <= set(vars(batches)), public - set(vars(batches))
+    assert (batches.accum, batches.rows_per_step, batches.step_text) == (2, 4, "")
