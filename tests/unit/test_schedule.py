@@ -138,7 +138,8 @@ def test_each_phase_draws_the_scheduled_shares(tmp_path: Path, tokenizer: object
     assert batches.metrics() == {"data/share/general": pytest.approx(0.25), "data/share/domain": pytest.approx(0.75)}
 
 
-def test_sft_ramp_and_every_source_cycles(tmp_path: Path, tokenizer: object, template: str) -> None:
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_ramp_and_every_source_cycles(tmp_path: Path, tokenizer: object, template: str, packing: bool) -> None:
     rows = SFT.read_text().splitlines()
     a, b = tmp_path / "chat.jsonl", tmp_path / "math.jsonl"
     a.write_text("\n".join(rows[:30]) + "\n")
@@ -146,7 +147,12 @@ def test_sft_ramp_and_every_source_cycles(tmp_path: Path, tokenizer: object, tem
     schedule = [{"until": 0.5, "weights": {"chat": 1, "math": 0}}, {"weights": {"chat": 0, "math": 1}, "ramp": True}]
     raw = base_recipe(
         tmp_path,
-        data={"train": [{"path": str(a)}, {"path": str(b)}], "max_length": 128, "schedule": schedule},
+        data={
+            "train": [{"path": str(a)}, {"path": str(b)}],
+            "max_length": 128,
+            "schedule": schedule,
+            "packing": packing,
+        },
         train={"max_steps": 40, "micro_batch_size": 2},
     )
     batches = _source(validate_recipe(raw), tokenizer, template)
@@ -154,7 +160,9 @@ def test_sft_ramp_and_every_source_cycles(tmp_path: Path, tokenizer: object, tem
     assert math_rows[:20] == [0] * 20 and math_rows[-1] == 2
     assert sum(math_rows[20:30]) < sum(math_rows[30:])  # the share rises
     drawn = [i for s in range(40) for j, i in batches.step_rows(s) if j == 1]
-    assert sorted(drawn[:10]) == list(range(10))  # a source's first pass takes each of its rows once
+    n = len(batches.sources[1][1])  # 10 conversations; fewer rows when packed (each source on its own)
+    assert (n == 10) != packing and len(drawn) > n
+    assert sorted(drawn[:n]) == list(range(n))  # a source's first pass takes each of its rows once
 
 
 def test_resume_anywhere_gives_the_same_windows(tmp_path: Path, tokenizer: object) -> None:
