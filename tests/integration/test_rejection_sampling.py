@@ -177,7 +177,7 @@ def test_two_lora_rounds_resume_after_an_interruption(tmp_path: Path, start_mode
         tmp_path,
         start_model,
         finetuning={"method": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
-        train={"lr": 5e-3, "epochs": 2, "save_every": 2},
+        train={"lr": 5e-3, "epochs": 2, "save_every": 2, "keep_checkpoints": 2},
         rejection_sampling={"rounds": 2, "max_prompts": 6},
     )
     trackers = [name for name in ("tensorboard", "mlflow") if importlib.util.find_spec(name)]  # llmtune[trackers]
