@@ -66,8 +66,8 @@ def _training(recipe: Any, steps: int, epochs: float | None) -> str:
     )
 
 
-def _loading(recipe: Any, adapter: bool) -> str:
-    rm = recipe.stage == "rm"
+def _loading(recipe: Any, adapter: bool, classifier: bool) -> str:
+    rm = classifier
     task = "SequenceClassification" if rm else "CausalLM"
     lines = ["```python", "from transformers import AutoTokenizer"]
     if adapter:
@@ -99,10 +99,14 @@ def model_card(
     epochs: float | None = None,
     metrics: dict[str, Any] | None = None,
     what: str | None = None,
+    classifier: bool | None = None,
 ) -> str:
     """The card's text. metrics: the final figures (the last logged training step's and the final
     evaluation's), shown in the log's number format; what: a sentence for a part of the output (the weight
-    average, the critic) instead of the model itself."""
+    average, the critic) instead of the model itself; classifier: a sequence classifier (a reward model, a
+    critic) rather than a causal LM (default: for stage rm)."""
+    if classifier is None:
+        classifier = recipe.stage == "rm"
     base = recipe.model.path
     tags = ["llmtune", recipe.stage, recipe.finetuning.method]
     front = ["---", f"library_name: {'peft' if adapter else 'transformers'}"]
@@ -138,12 +142,23 @@ def model_card(
         body += ["## Final metrics", "", "| metric | value |", "|---|---|"]
         body += [f"| {k} | {format_value(k, v)} |" for k, v in shown.items()]
         body.append("")
-    body += ["## Loading", "", _loading(recipe, adapter), ""]
+    body += ["## Loading", "", _loading(recipe, adapter, classifier), ""]
     return "\n".join(front + body)
 
 
 def write_model_card(folder: Path, recipe: Any, **options: Any) -> None:
     """README.md in an exported model's folder (replacing peft's template card); whether it is an adapter is
     read from the folder (adapter_config.json)."""
+    import json
+
     adapter = (folder / "adapter_config.json").is_file()
-    (folder / CARD).write_text(model_card(recipe, adapter=adapter, **options), encoding="utf-8")
+    try:
+        if adapter:
+            classifier = json.loads((folder / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
+        else:
+            archs = json.loads((folder / "config.json").read_text()).get("architectures") or [""]
+            classifier = str(archs[0]).endswith("ForSequenceClassification")
+    except (OSError, ValueError, AttributeError):
+        classifier = None
+    text = model_card(recipe, adapter=adapter, classifier=classifier, **options)
+    (folder / CARD).write_text(text, encoding="utf-8")

@@ -520,7 +520,8 @@ def _write_cards(run: Run, staging: Path, epochs: float) -> None:
     write_model_card(staging, run.recipe, **options)
     parts = {
         "ema": "The exponential moving average of the trained weights (train.ema), in the model's own shape.",
-        "critic": "PPO's critic (the value model) trained beside the policy; the policy is the folder above.",
+        "critic": "PPO's critic (the value model) trained beside the policy, which is the folder above. With "
+        "ppo.memory shared it is an adapter on the policy's base plus value_head.safetensors, which ppo reads back.",
     }
     for sub in sorted(p for p in staging.iterdir() if p.is_dir()):
         if any((sub / f).is_file() for f in ("adapter_config.json", "config.json")):

@@ -146,6 +146,8 @@ def test_one_round_learns_writes_its_files_and_the_output_loads(tmp_path: Path, 
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["status"] == "finished" and manifest["stage"] == "rejection_sampling"
     assert (out / "recipe.yaml").is_file() and (out / "model.safetensors").is_file()
+    card = (out / "README.md").read_text()  # the model card of the whole run, not of round 1's sft
+    assert "| stage | rejection_sampling |" in card and "Rejection sampling: 1 round(s)" in card
     assert_curves(out, "loss", "reward per round (sampling)")  # drawn from output_dir's metrics, not copied
     assert_curves(r1 / "model", "loss")
     before = greedy_exact_match(start_model, HELD_OUT)

@@ -60,3 +60,10 @@ def test_the_card_replaces_peft_s_template(tmp_path: Path) -> None:
     write_model_card(tmp_path, _recipe(tmp_path), steps=4, what="The weight average.")
     text = (tmp_path / "README.md").read_text()
     assert "[More Information Needed]" not in text and "The weight average." in text and "library_name: peft" in text
+
+
+def test_a_critic_folder_is_loaded_as_a_classifier(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForSequenceClassification"]}')
+    write_model_card(tmp_path, _recipe(tmp_path), steps=4, what="PPO's critic.")
+    text = (tmp_path / "README.md").read_text()
+    assert "AutoModelForSequenceClassification" in text and "llmtune chat" not in text
