@@ -576,7 +576,9 @@ class StopRequest:
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, console: Console) -> None:
-        self.console, self.signum = console, 0
+        # the notice goes to stderr: with `llmtune train ... | tee log`, Ctrl-C ends tee and stdout with it
+        self.console = Console(stderr=True, quiet=console.quiet, highlight=False, soft_wrap=True)
+        self.signum = 0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
