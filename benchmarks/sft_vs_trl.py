@@ -3,6 +3,9 @@
     pip install trl                      # the reference library (not a dependency of llmtune)
     python benchmarks/sft_vs_trl.py      # tiny model, CPU, ~2 minutes
     python benchmarks/sft_vs_trl.py --model Qwen/Qwen2.5-0.5B-Instruct --method lora --steps 50 --max-length 1024
+    python benchmarks/sft_vs_trl.py --vocab 128256 --hidden 128 --max-length 512 --micro-batch 4 --steps 20
+        # a random Llama (2 layers) of a real vocabulary built offline on the quickstart tokenizer, and rows
+        # long enough to be cut at --max-length: where the logits (B, T, V) dominate the memory
 
 Both train the same model with the same LoRA (or full) set-up, micro-batch, sequence cut, learning rate and
 data (conversations in OpenAI messages form; both pad each batch to its longest row, no packing), each in
@@ -113,6 +116,60 @@ def run_trl(a: argparse.Namespace, work: Path, env: dict[str, str]) -> dict:
     return {"times": result["times"], "rss": rss, "cuda_peak": result["cuda_peak"]}
 
 
+def build_model(work: Path, vocab: int, hidden: int, layers: int) -> str:
+    """A random Llama of the given vocabulary on the quickstart tokenizer (its ids are a subset), saved offline."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(ROOT / "recipes" / "quickstart" / "model")
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 32), num_key_value_heads=max(1, hidden // 64),
+        max_position_embeddings=4096, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    out = work / "model"
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def long_rows(path: Path, n: int = 64, words: int = 700) -> Path:
+    """Conversations whose reply is long enough to be cut at any --max-length up to about 1000 tokens."""
+    import random
+
+    rng = random.Random(0)
+    vocab = [
+        "the",
+        "a",
+        "model",
+        "of",
+        "data",
+        "train",
+        "token",
+        "loss",
+        "step",
+        "learn",
+        "rate",
+        "batch",
+        "memory",
+        "value",
+        "layer",
+        "head",
+    ]
+    with path.open("w") as f:
+        for i in range(n):
+            reply = " ".join(rng.choice(vocab) for _ in range(words))
+            f.write(
+                json.dumps(
+                    {"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": reply}]}
+                )
+                + "\n"
+            )
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(ROOT / "recipes" / "quickstart" / "model"))
@@ -124,14 +181,22 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--vocab", type=int, default=None, help="build a random Llama of this vocabulary (offline)")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--only", choices=["llmtune", "trl"], default=None, help="run one side only")
     a = p.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        trl = run_trl(a, work, env)
-        ours = run_llmtune(a, work, env)
+        if a.vocab:
+            a.model = build_model(work, a.vocab, a.hidden, a.layers)
+            a.data = long_rows(work / "long.jsonl")
+        none = {"times": [float("nan")] * (a.warmup + 1), "rss": float("nan")}
+        trl = run_trl(a, work, env) if a.only != "llmtune" else none
+        ours = run_llmtune(a, work, env) if a.only != "trl" else none
     t_ours = statistics.median(ours["times"][a.warmup :])
     t_trl = statistics.median(trl["times"][a.warmup :])
     print(f"model {a.model} | {a.method} | micro-batch {a.micro_batch} | max_length {a.max_length} | {a.precision}")

@@ -51,6 +51,14 @@ def _report(e: Exception) -> None:
     err.print(f"[bold {color}]{label}:[/] {escape(str(e))}", markup=True, soft_wrap=True)
 
 
+def _check_lengths(*paths: tuple[str, Any]) -> None:
+    """Paths given as options that the filesystem cannot hold: one clear error before anything runs."""
+    from llmtune.paths import check_path_length
+
+    for key, value in paths:
+        check_path_length(key, None if value is None else str(value))
+
+
 def _print_version(value: bool) -> None:
     if value:
         print(f"llmtune {__version__}")
@@ -80,10 +88,10 @@ def validate(
 ) -> None:
     """Check a recipe and that its data files exist, without training (and without importing torch)."""
     from llmtune.recipe import dump_recipe, load_recipe
-    from llmtune.recipe.checks import check_paths
+    from llmtune.recipe.checks import check_hub, check_paths
 
     r = load_recipe(recipe, set_ or [])
-    notes = check_paths(r)
+    notes = check_hub(r, refuse=False, notes=check_paths(r, planned_ok=True))
     out = Console(highlight=False, soft_wrap=True)  # never wrap: the resolved YAML must stay valid
     for note in notes:
         out.print(f"note: {note}", markup=False)
@@ -120,11 +128,13 @@ def train(
 
     Started again with the same recipe, a run resumes from its newest complete checkpoint."""
     from llmtune.recipe import load_recipe
-    from llmtune.recipe.checks import check_paths
+    from llmtune.recipe.checks import check_hub, check_paths
 
     try:
         r = load_recipe(recipe, set_ or [])
         check_paths(r)
+        check_hub(r, refuse=True)  # a hub model neither cached nor reachable: now, not after a minute of retries
+        _check_lengths(("--resume-from", resume_from))
         if int(os.environ.get("RANK", "0")) == 0:  # the imports below take seconds: say what is happening
             Console(highlight=False, soft_wrap=True).print(
                 f"stage {r.stage}: {escape(str(recipe))} is valid; starting (torch, DeepSpeed, transformers) ..."
@@ -179,6 +189,7 @@ def merge_lora(
 
     Also DoRA, AdaLoRA and IA3 adapters; prefix / prompt / P-tuning adapters cannot be merged. QLoRA adapters are merged into the base loaded at --dtype from its full-precision weights (never into
     4-bit weights). Reward-model adapters keep their score head."""
+    _check_lengths(("--adapter", adapter), ("--out", out), ("--base", base))
     if dtype not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"--dtype {dtype!r} is not one of auto, bf16, fp16, fp32")
     out_console = Console(highlight=False, soft_wrap=True)
@@ -241,6 +252,7 @@ def merge(
     Adapters are merged into their base first, so the result is base + sum_i w_i * delta_i exactly.
     --method fisher weighs every weight element by each model's diagonal Fisher information, estimated from
     squared gradients on --fisher-data (Matena & Raffel, 2022)."""
+    _check_lengths(("--out", out), ("--base", base), ("--fisher-data", fisher_data), *(("--model", m) for m in models))
     if dtype not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"--dtype {dtype!r} is not one of auto, bf16, fp16, fp32")
     if method not in ("weighted", "fisher"):
@@ -452,6 +464,7 @@ def data_synth(
     from llmtune.data.synth import SynthConfig, Synthesizer, model_completer, read_seeds
     from llmtune.stages import quiet_libraries
 
+    _check_lengths(("--out", out), ("--seeds", seeds), ("--model", model))
     if not 0 < similarity <= 1:
         raise UserError(f"--similarity {similarity} must be in (0, 1]")
     if method not in ("self-instruct", "evol"):
@@ -569,6 +582,7 @@ def init(
     Its data is the repository's quickstart data: replace it with your own."""
     from llmtune.recipe.starter import render
 
+    _check_lengths(("--out", out))
     text = render(stage, model)
     if out is None:
         sys.stdout.write(text)
@@ -608,6 +622,7 @@ def plot(
     Every run already writes its own curves.png to output_dir when it finishes."""
     from llmtune.plot import CURVES_FILE, draw
 
+    _check_lengths(("--out", out))
     target = out or (run_dirs[0] / CURVES_FILE if len(run_dirs) == 1 else Path(CURVES_FILE))
     with err.status("drawing"):
         path = draw(run_dirs, target, metrics or None)

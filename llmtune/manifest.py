@@ -56,6 +56,7 @@ class RunManifest:
     rounds: int | None = None  # rejection sampling: its rounds
     tokenizer: TokenizerRecord | None = None  # later stages check the tokenizer they load against it
     trainer_state: dict[str, Any] | None = None  # the counters at the finish (engine.checkpoint.TrainerState)
+    peak_memory: dict[str, float] | None = None  # engine.memory.peak_memory at the end (finished or not), in GB
 
     @property
     def is_finished(self) -> bool:
@@ -74,7 +75,7 @@ class RunManifest:
     def read(cls, path: str | Path | None) -> RunManifest | None:
         """The run.json of a local llmtune output directory; None when there is none, or it is not a JSON
         object. Fields of the wrong type are left unset."""
-        from llmtune.recipe.schema import looks_local
+        from llmtune.paths import looks_local
 
         if not path or not looks_local(str(path)):
             return None

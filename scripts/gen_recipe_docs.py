@@ -29,6 +29,7 @@ from llmtune.recipe.schema import (
     RejectionSamplingConfig,
     RewardConfig,
     RmConfig,
+    SchedulePhase,
     SftConfig,
     TrainConfig,
 )
@@ -47,6 +48,7 @@ BLOCKS: list[tuple[str, type[BaseModel], str]] = [
     ("finetuning.prompt (methods prefix, prompt, ptuning)", PromptOptions, "The virtual tokens."),
     ("data", DataConfig, "Where the rows come from and how they become batches."),
     ("data.train[] / data.eval[]", DataSource, "One data source."),
+    ("data.schedule[]", SchedulePhase, "One phase of a multi-stage data mix (cpt, sft)."),
     ("train", TrainConfig, "The optimisation loop."),
     ("distributed", DistributedConfig, "DeepSpeed."),
     ("sft (stage sft only)", SftConfig, "Supervised fine-tuning options."),

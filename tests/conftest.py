@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -18,6 +19,83 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+SLOW_TEST_TIMEOUT = 900  # seconds; the default tier's limit is pyproject.toml's `timeout`
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A slow test without a time limit of its own gets SLOW_TEST_TIMEOUT."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT))
+
+
+def _become_subreaper() -> None:
+    """Orphans of this test process (a torchrun worker whose launcher died, a chat child of a closed pty) are
+    re-parented to it instead of to init, so that the end-of-test sweep below still finds them (Linux)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_child_subreaper = 36
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0)
+
+
+_become_subreaper()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below pid (children first), read from /proc; [] where /proc is missing."""
+    parents: dict[int, list[int]] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses, so split after the last ")"
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z":
+            parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        found.extend(kids)
+        todo.extend(kids)
+    return found
+
+
+def kill_descendants(pid: int) -> list[int]:
+    """SIGKILL every process below pid and reap the ones that were ours; returns the pids killed."""
+    import signal
+
+    killed = descendants(pid)
+    for child in killed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+    while True:  # reap our children (and adopted orphans) so that no zombie is left
+        try:
+            reaped, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if reaped == 0:
+            break
+    return killed
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test() -> Any:
+    """Every process a test started (the CLI, torchrun and its workers, a chat under a pty, bash pipelines)
+    ends with the test, whether it passed, failed or hit its time limit (pytest-timeout, pyproject.toml)."""
+    yield
+    kill_descendants(os.getpid())
 
 
 @pytest.fixture(scope="session")

@@ -156,6 +156,8 @@ def score_nll(
     predicted from the tokens before it, as the training loss is computed); exp(sum / count) is its perplexity."""
     import torch
 
+    from llmtune.objectives.logprobs import hidden_states_as_logits, token_logps_from_hidden
+
     device = next(model.parameters()).device
     out: list[tuple[float, int]] = []
     for start in range(0, len(items), batch_size):
@@ -167,11 +169,10 @@ def score_nll(
         for r, (i, lab) in enumerate(chunk):
             ids[r, : len(i)], labels[r, : len(lab)], mask[r, : len(i)] = torch.tensor(i), torch.tensor(lab), 1
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        logits, target = logits[:, :-1].float(), labels[:, 1:].to(device)  # (B, T-1, V), (B, T-1)
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
-        counts = (target != -100).sum(1)
-        out.extend(zip(nll.sum(1).tolist(), counts.tolist(), strict=True))
+            with hidden_states_as_logits(model) as head:  # the head per chunk of positions: no (B, T, V) logits
+                hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            logp, learned, _ = token_logps_from_hidden(hidden, labels.to(device), head)  # (B, T-1) each
+        out.extend(zip((-logp.sum(1)).tolist(), learned.sum(1).long().tolist(), strict=True))
     return out
 
 

@@ -32,7 +32,8 @@ from llmtune.data.filters import (
 from llmtune.data.formats import UNDESIRABLE, RowError, detect_format, is_undesirable, to_conversation, to_text
 from llmtune.data.sources import read_rows
 from llmtune.errors import DataError
-from llmtune.recipe.schema import DataSource, RecipeBase, looks_local
+from llmtune.paths import looks_local
+from llmtune.recipe.schema import DataSource, RecipeBase
 
 PIPELINE_VERSION = "5"  # bump when tokenization output changes, to invalidate caches
 
@@ -122,6 +123,12 @@ class DataBundle:
     eval: list[Example]
     reports: list[SourceReport]
     notes: list[str] = field(default_factory=list)  # printed under the data summary (e.g. the perplexity filter)
+    # each training source's id (data.schedule) and its examples' range [start, end) in train
+    train_ranges: list[tuple[str, int, int]] = field(default_factory=list)
+
+    def train_sources(self) -> list[tuple[str, list[Example]]]:
+        """Each training source's id and examples (after eval_split and weight)."""
+        return [(name, self.train[a:b]) for name, a, b in self.train_ranges]
 
 
 Encoder = Callable[[dict[str, Any], str, DataSource], list[Example]]
@@ -310,6 +317,7 @@ def build_data(
     reports: list[SourceReport] = []
     loaded: list[tuple[str, DataSource, list[Example], SourceReport]] = []
     notes: list[str] = []
+    ranges: list[tuple[str, int, int]] = []
     for group, sources in (("train", d.train), ("eval", d.eval)):
         for src in sources:
             examples, report = load_source(src, encode, default_format, cache, settings, d.dedup is not None)
@@ -354,6 +362,7 @@ def build_data(
         weighted = _apply_weight(examples, src.weight, rng)
         report.weight = src.weight
         report.examples = len(weighted) + held_out  # what the source contributes, after its weight
+        ranges.append((src.source_id(), len(train), len(train) + len(weighted)))
         train.extend(weighted)
     if d.on_bad_row == "error":
         bad = [r for r in reports if r.dropped > r.filtered]
@@ -363,7 +372,7 @@ def build_data(
                 "data.on_bad_row is error and some rows cannot be used:\n  " + "\n  ".join(lines),
                 hint="fix those rows, or set data.on_bad_row: drop to skip them",
             )
-    return DataBundle(train=train, eval=evals, reports=reports, notes=notes)
+    return DataBundle(train=train, eval=evals, reports=reports, notes=notes, train_ranges=ranges)
 
 
 def _reasons_hint(report: SourceReport) -> str:

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from llmtune.errors import DataError
-from llmtune.recipe.schema import DataSource, looks_local
+from llmtune.paths import looks_local
+from llmtune.recipe.schema import DataSource
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt", ".json.gz", ".jsonl.gz")
 _WRAPPER_KEYS = ("data", "rows", "examples", "records", "instances", "samples", "items", "train")

@@ -13,7 +13,7 @@ from typing import Any
 
 from llmtune import __version__
 from llmtune.engine.report import format_value
-from llmtune.recipe.schema import looks_local
+from llmtune.paths import looks_local
 
 CARD = "README.md"
 ADAPTER_METHODS = ("lora", "qlora", "dora", "rslora", "adalora", "ia3", "prefix", "prompt", "ptuning")

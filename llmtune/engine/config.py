@@ -48,8 +48,11 @@ def saved_dtype(recipe: RecipeBase) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
-def deepspeed_config(recipe: RecipeBase, world_size: int) -> dict[str, Any]:
+def deepspeed_config(recipe: RecipeBase, world_size: int, grad_accum: int | None = None) -> dict[str, Any]:
+    """grad_accum: micro-batches per optimizer step when the batch source decides it (grpo / ppo: the step's
+    rows / micro_batch_size); default train.grad_accum."""
     t, d = recipe.train, recipe.distributed
+    accum = grad_accum or t.grad_accum
     zero: dict[str, Any] = {"stage": d.zero_stage}
     if d.zero_stage >= 2:
         zero.update(overlap_comm=False, contiguous_gradients=True)
@@ -64,8 +67,8 @@ def deepspeed_config(recipe: RecipeBase, world_size: int) -> dict[str, Any]:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": t.micro_batch_size * accum * world_size,
         "gradient_clipping": float(t.max_grad_norm or 0.0),
         "zero_optimization": zero,
         "bf16": {"enabled": recipe.precision == "bf16"},

@@ -221,7 +221,8 @@ def print_data_summary(console: Console, data: Any, recipe: Any) -> None:
     if summary is not None:  # a memory-mapped corpus: counted from its index, not by reading every row
         c = summary()
         console.print(
-            f"train rows: {c['rows']:,} (max_length {recipe.data.max_length}, packed, memory-mapped), tokens: "
+            f"train rows: {c['rows']:,} (max_length {recipe.data.max_length}, packing "
+            f"{'on' if recipe.data.packing else 'off'}, memory-mapped), tokens: "
             f"{c['tokens']:,}, learned tokens: {c['learned']:,}, longest row: {c['longest']}; eval rows: "
             f"{len(data.eval):,}"
         )

@@ -24,6 +24,7 @@ from rich.markup import escape
 
 from llmtune import __version__
 from llmtune.data.chat import resolve_chat_template
+from llmtune.engine.batches import total_steps as steps_of_run
 from llmtune.engine.checkpoint import (
     EXPORT_STAGING,
     RunPlan,
@@ -41,11 +42,13 @@ from llmtune.engine.checkpoint import (
 from llmtune.engine.config import build_optimizer, build_scheduler, check_precision, deepspeed_config
 from llmtune.engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
 from llmtune.engine.ema import WeightAverage
+from llmtune.engine.memory import estimate_memory, out_of_memory_error, peak_line, write_peak
 from llmtune.engine.report import MetricsLog, Progress, print_data_summary, run_console
 from llmtune.engine.trackers import Trackers, remove_tracker_files, status_of_exception
 from llmtune.errors import DataError, RecipeError, TrainingError
 from llmtune.manifest import RunManifest
 from llmtune.model.load import describe, load_tokenizer, position_limit, tokenizer_record
+from llmtune.objectives.logprobs import chunk_positions, lm_head_of
 from llmtune.plot import write_run_curves
 from llmtune.recipe.load import dump_recipe, resolved_dict
 from llmtune.recipe.schema import RecipeBase
@@ -222,8 +225,7 @@ def _setup(recipe: RecipeBase, stage: Any, local_rank: int | None, **options: An
 
     collate = functools.partial(stage.collate, pad_id=tokenizer.pad_token_id)
     batches = stage.batch_source(data, recipe, dist, collate)
-    t = recipe.train
-    total_steps = t.max_steps if t.max_steps is not None else max(1, round(t.epochs * batches.windows_per_epoch))
+    total_steps = steps_of_run(recipe, batches.windows_per_epoch)
     a = recipe.finetuning.adalora
     if recipe.finetuning.method == "adalora" and a.tinit + a.tfinal >= total_steps:
         raise RecipeError(
@@ -255,7 +257,7 @@ def _start_engine(run: Run, trackers: Trackers | None = None) -> None:
     """Load the model, build the optimizer and schedule, wrap them in DeepSpeed, restore a checkpoint, and
     write the manifest."""
     recipe, dist, console = run.recipe, run.dist, run.console
-    ds_config = deepspeed_config(recipe, dist.world_size)
+    ds_config = deepspeed_config(recipe, dist.world_size, grad_accum=run.batches.accum)
     import deepspeed
 
     hf_ds = None
@@ -267,6 +269,7 @@ def _start_engine(run: Run, trackers: Trackers | None = None) -> None:
     loaded = run.stage.load_model(recipe, dist.device, run.tokenizer)
     describe(loaded, recipe, console)
     model = loaded.model
+    console.print(estimate_memory(model, recipe, dist.world_size).line())
     if recipe.distributed.zero_stage == 3 and recipe.precision != "fp32":
         # ZeRO 0-2 cast the module to the training dtype; ZeRO-3 expects it done, and peft creates its
         # adapter weights in fp32 next to the bf16 / fp16 base.
@@ -286,6 +289,14 @@ def _start_engine(run: Run, trackers: Trackers | None = None) -> None:
         # nothing to average with: skip the gradient all-reduce (ZeRO 1-3 gather their gradients through it)
         engine.enable_backward_allreduce = False
     run.engine, run.scheduler = engine, scheduler
+    head = lm_head_of(engine)
+    if head is not None:
+        cfg = engine.module.config
+        vocab = int(getattr(getattr(cfg, "text_config", None) or cfg, "vocab_size", 0))
+        console.print(
+            f"LM head: applied per chunk of {chunk_positions(vocab):,} positions ({vocab:,}-token vocabulary): "
+            "no (B, T, V) logits are kept"
+        )
     if recipe.finetuning.method == "adalora":
         from llmtune.engine.adalora import AdaLoraSchedule
 
@@ -307,12 +318,12 @@ def _start_engine(run: Run, trackers: Trackers | None = None) -> None:
         if ckpt is not None:
             run.ema.load(ckpt)
 
-    t, mb = recipe.train, recipe.train.micro_batch_size
+    mb, b = recipe.train.micro_batch_size, run.batches
     console.print(
-        f"training: {len(run.data.train):,} rows, {run.batches.windows_per_epoch:,} steps/epoch, "
-        f"{_plural(run.total_steps, 'step')} | batch {mb} x accum {t.grad_accum} x {dist.world_size} proc = "
-        f"{mb * t.grad_accum * dist.world_size} rows/step | ZeRO-{recipe.distributed.zero_stage} {recipe.precision} "
-        f"on {dist.device.type}"
+        f"training: {len(run.data.train):,} rows, {b.windows_per_epoch:,} steps/epoch, "
+        f"{_plural(run.total_steps, 'step')} | {b.step_text + ' | ' if b.step_text else ''}batch {mb} x accum "
+        f"{b.accum} x {dist.world_size} proc = {b.rows_per_step} rows/step | ZeRO-{recipe.distributed.zero_stage} "
+        f"{recipe.precision} on {dist.device.type}"
     )
     resume_step = run.state.step if run.resumed else None
     run.trackers = trackers if trackers is not None else open_trackers(recipe, run.out, dist, console, run.resumed)
@@ -381,6 +392,8 @@ def _loop(run: Run) -> None:
                     except Exception as e:
                         if is_fp16_scale_error(e):
                             raise fp16_scale_error(e, state.step + 1, out) from None
+                        if isinstance(e, torch.OutOfMemoryError):
+                            raise out_of_memory_error(e, state.step + 1, recipe, resume_point(out)) from None
                         raise
                     state.step += 1
                     state.window_in_epoch += 1
@@ -445,8 +458,7 @@ def _loop(run: Run) -> None:
         except BaseException as e:
             progress.stop()
             run.manifest.status = "stopped" if isinstance(e, Stopped) else "failed"
-            if dist.is_main:
-                run.manifest.write(out)
+            write_peak(run.manifest, dist.device, out, dist.is_main)
             raise
     progress.stop()
 
@@ -494,8 +506,8 @@ def _finish(run: Run) -> None:
     m = run.manifest
     m.status, m.finished, m.steps = "finished", time.strftime("%Y-%m-%dT%H:%M:%S"), state.step
     m.epochs, m.trainer_state = epochs, asdict(state)
+    peak = write_peak(m, dist.device, out, dist.is_main)  # also writes run.json
     if dist.is_main:
-        m.write(out)
         write_run_curves(out, run.console)  # curves.png; a failure to draw is a warning, never a failed run
         _remove_checkpoints_at_finish(run)
     barrier()
@@ -503,6 +515,7 @@ def _finish(run: Run) -> None:
     run.console.print(
         f"[green]done[/]: {_plural(state.step, 'step')}{skips}; model written to {out} ({', '.join(files)})"
     )
+    run.console.print(peak_line(peak))
     if run.owns_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -141,3 +141,29 @@ def load_eval_config(path: str | Path | None, options: dict[str, Any]) -> EvalCo
             msg = msg.replace("is not a valid eval file", "are not valid")
             msg += "\n  (pass --task, --model and --data, or an eval YAML file)"
         raise RecipeError(msg) from None
+
+
+# model paths of an eval, by option: checked (existence, lengths) before torch is imported
+_MODEL_OPTIONS = ("model", "adapter", "model_b", "adapter_b", "reference")
+_FILE_OPTIONS = ("data", "few_shot_data", "output", "generations")
+
+
+def check_eval_paths(cfg: EvalConfig) -> None:
+    """Refuse, before anything heavy loads, a path the filesystem cannot hold and a local-looking model or
+    data path that does not exist (with close names: a mistyped run directory is never looked up on the hub)."""
+    from llmtune.errors import UserError
+    from llmtune.paths import check_path_length, looks_local, missing_path_message
+
+    models = [(f"--{k.replace('_', '-')}", getattr(cfg, k)) for k in _MODEL_OPTIONS]
+    models += [("--reward-model", m) for m in cfg.reward_models]
+    files = [(f"--{k.replace('_', '-')}", getattr(cfg, k)) for k in _FILE_OPTIONS]
+    for key, value in [*models, *files]:
+        check_path_length(key, value)
+    for key, value in [*models, *files[:2]]:  # inputs; --output and --generations are written
+        if value and looks_local(value) and not Path(value).expanduser().exists():
+            msg, hint = missing_path_message(key, value)
+            raise UserError(msg, hint=hint)
+    from llmtune.model.hub import check_hub_models
+
+    hub = [(k, v, None) for k, v in models if k not in ("--adapter", "--adapter-b")]
+    check_hub_models(hub, refuse=True, option="eval")

@@ -23,8 +23,8 @@ from llmtune.model.load import (
     load_config,
 )
 from llmtune.model.merge import adapter_config_or_none
+from llmtune.paths import looks_local, missing_path_message
 from llmtune.recipe.checks import check_finished
-from llmtune.recipe.schema import looks_local
 
 
 def pick_device(name: str) -> torch.device:
@@ -47,7 +47,8 @@ def resolve(model: str, adapter: str | None, what: str = "--model") -> tuple[str
     """(base path, adapter path or None, adapter config). A --model that is an adapter directory stands
     for its recorded base with that adapter."""
     if looks_local(model) and not Path(model).expanduser().exists():
-        raise UserError(f"{what} {model} does not exist", hint="pass a model directory or a hub id")
+        msg, hint = missing_path_message(what, model)
+        raise UserError(msg, hint=hint)
     check_finished(model, what)
     check_finished(adapter, "--adapter")
     if adapter is None:

@@ -8,11 +8,12 @@ from typing import Any
 
 from rich.console import Console
 
-from llmtune.eval.config import EvalConfig
+from llmtune.eval.config import EvalConfig, check_eval_paths
 from llmtune.eval.report import print_table, write_json, write_jsonl
 
 
 def run_eval(cfg: EvalConfig, console: Console, progress_console: Console) -> dict[str, Any]:
+    check_eval_paths(cfg)  # before torch: a mistyped path fails at once
     from llmtune.eval.tasks import run_task
     from llmtune.stages import quiet_libraries
 

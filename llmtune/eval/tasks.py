@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 
-from llmtune.data.chat import IGNORE_INDEX, encode_conversation, encode_text, resolve_chat_template
+from llmtune.data.chat import encode_conversation, encode_text, resolve_chat_template
 from llmtune.data.formats import Conversation, RowError, detect_format, to_conversation, to_text
 from llmtune.data.pipeline import Sample, SourceReport, collate
 from llmtune.data.sources import read_rows
@@ -46,7 +45,7 @@ from llmtune.eval.pairs import Pair, is_pair_row, to_pair
 from llmtune.generation.prompts import Prompt, render_prompt, to_prompt
 from llmtune.generation.sample import end_tokens, generate
 from llmtune.model.load import LoadedModel
-from llmtune.objectives.lm import lm_loss_sum
+from llmtune.objectives.logprobs import hidden_states_as_logits, lm_loss_sum_from_hidden, token_logps_from_hidden
 from llmtune.recipe.schema import DataSource
 from llmtune.rewards.model import score_conversations as score_with_model
 from llmtune.rewards.model import with_reply
@@ -257,10 +256,11 @@ def perplexity(env: Env) -> TaskResult:
     with progress(env.console, len(samples), "perplexity") as advance, torch.no_grad():
         for start in range(0, len(order), cfg.batch_size):
             batch = collate([samples[i] for i in order[start : start + cfg.batch_size]], tok.pad_token_id)
-            logits = policy.model(
-                input_ids=batch["input_ids"].to(env.device), attention_mask=batch["attention_mask"].to(env.device)
-            ).logits
-            s, n = lm_loss_sum(logits, batch["labels"].to(env.device))
+            with hidden_states_as_logits(policy.model) as head:  # the head per chunk: no (B, T, V) logits
+                hidden = policy.model(
+                    input_ids=batch["input_ids"].to(env.device), attention_mask=batch["attention_mask"].to(env.device)
+                ).logits
+            s, n = lm_loss_sum_from_hidden(hidden, batch["labels"].to(env.device), head)
             loss_sum += s.item()
             count += int(n.item())
             advance(min(cfg.batch_size, len(order) - start))
@@ -553,13 +553,12 @@ def sequence_logps(env: Env, model: Any, samples: list[Sample], pad_id: int) -> 
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
             b = collate([samples[i] for i in idx], pad_id)
-            logits = model(
-                input_ids=b["input_ids"].to(env.device), attention_mask=b["attention_mask"].to(env.device)
-            ).logits.float()  # (B, T, V)
-            labels = b["labels"][:, 1:].to(env.device)  # (B, T-1): logits[:, t] predicts token t + 1
-            logp = F.log_softmax(logits[:, :-1], dim=-1)
-            mask = labels != IGNORE_INDEX
-            tok_logp = torch.gather(logp, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+            with hidden_states_as_logits(model) as head:  # the head per chunk: no (B, T, V) logits
+                hidden = model(
+                    input_ids=b["input_ids"].to(env.device), attention_mask=b["attention_mask"].to(env.device)
+                ).logits  # (B, T, H)
+            # hidden[:, t] predicts token t + 1
+            tok_logp, _, _ = token_logps_from_hidden(hidden, b["labels"].to(env.device), head)
             for i, v in zip(idx, tok_logp.sum(dim=1).tolist(), strict=True):
                 out[i] = float(v)
     return out

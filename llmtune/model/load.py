@@ -23,7 +23,8 @@ from rich.console import Console
 
 from llmtune.errors import RecipeError, UserError
 from llmtune.manifest import RunManifest, TokenizerRecord
-from llmtune.recipe.schema import PROMPT_METHODS, FinetuningConfig, ModelConfig, RecipeBase, looks_local
+from llmtune.paths import looks_local, same_path
+from llmtune.recipe.schema import PROMPT_METHODS, FinetuningConfig, ModelConfig, RecipeBase
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -158,15 +159,6 @@ TOKENIZER_HINT = (
     "use the tokenizer saved with the model (leave model.tokenizer unset, or point it at the model's directory), "
     "and train every stage of a pipeline with one tokenizer"
 )
-
-
-def same_path(a: str, b: str) -> bool:
-    """Two model / tokenizer paths name the same place (local directories compared resolved)."""
-    if a == b:
-        return True
-    if looks_local(a) and looks_local(b):
-        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-    return False
 
 
 def vocab_by_id(tok: Any) -> list[str | None]:

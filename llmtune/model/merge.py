@@ -24,8 +24,8 @@ import torch
 
 from llmtune.errors import LlmtuneError, UserError
 from llmtune.model.load import DTYPES, check_tokenizers_agree, load_config, tokenizer_from
+from llmtune.paths import looks_local
 from llmtune.recipe.checks import check_finished
-from llmtune.recipe.schema import looks_local
 from llmtune.runtime import readable_like_normal_files
 
 # max |logit difference| allowed, relative to max(1, max |logit|) of the reference, per saved dtype:

@@ -21,8 +21,6 @@ PPO (Schulman et al. 2016, Ziegler et al. 2019):
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 # --- advantages ---------------------------------------------------------------------------------------------
@@ -84,6 +82,45 @@ def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     g = _groups(rewards, group_size)  # (G, K)
     # all equal  <=>  max_g == min_g
     return (g.max(dim=1).values - g.min(dim=1).values) == 0
+
+
+def best_of_n(rewards: torch.Tensor, threshold: float | None = None) -> dict[str, torch.Tensor]:
+    """Best-of-N selection (rejection sampling) over (G, K) rewards, K samples of each of G prompts.
+
+    Returns (G,) tensors: ``best`` and ``worst`` (the first index of the highest / lowest reward), ``spread``
+    (True when best > worst: the samples disagree, so the best beat something), ``clears`` (best >= threshold;
+    all True without one) and ``keep`` = spread & clears: the groups whose best completion is worth learning.
+    A group without spread has nothing better to learn (all right: nothing to fix; all wrong: only failures).
+
+        >>> s = best_of_n(torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.2, 0.5]]), threshold=1.0)
+        >>> s["keep"].tolist(), s["spread"].tolist(), s["clears"].tolist()
+        ([True, False, False], [True, False, True], [True, False, False])
+    """
+    if rewards.dim() != 2 or rewards.shape[1] < 1:
+        raise ValueError(f"best_of_n takes (G, K) rewards with K >= 1, got shape {tuple(rewards.shape)}")
+    best, worst = rewards.argmax(dim=1), rewards.argmin(dim=1)  # the first index of equal values
+    hi, lo = rewards.gather(1, best[:, None])[:, 0], rewards.gather(1, worst[:, None])[:, 0]
+    spread = hi > lo
+    clears = torch.ones_like(spread) if threshold is None else hi >= threshold
+    return {"best": best, "worst": worst, "spread": spread, "clears": clears, "keep": spread & clears}
+
+
+def pick_groups_with_spread(zero_std: list[bool], need: int) -> list[int]:
+    """Dynamic sampling (DAPO, Yu et al. 2025): from the groups sampled so far (in the order drawn; True = no
+    reward spread), the indices of `need` groups to train on: groups with spread first, in order, then, when
+    the extra draws ran out, groups without spread (advantage 0: they add no gradient) to keep the batch
+    shape. Fewer than `need` groups sampled is an error of the caller.
+
+        >>> pick_groups_with_spread([True, False, True, False, False], 2)
+        [1, 3]
+        >>> pick_groups_with_spread([True, False, True], 2)
+        [1, 0]
+    """
+    if need > len(zero_std):
+        raise ValueError(f"{len(zero_std)} groups sampled, {need} needed")
+    useful = [i for i, z in enumerate(zero_std) if not z]
+    filler = [i for i, z in enumerate(zero_std) if z]
+    return (useful + filler)[:need]
 
 
 def whiten(
@@ -269,7 +306,7 @@ def clipped_value_loss(
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 - Var[R - V] / Var[R] over the masked tokens. values, returns, mask: (B, T) -> scalar
-    (nan when Var[R] is 0): 1 is a perfect critic, 0 one no better than a constant."""
+    (0 when Var[R] is 0): 1 is a perfect critic, 0 one no better than a constant."""
     m = mask.to(values.dtype)
 
     def var(x: torch.Tensor) -> torch.Tensor:
@@ -278,9 +315,18 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
         return masked_mean((x - mean) ** 2, m)
 
     v_r = var(returns)
-    if v_r.item() == 0:
-        return values.new_tensor(math.nan)
+    if v_r.item() <= 1e-12:  # constant returns: nothing to explain (0, never nan)
+        return values.new_tensor(0.0)
     return 1 - var(returns - values) / v_r
+
+
+def explained_variance_of_moments(mean_r: float, mean_r2: float, mean_e: float, mean_e2: float) -> float:
+    """explained_variance from token means of R, R^2, E = R - V and E^2 (what processes sum and all-reduce):
+    1 - (E[E^2] - E[E]^2) / (E[R^2] - E[R]^2); 0.0 when the returns have no variance (never nan)."""
+    var_r = mean_r2 - mean_r**2
+    if not var_r > 1e-12:
+        return 0.0
+    return 1 - (mean_e2 - mean_e**2) / var_r
 
 
 class AdaptiveKLController:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from llmtune.errors import DataError, RecipeError, UserError
 from llmtune.manifest import status_of
-from llmtune.recipe.schema import DataSource, RecipeBase, looks_local
+from llmtune.paths import check_path_length, looks_local, missing_path_message
+from llmtune.recipe.schema import DataSource, RecipeBase
 
 BUILTIN_TEMPLATES = ("chatml", "llama3", "alpaca")
 
@@ -66,9 +67,9 @@ def _check_output_dir(recipe: RecipeBase, inputs: list[str]) -> None:
 
 
 # Where a data file of the same name is looked for when a recipe's data path does not exist, relative to
-# the current directory: the shared demo data beside the repository, and the data/ folder the recipes' comments
-# name. The walk is bounded so that a large data/ tree cannot slow validate down.
-DATA_SEARCH_ROOTS = ("../shared/data", "data")
+# the current directory: shared demo data beside the repository, the data/ folder the recipes' comments name,
+# and the shipped recipes' demo data. The walk is bounded so that a large data/ tree cannot slow validate down.
+DATA_SEARCH_ROOTS = ("../shared/data", "data", "recipes/data")
 _SEARCH_MAX_ENTRIES = 20_000
 _SEARCH_MAX_FOUND = 3
 
@@ -95,7 +96,7 @@ def same_name_files(name: str, roots: tuple[str, ...] = DATA_SEARCH_ROOTS) -> li
 
 def _missing_data_hint(path: Path, group: str, i: int) -> str:
     """What to do about a data path that does not exist: where relative paths are taken from, which key to
-    set, and a file of the same name under ../shared/data/ or data/ when there is one (likely the one meant)."""
+    set, and a file of the same name under DATA_SEARCH_ROOTS when there is one (likely the one meant)."""
     hint = (
         "fix the path: relative paths are taken from the directory you run llmtune in; "
         f"point data.{group}[{i}].path at your file (in the recipe, or with --set data.{group}.{i}.path=FILE)"
@@ -109,11 +110,108 @@ def _missing_data_hint(path: Path, group: str, i: int) -> str:
     return hint
 
 
-def check_paths(recipe: RecipeBase) -> list[str]:
+def recipe_paths(recipe: RecipeBase) -> list[tuple[str, str]]:
+    """(key, value) of every path a recipe names: what the filesystem must be able to hold."""
+    found: list[tuple[str, str | None]] = [
+        ("output_dir", recipe.output_dir),
+        ("model.path", recipe.model.path),
+        ("model.tokenizer", recipe.model.tokenizer),
+        ("model.chat_template", recipe.model.chat_template),
+        ("data.registry", recipe.data.registry),
+        ("data.cache_dir", recipe.data.cache_dir),
+        ("data.replay.path", recipe.data.replay.path if recipe.data.replay else None),
+    ]
+    for group, sources in (("train", recipe.data.train), ("eval", recipe.data.eval)):
+        for i, src in enumerate(sources):
+            found += [(f"data.{group}.{i}.path", src.path), (f"data.{group}.{i}.registry", src.registry)]
+    dpo = getattr(recipe, "dpo", None)
+    if dpo is not None:
+        found.append(("dpo.reference", dpo.reference))
+    for block in ("ppo", "grpo", "rejection_sampling"):
+        cfg = getattr(getattr(recipe, block, None), "reward", None)
+        if cfg is not None:
+            found += [(f"{block}.reward.model", m) for m in cfg.models()]
+    return [(k, v) for k, v in found if v]
+
+
+def check_hub(recipe: RecipeBase, *, refuse: bool, notes: list[str] | None = None) -> list[str]:
+    """The hub models a recipe names must be in the local cache or the hub reachable (llmtune.model.hub):
+    train refuses at once (refuse), validate notes it. notes: check_paths' notes, returned with the note
+    that says the same model is loaded from the hub replaced by this one."""
+    from llmtune.model.hub import check_hub_models
+
+    models: list[tuple[str, str | None, str | None]] = [
+        ("model.path", recipe.model.path, recipe.model.revision),
+        ("model.tokenizer", recipe.model.tokenizer, recipe.model.revision),
+    ]
+    dpo = getattr(recipe, "dpo", None)
+    if dpo is not None:
+        models.append(("dpo.reference", dpo.reference, None))
+    for block in ("ppo", "grpo", "rejection_sampling"):
+        cfg = getattr(getattr(recipe, block, None), "reward", None)
+        if cfg is not None:
+            models += [(f"{block}.reward.model", m, None) for m in cfg.models()]
+    perplexity = recipe.data.filter.perplexity
+    if perplexity is not None and perplexity.model:
+        models.append(("data.filter.perplexity.model", perplexity.model, None))
+    found = check_hub_models(models, refuse=refuse)
+    keys = {note.split(" ", 1)[0] for note in found}
+    kept = [n for n in notes or [] if not (n.split(" ", 1)[0] in keys and n.endswith("it is loaded from the hub"))]
+    return kept + found
+
+
+# ------------------------------------------------------------------------------ outputs of shipped recipes
+# A recipe of a chain reads what another writes (ppo_lora.yaml the reward model of rm.yaml): validate notes
+# that the path is that recipe's output_dir, and train refuses until that run exists.
+RECIPES_DIR = "recipes"
+
+
+def written_by(path: str, recipes_dir: str = RECIPES_DIR) -> str | None:
+    """The recipe file in recipes_dir (relative to the current directory) whose output_dir is ``path`` (or
+    holds it), as recipes/NAME.yaml; None when there is none. Reads each file's output_dir key only."""
+    import yaml
+
+    d = Path(recipes_dir)
+    if not looks_local(path) or not d.is_dir():
+        return None
+    target = Path(path).expanduser().absolute()
+    for f in sorted(d.glob("*.yaml"))[:200]:
+        try:
+            out = yaml.safe_load(f.read_text(encoding="utf-8")).get("output_dir")
+        except (OSError, ValueError, yaml.YAMLError, AttributeError):
+            continue
+        if not isinstance(out, str) or not out:
+            continue
+        out_path = Path(os.path.normpath(Path(out).expanduser().absolute()))
+        norm = Path(os.path.normpath(target))
+        if norm == out_path or out_path in norm.parents:
+            return f.as_posix()
+    return None
+
+
+def missing_local_path(key: str, value: str, planned: list[str] | None, hint: str | None = None) -> None:
+    """A local-looking path that does not exist: refused (with close names), unless it is what another
+    recipe in recipes/ writes and planned is a list: then a note is added to it (validate)."""
+    recipe_file = written_by(value)
+    if recipe_file is not None:
+        run_it = f"{value} is written by {recipe_file}: run it first (llmtune train {recipe_file})"
+        if planned is not None:
+            planned.append(f"{key} {run_it}; train refuses until it exists")
+            return
+        raise RecipeError(f"{key}: {value} does not exist", hint=run_it)
+    msg, close = missing_path_message(key, value)
+    raise RecipeError(msg, hint=close if hint is None or close.startswith("did you mean") else hint)
+
+
+def check_paths(recipe: RecipeBase, *, planned_ok: bool = False) -> list[str]:
     """Raise a clear error for what train would refuse before or while loading (a missing local file, an
     incomplete model directory, a precision this machine cannot train in, data rows that do not fit their
-    format); return notes (names taken as hub ids, rows train will drop)."""
+    format); return notes (names taken as hub ids, rows train will drop). planned_ok (validate): a model
+    path that another recipe in recipes/ writes is a note until it exists, not an error."""
     notes: list[str] = []
+    planned: list[str] | None = notes if planned_ok else None
+    for key, value in recipe_paths(recipe):
+        check_path_length(key, value)
     for group, sources in (("train", recipe.data.train), ("eval", recipe.data.eval)):
         for i, src in enumerate(sources):
             if looks_local(src.path):
@@ -134,10 +232,8 @@ def check_paths(recipe: RecipeBase) -> list[str]:
         if value is None:
             continue
         if looks_local(value) and not Path(value).expanduser().exists():
-            raise RecipeError(
-                f"{key}: {value} does not exist",
-                hint="give a local model directory (with config.json) or a hub id such as Qwen/Qwen2.5-0.5B",
-            )
+            missing_local_path(key, value, planned)
+            continue
         if not looks_local(value):
             notes.append(f"{key} {value!r} is not a local directory: it is loaded from the hub")
         check_finished(value, key)
@@ -152,7 +248,7 @@ def check_paths(recipe: RecipeBase) -> list[str]:
     _check_output_dir(
         recipe, [v for _, v in models if v] + [src.path for src in [*recipe.data.train, *recipe.data.eval]]
     )
-    _check_reward_block(recipe)
+    _check_reward_block(recipe, planned)
     _check_trackers(recipe)
     check_precision_here(recipe)
     for group, sources in (("train", recipe.data.train), ("eval", recipe.data.eval)):
@@ -181,7 +277,7 @@ def _check_trackers(recipe: RecipeBase) -> None:
         )
 
 
-def _check_reward_block(recipe: RecipeBase) -> None:
+def _check_reward_block(recipe: RecipeBase, planned: list[str] | None = None) -> None:
     """The online stages' reward: rule names and patterns, and that reward-model paths exist (what can be
     told without importing torch; train checks the rest, and module:function rules, before loading)."""
     for block in ("ppo", "grpo", "rejection_sampling"):
@@ -200,10 +296,13 @@ def _check_reward_block(recipe: RecipeBase) -> None:
                 raise RecipeError(f"{block}.reward.rule: {e.message}", hint=e.hint) from None
         for path in cfg.models():
             if looks_local(path) and not Path(path).expanduser().exists():
-                raise RecipeError(
-                    f"{block}.reward.model: {path} does not exist",
+                missing_local_path(
+                    f"{block}.reward.model",
+                    path,
+                    planned,
                     hint="give the output directory of an rm run (llmtune train with stage: rm)",
                 )
+                continue
             check_finished(path, f"{block}.reward.model")
 
 

@@ -23,6 +23,7 @@ from llmtune.recipe.schema import (
     RmRecipe,
     SftRecipe,
 )
+from llmtune.recipe.synonyms import SYNONYMS_DOC, synonym_message
 
 AnyRecipe = CptRecipe | SftRecipe | RmRecipe | DpoRecipe | PpoRecipe | GrpoRecipe | RejectionSamplingRecipe
 _ADAPTER: TypeAdapter[AnyRecipe] = TypeAdapter(Recipe)
@@ -171,7 +172,11 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> AnyRecipe:
     try:
         return _ADAPTER.validate_python(raw)
     except ValidationError as e:
-        raise RecipeError(format_validation_error(e, source, _STAGE_MODELS[stage])) from None
+        msg = format_validation_error(e, source, _STAGE_MODELS[stage])
+        renamed = any(n in msg for n in (": unknown key; llmtune ", ": unknown key here; it belongs at "))
+        raise RecipeError(
+            msg, hint=f"rename or move the keys as shown ({SYNONYMS_DOC} lists other tools' names)" if renamed else None
+        ) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> AnyRecipe:
@@ -199,6 +204,9 @@ def _describe(e: dict[str, Any], loc: list[Any], root: type[BaseModel]) -> str:
     kind = e["type"]
     given = e.get("input")
     if kind == "extra_forbidden":
+        other_name = synonym_message(root, loc)  # another tool's name for a key, or a key at the wrong level
+        if other_name is not None:
+            return other_name
         parent = _model_at(root, loc[:-1])
         known = list(parent.model_fields) if parent else []
         close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)

@@ -7,10 +7,13 @@ and ``llmtune --help`` must not import torch).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from llmtune.paths import looks_local
 
 DATA_FORMATS = ("alpaca", "sharegpt", "messages", "text", "pairs", "ranked", "pointwise", "unpaired", "prompts")
 PREFERENCE_FORMATS = ("pairs", "ranked", "pointwise", "unpaired")
@@ -256,6 +259,11 @@ class DataSource(Block):
         "fill the keys this source does not set.",
     )
     registry: str | None = Field(default=None, description="The registry file for name: (default: data.registry).")
+    id: str | None = Field(
+        default=None,
+        description="The source's name in data.schedule (default: its registry name:, else its file or directory "
+        "name without suffixes, e.g. general for data/general.jsonl).",
+    )
     format: (
         Literal["alpaca", "sharegpt", "messages", "text", "pairs", "ranked", "pointwise", "unpaired", "prompts"] | None
     ) = Field(
@@ -314,6 +322,15 @@ class DataSource(Block):
         if unknown:
             raise ValueError(f"unknown tag {unknown[0]!r}: use {', '.join(TAG_KEYS)}")
         return v
+
+    def source_id(self) -> str:
+        """What data.schedule calls this source: id, else the registry name, else the file name's stem."""
+        if self.id:
+            return self.id
+        if self.name:
+            return self.name
+        base = Path(self.path.rstrip("/")).name if looks_local(self.path) else self.path
+        return base.split(".")[0] if looks_local(self.path) and not base.startswith(".") else base
 
     @model_validator(mode="after")
     def _path_or_name(self) -> DataSource:
@@ -394,6 +411,48 @@ class ReplayConfig(Block):
     max_samples: int | None = Field(default=None, ge=1, description="Use at most this many rows of the file.")
 
 
+class SchedulePhase(Block):
+    until: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Where the phase ends, as a fraction of the run's steps (0.3: after the first 30%); omitted on "
+        "the last phase (it runs to the end).",
+    )
+    until_step: int | None = Field(
+        default=None,
+        ge=1,
+        description="Where the phase ends, as a step number (the phase holds the steps up to and including it); "
+        "instead of until. Omitted on the last phase.",
+    )
+    weights: dict[str, float] = Field(
+        description="Each training source's share of the rows in this phase, by source id (data.train[].id, else "
+        "the registry name, else the file name without suffixes), e.g. {general: 0.8, domain: 0.2}; relative "
+        "(divided by their sum), every source listed (0 leaves it out of the phase).",
+    )
+    ramp: bool = Field(
+        default=False,
+        description="The shares move linearly, step by step, from the previous phase's to these (reached at the "
+        "phase's last step): a rising domain share.",
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, w in v.items() if not (w >= 0 and math.isfinite(w))]
+        if bad:
+            raise ValueError(f"the weight of {bad[0]} is {v[bad[0]]}: weights are numbers >= 0")
+        if not v or sum(v.values()) <= 0:
+            raise ValueError("sum to 0: give at least one source a weight > 0 (e.g. {general: 1.0})")
+        return v
+
+    @model_validator(mode="after")
+    def _one_end(self) -> SchedulePhase:
+        if self.until is not None and self.until_step is not None:
+            raise ValueError("set until (a fraction of the steps) or until_step (a step number), not both")
+        return self
+
+
 class DataConfig(Block):
     registry: str | None = Field(
         default=None,
@@ -413,10 +472,13 @@ class DataConfig(Block):
         default=False,
         description="cpt: concatenate and chunk; sft: several examples per row with restarting position ids.",
     )
-    memory_map: bool = Field(
-        default=False,
-        description="cpt with packing, for corpora larger than memory: local .txt / .jsonl files tokenized once "
-        "into a token file in the data cache, and rows read from it through a memory map while training.",
+    memory_map: bool | Literal["auto"] = Field(
+        default="auto",
+        description="cpt: local .txt / .jsonl files tokenized once into a token file in the data cache, and rows "
+        "read from it through a memory map while training (the same rows as in memory; memory does not grow with "
+        "the corpus). auto: on for cpt unless data.dedup / data.filter or a source it cannot read (a hub dataset, "
+        "parquet, ...) needs the rows in memory (the log says so); true: on, refusing what it cannot do; false: "
+        "off.",
     )
     on_bad_row: Literal["drop", "error"] = Field(
         default="drop",
@@ -444,6 +506,14 @@ class DataConfig(Block):
         default=None,
         description="sft: plain-text LM rows (every token learned, cut to max_length) mixed in so that `ratio` of "
         "the training examples are replay rows ({path, ratio, columns, max_samples}).",
+    )
+    schedule: list[SchedulePhase] | None = Field(
+        default=None,
+        description="cpt / sft: the mix of the training sources by phase of the run, e.g. [{until: 0.3, weights: "
+        "{general: 1, domain: 0}}, {weights: {general: 0.2, domain: 0.8}, ramp: true}]: each step draws its rows "
+        "from the sources in the phase's shares (each source cycles through its own shuffled rows); replaces "
+        "the sources' weight. Phases end at increasing until (fraction of steps) or until_step; the last runs "
+        "to the end.",
     )
 
     @field_validator("train")
@@ -482,6 +552,69 @@ class DataConfig(Block):
     def _eval_choice(self) -> DataConfig:
         if self.eval and self.eval_split > 0:
             raise ValueError("set either data.eval (held-out files) or data.eval_split (a fraction), not both")
+        return self
+
+    @model_validator(mode="after")
+    def _schedule(self) -> DataConfig:
+        if self.schedule is None:
+            return self
+        phases = self.schedule
+        if not phases:
+            raise ValueError("data.schedule is empty: give at least one phase, or remove it")
+        ids = [s.source_id() for s in self.train]
+        for i, a in enumerate(ids):
+            if a in ids[:i]:
+                raise ValueError(
+                    f"data.schedule names sources by id, and data.train[{ids.index(a)}] and data.train[{i}] are "
+                    f"both {a!r}: give them different id: keys"
+                )
+        weighted = [i for i, s in enumerate(self.train) if s.weight != 1.0]
+        if weighted:
+            raise ValueError(
+                f"data.train[{weighted[0]}] sets weight and data.schedule gives the sources' shares: remove the "
+                "weight (the schedule's weights are the mix)"
+            )
+        known = ", ".join(ids)
+        for k, p in enumerate(phases):
+            where = f"data.schedule[{k}]"
+            unknown = [n for n in p.weights if n not in ids]
+            if unknown:
+                raise ValueError(
+                    f"{where}.weights: unknown source {unknown[0]!r}; the training sources are {known} (a source's "
+                    "id:, registry name, or file name without suffixes)"
+                )
+            missing = [n for n in ids if n not in p.weights]
+            if missing:
+                raise ValueError(f"{where}.weights has no weight for {missing[0]!r}: list every source ({known})")
+            last = k == len(phases) - 1
+            if last and p.until_step is not None:
+                raise ValueError(f"{where} is the last phase: it runs to the end of training; remove its until_step")
+            if last and p.until is not None and p.until != 1:
+                raise ValueError(
+                    f"{where} is the last phase and ends at until {p.until}: the last phase runs to the end of "
+                    "training; remove its until (or set 1.0)"
+                )
+            if not last and p.until is None and p.until_step is None:
+                raise ValueError(f"{where} has no end: set until (a fraction of the steps, e.g. 0.3) or until_step")
+            if k == 0 and p.ramp:
+                raise ValueError(f"{where} ramps from the previous phase, and it is the first: remove ramp")
+        ends = [p.until if p.until is not None else p.until_step for p in phases[:-1]]
+        kinds = {"until" if p.until is not None else "until_step" for p in phases[:-1]}
+        if len(kinds) > 1:
+            raise ValueError("data.schedule mixes until and until_step: end every phase the same way")
+        for k in range(1, len(ends)):
+            if ends[k] <= ends[k - 1]:  # type: ignore[operator]
+                raise ValueError(
+                    f"data.schedule phases must end in increasing order: phase {k} ends at {ends[k]}, not after "
+                    f"phase {k - 1} ({ends[k - 1]})"
+                )
+        if phases[:-1] and phases[-2].until == 1:
+            raise ValueError(f"data.schedule[{len(phases) - 2}] ends at until 1.0, leaving the last phase no step")
+        unused = [n for n in ids if all(p.weights[n] == 0 for p in phases)]
+        if unused:
+            raise ValueError(
+                f"source {unused[0]!r} has weight 0 in every phase of data.schedule: remove it from data.train"
+            )
         return self
 
 
@@ -757,8 +890,25 @@ class GenerationConfig(Block):
     )
 
 
+PROMPTS_PER_STEP_DESCRIPTION = (
+    "Prompts feeding one optimizer step, summed over all processes (a multiple of the number of processes). "
+    "Independent of train.micro_batch_size, which only splits the step's rows (completions) into forward "
+    "passes for memory; the accumulation follows (rows / micro_batch_size)."
+)
+
+
 class GrpoConfig(Block):
     num_generations: int = Field(default=8, description="Completions per prompt (the group); at least 2.")
+    prompts_per_step: int = Field(default=16, ge=1, description=PROMPTS_PER_STEP_DESCRIPTION)
+    dynamic_sampling: bool = Field(
+        default=False,
+        description="DAPO's dynamic sampling: groups whose completions all scored alike (no reward spread, no "
+        "signal) are dropped and more prompts drawn to replace them, up to dynamic_sampling_draws extra draws "
+        "per step (then zero-spread groups fill the step).",
+    )
+    dynamic_sampling_draws: int = Field(
+        default=3, ge=1, description="dynamic_sampling: at most this many extra draws of prompts per step."
+    )
     beta: float = Field(default=0.0, ge=0, description="KL to the reference (k3, in the loss); 0 loads no reference.")
     reward: RewardConfig = Field(default_factory=lambda: RewardConfig(rule="exact_match"))
     advantage: Literal["group", "rloo"] = Field(
@@ -803,11 +953,12 @@ class PpoConfig(Block):
         "the reference is the adapter disabled, a lora reward model of the same base is one more adapter. "
         "Default: shared for lora / qlora, separate otherwise.",
     )
+    prompts_per_step: int = Field(default=16, ge=1, description=PROMPTS_PER_STEP_DESCRIPTION)
     rollout_batch_size: int | None = Field(
         default=None,
         ge=1,
-        description="Completions each process generates per rollout (one per prompt); a multiple of "
-        "train.micro_batch_size x train.grad_accum (one optimizer step's mini-batch). Default: one mini-batch.",
+        description="Completions each process generates per rollout (one per prompt); a multiple of its share "
+        "of ppo.prompts_per_step (one optimizer step's mini-batch). Default: one mini-batch.",
     )
     ppo_epochs: int = Field(default=4, ge=1, description="Passes over each rollout's mini-batches.")
     kl_coef: float = Field(default=0.05, ge=0, description="Initial coefficient of the per-token KL penalty.")
@@ -854,18 +1005,35 @@ class PpoConfig(Block):
 
 
 class RejectionSamplingConfig(Block):
-    num_samples: int = Field(default=8, ge=1, description="Completions sampled per prompt each round.")
+    num_samples: int = Field(
+        default=8,
+        description="Completions sampled per prompt each round; at least 2 (a best must beat a worst).",
+    )
     rounds: int = Field(default=1, ge=1, description="generate -> score -> select -> fine-tune, this many times.")
     reward: RewardConfig = Field(default_factory=lambda: RewardConfig(rule="exact_match"))
-    threshold: float | None = Field(
-        default=None, description="Keep a prompt's best completion only when its reward is at least this."
+    threshold: float | Literal["none"] | None = Field(
+        default=None,
+        description="A prompt's best completion is kept only when it beats the prompt's worst (the rewards "
+        "spread) and its reward is at least this. null: the reward's known maximum for rules (exact_match, "
+        "contains, gsm8k, regex give 1.0: only right answers are kept), no threshold for reward models and "
+        "user code. none: no threshold (only the spread decides).",
     )
     selection: Literal["best", "best_and_worst"] = Field(
         default="best",
         description="best: the best completion per prompt (sft rows); best_and_worst: also writes chosen / "
-        "rejected pairs (best vs worst) for a dpo stage.",
+        "rejected pairs (best vs worst, from the prompts whose best is kept) for a dpo stage.",
     )
     max_prompts: int | None = Field(default=None, ge=1, description="Prompts sampled per round (default: all).")
+
+    @field_validator("num_samples")
+    @classmethod
+    def _samples(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(
+                f"is {v}: a prompt's best completion is kept when it beats the prompt's worst, so best-of-N needs "
+                "at least 2 samples (e.g. 8)"
+            )
+        return v
 
 
 class RecipeBase(Block):
@@ -887,10 +1055,8 @@ class RecipeBase(Block):
             )
         if self.finetuning.method == "qlora" and self.precision == "fp16" and self.model.dtype == "bf16":
             raise ValueError("precision fp16 with model.dtype bf16: set both to bf16, or both to fp16")
-        if self.data.memory_map and getattr(self, "stage", None) != "cpt":
-            raise ValueError("data.memory_map is for stage cpt (raw text, packed); remove it, or use stage: cpt")
-        if self.data.memory_map and not self.data.packing:
-            raise ValueError("data.memory_map reads packed rows from one token stream: set data.packing: true with it")
+        if self.data.memory_map is True and getattr(self, "stage", None) != "cpt":
+            raise ValueError("data.memory_map is for stage cpt (raw text); remove it, or use stage: cpt")
         stage = getattr(self, "stage", "")
         d = self.data
         if stage not in ("cpt", "sft"):
@@ -901,15 +1067,24 @@ class RecipeBase(Block):
                 )
         if stage != "sft" and any(x.quality_column for x in [*d.train, *d.eval]):
             raise ValueError(f"quality_column conditions sft on a quality label; stage {stage} does not read it")
+        if d.schedule is not None and stage not in ("cpt", "sft"):
+            raise ValueError(
+                f"data.schedule is supported for stages cpt and sft, not {stage}: remove it from the recipe"
+            )
+        if d.schedule is not None and d.replay is not None:
+            raise ValueError(
+                "data.replay and data.schedule both mix rows in: list the replay file under data.train and give it "
+                "a share in the schedule's weights, or remove data.schedule"
+            )
         if d.replay is not None and stage != "sft":
             raise ValueError(
                 f"data.replay mixes plain-text rows into sft; stage {stage} does not use it: remove data.replay "
                 "(for cpt, list the file under data.train)"
             )
-        if d.memory_map and (d.dedup or d.filter.active()):
+        if d.memory_map is True and (d.dedup or d.filter.active()):
             raise ValueError(
                 "data.memory_map reads the corpus as it is: data.dedup and data.filter do not apply to it; "
-                "remove them, or set data.memory_map: false"
+                "remove them, or set data.memory_map: auto (reads the rows into memory when they are set)"
             )
         if self.train.ema is not None and self.distributed.zero_stage == 3:
             raise ValueError(
@@ -1047,6 +1222,22 @@ def _prompt_sources(recipe: RecipeBase) -> None:
             )
 
 
+def _step_in_prompts(recipe: RecipeBase, stage: str, generations: int) -> None:
+    """grpo / ppo count a step in prompts (<stage>.prompts_per_step); train.grad_accum, which used to size
+    the step (micro_batch_size x grad_accum completions per process), would now silently mean something
+    else: refused unless it is 1, with the setting that keeps the old step."""
+    t = recipe.train
+    if t.grad_accum != 1:
+        old = t.micro_batch_size * t.grad_accum // generations
+        raise ValueError(
+            f"train.grad_accum {t.grad_accum}: {stage} counts a step in prompts, {stage}.prompts_per_step (all "
+            "processes), and splits its rows into micro-batches of train.micro_batch_size by itself; remove "
+            f"train.grad_accum (to keep the step of micro_batch_size x grad_accum = "
+            f"{t.micro_batch_size * t.grad_accum} completions per process, set {stage}.prompts_per_step: "
+            f"{max(old, 1)} x the number of processes)"
+        )
+
+
 class GrpoRecipe(RecipeBase):
     """Group relative policy optimisation (and RLOO): sample a group per prompt, score, push up the better ones."""
 
@@ -1057,13 +1248,7 @@ class GrpoRecipe(RecipeBase):
     @model_validator(mode="after")
     def _batch(self) -> GrpoRecipe:
         _prompt_sources(self)
-        t, g = self.train, self.grpo.num_generations
-        per_proc = t.micro_batch_size * t.grad_accum
-        if per_proc % g:
-            raise ValueError(
-                f"train.micro_batch_size x train.grad_accum = {per_proc} completions per process per step is not "
-                f"a multiple of grpo.num_generations={g}: a step must hold whole groups (e.g. micro_batch_size {g})"
-            )
+        _step_in_prompts(self, "grpo", self.grpo.num_generations)
         return self
 
 
@@ -1077,7 +1262,7 @@ class PpoRecipe(RecipeBase):
     @model_validator(mode="after")
     def _ppo(self) -> PpoRecipe:
         _prompt_sources(self)
-        p, t = self.ppo, self.train
+        p = self.ppo
         lora = self.finetuning.method in ("lora", "qlora")
         if p.memory is None:
             p.memory = "shared" if lora else "separate"
@@ -1086,12 +1271,7 @@ class PpoRecipe(RecipeBase):
                 f"ppo.memory shared needs finetuning.method lora or qlora (the policy and critic are adapters on one "
                 f"base), not {self.finetuning.method}: use memory: separate, or method: lora"
             )
-        mini = t.micro_batch_size * t.grad_accum
-        if p.rollout_batch_size is not None and p.rollout_batch_size % mini:
-            raise ValueError(
-                f"ppo.rollout_batch_size {p.rollout_batch_size} is not a multiple of train.micro_batch_size x "
-                f"train.grad_accum = {mini} (one optimizer step's mini-batch): use e.g. {mini * 2}"
-            )
+        _step_in_prompts(self, "ppo", 1)
         if p.critic_init == "reward" and not p.reward.models():
             raise ValueError(
                 "ppo.critic_init reward needs a reward model: set ppo.reward.model, or critic_init: policy"
@@ -1118,17 +1298,3 @@ Recipe = Annotated[
     Field(discriminator="stage"),
 ]
 STAGES = ("cpt", "sft", "rm", "dpo", "ppo", "grpo", "rejection_sampling")
-
-_FILE_SUFFIXES = {".json", ".jsonl", ".parquet", ".csv", ".txt", ".tsv", ".arrow", ".gz"}
-
-
-def looks_local(path: str) -> bool:
-    """True when a data / model path names the local filesystem rather than a hub id.
-
-    A path that exists, starts with ``.``, ``/`` or ``~``, has a data-file suffix, or has more than one
-    ``/`` is local; ``name`` or ``owner/name`` that does not exist is a hub id.
-    """
-    p = Path(path).expanduser()
-    if p.exists() or path.startswith((".", "/", "~")) or p.suffix.lower() in _FILE_SUFFIXES:
-        return True
-    return path.count("/") > 1

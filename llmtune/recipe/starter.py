@@ -41,6 +41,7 @@ class Starter:
     model_note: str = "the model to start from (hub id or local directory)"
 
 
+OMIT = object()  # a shared key a stage's starter leaves out (grpo / ppo: train.grad_accum, their step is in prompts)
 _LORA = {"method": "lora", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 _PREFERENCE = "one JSON object per line: prompt, chosen, rejected"
 _PROMPTS = "one JSON object per line: prompt and the answer the reward rule checks"
@@ -88,14 +89,15 @@ STARTERS: dict[str, Starter] = {
         "facts/prompts.jsonl",
         "prompts",
         _PROMPTS,
-        blocks={"train": {"micro_batch_size": 8, "lr": 1.0e-5}},  # a step holds whole groups (num_generations)
+        # a step is grpo.prompts_per_step prompts x num_generations; micro_batch_size only splits it
+        blocks={"train": {"micro_batch_size": 8, "grad_accum": OMIT, "lr": 1.0e-5}},
         model_note=_FROM_SFT,
     ),
     "ppo": Starter(
         "facts/prompts.jsonl",
         "prompts",
         _PROMPTS,
-        blocks={"train": {"lr": 1.0e-5}},
+        blocks={"train": {"micro_batch_size": 8, "grad_accum": OMIT, "lr": 1.0e-5}},  # step: ppo.prompts_per_step
         model_note=_FROM_SFT,
     ),
     "rejection_sampling": Starter(
@@ -249,7 +251,7 @@ def render(name: str, model: str | None = None, root: Path | None = None) -> str
     ]
     base = RecipeBase.model_fields
     for block, defaults in _SHARED.items():
-        values = {**defaults, **st.blocks.get(block, {})}
+        values = {k: v for k, v in {**defaults, **st.blocks.get(block, {})}.items() if v is not OMIT}
         sub = typing.cast(type[BaseModel], base[block].annotation)
         out.append(f"{block}:")
         if block == "model":

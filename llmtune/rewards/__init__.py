@@ -19,6 +19,7 @@ Importing this package loads neither torch nor transformers: they come with the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -36,6 +37,7 @@ __all__ = [
     "check_rewards",
     "model_source_name",
     "normalize_batch",
+    "reward_maximum",
 ]
 
 NORMALIZE_EPS = 1e-6
@@ -175,6 +177,26 @@ class Rewards:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def reward_maximum(cfg: RewardConfig) -> float | None:
+    """The highest total a reward block can give, when it is known: rules only (no reward model, no user
+    code), not normalised; sum over rules of weight x (the rule's maximum, or its minimum for a negative
+    weight). exact_match / contains / gsm8k / regex give 1.0 (a right answer), length_penalty 0.0. None when
+    unknown or unbounded. rejection_sampling's default threshold."""
+    from llmtune.rewards.rules import rule_range
+
+    if cfg.models() or cfg.normalize != "none":
+        return None
+    rules = cfg.rules()
+    weights = cfg.weights if cfg.weights is not None else [1.0] * len(rules)
+    total = 0.0
+    for spec, w in zip(rules, weights, strict=True):
+        r = rule_range(spec)
+        if r is None:
+            return None
+        total += w * (r[1] if w >= 0 else r[0])
+    return total if math.isfinite(total) else None
 
 
 def model_source_name(path: str) -> str:

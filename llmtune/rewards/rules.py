@@ -20,6 +20,7 @@ The answer a rule sees is the row's ``answer`` with a GSM8K-style ``#### <number
 from __future__ import annotations
 
 import importlib
+import math
 import re
 from collections.abc import Callable
 
@@ -46,6 +47,15 @@ def is_code_rule(spec: str) -> bool:
 def needs_answer(spec: str) -> bool:
     """Whether the built-in rule ``spec`` scores against the row's answer (module:function rules may use it)."""
     return spec in _NEEDS_ANSWER
+
+
+def rule_range(spec: str) -> tuple[float, float] | None:
+    """The (lowest, highest) score the built-in rule ``spec`` gives, or None when it is not known (user code)."""
+    if spec in _NEEDS_ANSWER or spec.startswith("regex:"):
+        return 0.0, 1.0
+    if spec.startswith("length_penalty:"):
+        return -math.inf, 0.0
+    return None
 
 
 def _unknown(spec: str) -> UserError:

@@ -9,10 +9,11 @@ from typing import Any, Protocol
 import torch
 
 from llmtune.data.pipeline import Sample, SourceReport, collate
-from llmtune.engine.batches import Batches
+from llmtune.engine.batches import Batches, ScheduledBatches
 from llmtune.engine.checkpoint import export_model
 from llmtune.engine.config import frozen_zero3_config
 from llmtune.model.load import Head, LoadedModel, ModelSpec, load
+from llmtune.objectives.logprobs import hidden_states_as_logits, lm_loss_sum_from_hidden, token_logps_from_hidden
 from llmtune.recipe.schema import RecipeBase
 
 
@@ -23,6 +24,8 @@ class StageData:
     reports: list[SourceReport]
     notes: list[str] = field(default_factory=list)
     reached: set[int] | None = None  # indices of the training samples this run's steps will use (None: all)
+    # data.schedule: each training source's id and rows (train holds them all, for the data summary)
+    sources: list[tuple[str, Any]] | None = None
 
 
 @dataclass
@@ -94,7 +97,11 @@ class StageDefaults:
         needs a statistic of the whole step adds it to the batches (every process calls it at once)."""
 
     def batch_source(self, data: StageData, recipe: Any, dist: Any, collate: Any) -> Any:
-        """Where the loop draws its windows from: the fixed, shuffled training samples."""
+        """Where the loop draws its windows from: the fixed, shuffled training samples, or with data.schedule
+        the sources' rows in the shares of each phase."""
+        if recipe.data.schedule is not None:
+            assert data.sources is not None, f"stage {recipe.stage} gives its sources for data.schedule"
+            return ScheduledBatches(data.sources, recipe, dist, collate)
         return Batches(data.train, recipe, dist, collate)
 
     def before_training(self, engine: Any, data: StageData, dist: Any, collate: Any) -> None:
@@ -127,6 +134,24 @@ def forward_lm(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.
             kwargs[k] = batch[k]
     logits = model(**kwargs, use_cache=False).logits
     return logits[:, -batch["input_ids"].shape[1] :]
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token loss over the learned tokens and their number, from the final hidden states and the
+    LM head applied a chunk of positions at a time (no (B, T, V) logits; objectives/logprobs.py)."""
+    with hidden_states_as_logits(model) as head:
+        hidden = forward_lm(model, batch)  # (B, T, H); the logits (B, T, V) where head is None
+    return lm_loss_sum_from_hidden(hidden, batch["labels"], head)
+
+
+def lm_token_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Token log-probs (B, T-1) of the labels, their mask and (with_entropy) the entropy per position, chunked
+    as lm_loss is."""
+    with hidden_states_as_logits(model) as head:
+        hidden = forward_lm(model, batch)
+    return token_logps_from_hidden(hidden, batch["labels"], head, with_entropy=with_entropy)
 
 
 def recipe_settings(recipe: RecipeBase, *parts: object) -> str:

@@ -16,15 +16,24 @@ class CptStage(LanguageModelStep):
     needs_chat_template = False
 
     def build_data(self, recipe: CptRecipe, tokenizer: Any, template: str | None) -> StageData:
-        d = recipe.data
-        if d.memory_map:  # tokenized once into the cache, read through a memory map while training
-            from llmtune.data.corpus import build_corpus
+        from llmtune.data.corpus import build_corpus, memory_map_plan
 
-            train, evals, reports = build_corpus(recipe, tokenizer, fingerprint_tokenizer(tokenizer, None))
-            return StageData(train=train, eval=evals, reports=reports)
-        settings = recipe_settings(recipe, d.packing, fingerprint_tokenizer(tokenizer, None))
+        d = recipe.data
+        fingerprint = fingerprint_tokenizer(tokenizer, None)
+        settings = recipe_settings(recipe, d.packing, fingerprint)
+        mapped, note = memory_map_plan(recipe)
+        if mapped:  # tokenized once into the cache, read through a memory map while training
+            train, evals, reports, sources = build_corpus(recipe, tokenizer, fingerprint, settings)
+            return StageData(train=train, eval=evals, reports=reports, sources=sources)
         encode = text_encoder(tokenizer, d.max_length, d.packing, (d.filter.min_tokens, d.filter.max_tokens))
         scorer = model_scorer(recipe, tokenizer) if d.filter.perplexity is not None else None
         bundle = build_data(recipe, encode, settings, "text", scorer=scorer)
         shape = (lambda ex: pack_stream(ex, d.max_length)) if d.packing else as_samples
-        return StageData(train=shape(bundle.train), eval=shape(bundle.eval), reports=bundle.reports, notes=bundle.notes)
+        notes = [note, *bundle.notes] if note else bundle.notes
+        data = StageData(train=[], eval=shape(bundle.eval), reports=bundle.reports, notes=notes)
+        if d.schedule is None:
+            data.train = shape(bundle.train)
+        else:  # each source packed on its own: the schedule draws rows by source
+            data.sources = [(name, shape(ex)) for name, ex in bundle.train_sources()]
+            data.train = [row for _, rows in data.sources for row in rows]
+        return data

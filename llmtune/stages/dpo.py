@@ -26,15 +26,14 @@ from llmtune.objectives.preference import (
     kto_reference_point,
     sequence_logps,
     simpo_loss,
-    token_logps,
 )
 from llmtune.recipe.schema import DpoRecipe
-from llmtune.stages.base import StageData, StageDefaults, StepOutput, forward_lm, recipe_settings
+from llmtune.stages.base import StageData, StageDefaults, StepOutput, lm_token_logps, recipe_settings
 
 
 def batch_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob (N,) of the labelled reply of every row, and its token count (N,)."""
-    lp, mask = token_logps(forward_lm(model, batch), batch["labels"])
+    lp, mask, _ = lm_token_logps(model, batch)  # (N, T-1), chunked: no (N, T, V) logits
     return sequence_logps(lp, mask)
 
 

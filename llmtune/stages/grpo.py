@@ -7,8 +7,11 @@ starting model: with lora / qlora the base with the adapter disabled, otherwise 
 the loss per token. The loop, checkpoints, logging and export are the engine's; this module declares the
 batch source (rollouts), the step and the evaluation.
 
-train.micro_batch_size counts completions: a step holds micro_batch_size x grad_accum completions per
-process, i.e. that many / num_generations prompts.
+A step is counted in prompts: grpo.prompts_per_step prompts over all processes, num_generations completions
+each; train.micro_batch_size only cuts those rows into forward passes (the accumulation follows). With
+grpo.dynamic_sampling, groups without reward spread are replaced by groups of freshly drawn prompts (up to
+grpo.dynamic_sampling_draws extra draws per step); a run where nearly every group has no spread is warned
+about, with what to change.
 """
 
 from __future__ import annotations
@@ -24,20 +27,20 @@ from llmtune.engine.config import frozen_zero3_config
 from llmtune.engine.distributed import all_reduce_sum
 from llmtune.generation.sample import end_tokens
 from llmtune.model.load import weight_dtype
-from llmtune.objectives.preference import IGNORE_INDEX, token_logps
+from llmtune.objectives.preference import IGNORE_INDEX
 from llmtune.objectives.rl import (
     aggregate_loss,
     clipped_policy_loss,
-    entropy_from_logits,
     group_advantages,
     kl_estimate,
     masked_mean,
+    pick_groups_with_spread,
     rloo_advantages,
     zero_std_groups,
 )
 from llmtune.recipe.schema import GrpoRecipe
-from llmtune.stages.base import StageData, StepOutput, forward_lm
-from llmtune.stages.online import OnlineStage
+from llmtune.stages.base import StageData, StepOutput, lm_token_logps
+from llmtune.stages.online import NoSignalWarning, OnlineStage, micro_batches, step_shape
 
 
 class GrpoStage(OnlineStage):
@@ -52,11 +55,37 @@ class GrpoStage(OnlineStage):
         return self.prompt_data(recipe, tokenizer, template)
 
     def batch_source(self, data: StageData, recipe: GrpoRecipe, dist: Any, collate: Any) -> Rollouts:
-        t, g = recipe.train, recipe.grpo
+        g = recipe.grpo
+        shape = step_shape(
+            g.prompts_per_step, g.num_generations, recipe.train.micro_batch_size, dist.world_size, "grpo"
+        )
         self.rollouts = Rollouts(
-            data.train, recipe, dist, t.micro_batch_size * t.grad_accum // g.num_generations, g.num_iterations
-        )  # num_iterations steps on each rollout's one window
+            data.train,
+            recipe,
+            dist,
+            shape["prompts"],
+            g.num_iterations,  # num_iterations steps on each rollout's one window
+            accum=shape["accum"],
+            rows_per_step=shape["rows_per_step"],
+            step_text=f"{g.prompts_per_step} prompts x {g.num_generations} generations per step"
+            + (" (dynamic sampling)" if g.dynamic_sampling else ""),
+        )
+        self.no_signal = NoSignalWarning(
+            f"of the groups have zero reward spread (all {g.num_generations} completions of a prompt scored "
+            "alike): they give no gradient (loss 0, grad_norm 0)",
+            "more generations (grpo.num_generations), a lower or higher generation.temperature, easier prompts, "
+            "or a graded reward (a reward model, or a rule mix such as length_penalty:N)"
+            + ("" if g.dynamic_sampling else "; grpo.dynamic_sampling: true replaces such groups"),
+        )
+        self.rollouts.on_step = self.on_step
         return self.rollouts
+
+    def on_step(self, metrics: dict[str, float]) -> None:
+        message = self.no_signal.check(metrics.get("frac_reward_zero_std"))
+        if message is not None:
+            from llmtune.engine.report import run_console
+
+            run_console(self.dist.is_main).print(f"[yellow]{message}[/]")
 
     def before_training(self, engine: Any, data: StageData, dist: Any, collate: Any) -> None:
         from llmtune.rewards import build_rewards
@@ -79,31 +108,51 @@ class GrpoStage(OnlineStage):
         self.rollouts.make = self.make_rollouts
 
     def make_rollouts(self, prompts: list[PromptExample], seed: int) -> list[Window]:
-        """Generate and score this rank's completions, compute advantages, and cut them into the window's
-        micro-batches (with the old and reference log-probs the step needs)."""
+        """Generate and score this rank's completions (with dynamic sampling: more prompts in place of the
+        groups without reward spread), compute advantages, and cut them into the window's micro-batches (with
+        the old and reference log-probs the step needs)."""
         cfg, t = self.recipe.grpo, self.recipe.train
         g = cfg.num_generations
-        outs = self._sample(prompts, g, seed)
+        drawn, outs = list(prompts), self._sample(prompts, g, seed)
         scored = self._score(prompts, outs, g)
-        rewards = torch.tensor(scored.total, dtype=torch.float64)
+        totals, sources = list(scored.total), {k: list(v) for k, v in scored.per_source.items()}
+        draws = 0
+        if cfg.dynamic_sampling:
+            for draw in range(1, cfg.dynamic_sampling_draws + 1):
+                zero = zero_std_groups(torch.tensor(totals, dtype=torch.float64), g).tolist()
+                short = max(0, len(prompts) - zero.count(False))
+                # every process draws as long as one is short: generation (ZeRO-3) and reward models are collective
+                if all_reduce_sum(torch.tensor([float(short)], device=self.dist.device)).item() == 0:
+                    break
+                extra = self.rollouts.extra_prompts(seed, draw)
+                more = self._sample(extra, g, seed * 1009 + draw)
+                res = self._score(extra, more, g)
+                drawn, outs, totals = drawn + extra, outs + more, totals + list(res.total)
+                for k, v in res.per_source.items():
+                    sources[k] += list(v)
+                draws = draw
+        sampled = torch.tensor(totals, dtype=torch.float64)
+        zero = zero_std_groups(sampled, g).tolist()
+        keep = pick_groups_with_spread(zero, len(prompts)) if cfg.dynamic_sampling else list(range(len(prompts)))
+        self._rollout_metrics(sources, sampled, outs, g, [zero[i] for i in keep], draws)
+        rows_of = [i * g + j for i in keep for j in range(g)]
+        rewards = sampled[rows_of]
         if cfg.advantage == "rloo":
             adv = rloo_advantages(rewards, g)
         elif cfg.scale_rewards == "batch":  # the std of the whole step's rewards, over every process
             adv = group_advantages(rewards, g, scale="none") / (self._global_std(rewards) + 1e-4)
         else:
             adv = group_advantages(rewards, g, scale=cfg.scale_rewards)
-        self._rollout_metrics(scored, rewards, outs, g)
 
         rows = []
-        for p, (ids, ended), a in zip([p for p in prompts for _ in range(g)], outs, adv.tolist(), strict=True):
+        for r, a in zip(rows_of, adv.tolist(), strict=True):
             # the stop token the sample ended with is learned as sampled: its log-prob enters the importance
             # ratio and the KL, and a stop token the loss never saw could otherwise drift up unpenalised
-            completion = ids
+            p, (completion, ended) = drawn[r // g], outs[r]
             learn = not (cfg.mask_truncated_completions and not ended)
             labels = [IGNORE_INDEX] * len(p.input_ids) + (completion if learn else [IGNORE_INDEX] * len(completion))
             rows.append((p.input_ids + completion, labels, a))
-        mb = t.micro_batch_size
-        window = [self._collate(rows[i : i + mb]) for i in range(0, len(rows), mb)]
+        window = [self._collate(chunk) for chunk in micro_batches(rows, t.micro_batch_size)]
         if cfg.num_iterations > 1 or cfg.beta > 0:
             self._add_logps(window)
         return [window] * cfg.num_iterations
@@ -124,13 +173,13 @@ class GrpoStage(OnlineStage):
         for batch in window:
             b = {k: v.to(dev) for k, v in batch.items()}
             if self.recipe.grpo.num_iterations > 1:
-                batch["old_logps"] = token_logps(forward_lm(self.engine, b), b["labels"])[0].cpu()
+                batch["old_logps"] = lm_token_logps(self.engine, b)[0].cpu()
             if self.recipe.grpo.beta > 0:
                 if self.reference is not None:
-                    ref = token_logps(forward_lm(self.reference, b), b["labels"])[0]
+                    ref = lm_token_logps(self.reference, b)[0]
                 else:
                     with model.disable_adapter():
-                        ref = token_logps(forward_lm(self.engine, b), b["labels"])[0]
+                        ref = lm_token_logps(self.engine, b)[0]
                 batch["ref_logps"] = ref.cpu()
         model.train(was_training)
 
@@ -140,12 +189,21 @@ class GrpoStage(OnlineStage):
         n, mean = s[0].item(), s[1].item() / max(s[0].item(), 1)
         return math.sqrt(max(s[2].item() / max(n, 1) - mean**2, 0.0) * n / max(n - 1, 1))
 
-    def _rollout_metrics(self, scored: Any, rewards: torch.Tensor, outs: list[Any], g: int) -> None:
+    def _rollout_metrics(
+        self,
+        sources: dict[str, list[float]],
+        rewards: torch.Tensor,
+        outs: list[Any],
+        g: int,
+        trained_zero: list[bool],
+        draws: int,
+    ) -> None:
         """Reward mean / std (overall and per source), share of groups with no reward spread, completion
-        length and share that ended: over every process's rollouts."""
+        length and share that ended: over every process's sampled completions (extra draws included); with
+        dynamic sampling also the extra draws and the share of trained groups without spread."""
         lengths = torch.tensor([len(ids) - e for ids, e in outs], dtype=torch.float64)
         ended = torch.tensor([float(e) for _, e in outs], dtype=torch.float64)
-        names = sorted(scored.per_source)
+        names = sorted(sources)
         parts = [
             torch.tensor(float(len(rewards))),
             rewards.sum(),
@@ -154,7 +212,9 @@ class GrpoStage(OnlineStage):
             torch.tensor(float(len(rewards) // g)),
             lengths.sum(),
             ended.sum(),
-            *[torch.tensor(scored.per_source[k], dtype=torch.float64).sum() for k in names],
+            torch.tensor(float(sum(trained_zero))),
+            torch.tensor(float(len(trained_zero))),
+            *[torch.tensor(sources[k], dtype=torch.float64).sum() for k in names],
         ]
         s = all_reduce_sum(torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in parts]).to(self.dist.device))
         s = s.cpu().tolist()
@@ -167,7 +227,10 @@ class GrpoStage(OnlineStage):
         m["frac_reward_zero_std"] = s[3] / max(s[4], 1.0)
         m["completion_length"] = s[5] / n
         m["ended"] = s[6] / n
-        for k, v in zip(names, s[7:], strict=True):
+        if self.recipe.grpo.dynamic_sampling:
+            m["extra_draws"] = float(draws)
+            m["frac_trained_zero_std"] = s[7] / max(s[8], 1.0)
+        for k, v in zip(names, s[9:], strict=True):
             m[f"reward/{k}"] = v / n
 
     # --- the step ---------------------------------------------------------------------------------------------
@@ -179,8 +242,7 @@ class GrpoStage(OnlineStage):
 
     def step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         cfg = self.recipe.grpo
-        logits = forward_lm(model, batch)  # (B, T, V)
-        logp, mask = token_logps(logits, batch["labels"])  # (B, T-1)
+        logp, mask, entropy = lm_token_logps(model, batch, with_entropy=True)  # (B, T-1) each, chunked
         old = batch["old_logps"] if "old_logps" in batch else logp.detach()
         per_token, clipped = clipped_policy_loss(logp, old, batch["advantages"], cfg.epsilon, cfg.epsilon_high)
         kl = None
@@ -189,10 +251,10 @@ class GrpoStage(OnlineStage):
             per_token = per_token + cfg.beta * kl
         loss_sum, units = aggregate_loss(per_token, mask, cfg.loss_type, self.recipe.generation.max_new_tokens)
         with torch.no_grad():  # token means of this micro-batch, weighted by its units in the step's mean
-            entropy = entropy_from_logits(logits[:, :-1].detach())
+            assert entropy is not None
             metrics = {
                 "clip_fraction": masked_mean(clipped, mask) * units,
-                "entropy": masked_mean(entropy, mask) * units,
+                "entropy": masked_mean(entropy.detach(), mask) * units,
             }
             if kl is not None:
                 metrics["kl"] = masked_mean(kl.detach(), mask) * units

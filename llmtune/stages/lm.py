@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from llmtune.objectives.lm import count_targets, lm_loss_sum
-from llmtune.stages.base import StageDefaults, StepOutput, forward_lm
+from llmtune.objectives.lm import count_targets
+from llmtune.stages.base import StageDefaults, StepOutput, lm_loss
 
 
 class LanguageModelStep(StageDefaults):
@@ -13,6 +13,5 @@ class LanguageModelStep(StageDefaults):
         return count_targets(batch["labels"])
 
     def step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
-        logits = forward_lm(model, batch)  # (B, T, V)
-        loss_sum, n = lm_loss_sum(logits, batch["labels"])
+        loss_sum, n = lm_loss(model, batch)  # no (B, T, V) logits: the head runs per chunk of positions
         return StepOutput(loss_sum=loss_sum, units=n)

@@ -19,6 +19,56 @@ from llmtune.generation.sample import rollout
 from llmtune.stages.base import StageData, StageDefaults
 
 
+def step_shape(prompts_per_step: int, generations: int, micro_batch_size: int, world_size: int, what: str) -> dict:
+    """How a step counted in prompts is cut: `prompts_per_step` prompts over all processes, `generations`
+    completions (rows) each, split into micro-batches of `micro_batch_size` rows for memory only. Returns this
+    process's prompts and rows per step, the micro-batches (accumulation) that hold them, and the rows per step
+    over all processes. RecipeError when the prompts do not split evenly over the processes."""
+    if prompts_per_step % world_size:
+        up = -(-prompts_per_step // world_size) * world_size
+        raise RecipeError(
+            f"{what}.prompts_per_step {prompts_per_step} does not split evenly over {world_size} processes",
+            hint=f"set {what}.prompts_per_step to a multiple of {world_size} (e.g. {up})",
+        )
+    prompts = prompts_per_step // world_size
+    rows = prompts * generations
+    return {
+        "prompts": prompts,
+        "rows": rows,
+        "accum": math.ceil(rows / micro_batch_size),
+        "rows_per_step": rows * world_size,
+    }
+
+
+def micro_batches(rows: list[Any], micro_batch_size: int) -> list[list[Any]]:
+    """A step's rows cut into micro-batches of micro_batch_size (the last may be smaller): what fits in memory
+    at once; the loss is normalised over the whole step, so the cut does not change the update."""
+    return [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+
+
+class NoSignalWarning:
+    """Says when a step had (nearly) no learning signal: `share` >= `at` (0.9) of its groups without reward
+    spread. Once at the first such step, then at most every `every` steps while it goes on, each time with
+    what to change. ``check`` returns the message to print, or None."""
+
+    def __init__(self, what: str, fix: str, at: float = 0.9, every: int = 50) -> None:
+        self.what, self.fix, self.at, self.every = what, fix, at, every
+        self.step = 0  # steps seen
+        self.last: int | None = None  # the step of the last warning
+        self.count = 0  # steps without signal so far
+
+    def check(self, share: float | None) -> str | None:
+        self.step += 1
+        if share is None or share < self.at:
+            return None
+        self.count += 1
+        if self.last is not None and self.step - self.last < self.every:
+            return None
+        self.last = self.step
+        again = f" ({self.count} such steps so far)" if self.count > 1 else ""
+        return f"warning: this step, {share:.0%} {self.what}{again}\nfix: {self.fix}"
+
+
 class OnlineStage(StageDefaults):
     needs_chat_template = True
 

@@ -13,8 +13,10 @@ adapters disabled; otherwise a frozen copy); with ppo.memory shared, one base ho
 and a lora reward model as adapters. The loop, checkpoints (with the KL controller's state), logging and
 export are the engine's.
 
-train.micro_batch_size counts completions; one optimizer step takes micro_batch_size x grad_accum of them
-per process; a rollout holds ppo.rollout_batch_size (default: one step's worth).
+A step is counted in prompts: ppo.prompts_per_step prompts (one completion each) over all processes;
+train.micro_batch_size only cuts them into forward passes (the accumulation follows). A rollout holds
+ppo.rollout_batch_size completions per process (default: one step's worth). A run whose rollouts all score
+alike (no reward spread) is warned about, with what to change.
 """
 
 from __future__ import annotations
@@ -44,18 +46,19 @@ from llmtune.model.actor_critic import (
     load_reward_adapter,
 )
 from llmtune.model.load import LoadedModel, ModelSpec, _numel, load, weight_dtype
-from llmtune.objectives.preference import IGNORE_INDEX, token_logps
+from llmtune.objectives.logprobs import hidden_states_as_logits, token_logps_from_hidden
+from llmtune.objectives.preference import IGNORE_INDEX
 from llmtune.objectives.rl import (
     AdaptiveKLController,
     clipped_policy_loss,
     clipped_value_loss,
-    entropy_from_logits,
+    explained_variance_of_moments,
     gae,
     kl_estimate,
 )
 from llmtune.recipe.schema import PpoRecipe
 from llmtune.stages.base import StageData, StepOutput
-from llmtune.stages.online import OnlineStage
+from llmtune.stages.online import NoSignalWarning, OnlineStage, micro_batches, step_shape
 
 _ROW_KEYS = ("old_logps", "old_values", "advantages", "returns")  # (T-1,) per row, beside ids and labels
 
@@ -75,10 +78,34 @@ class PpoStage(OnlineStage):
         return self.prompt_data(recipe, tokenizer, template)
 
     def batch_source(self, data: StageData, recipe: PpoRecipe, dist: Any, collate: Any) -> Rollouts:
-        t, p = recipe.train, recipe.ppo
-        mini = t.micro_batch_size * t.grad_accum
+        p = recipe.ppo
+        shape = step_shape(p.prompts_per_step, 1, recipe.train.micro_batch_size, dist.world_size, "ppo")
+        mini = shape["prompts"]  # one step's completions on this process
         size = p.rollout_batch_size or mini
-        self.rollouts = Rollouts(data.train, recipe, dist, size, p.ppo_epochs * (size // mini))
+        if size % mini:
+            raise RecipeError(
+                f"ppo.rollout_batch_size {size} is not a multiple of the {mini} completions one optimizer step takes "
+                f"per process (ppo.prompts_per_step {p.prompts_per_step} over {dist.world_size} process(es))",
+                hint=f"set ppo.rollout_batch_size to a multiple of {mini} (e.g. {mini * 2}), or change "
+                "ppo.prompts_per_step",
+            )
+        self.rollouts = Rollouts(
+            data.train,
+            recipe,
+            dist,
+            size,
+            p.ppo_epochs * (size // mini),
+            accum=shape["accum"],
+            rows_per_step=shape["rows_per_step"],
+            step_text=f"{p.prompts_per_step} prompts x 1 generation per step, rollouts of {size * dist.world_size} "
+            f"x {p.ppo_epochs} epochs",
+        )
+        self.no_signal = NoSignalWarning(
+            "of the rollout's completions scored alike (reward std 0): the policy gets no reward signal, only the "
+            "KL penalty",
+            "a lower or higher generation.temperature, easier prompts, or a graded reward (a reward model, or a "
+            "rule mix such as length_penalty:N); a 0/1 rule that nothing satisfies teaches nothing",
+        )
         return self.rollouts
 
     def load_model(self, recipe: PpoRecipe, device: torch.device, tokenizer: Any) -> LoadedModel:
@@ -222,27 +249,23 @@ class PpoStage(OnlineStage):
         was_training = model.training
         model.eval()
         try:
-            logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], part="policy")
-            old, _ = token_logps(logits, b["labels"])
-            del logits
+            old = policy_logps(engine, b)[0]
             if self.reference is not None:
-                ref_logits = self.reference(
-                    input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False
-                ).logits
+                with hidden_states_as_logits(self.reference) as head:
+                    out = self.reference(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+                ref = token_logps_from_hidden(out.logits, b["labels"], head)[0]
             else:
                 with model.policy.disable_adapter():
-                    ref_logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], part="policy")
-            ref, _ = token_logps(ref_logits, b["labels"])
+                    ref = policy_logps(engine, b)[0]
             values = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], part="values")[:, :-1]
         finally:
             model.train(was_training)
         return old, ref, values.float() * b["mask"]
 
     def _windows(self, rows: list[dict], seed: int) -> list[Window]:
-        """ppo_epochs passes over the rollout in a seeded order, cut into steps of micro_batch_size x grad_accum
-        rows, each step a list of grad_accum micro-batches."""
-        t = self.recipe.train
-        mb, mini = t.micro_batch_size, t.micro_batch_size * t.grad_accum
+        """ppo_epochs passes over the rollout in a seeded order, cut into steps of this process's share of
+        prompts_per_step rows, each step cut into micro-batches of micro_batch_size."""
+        mb, mini = self.recipe.train.micro_batch_size, self.rollouts.rows_per_step // self.dist.world_size
         windows = []
         for epoch in range(self.recipe.ppo.ppo_epochs):
             g = torch.Generator().manual_seed(seed * 31 + epoch)
@@ -250,7 +273,7 @@ class PpoStage(OnlineStage):
             for s in range(0, len(rows), mini):
                 idx = order[s : s + mini]
                 pad = self.tokenizer.pad_token_id
-                windows.append([_collate([rows[i] for i in idx[k : k + mb]], pad) for k in range(0, mini, mb)])
+                windows.append([_collate([rows[i] for i in chunk], pad) for chunk in micro_batches(idx, mb)])
         return windows
 
     def _global_moments(self, flat: torch.Tensor) -> tuple[float, float]:
@@ -280,11 +303,10 @@ class PpoStage(OnlineStage):
             (ret - val).sum().item(),
             ((ret - val) ** 2).sum().item(),
             *[sum(scored.per_source[k]) for k in names],
+            sum(x * x for x in scored.total),
         ]
         s = all_reduce_sum(torch.tensor(parts, dtype=torch.float64, device=self.dist.device)).cpu().tolist()
         n, nt = max(s[0], 1.0), max(s[5], 1.0)
-        var_r = s[7] / nt - (s[6] / nt) ** 2
-        var_e = s[9] / nt - (s[8] / nt) ** 2
         m = self.rollouts.last_metrics
         m.clear()
         m["reward"] = s[1] / n
@@ -293,8 +315,11 @@ class PpoStage(OnlineStage):
         m["non_score_reward"] = -coef * s[2] / n
         m["completion_length"] = s[3] / n
         m["ended"] = s[4] / n
-        m["explained_variance"] = 1 - var_e / var_r if var_r > 1e-12 else float("nan")
-        for k, v in zip(names, s[10:], strict=True):
+        m["explained_variance"] = explained_variance_of_moments(s[6] / nt, s[7] / nt, s[8] / nt, s[9] / nt)
+        m["reward_std"] = math.sqrt(max(s[10 + len(names)] / n - (s[1] / n) ** 2, 0.0))
+        # one completion per prompt: the rollout is the group; all scored alike = no reward signal
+        m["frac_reward_zero_std"] = 1.0 if m["reward_std"] < 1e-9 else 0.0
+        for k, v in zip(names, s[10 : 10 + len(names)], strict=True):
             m[f"reward/{k}"] = v / n
         self.kl_ctl.update(s[2] / n, int(s[0]))
 
@@ -304,6 +329,11 @@ class PpoStage(OnlineStage):
         bound = self.recipe.ppo.early_stop_kl
         if bound is not None and metrics.get("approx_kl", 0.0) > bound:
             self.rollouts.skip_rest = True
+        message = self.no_signal.check(metrics.get("frac_reward_zero_std"))
+        if message is not None:
+            from llmtune.engine.report import run_console
+
+            run_console(self.dist.is_main).print(f"[yellow]{message}[/]")
 
     # --- the step --------------------------------------------------------------------------------------------
 
@@ -313,22 +343,18 @@ class PpoStage(OnlineStage):
     def step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         p = self.recipe.ppo
         ids, attn = batch["input_ids"], batch["attention_mask"]
-        logits = model(input_ids=ids, attention_mask=attn, part="policy")
-        logp, mask = token_logps(logits, batch["labels"])
+        logp, mask, entropy = policy_logps(model, batch, with_entropy=True)  # (B, T-1) each, chunked
+        assert entropy is not None
         values = model(input_ids=ids, attention_mask=attn, part="values")[:, :-1]
         old = batch["old_logps"]
         pg, clipped = clipped_policy_loss(logp, old, batch["advantages"], p.cliprange, dual_clip=p.dual_clip)
         vf, vf_clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], mask, p.cliprange_value)
         per_token = pg + p.vf_coef * vf
-        entropy = None
-        if p.entropy_coef > 0:
-            entropy = entropy_from_logits(logits[:, :-1])
+        if p.entropy_coef > 0:  # the entropy bonus, differentiated through the chunked head as the log-probs are
             per_token = per_token - p.entropy_coef * entropy
         units = mask.sum().double()
         loss_sum = (per_token * mask).sum()
         with torch.no_grad():
-            if entropy is None:
-                entropy = entropy_from_logits(logits[:, :-1].detach())
             log_ratio = (logp - old) * mask
             metrics = {
                 "policy_loss": (pg * mask).sum().double(),
@@ -409,3 +435,15 @@ def _collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         b[key] = x
     del b["mask"], b["lengths"]
     return b
+
+
+def policy_logps(
+    model: Any, b: dict[str, torch.Tensor], with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Token log-probs (B, T-1) of the labels under the actor-critic's policy, their mask and (with_entropy) the
+    entropy per position: from the policy's hidden states, its LM head applied per chunk of positions (no
+    (B, T, V) logits). adapter_switching: a peft-wrapped head is not split off where one peft model holds the
+    policy and critic adapters (the adapter active in backward could differ)."""
+    with hidden_states_as_logits(model, adapter_switching=True) as head:
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], part="policy")
+    return token_logps_from_hidden(out, b["labels"], head, with_entropy=with_entropy)

@@ -5,7 +5,8 @@ winners with the sft stage and the shared training loop; the next round starts f
 ``output_dir`` holds one directory per round and, after the last one, the final model::
 
     round-K/samples.jsonl    every completion: prompt, answer, completion, ended, rewards per source, total
-    round-K/selected.jsonl   per prompt, the best completion (when it clears the threshold) as a messages row
+    round-K/selected.jsonl   per prompt, the best completion as a messages row, when it beats the prompt's worst
+                             and clears the threshold (default: the rule's maximum, a right answer)
     round-K/pairs.jsonl      selection best_and_worst: {prompt, chosen, rejected} rows that dpo reads
     round-K/generated.json   the round's statistics, written last: generation of the round is complete
     round-K/model/           the sft run of the round (checkpoints, metrics, its model)
@@ -35,6 +36,7 @@ from rich.console import Console
 
 from llmtune.errors import DataError, UserError
 from llmtune.manifest import RunManifest, status_of
+from llmtune.objectives.rl import best_of_n
 from llmtune.recipe.schema import DataConfig, DataSource, RejectionSamplingRecipe, SftRecipe
 
 GENERATED = "generated.json"  # written last in a round directory: its generation is complete
@@ -446,16 +448,16 @@ def generate_round(
         stats = json.loads((done if done.is_file() else rdir / "stats.json").read_text())
     if stats["kept"] == 0:
         raise DataError(
-            f"round {k}: no prompt has a completion that clears the selection "
-            + (
-                f"(threshold {rs.threshold}; the best reward was {stats['max_reward']:.4g})"
-                if rs.threshold is not None
-                else "(every best completion is empty)"
-            )
-            + f"; see {rdir / 'samples.jsonl'}",
-            hint="lower rejection_sampling.threshold (or remove it), raise num_samples or generation.temperature, "
-            "or start from a model that solves some prompts (e.g. an sft output); check that the reward rule "
-            "fits the data's `answer`",
+            f"round {k}: no prompt kept, nothing to fine-tune on: of {stats['prompts']} prompts, "
+            f"{stats['no_spread']} had no reward spread (all {n} samples scored alike), "
+            f"{stats['under_threshold']} had a best under the threshold"
+            + (f" {stats['threshold']}" if stats["threshold"] is not None else "")
+            + (f", {stats['empty']} had an empty best" if stats["empty"] else "")
+            + f" (the best reward was {stats['max_reward']:.4g}); see {rdir / 'samples.jsonl'}"
+            + (f"; rounds 1-{k - 1} are finished in {rdir.parent}/round-*/model" if k > 1 else ""),
+            hint="raise rejection_sampling.num_samples or generation.temperature, use easier prompts (or start from "
+            "a model that solves some, e.g. an sft output), or lower rejection_sampling.threshold; check that the "
+            "reward rule fits the data's `answer`",
         )
     return stats
 
@@ -473,6 +475,8 @@ def _select_and_write(
     samples, selected, pairs = [], [], []
     best_totals, all_totals, lengths, ended = [], [], [], []
     match: list[float] = []
+    threshold = selection_threshold(rs)
+    counts = {"no_spread": 0, "under_threshold": 0, "empty": 0}
     for p, g in zip(prompts, groups, strict=True):
         totals = g["totals"]
         for j, c in enumerate(g["completions"]):
@@ -496,16 +500,21 @@ def _select_and_write(
         ended.extend(g["ended"])
         if not totals:
             continue
-        best = max(range(len(totals)), key=lambda j: totals[j])  # the first of equals
-        worst = min(range(len(totals)), key=lambda j: totals[j])
+        pick = best_of_n(torch.tensor([totals], dtype=torch.float64), threshold)
+        best, worst = int(pick["best"][0]), int(pick["worst"][0])
         best_totals.append(totals[best])
-        if rs.threshold is not None and totals[best] < rs.threshold:
+        if not pick["spread"][0]:
+            counts["no_spread"] += 1
+            continue
+        if not pick["clears"][0]:
+            counts["under_threshold"] += 1
             continue
         content = g["completions"][best]
         if not content.strip():
+            counts["empty"] += 1
             continue  # sft cannot learn an empty reply
         selected.append({"messages": [*p.messages, {"role": "assistant", "content": content}]})
-        if rs.selection == "best_and_worst" and totals[best] > totals[worst]:
+        if rs.selection == "best_and_worst":
             pairs.append({"prompt": p.messages, "chosen": content, "rejected": g["completions"][worst]})
     rdir.mkdir(parents=True, exist_ok=True)
     _write_jsonl(rdir / "samples.jsonl", samples)
@@ -522,6 +531,8 @@ def _select_and_write(
         "max_reward": max(all_totals) if all_totals else None,
         "kept": len(selected),
         "kept_fraction": len(selected) / len(prompts) if prompts else 0.0,
+        **counts,
+        "threshold": threshold,
         "exact_match": mean(match),
         "mean_completion_tokens": mean(lengths),
         "ended_fraction": mean([float(e) for e in ended]),
@@ -535,6 +546,16 @@ def _select_and_write(
     else:
         _write_json(rdir / "stats.json", stats)
     return stats
+
+
+def selection_threshold(rs: Any) -> float | None:
+    """The threshold a prompt's best must clear: rejection_sampling.threshold, or (null) the reward's known
+    maximum (exact_match and the like: 1.0, a right answer), or none (reward models, user code, "none")."""
+    from llmtune.rewards import reward_maximum
+
+    if rs.threshold == "none":
+        return None
+    return float(rs.threshold) if rs.threshold is not None else reward_maximum(rs.reward)
 
 
 def _is_match_source(name: str) -> bool:
@@ -551,7 +572,8 @@ def _stats_line(s: dict[str, Any]) -> str:
         f"round {s['round']}: {s['prompts']} prompts, {s['samples']} samples",
         f"mean reward {f(s['mean_reward'])}",
         f"mean best {f(s['mean_best_reward'])}",
-        f"kept {s['kept']} ({f(s['kept_fraction'])})",
+        f"kept {s['kept']} ({f(s['kept_fraction'])}), no spread {s['no_spread']}, under threshold "
+        f"{f(s['threshold'])} {s['under_threshold']}" + (f", empty {s['empty']}" if s["empty"] else ""),
         f"exact match {f(s['exact_match'])}",
         f"length {f(s['mean_completion_tokens'])} tokens",
         f"ended {f(s['ended_fraction'])}",

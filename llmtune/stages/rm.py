@@ -11,12 +11,12 @@ from llmtune.data.pipeline import fingerprint_tokenizer
 from llmtune.data.preference import build_preference_data, collate_preference
 from llmtune.engine.checkpoint import export_model
 from llmtune.model.load import LoadedModel, ModelSpec, load
+from llmtune.objectives.logprobs import token_logps_from_hidden
 from llmtune.objectives.preference import (
     bradley_terry_loss,
     pointwise_loss,
     ranked_pairs,
     reward_centering,
-    token_logps,
 )
 from llmtune.recipe.schema import MERGEABLE_METHODS, RmRecipe
 from llmtune.stages.base import StageData, StageDefaults, StepOutput, recipe_settings
@@ -102,8 +102,8 @@ class RmStage(StageDefaults):
             # LM regulariser: w * mean token NLL of each row's preferred response, counted once per pair of the row
             best = (rank == 0).nonzero().squeeze(-1)  # (B,) rows of the preferred responses, in row order
             hidden = out.hidden_states[-1][best]  # (B, T, H)
-            logits = hidden @ self.lm_head.T  # (B, T, V)
-            token_logp, mask = token_logps(logits, batch["labels"][best])
+            w = self.lm_head  # (V, H), frozen: applied per chunk of positions, no (B, T, V) logits
+            token_logp, mask, _ = token_logps_from_hidden(hidden, batch["labels"][best], lambda h: h @ w.T)
             nll = -(token_logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
             pairs_per_row = torch.bincount(row, minlength=b).to(nll.dtype)  # (B,)
             lm_sum = (nll * pairs_per_row[group[best]]).sum()

@@ -33,9 +33,14 @@ class SftStage(LanguageModelStep):
         bundle = build_data(recipe, encoder, settings, scorer=scorer)
         if d.replay is not None:
             add_replay(recipe, bundle, tokenizer, settings)
-        if d.packing:
-            train = pack_examples(bundle.train, d.max_length, recipe.seed)
-            evals = pack_examples(bundle.eval, d.max_length, recipe.seed)
-        else:
-            train, evals = as_samples(bundle.train), as_samples(bundle.eval)
-        return StageData(train=train, eval=evals, reports=bundle.reports, notes=bundle.notes)
+
+        def shape(examples: list) -> list:
+            return pack_examples(examples, d.max_length, recipe.seed) if d.packing else as_samples(examples)
+
+        data = StageData(train=[], eval=shape(bundle.eval), reports=bundle.reports, notes=bundle.notes)
+        if d.schedule is None:
+            data.train = shape(bundle.train)
+        else:  # each source packed on its own: the schedule draws rows by source
+            data.sources = [(name, shape(ex)) for name, ex in bundle.train_sources()]
+            data.train = [row for _, rows in data.sources for row in rows]
+        return data

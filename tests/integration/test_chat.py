@@ -62,9 +62,29 @@ def test_chat_streams_keeps_history_resets_and_exits(tmp_path: Path) -> None:
     assert child.exitstatus == 0, child.before
 
 
-def test_ctrl_d_quits_and_ctrl_c_stops_a_reply() -> None:
-    # greedy, the tiny model's reply to this message runs for hundreds of tokens before an end token
-    child = spawn(str(TINY_MODEL), "--max-new-tokens", "2000", "--temperature", "0")
+def endless_model(tmp_path: Path) -> Path:
+    """The tiny model made unable to end a reply: its generation config suppresses every special or added token
+    (so no end token is ever chosen) and its context is a million positions, so that a reply runs until stopped."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "endless"
+    shutil.copytree(TINY_MODEL, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1_000_000}))
+    generation = json.loads((model / "generation_config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    specials = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder) | {config["eos_token_id"]}
+    specials |= set(generation.get("eos_token_id") or [])
+    (model / "generation_config.json").write_text(json.dumps({**generation, "suppress_tokens": sorted(specials)}))
+    return model
+
+
+def test_ctrl_d_quits_and_ctrl_c_stops_a_reply(tmp_path: Path) -> None:
+    # a reply that cannot end by itself: only the Ctrl-C below ends it, however slow or fast the machine
+    child = spawn(str(endless_model(tmp_path)), "--max-new-tokens", "1000000", "--temperature", "0")
     child.expect_exact(PROMPT)
     child.sendline("tell me a long story")
     child.expect_exact("tell me a long story\r\n")  # the terminal's echo

@@ -67,19 +67,20 @@ def test_rows_are_slices_of_the_token_file(tmp_path: Path) -> None:
     (tmp_path / "t.bin").write_bytes(tokens.tobytes())
     f = TokenFile(tmp_path / "t.bin", "uint16", 10)
     assert rows_in(10, 4) == 3 and rows_in(9, 4) == 2  # a last piece of one token is no row
-    corpus = PackedCorpus([f, f], 4, np.array([4, 0, 5], dtype=np.int64))
-    assert [s.input_ids for s in corpus] == [[4, 5, 6, 7], [0, 1, 2, 3], [8, 9]]
-    assert corpus[2].labels == [8, 9]
-    assert corpus.summary() == {"rows": 3, "tokens": 10, "learned": 7, "longest": 4}
+    # segments (file, start, length): [4..7], [0..2], [8, 9] laid end to end, cut into rows of 4
+    seg = (np.array([0, 1, 0]), np.array([4, 0, 8]), np.array([4, 3, 2]))
+    corpus = PackedCorpus([f, f], 4, *seg)
+    assert [s.input_ids for s in corpus] == [[4, 5, 6, 7], [0, 1, 2, 8]]  # a last piece of 1 token is no row
+    assert corpus[1].labels == [0, 1, 2, 8]
+    assert corpus.summary() == {"rows": 2, "tokens": 8, "learned": 6, "longest": 4}
+    chunks = PackedCorpus([f, f], 4, *seg, packed=False)  # without packing a segment is a row
+    assert [s.input_ids for s in chunks] == [[4, 5, 6, 7], [0, 1, 2], [8, 9]]
+    assert chunks.summary() == {"rows": 3, "tokens": 9, "learned": 6, "longest": 4}
 
 
 def test_memory_map_refusals(tmp_path: Path) -> None:
-    corpus = _corpus(tmp_path)
-    bad = _recipe(tmp_path, corpus, True, "nopack")
-    bad["data"]["packing"] = False
-    with pytest.raises(Exception, match=r"set data\.packing: true"):
-        validate_recipe(bad)
-    sft = base_recipe(tmp_path / "nopack", data={"memory_map": True, "packing": True})
+    (tmp_path / "sft").mkdir()
+    sft = base_recipe(tmp_path / "sft", data={"memory_map": True, "packing": True})
     with pytest.raises(Exception, match=r"data\.memory_map is for stage cpt"):
         validate_recipe(sft)
     csv = tmp_path / "c.csv"

@@ -44,11 +44,12 @@ def held_out_prompts(path: Path) -> Path:
 
 
 def grpo_recipe(tmp_path: Path, **sections) -> dict:
-    """A grpo recipe on the tiny model: 2 prompts x 4 completions a step, full weights, a rule reward."""
+    """A grpo recipe on the tiny model: 2 prompts x 4 completions a step (one micro-batch of 8), full weights, a
+    rule reward."""
     defaults = {
         "finetuning": {"method": "full"},
         "data": {"train": [{"path": str(prompts_file(tmp_path / "prompts.jsonl"))}], "max_length": 96},
-        "grpo": {"num_generations": 4, "reward": {"rule": "regex:^[A-Z]"}},
+        "grpo": {"num_generations": 4, "prompts_per_step": 2, "reward": {"rule": "regex:^[A-Z]"}},
         "generation": {"max_new_tokens": 4, "temperature": 1.0},
         "train": {"max_steps": 4, "micro_batch_size": 8, "lr": 1e-3, "log_every": 1, "lr_scheduler": "constant"},
     }
@@ -69,7 +70,7 @@ def test_grpo_raises_a_rule_reward_with_bounded_kl(tmp_path: Path) -> None:
     reference copy) small."""
     recipe = grpo_recipe(
         tmp_path,
-        grpo={"num_generations": 8, "beta": 0.01, "reward": {"rule": "regex:^ ?[A-Z]"}},
+        grpo={"num_generations": 8, "prompts_per_step": 4, "beta": 0.01, "reward": {"rule": "regex:^ ?[A-Z]"}},
         train={"max_steps": 40, "micro_batch_size": 32, "lr": 3e-3, "eval_every": 1},
         data={"eval": [{"path": str(held_out_prompts(tmp_path / "held.jsonl"))}]},
     )
@@ -125,7 +126,7 @@ def test_grpo_variants_run(tmp_path: Path, grpo: dict) -> None:
     recipe = grpo_recipe(
         tmp_path,
         finetuning={"method": method, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
-        grpo={"num_generations": 4, "reward": {"rule": "regex:^[A-Z]"}, **grpo},
+        grpo={"num_generations": 4, "prompts_per_step": 2, "reward": {"rule": "regex:^[A-Z]"}, **grpo},
         train={"max_steps": 2, "eval_every": 2},
         data={"eval": [{"path": str(prompts_file(tmp_path / "held.jsonl", n=3, seed=5))}]},
     )
@@ -138,6 +139,39 @@ def test_grpo_variants_run(tmp_path: Path, grpo: dict) -> None:
     evals = [m for m in metrics if "eval/reward" in m]
     assert evals and 0.0 <= evals[-1]["eval/reward"] <= 1.0
     assert_curves(out, "loss", "reward", *(["kl"] if grpo.get("beta") else []))
+
+
+def test_a_run_without_reward_spread_is_warned_and_dynamic_sampling_draws_a_bounded_number_more(
+    tmp_path: Path,
+) -> None:
+    """exact_match, which the untrained tiny model never satisfies: every group scores 0 everywhere, so the
+    run warns (with what to change) that it learns nothing; dynamic sampling draws its bounded 2 extra times
+    a step, then trains on the zero-spread groups it has. A step is 3 prompts x 2 generations = 6 rows, cut
+    into micro-batches of 4 (accumulation 2), whatever the split."""
+    recipe = grpo_recipe(
+        tmp_path,
+        grpo={
+            "num_generations": 2,
+            "prompts_per_step": 3,
+            "loss_type": "grpo",  # counts completions: the rows each step trained on
+            "reward": {"rule": "exact_match"},
+            "dynamic_sampling": True,
+            "dynamic_sampling_draws": 2,
+        },
+        train={"max_steps": 2, "micro_batch_size": 4},
+    )
+    out, proc = _train(tmp_path, recipe)
+    assert "3 prompts x 2 generations per step (dynamic sampling) | batch 4 x accum 2 x 1 proc = 6 rows/step" in (
+        proc.stdout
+    )
+    text = " ".join((proc.stdout + proc.stderr).split())
+    assert "100% of the groups have zero reward spread" in text
+    assert "more generations (grpo.num_generations)" in text and "a graded reward" in text
+    steps = [m for m in read_metrics(out) if "loss" in m]
+    assert [m["completions"] for m in steps] == [6, 12]
+    assert all(m["frac_reward_zero_std"] == 1.0 and m["reward"] == 0.0 for m in steps)
+    assert all(m["extra_draws"] == 2 and m["frac_trained_zero_std"] == 1.0 for m in steps)
+    assert all(m["loss"] == 0.0 for m in steps)
 
 
 def test_grpo_bad_input_is_refused_before_training(tmp_path: Path) -> None:
@@ -176,7 +210,7 @@ def test_grpo_raises_the_score_of_a_reward_model_from_the_rm_stage(tmp_path: Pat
     rm_out, _ = _train(tmp_path / "rm", _rm_recipe(tmp_path / "rm", pairs, "full"))
     recipe = grpo_recipe(
         tmp_path,
-        grpo={"num_generations": 8, "reward": {"model": str(rm_out)}},
+        grpo={"num_generations": 8, "prompts_per_step": 4, "reward": {"model": str(rm_out)}},
         generation={"max_new_tokens": 8},
         train={"max_steps": 30, "micro_batch_size": 32, "lr": 3e-3},
     )

@@ -26,13 +26,15 @@ DATA = {
 # runs draw the same completions, and a reward that needs no answer spreads their scores on a random model
 # (short completions score higher), so that the update is not zero.
 REWARD = {"rule": "length_penalty:12"}
+# grpo and ppo count a step in prompts (8 rows a step here); micro_batch_size alone cuts it (8 x 1 = 2 x 4).
 ONLINE = {
-    "grpo": {"grpo": {"num_generations": 4, "beta": 0.1, "reward": REWARD}},
-    "ppo": {"ppo": {"ppo_epochs": 2, "reward": REWARD}},
+    "grpo": {"grpo": {"num_generations": 4, "prompts_per_step": 2, "beta": 0.1, "reward": REWARD}},
+    "ppo": {"ppo": {"ppo_epochs": 2, "prompts_per_step": 8, "reward": REWARD}},
     "rejection_sampling": {
-        "rejection_sampling": {"num_samples": 4, "threshold": None, "reward": REWARD},
+        "rejection_sampling": {"num_samples": 4, "threshold": "none", "reward": REWARD},
     },
 }
+STEP_IN_PROMPTS = ("grpo", "ppo")
 
 
 def _run(tmp_path: Path, stage: str, mb: int, ga: int, seed: int = 0, nproc: int = 1, **extra: dict) -> Path:
@@ -47,7 +49,13 @@ def _run(tmp_path: Path, stage: str, mb: int, ga: int, seed: int = 0, nproc: int
         seed=seed,
         finetuning={"method": "full"},
         data={**DATA["online" if online else "dpo" if stage == "kto" else stage], "max_length": 64, "shuffle": True},
-        train={"max_steps": 2, "micro_batch_size": mb, "grad_accum": ga, "lr": 1e-3, "log_every": 1},
+        train={
+            "max_steps": 2,
+            "micro_batch_size": mb,
+            **({} if stage in STEP_IN_PROMPTS else {"grad_accum": ga}),
+            "lr": 1e-3,
+            "log_every": 1,
+        },
         **({"dpo": {"loss": "kto"}} if stage == "kto" else {}),
         **extra,
     )

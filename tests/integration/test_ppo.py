@@ -36,7 +36,7 @@ def ppo_recipe(tmp_path: Path, **sections) -> dict:
     defaults = {
         "finetuning": {"method": "full"},
         "data": {"train": [{"path": str(prompts_file(tmp_path / "prompts.jsonl", n=64))}], "max_length": 96},
-        "ppo": {"reward": {"rule": CAPITAL}, "ppo_epochs": 1, "rollout_batch_size": 32},
+        "ppo": {"reward": {"rule": CAPITAL}, "ppo_epochs": 1, "prompts_per_step": 32, "rollout_batch_size": 32},
         "generation": {"max_new_tokens": 4, "temperature": 1.0},
         "train": {"max_steps": 4, "micro_batch_size": 32, "lr": 3e-3, "log_every": 1, "lr_scheduler": "constant"},
     }
@@ -224,7 +224,7 @@ def test_ppo_sigkill_then_the_same_command_finishes_with_the_same_weights(tmp_pa
 
     from tests.conftest import start_cli
 
-    ppo = {"ppo_epochs": 2, "rollout_batch_size": 32, "target_kl": 0.5, "kl_horizon": 100}
+    ppo = {"ppo_epochs": 2, "prompts_per_step": 16, "rollout_batch_size": 32, "target_kl": 0.5, "kl_horizon": 100}
     train = {"max_steps": 24, "micro_batch_size": 16, "save_every": 4, "keep_checkpoints": 2}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -258,7 +258,7 @@ def test_ppo_sigkill_then_the_same_command_finishes_with_the_same_weights(tmp_pa
 def test_ppo_resume_at_a_rollout_boundary_restores_the_kl_controller(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    ppo = {"ppo_epochs": 2, "rollout_batch_size": 32, "target_kl": 0.5, "kl_horizon": 100}
+    ppo = {"ppo_epochs": 2, "prompts_per_step": 16, "rollout_batch_size": 32, "target_kl": 0.5, "kl_horizon": 100}
     train = {"max_steps": 8, "micro_batch_size": 16}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -289,7 +289,7 @@ def test_ppo_resume_at_a_rollout_boundary_restores_the_kl_controller(tmp_path: P
 def test_ppo_variants_run(tmp_path: Path, ppo: dict) -> None:
     recipe = ppo_recipe(
         tmp_path,
-        ppo={"ppo_epochs": 2, **ppo},
+        ppo={"ppo_epochs": 2, "prompts_per_step": 16, **ppo},
         train={"max_steps": 4, "micro_batch_size": 16, "eval_every": 4},
         data={"eval": [{"path": str(prompts_file(tmp_path / "held.jsonl", n=3, seed=5))}]},
     )
@@ -322,7 +322,7 @@ def test_ppo_qlora_shared_with_gradient_checkpointing_runs(tmp_path: Path) -> No
     recipe = ppo_recipe(
         tmp_path,
         finetuning={"method": "qlora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
-        ppo={"ppo_epochs": 2},
+        ppo={"ppo_epochs": 2, "prompts_per_step": 16},
         train={"max_steps": 2, "micro_batch_size": 16, "gradient_checkpointing": True},
     )
     out, _ = _train(tmp_path, recipe)
@@ -340,7 +340,11 @@ def test_ppo_bad_input_is_refused_before_training(tmp_path: Path) -> None:
     refused(
         ppo_recipe(tmp_path, ppo={"rollout_batch_size": 48}, train={"micro_batch_size": 32}),
         "rollout_batch_size 48",
-        command="validate",
+        "multiple of the 32 completions",
+    )
+    refused(ppo_recipe(tmp_path, ppo={"prompts_per_step": 64}), "rollout_batch_size 32", "multiple of 64")
+    refused(
+        ppo_recipe(tmp_path, train={"grad_accum": 2}), "train.grad_accum 2", "ppo.prompts_per_step", command="validate"
     )
     refused(ppo_recipe(tmp_path, ppo={"critic_init": "reward"}), "critic_init reward", command="validate")
     refused(ppo_recipe(tmp_path, ppo={"reward": {"rule": "exact_matsh"}}), "ppo.reward.rule", command="validate")
@@ -392,7 +396,7 @@ def test_ppo_two_processes(tmp_path: Path, zero: int, method: str, memory: str) 
     recipe = ppo_recipe(
         tmp_path,
         finetuning=LORA if method == "lora" else {"method": method},
-        ppo={"memory": memory, "ppo_epochs": 2, "rollout_batch_size": 16, "save_critic": True},
+        ppo={"memory": memory, "ppo_epochs": 2, "prompts_per_step": 16, "rollout_batch_size": 16, "save_critic": True},
         train={"max_steps": 4, "micro_batch_size": 8, "eval_every": 4},
         distributed={"zero_stage": zero},
         data={"eval": [{"path": str(prompts_file(tmp_path / "held.jsonl", n=4, seed=5))}]},

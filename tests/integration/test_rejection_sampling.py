@@ -67,7 +67,7 @@ def rs_recipe(tmp_path: Path, model: Path, **sections) -> dict:
         finetuning={"method": "full"},
         data={"train": [{"path": str(prompts), "format": "prompts"}], "max_length": 64},
         train={"epochs": 3, "micro_batch_size": 4, "lr": 1e-3, "lr_scheduler": "constant", "log_every": 5},
-        rejection_sampling={"num_samples": 8, "rounds": 1, "reward": {"rule": "exact_match"}, "threshold": 1.0},
+        rejection_sampling={"num_samples": 8, "rounds": 1, "reward": {"rule": "exact_match"}},
         generation={"max_new_tokens": 8, "temperature": 0.7},
     )
     for key, value in sections.items():
@@ -113,11 +113,14 @@ def test_one_round_learns_writes_its_files_and_the_output_loads(tmp_path: Path, 
         assert len(mine) == 8 and all(s["prompt"] == [{"role": "user", "content": f"Say: {w}"}] for s in mine)
     assert all(set(s["rewards"]) == {"rule/exact_match"} and isinstance(s["ended"], bool) for s in samples)
     right = {s["answer"] for s in samples if s["total"] == 1.0}
+    wrong = {s["answer"] for s in samples if s["total"] == 0.0}
     assert right, "the start model should get some replies right"
 
-    # selected: the right reply of every prompt that had one (threshold 1.0), read by the round's sft run
+    # selected: the right reply of every prompt that had a right and a wrong one (the default threshold of
+    # exact_match is 1.0, and a group whose samples all score alike teaches nothing), read by the round's sft run
     selected = _read(r1 / "selected.jsonl")
-    assert len(selected) == len(right)
+    kept = right & wrong
+    assert {row["messages"][0]["content"].removeprefix("Say: ") for row in selected} == kept
     for row in selected:
         user, reply = row["messages"]
         assert reply == {"role": "assistant", "content": user["content"].removeprefix("Say: ")}
@@ -129,6 +132,7 @@ def test_one_round_learns_writes_its_files_and_the_output_loads(tmp_path: Path, 
 
     pairs = _read(r1 / "pairs.jsonl")
     assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
+    assert [p["prompt"] for p in pairs] == [row["messages"][:1] for row in selected]  # the same filter
     for p in pairs:
         row = to_preference(p, "pairs")
         assert row.responses == [p["chosen"], p["rejected"]]
@@ -137,6 +141,8 @@ def test_one_round_learns_writes_its_files_and_the_output_loads(tmp_path: Path, 
     (stats,) = _read(out / "rounds.jsonl")
     assert stats["round"] == 1 and stats["prompts"] == len(WORDS) and stats["samples"] == 8 * len(WORDS)
     assert stats["kept_fraction"] == len(selected) / len(WORDS)
+    assert stats["no_spread"] == len(WORDS) - len(right & wrong) and stats["threshold"] == 1.0
+    assert stats["kept"] + stats["no_spread"] + stats["under_threshold"] + stats["empty"] == len(WORDS)
     assert stats["exact_match"] == pytest.approx(sum(s["total"] for s in samples) / len(samples))
     assert stats["mean_best_reward"] == len(right) / len(WORDS)
     assert 0 <= stats["ended_fraction"] <= 1 and stats["mean_completion_tokens"] > 0
@@ -275,6 +281,28 @@ def test_a_threshold_nothing_clears_is_a_data_error(tmp_path: Path, start_model:
     proc = run_cli("train", str(write_recipe(tmp_path, recipe)))
     assert_refused(proc, "threshold 2.0", "lower rejection_sampling.threshold")
     assert not (Path(recipe["output_dir"]) / "round-1" / "generated.json").exists()
+
+
+def test_a_round_that_keeps_nothing_stops_with_exit_2_instead_of_fine_tuning_on_failures(tmp_path: Path) -> None:
+    """The untrained tiny model never says the word: with the defaults (exact_match, threshold null = 1.0)
+    every group has no reward spread, so the round keeps nothing and the run stops (exit 2, what to change)
+    rather than fine-tuning on wrong answers. The round's samples and statistics stay for inspection."""
+    from tests.conftest import TINY_MODEL
+
+    recipe = rs_recipe(
+        tmp_path,
+        TINY_MODEL,
+        rejection_sampling={"num_samples": 2, "reward": {"rule": "exact_match"}},
+        generation={"max_new_tokens": 3, "temperature": 1.0},
+    )
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe)))
+    err = assert_refused(proc, "no prompt kept", "no reward spread", "raise rejection_sampling.num_samples")
+    assert "easier prompts" in err and "lower rejection_sampling.threshold" in err
+    r1 = Path(recipe["output_dir"]) / "round-1"
+    stats = json.loads((r1 / "stats.json").read_text())
+    assert (stats["kept"], stats["no_spread"], stats["threshold"]) == (0, len(WORDS), 1.0)
+    assert "no spread 8" in proc.stdout
+    assert not (r1 / "generated.json").exists() and not (r1 / "model").exists()  # nothing fine-tuned
 
 
 @pytest.mark.slow

@@ -93,9 +93,13 @@ def test_sft_methods_learn_and_outputs_load(tmp_path: Path, method: str, extra: 
         train={"max_steps": 40, "micro_batch_size": 8, "lr": 5e-3, "warmup_ratio": 0.1, **extra},
         precision="bf16" if method == "qlora" else "fp32",
     )
-    out, _ = _train(tmp_path, recipe)
+    out, proc = _train(tmp_path, recipe)
     losses = _losses(out)
     assert len(losses) == 40
+    # memory said plainly: the estimate at the start, the measured peak at the end and in run.json
+    assert "memory (expected, per process): weights" in proc.stdout
+    peak = json.loads((out / "run.json").read_text())["peak_memory"]["peak_rss_gb"]
+    assert 0.05 < peak < 100 and f"peak memory: {peak:.2f} GB resident (CPU)" in proc.stdout
     assert _mean(losses[-5:]) < 0.8 * _mean(losses[:5]), losses
 
     from transformers import AutoModelForCausalLM

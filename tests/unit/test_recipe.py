@@ -160,8 +160,9 @@ def test_ppo_block_defaults_and_checks(tmp_path: Path) -> None:
 
     msg = _error(tmp_path, base_recipe(tmp_path, stage="ppo", ppo={"memory": "shared"}, **full))
     assert "ppo.memory shared needs finetuning.method lora or qlora" in msg
-    msg = _error(tmp_path, base_recipe(tmp_path, stage="ppo", ppo={"rollout_batch_size": 6}))
-    assert "rollout_batch_size 6 is not a multiple" in msg
+    assert p.ppo.prompts_per_step == 16  # a step counted in prompts, all processes
+    msg = _error(tmp_path, base_recipe(tmp_path, stage="ppo", train={"grad_accum": 2}))
+    assert "train.grad_accum 2" in msg and "ppo.prompts_per_step" in msg
     msg = _error(tmp_path, base_recipe(tmp_path, stage="ppo", ppo={"critic_init": "reward"}))
     assert "critic_init reward needs a reward model" in msg
     msg = _error(tmp_path, base_recipe(tmp_path, stage="ppo", ppo={"dual_clip": 0.5}))
@@ -180,9 +181,11 @@ def test_grpo_block_defaults_and_checks(tmp_path: Path) -> None:
 
     msg = _error(tmp_path, base_recipe(tmp_path, stage="grpo", grpo={"num_generations": 1}))
     assert "grpo.num_generations" in msg and "at least 2" in msg
-    # 4 completions per process per step cannot hold whole groups of 3: the message says how to fix it
-    msg = _error(tmp_path, base_recipe(tmp_path, stage="grpo", grpo={"num_generations": 3}))
-    assert "not a multiple of grpo.num_generations=3" in msg and "micro_batch_size 3" in msg
+    assert (g.grpo.prompts_per_step, g.grpo.dynamic_sampling) == (16, False)
+    # a step counted in prompts: any micro-batch size holds whole groups; grad_accum no longer sizes the step
+    assert load_recipe(write_recipe(tmp_path, base_recipe(tmp_path, stage="grpo", grpo={"num_generations": 3})))
+    msg = _error(tmp_path, base_recipe(tmp_path, stage="grpo", train={"micro_batch_size": 8, "grad_accum": 2}))
+    assert "train.grad_accum 2" in msg and "grpo.prompts_per_step: 2 x the number of processes" in msg
     msg = _error(tmp_path, base_recipe(tmp_path, stage="grpo", grpo={"num_generations": 2, "reward": {}}))
     assert "names no reward source" in msg
     msg = _error(
@@ -501,7 +504,8 @@ def test_looks_local_existing_directory(tmp_path: Path, monkeypatch: pytest.Monk
     (tmp_path / "org" / "model").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     assert looks_local("org/model") is True  # exists here, so it is not a hub id
-    assert looks_local("org/other") is False
+    assert looks_local("org/other") is True  # org/ is a folder here: a mistyped local path, not a hub id
+    assert looks_local("elsewhere/other") is False
 
 
 def test_check_paths_ok_on_local_recipe(tmp_path: Path) -> None:
@@ -578,3 +582,21 @@ def test_a_key_given_twice_is_an_error_and_merge_keys_still_work(tmp_path: Path)
 def test_infinite_and_nan_numbers_are_refused(tmp_path: Path, value: str) -> None:
     with pytest.raises(RecipeError, match="finite number"):
         load_recipe(write_recipe(tmp_path, base_recipe(tmp_path)), [f"train.lr={value}"])
+
+
+def test_rejection_sampling_threshold_defaults_to_the_rule_maximum(tmp_path: Path) -> None:
+    """threshold null: exact_match's maximum 1.0 (a right answer); none for a reward model; "none": none."""
+    from llmtune.recipe import load_recipe
+    from llmtune.stages.rejection_sampling import selection_threshold
+
+    def rs(**block) -> object:
+        recipe = base_recipe(tmp_path, stage="rejection_sampling", rejection_sampling=block)
+        return load_recipe(write_recipe(tmp_path, recipe)).rejection_sampling
+
+    assert rs().threshold is None and selection_threshold(rs()) == 1.0
+    assert selection_threshold(rs(reward={"rule": ["contains", "length_penalty:80"]})) == 1.0
+    assert selection_threshold(rs(reward={"model": "runs/rm"})) is None
+    assert selection_threshold(rs(threshold=0.5)) == 0.5
+    assert selection_threshold(rs(threshold="none")) is None
+    msg = _error(tmp_path, base_recipe(tmp_path, stage="rejection_sampling", rejection_sampling={"num_samples": 1}))
+    assert "rejection_sampling.num_samples" in msg and "at least 2" in msg

@@ -12,7 +12,15 @@ import pytest
 
 from llmtune.errors import DataError, RecipeError, UserError
 from llmtune.recipe.schema import RewardConfig
-from llmtune.rewards import RewardResult, Rewards, RewardSource, RuleSource, build_rewards, check_rewards
+from llmtune.rewards import (
+    RewardResult,
+    Rewards,
+    RewardSource,
+    RuleSource,
+    build_rewards,
+    check_rewards,
+    reward_maximum,
+)
 from llmtune.rewards.rules import get_rule, is_code_rule
 from tests.conftest import TINY_MODEL
 
@@ -184,3 +192,17 @@ def test_source_names_are_readable_and_unique() -> None:
     assert source_names(cfg) == [
         "model/rm", "model/rm#2", "model/judge-1b", "rule/contains", "rule/contains#2", "rule/regex:x",
     ]  # fmt: skip
+
+
+def test_reward_maximum_is_known_for_rules_only() -> None:
+    """exact_match / contains / gsm8k / regex give at most 1.0; length_penalty at most 0.0; weights scale them
+    (a negative weight takes the rule's minimum: 0.0 for 0/1 rules, unbounded for length_penalty)."""
+    assert reward_maximum(RewardConfig(rule="exact_match")) == 1.0
+    assert reward_maximum(RewardConfig(rule=["contains", "length_penalty:50"])) == 1.0
+    assert reward_maximum(RewardConfig(rule=["gsm8k", "regex:^A"], weights=[2.0, 0.5])) == 2.5
+    assert reward_maximum(RewardConfig(rule=["gsm8k", "regex:x"], weights=[1.0, -1.0])) == 1.0
+    assert reward_maximum(RewardConfig(rule="length_penalty:50", weights=[-1.0])) is None  # unbounded
+    assert reward_maximum(RewardConfig(rule="mymodule:score")) is None  # user code
+    assert reward_maximum(RewardConfig(model="runs/rm")) is None
+    assert reward_maximum(RewardConfig(model="runs/rm", rule="exact_match")) is None
+    assert reward_maximum(RewardConfig(rule="exact_match", normalize="batch")) is None

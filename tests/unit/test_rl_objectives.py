@@ -10,14 +10,17 @@ import torch
 from llmtune.objectives.rl import (
     AdaptiveKLController,
     aggregate_loss,
+    best_of_n,
     clipped_policy_loss,
     clipped_value_loss,
     entropy_from_logits,
     explained_variance,
+    explained_variance_of_moments,
     gae,
     group_advantages,
     kl_estimate,
     masked_mean,
+    pick_groups_with_spread,
     rloo_advantages,
     whiten,
     zero_std_groups,
@@ -57,6 +60,40 @@ def test_zero_std_groups_by_hand() -> None:
     close(group_advantages(torch.tensor([1, 0, 0, 1]), 4, scale="none"), [0.5, -0.5, -0.5, 0.5])
     with pytest.raises(ValueError):
         zero_std_groups(torch.tensor([1.0, 2.0, 3.0]), 2)
+
+
+def test_best_of_n_keeps_a_best_that_beats_the_worst_and_clears_the_threshold() -> None:
+    """Four prompts x 3 samples, exact_match-like scores and one graded group:
+    [0, 1, 0]       spread, best 1 (index 1) >= 1.0                 -> kept, worst index 0
+    [0, 0, 0]       no spread (every answer wrong)                  -> not kept
+    [1, 1, 1]       no spread (every answer right: nothing to fix)  -> not kept
+    [0.2, 0.7, 0.5] spread, but best 0.7 < 1.0                      -> under threshold"""
+    r = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.2, 0.7, 0.5]])
+    s = best_of_n(r, threshold=1.0)
+    assert s["best"].tolist() == [1, 0, 0, 1] and s["worst"].tolist() == [0, 0, 0, 0]
+    assert s["spread"].tolist() == [True, False, False, True]
+    assert s["clears"].tolist() == [True, False, True, False]
+    assert s["keep"].tolist() == [True, False, False, False]
+    # no threshold (a reward model): only the spread decides
+    assert best_of_n(r, threshold=None)["keep"].tolist() == [True, False, False, True]
+    # ties: the first of equals is the best and the worst
+    t = best_of_n(torch.tensor([[0.5, 0.9, 0.9, 0.1, 0.1]]), threshold=0.5)
+    assert (t["best"].item(), t["worst"].item(), t["keep"].item()) == (1, 3, True)
+    with pytest.raises(ValueError, match="G, K"):
+        best_of_n(torch.tensor([1.0, 2.0]))
+
+
+def test_dynamic_sampling_picks_groups_with_spread_first() -> None:
+    """Rewards of 5 groups of 2 drawn in order (two draws): zero-spread groups 0, 2 and 3 are dropped while
+    groups with spread are left; when the draws ran short, zero-spread groups fill in, in order."""
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.0, 0.3])
+    zero = zero_std_groups(rewards, 2).tolist()
+    assert zero == [True, False, True, True, False]
+    assert pick_groups_with_spread(zero, 2) == [1, 4]
+    assert pick_groups_with_spread(zero, 3) == [1, 4, 0]
+    assert pick_groups_with_spread([False, False, False], 2) == [0, 1]
+    with pytest.raises(ValueError):
+        pick_groups_with_spread(zero, 6)
 
 
 def test_rloo_is_leave_one_out() -> None:
@@ -282,7 +319,13 @@ def test_value_loss_and_explained_variance() -> None:
         2 / 3,
     )
     close(explained_variance(torch.zeros(1, 3), r, torch.ones(1, 3)), 0.0)
-    assert math.isnan(explained_variance(r, torch.ones(1, 3), torch.ones(1, 3)).item())
+    # constant returns: 0, never nan (ppo logs it every rollout)
+    assert explained_variance(r, torch.ones(1, 3), torch.ones(1, 3)).item() == 0.0
+    # the same from all-reduced token means: R = [1, 2, 3], V = [1, 2, 2] -> E = [0, 0, 1]
+    # Var R = 14/3 - 4 = 2/3, Var E = 1/3 - 1/9 = 2/9 -> 1 - (2/9) / (2/3) = 2/3
+    assert explained_variance_of_moments(2.0, 14 / 3, 1 / 3, 1 / 3) == pytest.approx(2 / 3)
+    assert explained_variance_of_moments(1.0, 1.0, 0.5, 0.25) == 0.0  # Var R = 0
+    assert explained_variance_of_moments(0.0, 0.0, 0.0, 0.0) == 0.0  # no tokens at all
 
 
 def test_adaptive_kl_controller() -> None:

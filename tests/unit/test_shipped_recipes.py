@@ -1,14 +1,16 @@
 """Every recipe in recipes/ is schema-valid, documented, names data in the format it has, and passes
-``llmtune validate`` as shipped from the repository root.
+``llmtune validate`` as shipped from the repository root, with nothing beside the repository.
 
-The recipes for real models name hub models and the small demo files in ``../shared/data/`` beside the
-repository (each recipe's comment says where they come from and how to use your own); the quickstart is
-fully local. Also here: ``llmtune --version``, and the hint a missing data file gets.
+The recipes for real models name hub models and the first rows of public demo files in ``recipes/data/``
+(recipes/data/README.md: sources and licences); the quickstart is fully local. A recipe that reads another's
+output (ppo_lora the reward model of rm) validates with a note naming that recipe, and train refuses it until
+the run exists. Also here: ``llmtune --version``, and the hint a missing data file gets.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,11 +19,11 @@ from llmtune import __version__
 from llmtune.data.formats import detect_format
 from llmtune.data.preference import detect_preference_format
 from llmtune.data.sources import read_rows
-from llmtune.errors import DataError
+from llmtune.errors import DataError, RecipeError
 from llmtune.recipe import load_recipe
-from llmtune.recipe.checks import check_paths, same_name_files
+from llmtune.recipe.checks import check_paths, same_name_files, written_by
 from llmtune.recipe.schema import DataSource, looks_local
-from tests.conftest import ROOT, SHARED_DATA, assert_ok, assert_refused, base_recipe, run_cli, write_recipe
+from tests.conftest import ROOT, assert_ok, assert_refused, base_recipe, run_cli, write_recipe
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 IDS = [p.stem for p in RECIPES]
@@ -55,28 +57,71 @@ def test_recipe_opens_with_how_to_run_it(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=IDS)
-def test_recipe_paths_check_once_data_is_there(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """From a directory holding the recipe's data files, check_paths passes: only hub ids are left as notes."""
+def test_recipe_paths_check_from_repo_root(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the repository root, check_paths passes on the data in the repository: only hub ids are left
+    as notes, and another recipe's output that does not exist yet (ppo's reward model) names that recipe."""
     r = load_recipe(path)
-    monkeypatch.chdir(ROOT if path.stem == "quickstart" else tmp_path)
+    monkeypatch.chdir(ROOT)
     for src in [*r.data.train, *r.data.eval]:
         assert looks_local(src.path), f"{path.name}: data {src.path} would be taken as a hub dataset"
-        if src.path.startswith("../shared/data/"):  # the shared data beside the repository
-            assert (ROOT / src.path).is_file() or not (ROOT.parent / "shared").is_dir(), src.path
-            src.path = str(ROOT / src.path)
-            continue
-        if not Path(src.path).exists():
-            assert src.path.startswith("data/"), f"{path.name}: {src.path} is neither in the repo nor under data/"
-            Path(src.path).parent.mkdir(parents=True, exist_ok=True)
-            Path(src.path).touch()
-    if _outputs_of_other_recipes(path):  # another recipe's run (ppo's reward model): its check is the test above
-        import llmtune.recipe.checks
-
-        monkeypatch.setattr(llmtune.recipe.checks, "_check_reward_block", lambda recipe: None)
-    notes = check_paths(r)
-    assert all("loaded from the hub" in n for n in notes), notes
+        assert (ROOT / src.path).is_file(), f"{path.name}: {src.path} is not in the repository"
+        assert (ROOT / src.path).resolve().is_relative_to(ROOT / "recipes"), src.path  # never ../shared
+    notes = check_paths(r, planned_ok=True)
+    later = [n for n in notes if "loaded from the hub" not in n]
+    for out in _outputs_of_other_recipes(path):
+        if not (ROOT / out).exists():
+            assert any(f"{out} is written by recipes/rm.yaml: run it first" in n for n in later), notes
+            later = [n for n in later if out not in n]
+    assert later == [], notes
     if path.stem == "quickstart":
         assert notes == []  # fully offline
+
+
+def test_no_recipe_reads_from_beside_the_repository() -> None:
+    for path in RECIPES:
+        assert "../shared" not in path.read_text(encoding="utf-8"), f"{path.name} names ../shared"
+
+
+def test_demo_data_is_small_and_documented() -> None:
+    """A few hundred rows at most per file, each file in the data README (with its source and licence)."""
+    readme = (ROOT / "recipes" / "data" / "README.md").read_text(encoding="utf-8")
+    assert "Licences:" in readme
+    files = sorted(p for p in (ROOT / "recipes" / "data").rglob("*") if p.is_file() and p.name != "README.md")
+    assert files
+    for f in files:
+        rows = [row for row in read_rows(DataSource(path=str(f))) if row.data is not None]
+        assert 0 < len(rows) <= 300, (f, len(rows))
+        assert f"`{f.relative_to(ROOT / 'recipes' / 'data').as_posix()}`" in readme, f
+
+
+def test_train_refuses_the_reward_model_until_rm_ran(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ppo_lora's reward model is rm.yaml's output_dir: validate notes it (above); train refuses, naming the
+    recipe that writes it. Shown in a copy of recipes/ (the repository's runs/ may hold the rm run)."""
+    shutil.copytree(ROOT / "recipes", tmp_path / "recipes", ignore=shutil.ignore_patterns("model", "data"))
+    monkeypatch.chdir(tmp_path)
+    r = load_recipe(
+        ROOT / "recipes" / "ppo_lora.yaml",
+        ["data.train.0.path=" + str(ROOT / "recipes/data/gsm8k/train_first300.jsonl")],
+    )
+    with pytest.raises(RecipeError) as info:
+        check_paths(r)
+    assert info.value.message == "ppo.reward.model: ./runs/rm-qwen2.5-1.5b does not exist"
+    assert info.value.hint == (
+        "./runs/rm-qwen2.5-1.5b is written by recipes/rm.yaml: run it first (llmtune train recipes/rm.yaml)"
+    )
+    notes = check_paths(r, planned_ok=True)
+    assert any(n.startswith("ppo.reward.model ./runs/rm-qwen2.5-1.5b is written by recipes/rm.yaml") for n in notes)
+
+
+def test_written_by(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "a.yaml").write_text("stage: sft\noutput_dir: runs/a\n")
+    (tmp_path / "recipes" / "broken.yaml").write_text(": : [\n")  # unreadable files are skipped
+    monkeypatch.chdir(tmp_path)
+    assert written_by("./runs/a") == "recipes/a.yaml"
+    assert written_by(str(tmp_path / "runs" / "a" / "merged")) == "recipes/a.yaml"  # inside it
+    assert written_by("runs/b") is None
+    assert written_by("Qwen/Qwen2.5-0.5B") is None  # a hub id
 
 
 def test_quickstart_passes_check_paths_from_repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,44 +215,29 @@ def test_sft_full_zero3_launch_commands_documented() -> None:
 
 
 @pytest.mark.parametrize("path", [p for p in RECIPES if p.stem != "quickstart"], ids=lambda p: p.stem)
-def test_named_demo_data_has_the_declared_format(path: Path, shared_data: Path) -> None:
-    """The recipes name LLaMA-Factory's demo files; the copies in ../shared/data have the declared format."""
+def test_named_demo_data_has_the_declared_format(path: Path) -> None:
+    """The recipes name the demo files in recipes/data/; each has the format the recipe declares."""
     r = load_recipe(path)
-    checked = 0
     for src in r.data.train:
-        if src.path.startswith("../shared/data/"):
-            local = shared_data / src.path.removeprefix("../shared/data/")
-        else:  # a user's data/ file named after a demo file
-            local = shared_data / "llama-factory" / Path(src.path).name
-        if not local.is_file():
-            continue
-        rows = [row.data for row in read_rows(DataSource(path=str(local))) if row.data is not None]
+        rows = [row.data for row in read_rows(DataSource(path=str(ROOT / src.path))) if row.data is not None]
         if src.format == "prompts":  # the online stages: questions with answers (GSM8K)
             from llmtune.generation.prompts import to_prompt
 
             assert all(to_prompt(row).answer for row in rows[:50])
-            checked += 1
             continue
         found = detect_preference_format(rows) if r.stage in ("rm", "dpo") else detect_format(rows)
         assert found == src.format
-        checked += 1
-    assert checked == len(r.data.train), f"{path.name} names data files not among the demo files"
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=IDS)
 def test_shipped_recipe_validates_from_repo_root(path: Path) -> None:
     """The first thing a new user runs: `llmtune validate recipes/X.yaml` in the repository root, as shipped."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} (../shared/data beside the repository, the recipes' demo data) does not exist")
     proc = run_cli("validate", f"recipes/{path.name}", cwd=ROOT)
-    needs = [d for d in _outputs_of_other_recipes(path) if not (ROOT / d).exists()]
-    if needs:  # a later stage of a chain (ppo on rm's reward model): validate names the missing run, and how
-        assert_refused(proc, needs[0], "rm run")
-        return
     assert_ok(proc)
     assert f"recipes/{path.name} is a valid" in proc.stdout
-    for src in load_recipe(path).data.train:  # no data is copied into the repository
-        assert not (ROOT / src.path).resolve().is_relative_to(ROOT) or path.stem == "quickstart", src.path
+    for out in _outputs_of_other_recipes(path):  # a later stage of a chain (ppo on rm's reward model)
+        if not (ROOT / out).exists():
+            assert "is written by recipes/rm.yaml: run it first" in proc.stdout, proc.stdout
 
 
 def _outputs_of_other_recipes(path: Path) -> list[str]:
@@ -277,8 +307,8 @@ def test_missing_data_hint_without_a_match_stays_general(tmp_path: Path, monkeyp
     assert "likely" not in msg and len(msg.splitlines()) == 2
 
 
-def test_validate_names_the_shared_demo_file(shared_data: Path) -> None:
+def test_validate_names_the_demo_file() -> None:
     """The issue's case through the CLI: a recipe naming data/c4_demo.jsonl, run from the repository root."""
     proc = run_cli("validate", "recipes/cpt.yaml", "--set", "data.train.0.path=data/c4_demo.jsonl", cwd=ROOT)
     stderr = assert_refused(proc, "data.train.0.path: data/c4_demo.jsonl does not exist", "point data.train[0].path")
-    assert "likely the one meant (the same file name): ../shared/data/llama-factory/c4_demo.jsonl" in stderr
+    assert "recipes/data/llama-factory/c4_demo.jsonl" in stderr

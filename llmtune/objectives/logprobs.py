@@ -1,0 +1,232 @@
+"""Token log-probs, entropy and the LM loss from the final hidden states, without the full (B, T, V) logits.
+
+The LM head is applied to a chunk of positions at a time, and only to the positions that have a target
+(labels shifted, not logits): each chunk's logits exist in float32 only while that chunk is computed, and
+in backward they are recomputed chunk by chunk (activation checkpointing), so neither the forward nor the
+backward pass holds more than one chunk's (N_c, V) logits. The head is any callable (N, H) -> (N, V): the
+model's lm_head module (plain, LoRA-wrapped or a modules_to_save copy, with or without a bias) or a
+function of a weight, e.g. ``lambda h: h @ weight.T``.
+
+  log p(y_t | x_<t) = z_t[y_t] - logsumexp_v z_t[v]       (gather first, then logsumexp: no (N, V) log_softmax)
+  H_t = logsumexp(z_t) - sum_v p_v z_t[v]                  (computed as -sum_v p_v log p_v, from log_softmax)
+
+with z = head(h) / temperature in float32. The values equal those of the full-logits computation (to float
+rounding), and so do the gradients w.r.t. the hidden states and the head's weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+CHUNK_ELEMENTS = 1 << 25  # logits per chunk: 32M floats (128 MB in float32), e.g. 261 positions of a 128k vocab
+
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+def chunk_positions(vocab_size: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+    """Positions per chunk so that a chunk's logits hold about chunk_elements numbers.
+
+    >>> chunk_positions(128_256)
+    261
+    """
+    return max(1, chunk_elements // max(1, vocab_size))
+
+
+def _chunk_stats(
+    h: torch.Tensor, targets: torch.Tensor, head: Head, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h: (N, H), targets: (N,) -> log p of the targets (N,) and the entropy (N,) (zeros unless with_entropy)."""
+    z = head(h).float()  # (N, V): the only full-vocabulary tensor, one chunk's worth
+    if temperature != 1.0:
+        z = z / temperature
+    lse = torch.logsumexp(z, dim=-1)  # (N,)
+    picked = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse  # (N,)
+    if not with_entropy:
+        return picked, torch.zeros_like(picked)
+    logp = z - lse.unsqueeze(-1)  # (N, V)
+    p = logp.exp()
+    # p_v log p_v, with 0 * (-inf) taken as 0 (banned tokens)
+    plogp = torch.where(p > 0, p * logp, torch.zeros_like(logp))
+    return picked, -plogp.sum(-1)
+
+
+def _selected_stats(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: Head,
+    chunk_size: int | None,
+    temperature: float,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-target stats: (flat indices into (B*(T-1),), log-probs (N,), entropies (N,), mask (B, T-1) bool)."""
+    d = hidden.shape[-1]
+    targets = labels[:, 1:]  # (B, T-1): hidden[:, t] predicts labels[:, t + 1]
+    mask = targets != IGNORE_INDEX
+    idx = mask.reshape(-1).nonzero().squeeze(-1)  # (N,) positions that have a target
+    h = hidden[:, :-1].reshape(-1, d).index_select(0, idx)  # (N, H)
+    y = targets.reshape(-1).index_select(0, idx)  # (N,)
+    n = idx.numel()
+    if n == 0:
+        zero = hidden.sum() * 0.0  # keeps the graph (and its dtype) for a batch with nothing to learn
+        empty = zero.float().reshape(1).expand(0)
+        return idx, empty, empty, mask
+    if chunk_size is None:  # about CHUNK_ELEMENTS logits per chunk
+        with torch.no_grad():
+            chunk_size = chunk_positions(head(h[:1]).shape[-1])
+    step = chunk_size
+    recompute = torch.is_grad_enabled() and (h.requires_grad or any(True for _ in _grad_params(head)))
+    logps, ents = [], []
+    for s in range(0, n, step):
+        hc, yc = h[s : s + step], y[s : s + step]
+        if recompute:  # backward recomputes this chunk's logits instead of keeping them
+            lp, ent = checkpoint(_chunk_stats, hc, yc, head, temperature, with_entropy, use_reentrant=False)
+        else:
+            lp, ent = _chunk_stats(hc, yc, head, temperature, with_entropy)
+        logps.append(lp)
+        ents.append(ent)
+    return idx, torch.cat(logps), torch.cat(ents), mask
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _grad_params(head: Head):
+    params = head.parameters() if isinstance(head, torch.nn.Module) else ()
+    return (p for p in params if p.requires_grad)
+
+
+def token_logps_from_hidden(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: Head | None,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Log-prob of every label token, the mask of learned tokens and (with_entropy) the entropy per position.
+
+    hidden: (B, T, H) final hidden states for input positions 0..T-1; labels: (B, T) aligned with the inputs
+    (IGNORE_INDEX where nothing is learned), so head(hidden[:, t]) predicts labels[:, t + 1]. Returns (B, T-1)
+    float32 log-probs, a (B, T-1) float mask and (B, T-1) entropies (or None); all are 0 where the mask is 0.
+    head: None when hidden already holds the logits (B, T, V) (a model whose head cannot be split off): they
+    are then upcast to float32 one chunk at a time. chunk_size: positions per chunk (None: about CHUNK_ELEMENTS
+    logits per chunk).
+
+    >>> w = torch.zeros(4, 2)                                   # every logit 0: uniform over 4 tokens
+    >>> lp, m, _ = token_logps_from_hidden(torch.ones(1, 3, 2), torch.tensor([[-100, 1, 2]]), lambda h: h @ w.T)
+    >>> [round(x, 4) for x in lp[0].tolist()], m[0].tolist()
+    ([-1.3863, -1.3863], [1.0, 1.0])
+    """
+    idx, lp, ent, mask = _selected_stats(
+        hidden, labels, _identity if head is None else head, chunk_size, temperature, with_entropy
+    )
+    shape = mask.shape
+    out = lp.new_zeros(mask.numel()).index_put((idx,), lp).reshape(shape)
+    entropy = ent.new_zeros(mask.numel()).index_put((idx,), ent).reshape(shape) if with_entropy else None
+    return out, mask.float(), entropy
+
+
+def lm_loss_sum_from_hidden(
+    hidden: torch.Tensor, labels: torch.Tensor, head: Head | None, chunk_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross entropy (float32) and the number of targets, as objectives.lm.lm_loss_sum
+    computes from the logits:  loss = -sum_t log p(x_{t+1} | x_{<=t}) over learned t+1.
+
+    >>> w = torch.zeros(4, 2)
+    >>> loss, n = lm_loss_sum_from_hidden(torch.ones(1, 3, 2), torch.tensor([[1, 2, -100]]), lambda h: h @ w.T)
+    >>> round(loss.item() / n.item(), 4)                          # log 4
+    1.3863
+    """
+    idx, lp, _, _ = _selected_stats(hidden, labels, _identity if head is None else head, chunk_size, 1.0, False)
+    return -lp.sum(), torch.tensor(idx.numel(), device=hidden.device)
+
+
+# --- the hidden states of a causal LM, and its head -------------------------------------------------------------
+# Duck-typed (no llmtune import): a transformers causal LM, possibly inside a peft model, a DeepSpeed engine
+# (.module) or an actor-critic (.policy).
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    m = model
+    for _ in range(8):
+        subs = m._modules
+        if isinstance(subs.get("module"), torch.nn.Module):  # a DeepSpeed engine (its getattr reaches inside)
+            m = subs["module"]
+        elif isinstance(subs.get("policy"), torch.nn.Module) and "value_head" in subs:  # an actor-critic
+            m = subs["policy"]
+        elif hasattr(type(m), "get_base_model"):  # peft
+            m = m.get_base_model()
+        else:
+            break
+    return m
+
+
+_PLAIN_FORWARD: dict[type, bool] = {}
+
+
+def _plain_forward(cls: type) -> bool:
+    """Whether cls.forward computes its logits as `logits = self.lm_head(...)` and nothing else (no softcap,
+    scale or upcast after it): only then are the head's outputs on the hidden states the model's logits."""
+    if cls not in _PLAIN_FORWARD:
+        import inspect
+        import re
+
+        try:
+            src = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            src = ""
+        lines = [
+            ln.strip()
+            for ln in src.splitlines()
+            if re.match(r"\s*logits\s*=[^=]", ln) and not ln.rstrip().endswith(",")
+        ]
+        _PLAIN_FORWARD[cls] = len(lines) == 1 and lines[0].startswith("logits = self.lm_head(")
+    return _PLAIN_FORWARD[cls]
+
+
+class _PassThrough(torch.nn.Module):
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+def lm_head_of(model: torch.nn.Module, adapter_switching: bool = False) -> torch.nn.Module | None:
+    """The LM head module to apply per chunk, or None where the chunked path cannot be exact: a forward that
+    changes the logits after the head (softcap, scale), a head partitioned by ZeRO-3 (its weight lives only
+    inside the module's own call), or (adapter_switching: an actor-critic sharing one peft model between
+    adapters) a peft-wrapped head whose active adapter would differ between forward and backward."""
+    lm = _causal_lm(model)
+    if not hasattr(lm, "get_output_embeddings") or getattr(lm, "lm_head", None) is None:
+        return None
+    head = lm.lm_head
+    if not _plain_forward(type(lm)):
+        return None
+    if any(hasattr(p, "ds_id") for p in head.parameters()):
+        return None
+    if adapter_switching and type(head).__module__.startswith("peft"):
+        return None
+    return head
+
+
+class hidden_states_as_logits:
+    """Within the block, the model's `.logits` output holds the final hidden states (B, T, H) instead of the
+    logits: its lm_head is swapped for a pass-through, so the (B, T, V) logits are never computed. `head` is
+    the swapped-out module (apply it with token_logps_from_hidden), None where lm_head_of gives None (then
+    nothing is swapped and `.logits` are the logits)."""
+
+    def __init__(self, model: torch.nn.Module, adapter_switching: bool = False) -> None:
+        self.head = lm_head_of(model, adapter_switching)
+        self.lm = _causal_lm(model)
+
+    def __enter__(self) -> torch.nn.Module | None:
+        if self.head is not None:
+            self.lm.lm_head = _PassThrough()
+        return self.head
+
+    def __exit__(self, *exc: object) -> None:
+        if self.head is not None:
+            self.lm.lm_head = self.head
