@@ -52,6 +52,7 @@ class RunManifest:
     device: str | None = None
     total_steps: int | None = None  # the optimizer steps planned
     steps: int | None = None  # the optimizer steps done, at the finish
+    epochs: float | None = None  # the passes over the training data done, at the finish (2.0: two whole epochs)
     rounds: int | None = None  # rejection sampling: its rounds
     tokenizer: TokenizerRecord | None = None  # later stages check the tokenizer they load against it
     trainer_state: dict[str, Any] | None = None  # the counters at the finish (engine.checkpoint.TrainerState)
@@ -91,6 +92,9 @@ class RunManifest:
                 values[name] = TokenizerRecord.parse(value)
             elif name == "trainer_state":
                 values[name] = value if isinstance(value, dict) else None
+            elif name == "epochs":
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                values[name] = float(value) if ok else None
             elif name in ("world_size", "total_steps", "steps", "rounds"):
                 values[name] = value if isinstance(value, int) and not isinstance(value, bool) else None
             else:

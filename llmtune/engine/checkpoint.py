@@ -267,7 +267,7 @@ def export_model(
         if state_dict is not None:
             kwargs["state_dict"] = state_dict
         model.save_pretrained(output_dir, **kwargs)
-        _card_without_local_base(output_dir / "README.md")
+        (output_dir / "README.md").unlink(missing_ok=True)  # peft's template card: the trainer writes llmtune's
     elif not hasattr(model, "save_pretrained"):  # a plain module (ppo's value head)
         from safetensors.torch import save_file
 
@@ -281,27 +281,6 @@ def export_model(
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
     return sorted(p.name for p in output_dir.iterdir() if p.is_file())
-
-
-def _card_without_local_base(card: Path) -> None:
-    """peft's model card names the base in its metadata, for the hub; a local base would put this machine's
-    absolute path there (the adapter_config.json keeps it, where loading needs it)."""
-    if not card.is_file():
-        return
-    lines = card.read_text(encoding="utf-8").splitlines(keepends=True)
-
-    def local(value: str) -> bool:
-        value = value.strip()
-        return value.startswith("/") or Path(value).expanduser().exists()
-
-    kept = [
-        line
-        for line in lines
-        if not (line.startswith("base_model:") and local(line.split(":", 1)[1]))
-        and not (line.startswith("- base_model:adapter:") and local(line.split("adapter:", 1)[1]))
-    ]
-    if kept != lines:
-        card.write_text("".join(kept), encoding="utf-8")
 
 
 # --- what to do with an output directory ------------------------------------------------------------------
@@ -387,6 +366,23 @@ def plan_run(
 def fresh_start(out: Path) -> None:
     """Remove the checkpoints of an earlier run (only what llmtune wrote there)."""
     shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+
+
+def remove_checkpoints(out: Path, best: tuple[str, str] | None = None) -> tuple[list[str], Path | None]:
+    """After a finished run: remove its checkpoints (all of them, or all but the best by (metric, mode)), and
+    the checkpoints folder when nothing is left in it. Returns the names removed and the one kept."""
+    root = checkpoint_dir(out)
+    if not root.is_dir():
+        return [], None
+    kept = best_checkpoint(complete_checkpoints(out), *best) if best else None
+    removed = []
+    for p in sorted(root.iterdir()):
+        if p != kept:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            removed.append(p.name)
+    if kept is None:
+        root.rmdir()
+    return removed, kept
 
 
 def remove_partial_checkpoints(out: Path) -> list[str]:

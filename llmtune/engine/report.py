@@ -57,17 +57,79 @@ class MetricsLog:
             self.trackers.log(clean)
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.3e}" if (abs(v) < 1e-3 and v != 0) or abs(v) >= 1e5 else f"{v:.4f}"
-    return str(v)
+# The keys a log line shows first, in this order; the rest follow as they come, while the line is short.
+KEY_METRICS = (
+    "skipped",
+    "loss",
+    "lr",
+    "grad_norm",
+    "reward",
+    "reward_std",
+    "kl",
+    "completion_length",
+    "ended",
+    "clip_fraction",
+    "entropy",
+    "epoch",
+)
+LINE_LIMIT = 160  # characters of one log line (every metric still goes to metrics.jsonl)
+_COUNTS = ("tokens", "samples", "units", "pairs", "rows", "nan_skips", "overflow_skips", "step", "round")
+
+
+def format_value(key: str, v: Any) -> str:
+    """One metric as a log line shows it: counts as integers, learning rates always as 1.00e-03, rates
+    (x_per_s) and durations (x_s) with few decimals, the epoch with two, other numbers with 4 decimals (or
+    3 significant digits in exponent form when very small or large)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    name = key.rsplit("/", 1)[-1]
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if name in _COUNTS:
+        return str(round(v))
+    if name == "lr" or name.endswith("_lr"):
+        return f"{v:.2e}"
+    if name.endswith("_per_s"):
+        return f"{v:.0f}" if abs(v) >= 100 else f"{v:.2f}"
+    if name.endswith("_s"):
+        return f"{v:.2f}"
+    if name == "epoch":
+        return f"{v:.2f}"
+    return f"{v:.3e}" if (abs(v) < 1e-3 and v != 0) or abs(v) >= 1e5 else f"{v:.4f}"
+
+
+def format_duration(seconds: float) -> str:
+    """0:07, 12:34, 1:02:03 (hours:minutes:seconds, as a clock)."""
+    s = max(0, round(seconds))
+    h, m, s = s // 3600, s // 60 % 60, s % 60
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def format_record(record: dict[str, Any], total: int, timing: str = "", limit: int = LINE_LIMIT) -> str:
+    """A metrics record as one log line: `step N/TOTAL (timing): key=value ...`, the key metrics first; the
+    line stops before `limit` characters and says how many more metrics.jsonl holds."""
+    keys = [k for k in record if k != "step" and record[k] is not None]
+    keys.sort(key=lambda k: KEY_METRICS.index(k) if k in KEY_METRICS else len(KEY_METRICS))
+    head = f"step {record['step']}/{total}" + (f" ({timing})" if timing else "") + ":"
+    line = head
+    for i, k in enumerate(keys):
+        part = f" {k}={format_value(k, record[k])}"
+        more = len(keys) - i - 1
+        reserve = len(f" (+{more} more in metrics.jsonl)") if more else 0
+        if i and len(line) + len(part) + reserve > limit:
+            return line + f" (+{len(keys) - i} more in metrics.jsonl)"
+        line += part
+    return line
 
 
 class Progress:
-    """A rich progress bar (loss, lr, tokens/s, ETA) on a terminal; plain log lines everywhere."""
+    """A rich progress bar (loss, lr, ETA) on a terminal; log lines everywhere, each with the step out of the
+    total, the time since training started and the time left (so that a piped or logged run says it too)."""
 
     def __init__(self, console: Console, total: int, start: int) -> None:
-        self.console = console
+        self.console, self.total, self.start = console, total, start
         self.bar = RichProgress(
             TextColumn("[bold]train[/]"),
             BarColumn(),
@@ -85,11 +147,22 @@ class Progress:
         self.t0 = time.perf_counter()
 
     def update(self, step: int, loss: float | None, lr: float) -> None:
-        self.bar.update(self.task, completed=step, loss="-" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}")
+        self.bar.update(
+            self.task, completed=step, loss="-" if loss is None else f"{loss:.4f}", lr=format_value("lr", lr)
+        )
+
+    def timing(self, step: int) -> str:
+        """ "0:12 elapsed, ETA 1:15": the rate of this session's steps so far, over the steps left."""
+        elapsed = time.perf_counter() - self.t0
+        done = step - self.start
+        if done <= 0:
+            return f"{format_duration(elapsed)} elapsed"
+        return f"{format_duration(elapsed)} elapsed, ETA {format_duration(elapsed / done * (self.total - step))}"
 
     def log(self, record: dict[str, Any]) -> None:
-        parts = [f"{k}={_fmt(v)}" for k, v in record.items() if v is not None and k != "step"]
-        self.console.print(f"step {record['step']}: " + " ".join(parts))
+        evaluation = any(k.startswith("eval/") for k in record)
+        timing = "eval" if evaluation else self.timing(record["step"])
+        self.console.print(format_record(record, self.total, timing), markup=False)
 
     def stop(self) -> None:
         self.bar.stop()

@@ -33,6 +33,7 @@ from llmtune.engine.checkpoint import (
     load_checkpoint,
     plan_run,
     read_trainer_state,
+    remove_checkpoints,
     remove_partial_checkpoints,
     resume_point,
     save_checkpoint,
@@ -51,6 +52,7 @@ from llmtune.objectives.logprobs import chunk_positions, lm_head_of
 from llmtune.plot import write_run_curves
 from llmtune.recipe.load import dump_recipe, resolved_dict
 from llmtune.recipe.schema import RecipeBase
+from llmtune.runtime import readable_like_normal_files
 
 
 def seed_everything(seed: int) -> None:
@@ -113,7 +115,7 @@ def evaluate(engine: Any, stage: Any, samples: list[Any], recipe: RecipeBase, di
         model.train()
     loss, units = all_reduce_sum(loss), all_reduce_sum(units)
     n = max(units.item(), 1.0)
-    result = {"eval/loss": loss.item() / n, "eval/units": units.item()}
+    result = {"eval/loss": loss.item() / n, "eval/units": round(units.item())}
     if stage.unit_name == "tokens":  # a per-token cross entropy: perplexity means something
         result["eval/perplexity"] = math.exp(min(result["eval/loss"], 50.0))
     for k in sorted(sums):  # the same keys on every rank: each ran at least one batch
@@ -149,6 +151,7 @@ class Run:
     progress: Progress | None = None
     ema: WeightAverage | None = None  # train.ema
     adalora: Any = None  # engine.adalora.AdaLoraSchedule for finetuning.method adalora
+    last_record: dict[str, Any] | None = None  # the last logged training step (for the model card)
 
 
 def train(
@@ -436,6 +439,7 @@ def _loop(run: Run) -> None:
                         window_tokens, t_last = 0.0, now
                         run.log.write(record)
                         progress.log(record)
+                        run.last_record = record
                     progress.update(state.step, result.loss if window is not None else None, lr)
                     if t.eval_every and data.eval and state.step % t.eval_every == 0 and not last:
                         _eval_and_log(run)
@@ -448,6 +452,8 @@ def _loop(run: Run) -> None:
                             stopper.signum or signal.SIGTERM, state.step, out / "checkpoints" / tag(state.step)
                         )
                     if state.step >= run.total_steps:
+                        if state.window_in_epoch >= batches.windows_per_epoch:  # the last step ended an epoch
+                            state.epoch, state.window_in_epoch = state.epoch + 1, 0
                         break
                 else:
                     state.epoch += 1
@@ -495,13 +501,18 @@ def _finish(run: Run) -> None:
             run.console.print(f"writing the weight average ({run.ema.updates} updates) to {out / 'ema'} ...")
             with run.ema.swapped_in():
                 run.stage.export(run.engine, run.tokenizer, staging / "ema", run.recipe, dist)
+    epochs = round(state.epoch + state.window_in_epoch / max(run.batches.windows_per_epoch, 1), 4)
+    if dist.is_main:
+        _write_cards(run, staging, epochs)
+        readable_like_normal_files(staging)  # safetensors writes its files 0600
     files = _publish(staging, out) if dist.is_main else []
     m = run.manifest
     m.status, m.finished, m.steps = "finished", time.strftime("%Y-%m-%dT%H:%M:%S"), state.step
-    m.trainer_state = asdict(state)
+    m.epochs, m.trainer_state = epochs, asdict(state)
     peak = write_peak(m, dist.device, out, dist.is_main)  # also writes run.json
     if dist.is_main:
         write_run_curves(out, run.console)  # curves.png; a failure to draw is a warning, never a failed run
+        _remove_checkpoints_at_finish(run)
     barrier()
     skips = f" ({state.nan_skips} skipped for NaN / Inf)" if state.nan_skips else ""
     run.console.print(
@@ -510,6 +521,46 @@ def _finish(run: Run) -> None:
     run.console.print(peak_line(peak))
     if run.owns_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def _write_cards(run: Run, staging: Path, epochs: float) -> None:
+    """The model card (README.md) of the export and of each part beside it (ema/, ppo's critic/)."""
+    from llmtune.engine.card import write_model_card
+
+    unit = run.stage.unit_name
+    skip = {"step", "epoch", "lr", "grad_norm", "skipped", unit, f"{unit}_per_s", "rollout_s", "train_s"}
+    last = {k: v for k, v in (run.last_record or {}).items() if k not in skip}
+    metrics = {("loss (last step)" if k == "loss" else k): v for k, v in last.items()}
+    metrics.update(run.state.eval_metrics if run.state.eval_step == run.state.step else {})
+    options = {"steps": run.state.step, "epochs": epochs, "metrics": metrics}
+    write_model_card(staging, run.recipe, **options)
+    parts = {
+        "ema": "The exponential moving average of the trained weights (train.ema), in the model's own shape.",
+        "critic": "PPO's critic (the value model) trained beside the policy, which is the folder above. With "
+        "ppo.memory shared it is an adapter on the policy's base plus value_head.safetensors, which ppo reads back.",
+    }
+    for sub in sorted(p for p in staging.iterdir() if p.is_dir()):
+        if any((sub / f).is_file() for f in ("adapter_config.json", "config.json")):
+            write_model_card(
+                sub, run.recipe, what=parts.get(sub.name, f"The {sub.name} part of the run's output."), **options
+            )
+
+
+def _remove_checkpoints_at_finish(run: Run) -> None:
+    """A finished run's output is its export: its checkpoints go, unless the recipe sets train.keep_checkpoints
+    (then the newest N stay, e.g. to --resume-from one with a longer schedule); the best_metric checkpoint
+    stays either way."""
+    t = run.recipe.train
+    if "keep_checkpoints" in t.model_fields_set:
+        return
+    best = (t.best_metric, t.best_mode) if t.best_metric else None
+    removed, kept = remove_checkpoints(run.out, best)
+    if removed:
+        note = f"; kept the best by {t.best_metric}: {kept.name}" if kept is not None else ""
+        run.console.print(
+            f"removed {_plural(len(removed), 'checkpoint')} (the exported model is the run's output{note}; set "
+            "train.keep_checkpoints to keep the newest)"
+        )
 
 
 def _plural(n: int, word: str) -> str:
@@ -541,7 +592,9 @@ class StopRequest:
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, console: Console) -> None:
-        self.console, self.signum = console, 0
+        # the notice goes to stderr: with `llmtune train ... | tee log`, Ctrl-C ends tee and stdout with it
+        self.console = Console(stderr=True, quiet=console.quiet, highlight=False, soft_wrap=True)
+        self.signum = 0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:

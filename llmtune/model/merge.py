@@ -26,6 +26,7 @@ from llmtune.errors import LlmtuneError, UserError
 from llmtune.model.load import DTYPES, check_tokenizers_agree, load_config, tokenizer_from
 from llmtune.paths import looks_local
 from llmtune.recipe.checks import check_finished
+from llmtune.runtime import readable_like_normal_files
 
 # max |logit difference| allowed, relative to max(1, max |logit|) of the reference, per saved dtype:
 # fp32 leaves only summation-order noise; bf16 / fp16 round every merged weight once.
@@ -255,6 +256,7 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, max_shard_size
             model.config.pad_token_id = pad
         tokenizer.save_pretrained(out)
     model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
+    readable_like_normal_files(out)  # safetensors writes its files 0600
     return sorted(p.name for p in out.iterdir() if p.is_file())
 
 

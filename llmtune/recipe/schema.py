@@ -654,7 +654,13 @@ class TrainConfig(Block):
     log_every: int = Field(default=10, ge=1, description="Log every N optimizer steps.")
     eval_every: int | None = Field(default=None, ge=1, description="Evaluate every N steps (and at the end).")
     save_every: int | None = Field(default=None, ge=1, description="Write a resumable checkpoint every N steps.")
-    keep_checkpoints: int = Field(default=2, ge=1, description="Keep the newest N checkpoints.")
+    keep_checkpoints: int = Field(
+        default=2,
+        ge=1,
+        description="Keep the newest N checkpoints. Given in the recipe, they also stay after the run finishes "
+        "(e.g. to --resume-from one with a longer schedule); not given, a finished run removes its checkpoints: "
+        "the exported model is the output (the best_metric checkpoint stays).",
+    )
     best_metric: str | None = Field(
         default=None,
         description="An evaluation metric (e.g. eval/loss): the checkpoint with its best value is kept as well.",

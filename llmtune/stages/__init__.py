@@ -35,8 +35,10 @@ def get_stage(name: str) -> Any:
     raise ValueError(f"unknown stage {name}")
 
 
-def quiet_libraries() -> None:
-    """Silence known-harmless library noise so that the run's own messages stay readable."""
+def quiet_libraries(loading_bars: bool | None = None) -> None:
+    """Silence known-harmless library noise so that the run's own messages stay readable. loading_bars:
+    transformers' "Loading weights" bars; None: only on a terminal (stderr), False: never (training, which
+    says itself what it loads and draws its own progress)."""
     import logging
     import warnings
 
@@ -60,7 +62,7 @@ def quiet_libraries() -> None:
     # "Token indices sequence length is longer than ... indexing errors": rows are tokenized whole, then cut
     # to data.max_length (capped at the model's positions); a row left with nothing to learn is dropped and named
     logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
-    if not sys.stderr.isatty():  # in a log file, transformers' "Loading weights" bars are only noise
+    if not (sys.stderr.isatty() if loading_bars is None else loading_bars):  # in a log file, only noise
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -69,7 +71,7 @@ def quiet_libraries() -> None:
 def run_stage(recipe: Any, local_rank: int | None = None, **options: Any) -> None:
     """options: resume_from (a checkpoint dir), resume (bool), overwrite (bool), trust_reward_code (bool);
     see llmtune.engine.trainer."""
-    quiet_libraries()
+    quiet_libraries(loading_bars=False)
     from llmtune.engine.report import run_console
     from llmtune.model.gguf import resolve_gguf
 

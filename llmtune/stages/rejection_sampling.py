@@ -197,7 +197,7 @@ def run_rejection_sampling(
                     _merge(sft.model.path, model_dir, rdir / MERGED_DIR, console)
                 barrier()
         if dist.is_main:
-            files = _publish_final(out, round_dir(out, rs.rounds) / MODEL_DIR, rs.rounds)
+            files = _publish_final(out, round_dir(out, rs.rounds) / MODEL_DIR, rs.rounds, recipe)
             _write_rounds(out, rs.rounds)
             final = RunManifest.read(round_dir(out, rs.rounds) / MODEL_DIR) or RunManifest()
             manifest.tokenizer, manifest.torch, manifest.deepspeed = final.tokenizer, final.torch, final.deepspeed
@@ -625,9 +625,10 @@ def _merge(base: str, adapter: Path, target: Path, console: Console) -> None:
     console.print(f"merged the adapter into {base}: {target} (max |logit| diff {result.max_logit_diff:.2g})")
 
 
-def _publish_final(out: Path, model_dir: Path, rounds: int) -> list[str]:
+def _publish_final(out: Path, model_dir: Path, rounds: int, recipe: Any) -> list[str]:
     """Copy the last round's model (weights or adapter, tokenizer, configs) into output_dir, through a staging
-    directory; metrics.jsonl gets every round's training log, each line with its round."""
+    directory, with a model card of the whole run; metrics.jsonl gets every round's training log, each line
+    with its round."""
     staging = out / ".export-in-progress"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -646,6 +647,18 @@ def _publish_final(out: Path, model_dir: Path, rounds: int) -> list[str]:
                 if line.strip():
                     metrics.append({"round": k, **json.loads(line)})
     _write_jsonl(staging / "metrics.jsonl", metrics)
+    from llmtune.engine.card import write_model_card
+
+    runs = [RunManifest.read(round_dir(out, k) / MODEL_DIR) or RunManifest() for k in range(1, rounds + 1)]
+    state = runs[-1].trainer_state or {}
+    write_model_card(
+        staging,
+        recipe,
+        steps=sum(m.steps or 0 for m in runs),
+        metrics=state.get("eval_metrics") if isinstance(state.get("eval_metrics"), dict) else None,
+        what=f"Rejection sampling: {rounds} round(s) of sampling answers to the prompts, scoring them, keeping "
+        "the best and fine-tuning on them (sft). This is the last round's model.",
+    )
     names = []
     for entry in sorted(staging.iterdir()):
         target = out / entry.name

@@ -99,7 +99,7 @@ def test_grpo_resumes_exactly_at_a_rollout_boundary(tmp_path: Path) -> None:
     (tmp_path / "b").mkdir()
     straight = grpo_recipe(tmp_path / "a", train={"max_steps": 4})
     out_a, _ = _train(tmp_path / "a", straight)
-    resumed = grpo_recipe(tmp_path / "b", train={"max_steps": 4, "save_every": 2})
+    resumed = grpo_recipe(tmp_path / "b", train={"max_steps": 4, "save_every": 2, "keep_checkpoints": 2})
     out_b, _ = _train(tmp_path / "b", resumed)
     as_if_killed(out_b, drop=("step-00000004",))  # died after the step-2 checkpoint
     out_b, proc = _train(tmp_path / "b", resumed)

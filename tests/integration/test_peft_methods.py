@@ -43,7 +43,7 @@ PEFT_TYPE = {
 
 
 def _recipe(tmp_path: Path, finetuning: dict[str, Any], **sections: Any) -> dict[str, Any]:
-    train = {"max_steps": 4, "save_every": 2, "lr": 1e-2, **sections.pop("train", {})}
+    train = {"max_steps": 4, "save_every": 2, "keep_checkpoints": 2, "lr": 1e-2, **sections.pop("train", {})}
     return base_recipe(tmp_path, finetuning=finetuning, train=train, **sections) | {"finetuning": finetuning}
 
 

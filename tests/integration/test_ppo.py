@@ -263,7 +263,7 @@ def test_ppo_resume_at_a_rollout_boundary_restores_the_kl_controller(tmp_path: P
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     out_a, _ = _train(tmp_path / "a", ppo_recipe(tmp_path / "a", ppo=ppo, train=train))
-    resumed = ppo_recipe(tmp_path / "b", ppo=ppo, train={**train, "save_every": 4})
+    resumed = ppo_recipe(tmp_path / "b", ppo=ppo, train={**train, "save_every": 4, "keep_checkpoints": 2})
     out_b, _ = _train(tmp_path / "b", resumed)
     state = json.loads((out_b / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
     assert state["stage_state"]["kl_controller"]["value"] != 0.05  # moved after the first rollout

@@ -152,6 +152,8 @@ def test_one_round_learns_writes_its_files_and_the_output_loads(tmp_path: Path, 
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["status"] == "finished" and manifest["stage"] == "rejection_sampling"
     assert (out / "recipe.yaml").is_file() and (out / "model.safetensors").is_file()
+    card = (out / "README.md").read_text()  # the model card of the whole run, not of round 1's sft
+    assert "| stage | rejection_sampling |" in card and "Rejection sampling: 1 round(s)" in card
     assert_curves(out, "loss", "reward per round (sampling)")  # drawn from output_dir's metrics, not copied
     assert_curves(r1 / "model", "loss")
     before = greedy_exact_match(start_model, HELD_OUT)
@@ -183,7 +185,7 @@ def test_two_lora_rounds_resume_after_an_interruption(tmp_path: Path, start_mode
         tmp_path,
         start_model,
         finetuning={"method": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
-        train={"lr": 5e-3, "epochs": 2, "save_every": 2},
+        train={"lr": 5e-3, "epochs": 2, "save_every": 2, "keep_checkpoints": 2},
         rejection_sampling={"rounds": 2, "max_prompts": 6},
     )
     trackers = [name for name in ("tensorboard", "mlflow") if importlib.util.find_spec(name)]  # llmtune[trackers]

@@ -377,7 +377,9 @@ def _killed_after_step_2(tmp_path: Path) -> tuple[Path, Path]:
     """A 4-step run with checkpoints every 2 steps, left as if killed after its step-2 checkpoint."""
     data = unseen_sft_data(tmp_path / "echo.jsonl", n=32)
     recipe = base_recipe(
-        tmp_path, data={"train": [{"path": str(data)}], "max_length": 64}, train={"max_steps": 4, "save_every": 2}
+        tmp_path,
+        data={"train": [{"path": str(data)}], "max_length": 64},
+        train={"max_steps": 4, "save_every": 2, "keep_checkpoints": 2},
     )
     path = write_recipe(tmp_path, recipe)
     assert run_cli("train", str(path)).returncode == 0
@@ -438,7 +440,9 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_the_fix(tmp_path
 
     data = unseen_sft_data(tmp_path / "echo.jsonl", n=32)
     recipe = base_recipe(
-        tmp_path, data={"train": [{"path": str(data)}], "max_length": 64}, train={"max_steps": 4, "save_every": 2}
+        tmp_path,
+        data={"train": [{"path": str(data)}], "max_length": 64},
+        train={"max_steps": 4, "save_every": 2, "keep_checkpoints": 2},
     )
     path = write_recipe(tmp_path, recipe)
 
@@ -496,7 +500,7 @@ def test_resume_from_with_a_longer_schedule_follows_the_new_schedule(tmp_path: P
         tmp_path,
         output_dir=str(tmp_path / "short"),
         data={"train": [{"path": str(data)}], "max_length": 64},
-        train={"max_steps": 4, "save_every": 2, "lr": 2e-3, "log_every": 1, "warmup_steps": 1},
+        train={"max_steps": 4, "save_every": 2, "keep_checkpoints": 2, "lr": 2e-3, "log_every": 1, "warmup_steps": 1},
     )
     assert run_cli("train", str(write_recipe(tmp_path, short, "short.yaml"))).returncode == 0
     long = {**short, "output_dir": str(tmp_path / "long"), "train": {**short["train"], "max_steps": 8}}

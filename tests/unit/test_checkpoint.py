@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from llmtune.engine.checkpoint import MARKER, _rotate, best_checkpoint, plan_run, remove_partial_checkpoints
+from llmtune.engine.checkpoint import (
+    MARKER,
+    _rotate,
+    best_checkpoint,
+    plan_run,
+    remove_checkpoints,
+    remove_partial_checkpoints,
+)
 from llmtune.errors import UserError
 
 
@@ -49,6 +56,24 @@ def test_a_nan_evaluation_is_never_the_best(tmp_path: Path) -> None:
     done = sorted((tmp_path / "checkpoints").iterdir())
     assert best_checkpoint(done, "eval/loss", "min").name == "step-00000003"
     assert best_checkpoint(done, "eval/loss", "max").name == "step-00000001"
+
+
+def test_a_finished_run_removes_its_checkpoints(tmp_path: Path) -> None:
+    for s in (2, 4):
+        _ckpt(tmp_path, s)
+    _ckpt(tmp_path, 6, complete=False)
+    removed, kept = remove_checkpoints(tmp_path)
+    assert removed == ["step-00000002", "step-00000004", "step-00000006"] and kept is None
+    assert not (tmp_path / "checkpoints").exists()
+    assert remove_checkpoints(tmp_path) == ([], None)  # nothing left: nothing to do
+
+
+def test_a_finished_run_keeps_its_best_checkpoint(tmp_path: Path) -> None:
+    for s, loss in ((2, 3.0), (4, 1.0), (6, 2.0)):
+        _ckpt(tmp_path, s, loss)
+    removed, kept = remove_checkpoints(tmp_path, ("eval/loss", "min"))
+    assert removed == ["step-00000002", "step-00000006"] and kept is not None and kept.name == "step-00000004"
+    assert _names(tmp_path) == ["step-00000004"]
 
 
 def test_rotation_never_counts_or_keeps_old_partial_writes(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -38,6 +39,12 @@ def _lora(tmp: Path, name: str, task: str = "CAUSAL_LM", seed: int = 0) -> Path:
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _logits(model: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=probe_inputs(1024, seed=5)).logits.float()
@@ -52,6 +59,9 @@ def test_merge_lora_writes_a_standalone_model_equal_to_base_plus_adapter(tmp_pat
     files = set(r.files)
     assert {"config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja"} <= files
     assert any(f.endswith(".safetensors") for f in files) and not any(f.startswith("adapter") for f in files)
+    # weights readable like every other file (safetensors alone leaves them 0600), as the umask allows
+    expected = 0o666 & ~_umask()
+    assert all((tmp_path / "merged" / f).stat().st_mode & 0o777 == expected for f in files), expected
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     ref = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY_MODEL), adapter)
     base = AutoModelForCausalLM.from_pretrained(TINY_MODEL)
