@@ -142,8 +142,70 @@ def lm_loss_sum_from_hidden(
     >>> round(loss.item() / n.item(), 4)                          # log 4
     1.3863
     """
+    n = torch.tensor(int((labels[:, 1:] != IGNORE_INDEX).sum()), device=hidden.device)
+    if type(head) is torch.nn.Linear and torch.is_grad_enabled() and n.item() > 0:
+        return _fused_linear_loss(hidden, labels, head, chunk_size), n
     idx, lp, _, _ = _selected_stats(hidden, labels, _identity if head is None else head, chunk_size, 1.0, False)
     return -lp.sum(), torch.tensor(idx.numel(), device=hidden.device)
+
+
+def _fused_linear_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Linear, chunk_size: int | None):
+    d = hidden.shape[-1]
+    targets = labels[:, 1:].reshape(-1)
+    idx = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
+    h = hidden[:, :-1].reshape(-1, d).index_select(0, idx)  # (N, H)
+    y = targets.index_select(0, idx)
+    step = chunk_size or chunk_positions(head.out_features)
+    return _FusedLinearCrossEntropy.apply(h, head.weight, head.bias, y, step)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum_n CE(h_n W^T + b, y_n) for a plain linear head, one chunk of rows at a time, with the gradients
+    computed in the same pass (the loss is a sum, so its upstream gradient is one number that backward only
+    multiplies in): no chunk is recomputed, and no (N, V) tensor outlives its chunk.
+
+      dL/dz = softmax(z) - onehot(y)     (z: float32 logits of a row)
+      dL/dh = dL/dz W,  dL/dW = sum_n dL/dz_n^T h_n,  dL/db = sum_n dL/dz_n
+
+    The gradient of z is cast to the head's dtype before the matmuls, as autograd does through the
+    `.float()` of the plain computation."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, step):
+        need_h, need_w = h.requires_grad, weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], step):
+            hc, yc = h[s : s + step], y[s : s + step]
+            z = torch.nn.functional.linear(hc, weight, bias).float()  # (N_c, V)
+            lse = torch.logsumexp(z, dim=-1)
+            loss += (lse - z.gather(-1, yc.unsqueeze(-1)).squeeze(-1)).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            dz = z.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in place of the logits
+            dz[torch.arange(len(yc), device=dz.device), yc] -= 1.0
+            dz = dz.to(weight.dtype)
+            if need_h:
+                grad_h[s : s + step] = dz @ weight
+            if need_w:
+                grad_w += (dz.T @ hc).float()
+            if need_b:
+                grad_b += dz.float().sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        gh = grad_h * g.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * g).to(w_dtype) if grad_w is not None else None
+        gb = (grad_b * g).to(b_dtype) if grad_b is not None else None
+        return gh, gw, gb, None, None
 
 
 # --- the hidden states of a causal LM, and its head -------------------------------------------------------------

@@ -98,6 +98,7 @@ def test_sft_methods_learn_and_outputs_load(tmp_path: Path, method: str, extra: 
     assert len(losses) == 40
     # memory said plainly: the estimate at the start, the measured peak at the end and in run.json
     assert "memory (expected, per process): weights" in proc.stdout
+    assert "LM head: applied per chunk of" in proc.stdout  # the head split off, whatever the method made of it
     peak = json.loads((out / "run.json").read_text())["peak_memory"]["peak_rss_gb"]
     assert 0.05 < peak < 100 and f"peak memory: {peak:.2f} GB resident (CPU)" in proc.stdout
     assert _mean(losses[-5:]) < 0.8 * _mean(losses[:5]), losses

@@ -45,9 +45,11 @@ def _grads(out: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Module) -> li
 @pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("bias", [False, True])
 def test_loss_equals_full_logits(chunk, bias):
+    """The loss through a plain nn.Linear head: the fused pass (gradients computed with the loss)."""
     hidden, head, labels = _case(1, bias)
     ref, n_ref = lm_loss_sum(head(hidden), labels)
     got, n = lm_loss_sum_from_hidden(hidden, labels, head, chunk)
+    assert "FusedLinearCrossEntropy" in type(got.grad_fn).__name__  # a plain linear head: gradients in one pass
     assert n.item() == n_ref.item() == (labels[:, 1:] != -100).sum().item()
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-6)
     for a, b in zip(_grads(got, hidden, head), _grads(ref, hidden, head), strict=True):
@@ -69,6 +71,17 @@ def test_token_logps_and_entropy_equal_full_logits(chunk, temperature):
     w = torch.linspace(-1, 2, lp.numel()).reshape(lp.shape)
     got = (lp * w).sum() - 0.3 * (ent * w).sum()
     ref = (ref_lp * w).sum() - 0.3 * (ref_ent * w).sum()
+    for a, b in zip(_grads(got, hidden, head), _grads(ref, hidden, head), strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_through_a_head_function_recomputes_chunks():
+    """Any other head (a function, a peft-wrapped module): the chunks are recomputed in backward."""
+    hidden, head, labels = _case(6, bias=True)
+    ref, _ = lm_loss_sum(head(hidden), labels)
+    got, _ = lm_loss_sum_from_hidden(hidden, labels, lambda h: head(h), 5)
+    assert "FusedLinearCrossEntropy" not in type(got.grad_fn).__name__
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-6)
     for a, b in zip(_grads(got, hidden, head), _grads(ref, hidden, head), strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
