@@ -580,8 +580,11 @@ def _stats_line(s: dict[str, Any]) -> str:
         f"round {s['round']}: {s['prompts']} prompts, {s['samples']} samples",
         f"mean reward {f(s['mean_reward'])}",
         f"mean best {f(s['mean_best_reward'])}",
-        f"kept {s['kept']} ({f(s['kept_fraction'])}), no spread {s['no_spread']}, under threshold "
-        f"{f(s['threshold'])} {s['under_threshold']}" + (f", empty {s['empty']}" if s["empty"] else ""),
+        f"kept {s['kept']} ({f(s['kept_fraction'])})",
+        f"no spread {s['no_spread']}",
+        f"under threshold {s['under_threshold']} "
+        + (f"(threshold {f(s['threshold'])})" if s["threshold"] is not None else "(no threshold)")
+        + (f", empty {s['empty']}" if s["empty"] else ""),
         f"exact match {f(s['exact_match'])}",
         f"length {f(s['mean_completion_tokens'])} tokens",
         f"ended {f(s['ended_fraction'])}",
