@@ -104,8 +104,13 @@ def main() -> None:
                     "stage": "ppo",
                     "output_dir": str(work / f"ppo-{memory}-{r}"),
                     "data": {"train": [{"path": str(prompts)}], "max_length": 64},
-                    "ppo": {"memory": memory, "ppo_epochs": 1, "reward": {"model": str(work / "rm")}},
-                    "generation": {"max_new_tokens": 8},
+                    "ppo": {
+                        "memory": memory,
+                        "ppo_epochs": 1,
+                        "prompts_per_step": 4,
+                        "reward": {"model": str(work / "rm")},
+                    },
+                    "generation": {"max_new_tokens": 8, "batch_size": 4},
                     "train": {"max_steps": a.steps, "micro_batch_size": 4, "lr": 1e-4},
                 }
                 path = work / f"ppo-{memory}.yaml"

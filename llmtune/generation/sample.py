@@ -105,6 +105,58 @@ def generation_mode(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
+GENERATION_BATCH = 32  # completions per generate call by default: sized for throughput, not the training micro-batch
+
+
+def generation_batch(batch_size: int | None, micro_batch_size: int) -> int:
+    """Completions per generate call: generation.batch_size, else GENERATION_BATCH (or the training
+    micro-batch when that is larger). Generation holds no gradients, so it affords more rows than training."""
+    return batch_size or max(GENERATION_BATCH, micro_batch_size)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+class GenerationProgress:
+    """An ``on_batch`` callback that says how far a generation phase is: ``label: 320/3200 completions (10%),
+    41 s, about 6.2 min left`` at each tenth of the way, printed with `say` (a line each, readable in a log
+    file). Lines come only once `after_s` seconds have passed since the start (0: always; the online stages'
+    short rollouts stay quiet). `clock` is for tests."""
+
+    def __init__(
+        self,
+        say: Callable[[str], Any],
+        total: int,
+        label: str,
+        after_s: float = 0.0,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        import time
+
+        self.say, self.total, self.label, self.after_s = say, total, label, after_s
+        self.clock = clock or time.perf_counter
+        self.start = self.clock()
+        self.done = 0
+        self.shown = 0  # tenths already said
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        tenth = self.done * 10 // max(self.total, 1)
+        if tenth <= self.shown:
+            return
+        self.shown = tenth
+        elapsed = self.clock() - self.start
+        if elapsed < self.after_s:
+            return
+        left = elapsed / self.done * (self.total - self.done)
+        eta = f", about {_duration(left)} left" if self.done < self.total else ""
+        self.say(
+            f"{self.label}: {self.done}/{self.total} completions ({self.done / max(self.total, 1):.0%}), "
+            f"{_duration(elapsed)}{eta}"
+        )
+
+
 def _sampling(temperature: float, top_p: float, top_k: int) -> dict[str, Any]:
     if temperature > 0:
         return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k or 0}
@@ -197,11 +249,13 @@ def rollout(
     device: torch.device,
     batch_size: int | None = None,
     keep_stop: bool = False,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[tuple[list[int], bool]]:
     """Completions for the online stages: (token ids, ended with a stop token) per prompt, in order; the ids
     hold the stop token that ended the completion only with keep_stop (what the policy sampled, which the
     policy-gradient stages learn as it was). ``gen`` is a recipe's GenerationConfig. The random state the training loop uses
-    (dropout, data order) is untouched: sampling runs on a forked generator state seeded per batch."""
+    (dropout, data order) is untouched: sampling runs on a forked generator state seeded per batch.
+    ``on_batch(n)`` after each generate call (GenerationProgress)."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), generation_mode(model):
         return _generate_batches(
@@ -215,4 +269,5 @@ def rollout(
             seed=seed,
             device=device,
             keep_stop=keep_stop,
+            on_batch=on_batch,
         )

@@ -886,7 +886,10 @@ class GenerationConfig(Block):
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling: keep the top tokens of this mass.")
     top_k: int = Field(default=0, ge=0, description="Keep the k most likely tokens; 0 = off.")
     batch_size: int | None = Field(
-        default=None, ge=1, description="Prompts per generate call (default: train.micro_batch_size)."
+        default=None,
+        ge=1,
+        description="Completions per generate call, sized for throughput (default: 32, or train.micro_batch_size "
+        "when larger); lower it if generation runs out of memory.",
     )
 
 

@@ -13,9 +13,10 @@ import torch
 from llmtune.data.pipeline import PromptExample, build_data
 from llmtune.engine.batches import full_weights
 from llmtune.engine.distributed import all_reduce_sum
+from llmtune.engine.report import run_console
 from llmtune.errors import RecipeError
 from llmtune.generation.prompts import prompt_encoder
-from llmtune.generation.sample import rollout
+from llmtune.generation.sample import GenerationProgress, generation_batch, rollout
 from llmtune.stages.base import StageData, StageDefaults
 
 
@@ -111,7 +112,9 @@ class OnlineStage(StageDefaults):
         gen = self.recipe.generation
         if greedy:
             gen = gen.model_copy(update={"temperature": 0.0})
-        bs = gen.batch_size or self.recipe.train.micro_batch_size
+        bs = generation_batch(gen.batch_size, self.recipe.train.micro_batch_size)
+        say = run_console(self.dist.is_main).print
+        progress = GenerationProgress(say, len(ids), "eval: sampled" if greedy else "rollout: sampled", after_s=30)
         with full_weights(self.engine, self.policy_model()):
             return rollout(
                 self.policy_model(),
@@ -123,6 +126,7 @@ class OnlineStage(StageDefaults):
                 device=self.dist.device,
                 batch_size=bs,
                 keep_stop=True,  # the stop token sampled is learned as sampled (its log-prob enters the ratio)
+                on_batch=progress,  # a line at each tenth of a rollout that takes more than 30 s
             )
 
     def _score(self, prompts: list[PromptExample], outs: list[Any], repeat: int) -> Any:

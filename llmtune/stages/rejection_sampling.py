@@ -361,7 +361,7 @@ def generate_round(
     from llmtune.data.chat import resolve_chat_template
     from llmtune.engine.distributed import barrier
     from llmtune.generation.prompts import render_prompt
-    from llmtune.generation.sample import end_tokens, rollout
+    from llmtune.generation.sample import GenerationProgress, end_tokens, generation_batch, rollout
     from llmtune.model.load import load_tokenizer
     from llmtune.rewards import build_rewards
 
@@ -386,6 +386,13 @@ def generate_round(
         ids.append(tokenizer(text, add_special_tokens=False)["input_ids"][-budget:])
     repeated = [row for row in ids for _ in range(n)]
     seed = recipe.seed * 1000003 + k * 7919 + dist.rank * 104729
+    batch = generation_batch(gen.batch_size, recipe.train.micro_batch_size)
+    share = f" ({len(repeated)} on each of {dist.world_size} processes)" if dist.world_size > 1 else ""
+    console.print(
+        f"round {k}: sampling {len(round_prompts)} prompts x {n} = {len(round_prompts) * n} completions{share}, "
+        f"{batch} per generate call (generation.batch_size)"
+    )
+    progress = GenerationProgress(console.print, len(repeated), f"round {k}: sampled")
     outs = (
         rollout(
             model,
@@ -395,7 +402,8 @@ def generate_round(
             seed=seed,
             stops=stops,
             device=dist.device,
-            batch_size=gen.batch_size or recipe.train.micro_batch_size,
+            batch_size=batch,
+            on_batch=progress,
         )
         if repeated
         else []
@@ -572,8 +580,11 @@ def _stats_line(s: dict[str, Any]) -> str:
         f"round {s['round']}: {s['prompts']} prompts, {s['samples']} samples",
         f"mean reward {f(s['mean_reward'])}",
         f"mean best {f(s['mean_best_reward'])}",
-        f"kept {s['kept']} ({f(s['kept_fraction'])}), no spread {s['no_spread']}, under threshold "
-        f"{f(s['threshold'])} {s['under_threshold']}" + (f", empty {s['empty']}" if s["empty"] else ""),
+        f"kept {s['kept']} ({f(s['kept_fraction'])})",
+        f"no spread {s['no_spread']}",
+        f"under threshold {s['under_threshold']} "
+        + (f"(threshold {f(s['threshold'])})" if s["threshold"] is not None else "(no threshold)")
+        + (f", empty {s['empty']}" if s["empty"] else ""),
         f"exact match {f(s['exact_match'])}",
         f"length {f(s['mean_completion_tokens'])} tokens",
         f"ended {f(s['ended_fraction'])}",

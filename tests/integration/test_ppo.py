@@ -331,6 +331,27 @@ def test_ppo_qlora_shared_with_gradient_checkpointing_runs(tmp_path: Path) -> No
     assert (out / "adapter_model.safetensors").is_file()
 
 
+def test_ppo_without_reward_spread_warns_and_logs_finite_figures(tmp_path: Path) -> None:
+    """exact_match, which the untrained tiny model never satisfies: every completion scores 0, so the run warns
+    (with what to change) that the policy gets no reward signal; explained_variance stays a number. A step is
+    8 prompts, cut into micro-batches of 3 (accumulation 3)."""
+    recipe = ppo_recipe(
+        tmp_path,
+        ppo={"reward": {"rule": "exact_match"}, "prompts_per_step": 8, "rollout_batch_size": 8},
+        train={"max_steps": 2, "micro_batch_size": 3},
+        data={"train": [{"path": str(prompts_file(tmp_path / "p.jsonl", n=16))}]},
+    )
+    out, proc = _train(tmp_path, recipe)
+    assert "8 prompts x 1 generation per step" in proc.stdout and "batch 3 x accum 3 x 1 proc = 8 rows/step" in (
+        proc.stdout
+    )
+    text = " ".join((proc.stdout + proc.stderr).split())
+    assert "100% of the rollout's completions scored alike" in text and "a graded reward" in text
+    steps = [m for m in read_metrics(out) if "loss" in m]
+    assert len(steps) == 2 and all(m["reward"] == 0.0 and m["frac_reward_zero_std"] == 1.0 for m in steps)
+    assert all(math.isfinite(m["explained_variance"]) for m in steps)
+
+
 def test_ppo_bad_input_is_refused_before_training(tmp_path: Path) -> None:
     def refused(recipe: dict, *phrases: str, command: str = "train") -> None:
         # validate's schema messages carry the fix in their sentence; train's errors have a fix: line

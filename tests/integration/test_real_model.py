@@ -90,7 +90,7 @@ def test_sft_dpo_grpo_on_the_gguf_model_reload_and_answer_in_the_template(tmp_pa
             tmp_path / "grpo",
             "grpo",
             prompts,
-            grpo={"num_generations": 2, "reward": {"rule": "contains"}},
+            grpo={"num_generations": 2, "prompts_per_step": 1, "reward": {"rule": "contains"}},
             generation={"max_new_tokens": 8},
         ),
     }

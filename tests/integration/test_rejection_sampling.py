@@ -302,6 +302,9 @@ def test_a_round_that_keeps_nothing_stops_with_exit_2_instead_of_fine_tuning_on_
     stats = json.loads((r1 / "stats.json").read_text())
     assert (stats["kept"], stats["no_spread"], stats["threshold"]) == (0, len(WORDS), 1.0)
     assert "no spread 8" in proc.stdout
+    # never silent: what it samples, in batches sized for generation (not the micro-batch of 4), with progress
+    assert "round 1: sampling 8 prompts x 2 = 16 completions, 32 per generate call" in proc.stdout
+    assert "round 1: sampled: 16/16 completions (100%)" in proc.stdout
     assert not (r1 / "generated.json").exists() and not (r1 / "model").exists()  # nothing fine-tuned
 
 

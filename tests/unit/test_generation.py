@@ -102,3 +102,41 @@ def test_eval_generate_stops_on_the_tokens_it_is_given(model_and_tokenizer) -> N
     assert generate(model, tok, ids, max_new_tokens=6) == generate(
         model, tok, ids, max_new_tokens=6, stops=stop_ids(model, tok)
     )
+
+
+def test_generation_progress_says_each_tenth_with_an_eta() -> None:
+    """1000 completions in batches of 100, 4 s each (a clock that the test moves): a line at each tenth, the
+    time left extrapolated from the rate so far (100 done in 4 s: 900 left = 36 s); with after_s, nothing
+    before that many seconds (short rollouts stay quiet)."""
+    from llmtune.generation.sample import GenerationProgress
+
+    now = [0.0]
+    lines: list[str] = []
+    progress = GenerationProgress(lines.append, 1000, "round 1: sampled", clock=lambda: now[0])
+    for _ in range(10):
+        now[0] += 4.0
+        progress(100)
+    assert len(lines) == 10
+    assert lines[0] == "round 1: sampled: 100/1000 completions (10%), 4 s, about 36 s left"
+    assert lines[4] == "round 1: sampled: 500/1000 completions (50%), 20 s, about 20 s left"
+    assert lines[-1] == "round 1: sampled: 1000/1000 completions (100%), 40 s"
+
+    quiet: list[str] = []
+    now[0] = 0.0
+    progress = GenerationProgress(quiet.append, 1000, "rollout: sampled", after_s=30, clock=lambda: now[0])
+    for _ in range(10):
+        now[0] += 4.0
+        progress(100)
+    assert [x.removeprefix("rollout: sampled: ") for x in quiet] == [
+        "800/1000 completions (80%), 32 s, about 8 s left",
+        "900/1000 completions (90%), 36 s, about 4 s left",
+        "1000/1000 completions (100%), 40 s",
+    ]
+
+
+def test_the_generation_batch_is_sized_for_throughput_not_the_micro_batch() -> None:
+    from llmtune.generation.sample import generation_batch
+
+    assert generation_batch(None, 4) == 32  # not the training micro-batch of 4
+    assert generation_batch(None, 64) == 64
+    assert generation_batch(8, 64) == 8  # generation.batch_size, when set
