@@ -64,7 +64,7 @@ SIZES = {
     # the quickstart model's shape (Llama, 2 layers, hidden 64, vocab 1,024), random weights
     "tiny": Size(64, 2, 176, 4, 2, 16, 1024, False, "quickstart", 128, 96, 24, 16, 8, 30, 5, 2),
     # vocab 128,256 at hidden 256: the LM head and the logits dominate, as on real models
-    "vocab": Size(256, 2, 688, 4, 2, 64, 128256, False, "bpe", 64, 64, 16, 16, 8, 20, 5, 2),
+    "vocab": Size(256, 2, 688, 4, 2, 64, 128256, False, "bpe", 64, 64, 16, 16, 8, 12, 4, 2),
     # Llama-3.2-1B's shape (1.24B parameters), bf16, rows of 1,024 tokens: one pass on one GPU
     "1b": Size(2048, 16, 8192, 32, 8, 64, 128256, True, "bpe", 1024, 1024, 128, 128, 8, 8, 3, 1, "bf16"),
 }
@@ -280,6 +280,9 @@ def build_model(size: Size, tok: Any, out: Path) -> None:
         assert probs.max().item() < 1e-6, f"special tokens still sampled (p = {probs.max().item():.2e})"
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    del model  # the children need the device, not this process
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _word_pool(tok: Any, limit: int = 20000) -> list[str]:
