@@ -64,7 +64,7 @@ SIZES = {
     # the quickstart model's shape (Llama, 2 layers, hidden 64, vocab 1,024), random weights
     "tiny": Size(64, 2, 176, 4, 2, 16, 1024, False, "quickstart", 128, 96, 24, 16, 8, 30, 5, 2),
     # vocab 128,256 at hidden 256: the LM head and the logits dominate, as on real models
-    "vocab": Size(256, 2, 688, 4, 2, 64, 128256, False, "bpe", 64, 64, 16, 16, 8, 20, 5, 2),
+    "vocab": Size(256, 2, 688, 4, 2, 64, 128256, False, "bpe", 64, 64, 16, 16, 8, 12, 4, 2),
     # Llama-3.2-1B's shape (1.24B parameters), bf16, rows of 1,024 tokens: one pass on one GPU
     "1b": Size(2048, 16, 8192, 32, 8, 64, 128256, True, "bpe", 1024, 1024, 128, 128, 8, 8, 3, 1, "bf16"),
 }
@@ -113,6 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the median")
     p.add_argument("--repeats", type=int, default=None, help="llmtune / TRL pairs per case, interleaved")
     p.add_argument("--json", type=Path, default=None, help="write the results here (rewritten after each case)")
+    p.add_argument("--threads", type=int, default=1, help="CPU: OMP / torch threads per child (the same on both sides)")
     p.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache", help="built models and data")
     a = p.parse_args(argv)
     if a.size is None:
@@ -279,6 +280,9 @@ def build_model(size: Size, tok: Any, out: Path) -> None:
         assert probs.max().item() < 1e-6, f"special tokens still sampled (p = {probs.max().item():.2e})"
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    del model  # the children need the device, not this process
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _word_pool(tok: Any, limit: int = 20000) -> list[str]:
@@ -365,7 +369,7 @@ def build_data(size: Size, tok: Any, out: Path, rows: int) -> dict[str, Any]:
 def prepare(size_name: str, cache: Path, rows: int) -> dict[str, Any]:
     """The size's model and rows under cache/size (built once; rebuilt if it holds fewer rows)."""
     size = SIZES[size_name]
-    where = cache / size_name
+    where = (cache / size_name).resolve()
     info_path = where / "info.json"
     if info_path.exists():
         info = json.loads(info_path.read_text())
@@ -531,19 +535,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         env.pop(k, None)
     if a.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(a.threads)
     report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "size": a.size,
         "device": a.device,
         "versions": _versions(),
-        "settings": {**asdict(size), "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "lr": s.lr},
+        "settings": {
+            **asdict(size),
+            "threads": a.threads,
+            "steps": a.steps,
+            "warmup": a.warmup,
+            "repeats": a.repeats,
+            "lr": s.lr,
+        },
         "data": {k: info[k] for k in ("vocab", "tokenizer_size", "distinct_token_ids", "max_token_id")},
         "cases": [],
     }
     print(
         f"size {a.size} | {a.device} | vocab {size.vocab} (data: {info['distinct_token_ids']} distinct ids, "
         f"max {info['max_token_id']}) | micro-batch {size.micro_batch} | max_length {size.max_length} | "
-        f"{a.steps} steps, median after {a.warmup} | {a.repeats} repeat(s) | {size.precision}",
+        f"{a.steps} steps, median after {a.warmup} | {a.repeats} repeat(s) | {size.precision}"
+        + (f" | {a.threads} thread(s) a process" if a.device == "cpu" else ""),
         flush=True,
     )
     failures = []
