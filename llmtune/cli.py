@@ -422,6 +422,9 @@ def data_inspect(
 ) -> None:
     """Show what training makes of a data file: the format, rows kept and dropped (per reason), a histogram of
     token lengths, and one example rendered with its trained tokens highlighted."""
+    from llmtune.model.hub import check_model_options
+
+    check_model_options([("--model", model)])
     from llmtune.data.inspect import inspect_command
 
     inspect_command(
@@ -465,6 +468,10 @@ def data_synth(
     from llmtune.stages import quiet_libraries
 
     _check_lengths(("--out", out), ("--seeds", seeds), ("--model", model))
+    from llmtune.model.hub import check_model_options
+
+    check_model_options([("--model", model)])
+    check_model_options([("--adapter", adapter)], hub_ok=False)
     if not 0 < similarity <= 1:
         raise UserError(f"--similarity {similarity} must be in (0, 1]")
     if method not in ("self-instruct", "evol"):
@@ -532,6 +539,10 @@ def chat(
         raise UserError(f"--dtype {dtype!r} is not one of auto, bf16, fp16, fp32")
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device {device!r} is not one of auto, cpu, cuda")
+    from llmtune.model.hub import check_model_options
+
+    check_model_options([("llmtune chat", model)])
+    check_model_options([("--adapter", adapter)], hub_ok=False)
     from llmtune.chat import Conversation, load_chat, run_chat
     from llmtune.stages import quiet_libraries
 

@@ -133,7 +133,8 @@ def missing_path_message(key: str, value: str) -> tuple[str, str]:
     msg += ")"
     close = close_siblings(value)
     if close:
-        fix = f"{key} {close[0]}" if key.startswith("--") else f"--set {key}={close[0]}"
+        # an option (--model) or a command's argument (llmtune chat) takes the path after it; a recipe key --set
+        fix = f"{key} {close[0]}" if key.startswith("--") or " " in key else f"--set {key}={close[0]}"
         hint = f"did you mean {' or '.join(close)}? ({fix})"
     else:
         hint = (

@@ -124,3 +124,19 @@ def _go_offline() -> None:
     constants = sys.modules.get("huggingface_hub.constants")
     if constants is not None:
         constants.HF_HUB_OFFLINE = True  # type: ignore[attr-defined]
+
+
+def check_model_options(models: list[tuple[str, str | None]], *, hub_ok: bool = True) -> None:
+    """The model options of a command (`--model X`, `chat MODEL`), before anything heavy loads: a path the
+    filesystem cannot hold, a local-looking path that does not exist (with the close names that do: a
+    mistyped run directory is never looked up on the hub), and a hub id neither cached nor reachable (the
+    shipped offline model named as the fix). hub_ok=False: adapters, which are never hub ids here."""
+    from llmtune.paths import check_path_length, missing_path_message
+
+    for key, value in models:
+        check_path_length(key, value)
+        if value and looks_local(value) and not Path(value).expanduser().exists():
+            msg, hint = missing_path_message(key, value)
+            raise UserError(msg, hint=hint)
+    if hub_ok:
+        check_hub_models([(k, v, None) for k, v in models if v], refuse=True, option="option")

@@ -7,6 +7,7 @@ stops before importing torch (the import log), so no model was loaded and no hub
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from llmtune.eval.config import EvalConfig, check_eval_paths
 from llmtune.paths import check_path_length, close_siblings, looks_local, missing_path_message
 from llmtune.recipe import load_recipe
 from llmtune.recipe.checks import check_paths
-from tests.conftest import ROOT, TINY_MODEL, assert_refused, base_recipe, run_cli, write_recipe
+from tests.conftest import ROOT, TINY_MODEL, assert_refused, base_recipe, cli_command, run_cli, write_recipe
 
 SFT_DATA = ROOT / "recipes" / "quickstart" / "sft.jsonl"
 
@@ -190,3 +191,24 @@ def test_commands_refuse_a_long_out_path(args: list[str], key: str, tmp_path: Pa
     assert f"error: {key}: the path component 'sweep-lr1e-4_bs32_lr1e-4...lr1e-4_bs32_' is" in text, text
     assert "Traceback" not in text
     _no_torch(proc.stderr)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("chat", "runs/quickstart-merge"),
+        ("data", "inspect", "sft.jsonl", "--model", "runs/quickstart-merge"),
+        ("data", "synth", "--model", "runs/quickstart-merge", "--seeds", "s.jsonl", "--out", "o.jsonl"),
+    ],
+    ids=["chat", "data-inspect", "data-synth"],
+)
+def test_chat_and_data_commands_refuse_a_mistyped_model_path(tmp_path: Path, args: tuple[str, ...]) -> None:
+    (tmp_path / "runs" / "quickstart-merged").mkdir(parents=True)
+    (tmp_path / "sft.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    cmd, env = cli_command(*args)
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "runs/quickstart-merge does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    assert "did you mean runs/quickstart-merged? (" in proc.stderr and "--set" not in proc.stderr
