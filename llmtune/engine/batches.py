@@ -168,7 +168,9 @@ def full_weights(engine: Any, module: torch.nn.Module | None = None) -> Iterator
     if engine.zero_optimization_stage() != 3:
         yield
         return
-    import deepspeed
+    from llmtune.engine import import_deepspeed
+
+    deepspeed = import_deepspeed()
 
     with deepspeed.zero.GatheredParameters(list((module or engine.module).parameters())):
         yield

@@ -107,7 +107,9 @@ def zero3_inference_engine(model: torch.nn.Module, config: dict[str, Any]) -> An
     """A frozen model (loaded partitioned, under HfDeepSpeedConfig(config)) wrapped by DeepSpeed without an
     optimizer: ZeRO-3 inference, whose hooks gather each layer's weights for its forward pass. The model is
     then called as engine.module; the engine must stay alive while it is used."""
-    import deepspeed
+    from llmtune.engine import import_deepspeed
+
+    deepspeed = import_deepspeed()
 
     return deepspeed.initialize(model=model, config=config)[0]
 

@@ -38,7 +38,9 @@ def setup_distributed(backend: str = "auto", local_rank: int | None = None) -> D
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    from llmtune.engine import import_deepspeed
+
+    import_deepspeed()
     import deepspeed.ops
 
     if not cuda and os.environ.get("LLMTUNE_DS_SHM") != "1":

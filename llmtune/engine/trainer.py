@@ -258,7 +258,9 @@ def _start_engine(run: Run, trackers: Trackers | None = None) -> None:
     write the manifest."""
     recipe, dist, console = run.recipe, run.dist, run.console
     ds_config = deepspeed_config(recipe, dist.world_size, grad_accum=run.batches.accum)
-    import deepspeed
+    from llmtune.engine import import_deepspeed
+
+    deepspeed = import_deepspeed()
 
     hf_ds = None
     if recipe.distributed.zero_stage == 3:
