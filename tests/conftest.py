@@ -19,6 +19,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+_SESSION_ENVIRON = dict(os.environ)  # the fork server's environment: before any test changes a variable
 
 
 SLOW_TEST_TIMEOUT = 900  # seconds; the default tier's limit is pyproject.toml's `timeout`
@@ -72,11 +73,12 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def kill_descendants(pid: int) -> list[int]:
-    """SIGKILL every process below pid and reap the ones that were ours; returns the pids killed."""
+def kill_descendants(pid: int, spare: int | None = None) -> list[int]:
+    """SIGKILL every process below pid but `spare` (whose own descendants are killed) and reap the ones that
+    were ours; returns the pids killed."""
     import signal
 
-    killed = descendants(pid)
+    killed = [p for p in descendants(pid) if p != spare]
     for child in killed:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
@@ -95,7 +97,15 @@ def _no_process_outlives_its_test() -> Any:
     """Every process a test started (the CLI, torchrun and its workers, a chat under a pty, bash pipelines)
     ends with the test, whether it passed, failed or hit its time limit (pytest-timeout, pyproject.toml)."""
     yield
-    kill_descendants(os.getpid())
+    from tests import forkserver
+
+    kill_descendants(os.getpid(), spare=forkserver.server_pid())
+
+
+def pytest_sessionfinish() -> None:
+    from tests import forkserver
+
+    forkserver.stop()
 
 
 @pytest.fixture(scope="session")
@@ -149,9 +159,14 @@ def write_recipe(tmp_path: Path, recipe: dict[str, Any], name: str = "recipe.yam
     return path
 
 
-def cli_command(*args: str, nproc: int = 1) -> tuple[list[str], dict[str, str]]:
-    """The command line and environment of the real CLI in a fresh process (under torchrun when nproc > 1)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
+def cli_command(*args: str, nproc: int = 1, environ: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of the real CLI in a fresh process (under torchrun when nproc > 1);
+    environ: the variables to start from (default: this process's)."""
+    environ = os.environ if environ is None else environ
+    env = {**environ, "OMP_NUM_THREADS": "1" if nproc > 1 else environ.get("OMP_NUM_THREADS", "2")}
+    # one hash seed for every CLI run, forked (tests/forkserver.py) or started afresh, so that the two kinds
+    # compare alike wherever a test sets one run against another
+    env["PYTHONHASHSEED"] = "0"
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "llmtune", *args]
@@ -167,14 +182,24 @@ def run_cli(
     timeout: int = 600,
     nproc: int = 1,
     env: dict[str, str] | None = None,
+    fresh: bool = False,
     **popen: Any,
 ) -> subprocess.CompletedProcess:
     """Run the real CLI in a fresh process (DeepSpeed keeps process-global state). env: added variables;
-    popen: further subprocess.run arguments (e.g. preexec_fn)."""
+    popen: further subprocess.run arguments (e.g. preexec_fn). A run with one process is a fork of a process
+    that has the imports done (tests/forkserver.py) unless fresh=True: a test of what happens while the
+    libraries are imported (their warnings, the modules a command imports) needs a fresh interpreter."""
     cmd, base = cli_command(*args, nproc=nproc)
-    return subprocess.run(
-        cmd, cwd=cwd or ROOT, env={**base, **(env or {})}, capture_output=True, text=True, timeout=timeout, **popen
-    )
+    full_env = {**base, **(env or {})}
+    if (
+        nproc == 1 and not popen and not fresh
+    ):  # a fork of a process that has the imports done (see tests/forkserver.py)
+        from tests import forkserver
+
+        server = forkserver.server(cli_command(environ=_SESSION_ENVIRON)[1])
+        if server is not None and server.can_run(full_env):
+            return server.run(cmd, list(args), cwd or ROOT, full_env, timeout)
+    return subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout, **popen)
 
 
 def start_cli(*args: str, nproc: int = 1, output: int = subprocess.PIPE) -> subprocess.Popen:

@@ -28,7 +28,7 @@ def test_a_finished_run_s_log_and_outputs(tmp_path: Path) -> None:
     )
     recipe["train"].pop("max_steps")
     path = write_recipe(tmp_path, recipe)
-    proc = run_cli("train", str(path))  # stdout and stderr are pipes
+    proc = run_cli("train", str(path), fresh=True)  # stdout and stderr are pipes; a fresh interpreter
     assert_ok(proc)
     out = Path(recipe["output_dir"])
 

@@ -349,7 +349,7 @@ def test_console_holds_no_library_noise(tmp_path: Path) -> None:
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps(long_row) + "\n" + (ROOT / "recipes" / "quickstart" / "sft.jsonl").read_text())
     recipe = base_recipe(tmp_path, data={"train": [{"path": str(data)}], "max_length": 128}, train={"max_steps": 1})
-    proc = run_cli("train", str(write_recipe(tmp_path, recipe)))
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe)), fresh=True)  # import-time warnings too
     assert_ok(proc)
     console = proc.stdout + proc.stderr
     assert "indexing errors" not in console and "Setting accelerator" not in console
