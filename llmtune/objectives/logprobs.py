@@ -5,7 +5,10 @@ The LM head is applied to a chunk of positions at a time, and only to the positi
 in backward they are recomputed chunk by chunk (activation checkpointing), so neither the forward nor the
 backward pass holds more than one chunk's (N_c, V) logits. The head is any callable (N, H) -> (N, V): the
 model's lm_head module (plain, LoRA-wrapped or a modules_to_save copy, with or without a bias) or a
-function of a weight, e.g. ``lambda h: h @ weight.T``.
+function of a weight, e.g. ``lambda h: h @ weight.T``. The LM loss through a plain ``nn.Linear`` head
+(lm_loss_sum_from_hidden) needs no recompute: a sum's upstream gradient is one number, so each chunk's
+gradients are computed with its loss and only scaled in backward (as liger-kernel's fused linear cross
+entropy does).
 
   log p(y_t | x_<t) = z_t[y_t] - logsumexp_v z_t[v]       (gather first, then logsumexp: no (N, V) log_softmax)
   H_t = logsumexp(z_t) - sum_v p_v z_t[v]                  (computed as -sum_v p_v log p_v, from log_softmax)
