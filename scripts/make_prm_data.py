@@ -52,11 +52,11 @@ def chains(n: int, seed: int = 0, n_steps: int = 4) -> list[dict]:
     return [chain(rng, n_steps) for _ in range(n)]
 
 
-def main(n: int = 400) -> None:
+def main(n: int = 300) -> None:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("".join(json.dumps(r) + "\n" for r in chains(n)), encoding="utf-8")
     print(f"{OUT.relative_to(ROOT)}: {n} rows, {OUT.stat().st_size} bytes")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 400)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 300)
