@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import ROOT, TINY_MODEL, assert_ok, assert_refused, run_cli, write_recipe
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from make_prm_data import chain, chains  # noqa: E402
+from make_prm_data import chain, chains
 
 
 def _recipe(tmp_path: Path, rows: list[dict], **train: object) -> dict:
