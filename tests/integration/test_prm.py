@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_MODEL, assert_ok, assert_refused, run_cli, write_recipe
+from tests.conftest import ROOT, TINY_MODEL, assert_ok, run_cli, write_recipe
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_prm_data import chain, chains
@@ -70,13 +70,6 @@ def test_prm_lora_run_loads_and_scores(tmp_path: Path) -> None:
             assert result.total[2] == 0.0
 
 
-def test_prm_refuses_rows_without_steps(tmp_path: Path) -> None:
-    recipe = _recipe(tmp_path, chains(4))
-    recipe["data"]["train"][0]["format"] = "pairs"
-    proc = run_cli("validate", str(write_recipe(tmp_path, recipe)))
-    assert_refused(proc, "format pairs", "rm.loss process reads format stepwise")
-
-
 @pytest.mark.slow
 def test_prm_learns_wrong_steps_and_reranks_best_of_n(tmp_path: Path) -> None:
     """Full fine-tuning on 600 generated chains: on 200 held-out chains the PRM's p(good) ranks good steps
@@ -115,3 +108,14 @@ def test_prm_learns_wrong_steps_and_reranks_best_of_n(tmp_path: Path) -> None:
     prm.close()
     print(f"best-of-4 reranked by the PRM picks the correct chain {wins}/100 (random: 25)")
     assert wins > 40
+
+    # the PRM as the judge of eval --task reward: per-step scores aggregated with min, in [0, 1]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in held[:3]))
+    out = tmp_path / "reward.json"
+    assert_ok(run_cli(
+        "eval", "--model", str(TINY_MODEL), "--reward-model", str(tmp_path / "out"), "--data", str(prompts),
+        "--task", "reward", "--max-samples", "3", "--max-new-tokens", "8", "--output", str(out),
+    ))  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["examples"] == 3 and 0.0 <= report["min_reward"] <= report["max_reward"] <= 1.0

@@ -117,3 +117,21 @@ def test_encode_steps_on_tiny_model_tokenizer() -> None:
     assert tok.decode(ids[: ends[1] + 1]).endswith("3+4=7\n7*2=14\n")
     cut_ids, cut_ends = encode_steps(tok, template, prompt, steps, "\n", ends[0] + 1)
     assert cut_ends == [ends[0]] and len(cut_ids) == ends[0] + 1
+
+
+def test_recipe_schema_for_process_loss() -> None:
+    """rm.loss process reads format stepwise only; step_separator belongs to it; lm_loss_weight does not."""
+    from pydantic import ValidationError
+
+    from llmtune.recipe.schema import RmRecipe
+
+    base = {"stage": "rm", "output_dir": "runs/x", "model": {"path": "m"}, "data": {"train": [{"path": "d.jsonl"}]}}
+    r = RmRecipe.model_validate({**base, "rm": {"loss": "process", "step_separator": "\n\n"}})
+    assert r.rm.step_separator == "\n\n"
+    bad_format = {**base, "data": {"train": [{"path": "d.jsonl", "format": "pairs"}]}, "rm": {"loss": "process"}}
+    with pytest.raises(ValidationError, match=r"rm\.loss process reads format stepwise"):
+        RmRecipe.model_validate(bad_format)
+    with pytest.raises(ValidationError, match="step_separator is for loss process"):
+        RmRecipe.model_validate({**base, "rm": {"step_separator": " "}})
+    with pytest.raises(ValidationError, match="lm_loss_weight is for loss pairwise or ranked"):
+        RmRecipe.model_validate({**base, "rm": {"loss": "process", "lm_loss_weight": 0.1}})
