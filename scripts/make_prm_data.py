@@ -19,8 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "recipes" / "data" / "prm" / "arith_chains.jsonl"
 
 
-def step(rng: random.Random, value: int) -> tuple[str, int]:
-    """One operation on value: (its text without the result, the true result)."""
+def step(rng: random.Random, value: int, small: bool = False) -> tuple[str, int]:
+    """One operation on value: (its text without the result, the true result). small: single digits only
+    (+ and - by 1-3, every value in 0-9: a table of about 50 facts, which the tests' tiny model can learn)."""
+    if small:
+        ops = [op for op in "+-" if (value + 3 <= 9 if op == "+" else value >= 3)]
+        op, b = rng.choice(ops), rng.randint(1, 3)
+        return f"{value}{op}{b}=", value + b if op == "+" else value - b
     op = rng.choice("+-*") if value <= 20 else rng.choice("+-")
     b = rng.randint(2, 3) if op == "*" else rng.randint(1, 9)
     if op == "-" and b > value:
@@ -29,16 +34,20 @@ def step(rng: random.Random, value: int) -> tuple[str, int]:
     return f"{value}{op}{b}=", result
 
 
-def chain(rng: random.Random, n_steps: int = 4, wrong: bool | None = None) -> dict:
-    """One row: {prompt, completions, labels}; wrong: inject one wrong step (None: a coin flip)."""
-    start = rng.randint(1, 9)
+def chain(
+    rng: random.Random, n_steps: int = 4, wrong: bool | None = None, small: bool = False, start: int | None = None
+) -> dict:
+    """One row: {prompt, completions, labels}; wrong: inject one wrong step (None: a coin flip); small: single
+    digits (see step); start: the number to start from (None: drawn, 1-9)."""
+    start = rng.randint(1, 9) if start is None else start
     wrong = rng.random() < 0.5 if wrong is None else wrong
     bad_at = rng.randrange(n_steps) if wrong else -1
     steps, labels, value = [], [], start
     for i in range(n_steps):
-        text, result = step(rng, value)
+        text, result = step(rng, value, small)
         if i == bad_at:
-            result += rng.choice([-3, -2, -1, 1, 2, 3])
+            offsets = [d for d in (-3, -2, -1, 1, 2, 3) if not small or 0 <= result + d <= 9]
+            result += rng.choice(offsets)
         steps.append(f"{text}{result}")
         labels.append(i != bad_at)
         value = result
@@ -47,9 +56,9 @@ def chain(rng: random.Random, n_steps: int = 4, wrong: bool | None = None) -> di
     return {"prompt": f"Start from {start} and compute step by step.", "completions": steps, "labels": labels}
 
 
-def chains(n: int, seed: int = 0, n_steps: int = 4) -> list[dict]:
+def chains(n: int, seed: int = 0, n_steps: int = 4, small: bool = False) -> list[dict]:
     rng = random.Random(seed)
-    return [chain(rng, n_steps) for _ in range(n)]
+    return [chain(rng, n_steps, small=small) for _ in range(n)]
 
 
 def main(n: int = 300) -> None:

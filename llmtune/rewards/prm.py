@@ -78,6 +78,7 @@ def step_scores(
     max_length: int | None = None,
 ) -> list[list[float]]:
     """Each completion's per-step p(good), in step order ([] for a completion without a step)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seqs: list[tuple[list[int], list[int]]] = []
     for prompt, completion in zip(prompts, completions, strict=True):
         steps = split_steps(completion, separator)
@@ -85,9 +86,11 @@ def step_scores(
             seqs.append(encode_steps(tokenizer, template, prompt, steps, separator, max_length) if steps else ([], []))
         except RowError:
             seqs.append(([], []))  # nothing to score (e.g. no step within max_length)
+    # a completion without a step still takes a (one-token) place in the batches and gets no score: every
+    # process then runs the same number of forward passes for the same number of completions (ZeRO-3)
+    seqs = [(ids, ends) if ids else ([pad if pad is not None else 0], []) for ids, ends in seqs]
     out: list[list[float]] = [[] for _ in seqs]
-    todo = sorted((i for i, (ids, _) in enumerate(seqs) if ids), key=lambda i: len(seqs[i][0]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    todo = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
     was_training = bool(getattr(model, "training", False))
     model.eval()
     try:
