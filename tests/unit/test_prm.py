@@ -135,3 +135,36 @@ def test_recipe_schema_for_process_loss() -> None:
         RmRecipe.model_validate({**base, "rm": {"step_separator": " "}})
     with pytest.raises(ValidationError, match="lm_loss_weight is for loss pairwise or ranked"):
         RmRecipe.model_validate({**base, "rm": {"loss": "process", "lm_loss_weight": 0.1}})
+
+
+def test_step_scores_read_at_step_ends_and_aggregate() -> None:
+    """A random tiny token classifier scored in a batch of 3 (padding included) gives, for each step, the
+    softmax of its logits at the step-end token of the unpadded sequence. With the head set to weight 0 and
+    bias (0, ln 3), every step's p(good) is 3/4 (hand-worked): min 0.75, product 0.5625, and the PrmSource
+    aggregation on top of it matches."""
+    from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
+
+    from llmtune.rewards.prm import step_scores
+    from tests.conftest import TINY_MODEL
+
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+    config = AutoConfig.from_pretrained(TINY_MODEL, num_labels=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForTokenClassification.from_config(config).eval()
+    prompt = [{"role": "user", "content": "Start from 3."}]
+    completions = ["3+4=7\n7*2=14", "3+1=4\n\n4+4=8\n8-1=7\n", "   "]
+    kw = {"separator": "\n", "template": tok.chat_template, "device": "cpu"}
+    scores = step_scores(model, tok, [prompt] * 3, completions, batch_size=3, **kw)
+    assert [len(s) for s in scores] == [2, 3, 0]
+    for completion, got in zip(completions[:2], scores[:2], strict=True):
+        ids, ends = encode_steps(tok, tok.chat_template, prompt, split_steps(completion, "\n"), "\n", None)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+        assert got == pytest.approx(step_good_probs(logits[ends]).tolist(), abs=1e-5)
+    with torch.no_grad():
+        model.score.weight.zero_()
+        model.score.bias.copy_(torch.tensor([0.0, math.log(3.0)]))
+    fixed = step_scores(model, tok, [prompt] * 2, completions[:2], batch_size=1, **kw)
+    assert fixed[1] == pytest.approx([0.75, 0.75, 0.75])
+    assert aggregate(fixed[0], "min") == pytest.approx(0.75)
+    assert aggregate(fixed[0], "product") == pytest.approx(0.5625)
