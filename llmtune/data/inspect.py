@@ -63,6 +63,10 @@ def stage_encoder(
         return conversation_encoder(tokenizer, template, max_length, recipe.sft.train_on_prompt, bounds), None
     if stage == "cpt":
         return text_encoder(tokenizer, max_length, recipe.data.packing, bounds), "text"
+    if stage == "rm" and recipe.rm.loss == "process":
+        from llmtune.data.stepwise import stepwise_encoder
+
+        return stepwise_encoder(tokenizer, template, max_length, recipe.rm.step_separator), "stepwise"
     if stage == "rm":
         return preference_encoder(tokenizer, template, max_length), RM_FORMAT_OF_LOSS[recipe.rm.loss]
     if stage == "dpo":

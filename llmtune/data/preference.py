@@ -71,12 +71,17 @@ def to_preference(row: Any, fmt: str, default_system: str | None = None) -> Pref
 
 
 def detect_preference_format(rows: list[dict]) -> str | None:
-    """The preference format of the first rows' keys, or None when they are not preference data."""
+    """The preference format of the first rows' keys (stepwise: a PRM's step-wise rows), or None when they are
+    not preference data."""
     for row in rows[:20]:
         if not isinstance(row, dict):
             continue
         if "chosen" in row and "rejected" in row:
             return "pairs"
+        if ("completions" in row and "labels" in row) or (
+            isinstance(row.get("label"), (str, dict)) and ("input" in row or isinstance(row.get("question"), dict))
+        ):
+            return "stepwise"  # process reward model rows (llmtune.data.stepwise)
         if "responses" in row:
             return "ranked"
         if "score" in row:

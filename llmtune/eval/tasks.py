@@ -101,8 +101,13 @@ def check_models(cfg: EvalConfig) -> None:
     if cfg.task == "compare" and cfg.model_b is not None:
         require_causal_lm(cfg.model_b, cfg.adapter_b, "--model-b", _causal_hint(cfg.task))
     if cfg.task in ("reward", "compare"):
+        from llmtune.rewards.prm import is_prm, require_prm
+
         for path in cfg.reward_models:
-            require_reward_model(path, "--reward-model")
+            if is_prm(path):  # a process reward model: scored per step (llmtune.rewards.prm)
+                require_prm(path, "--reward-model")
+            else:
+                require_reward_model(path, "--reward-model")
 
 
 def _causal_hint(task: str) -> str:
@@ -447,15 +452,37 @@ def score_conversations(env: Env, rm: LoadedModel, convs: list[list[dict]], labe
         )
 
 
+def _judge(env: Env, path: str, sets: list[tuple[list[Any], str]]) -> list[list[float]]:
+    """A reward model's score of each generation of each (generations, label) set, the model loaded once; a
+    process reward model (prm.json) scores each step and aggregates them with min (llmtune.rewards.prm)."""
+    from llmtune.rewards.prm import PrmSource, is_prm
+
+    if is_prm(path):
+        prm = PrmSource(path, device=env.device, dtype=env.dtype, batch_size=env.cfg.batch_size, what="--reward-model")
+        try:
+            return [
+                prm.score([g.prompt.messages for g in gens], [g.completion for g in gens], [None] * len(gens))
+                for gens, _ in sets
+            ]
+        finally:
+            prm.close()
+    rm = load_reward_model(path, env.dtype, env.device, what="--reward-model")
+    try:
+        return [
+            score_conversations(env, rm, [with_reply(g.prompt.messages, g.completion) for g in gens], label)
+            for gens, label in sets
+        ]
+    finally:
+        free(rm)
+
+
 def reward(env: Env) -> TaskResult:
     cfg = env.cfg
     prompts, report = read_prompts(env)
     gens = run_generation(env, cfg.model, cfg.adapter, prompts, [p.messages for _, p in prompts], "--model")
     sources: dict[str, list[float]] = {}
     for path in cfg.reward_models:
-        rm = load_reward_model(path, env.dtype, env.device, what="--reward-model")
-        sources[path] = score_conversations(env, rm, [with_reply(g.prompt.messages, g.completion) for g in gens], path)
-        free(rm)
+        sources[path] = _judge(env, path, [(gens, path)])[0]
     for spec in cfg.rules:
         rule, needs_answer = get_rule(spec, trust_code=cfg.trust_reward_code)
         missing = sum(1 for g in gens if g.prompt.answer is None)
@@ -505,9 +532,7 @@ def compare(env: Env) -> TaskResult:
     messages = [p.messages for _, p in prompts]
     gens_a = run_generation(env, cfg.model, cfg.adapter, prompts, messages, "--model")
     gens_b = run_generation(env, cfg.model_b, cfg.adapter_b, prompts, messages, "--model-b")
-    judge = load_reward_model(cfg.reward_models[0], env.dtype, env.device, what="--reward-model")
-    sa = score_conversations(env, judge, [with_reply(g.prompt.messages, g.completion) for g in gens_a], "model")
-    sb = score_conversations(env, judge, [with_reply(g.prompt.messages, g.completion) for g in gens_b], "model_b")
+    sa, sb = _judge(env, cfg.reward_models[0], [(gens_a, "model"), (gens_b, "model_b")])
     win, tie, loss = metrics.win_tie_loss(sa, sb, cfg.tie_margin)
     n = len(sa)
     rows = [

@@ -308,8 +308,15 @@ def weight_dtype(recipe: RecipeBase) -> torch.dtype:
 
 # ------------------------------------------------------------------------------------------ the model spec
 
-Head = Literal["lm", "score", "value"]
-_AUTO_CLASS = {"lm": "AutoModelForCausalLM", "score": "AutoModelForSequenceClassification"}
+Head = Literal["lm", "score", "value", "token"]
+_AUTO_CLASS = {
+    "lm": "AutoModelForCausalLM",
+    "score": "AutoModelForSequenceClassification",
+    "value": "AutoModelForSequenceClassification",
+    "token": "AutoModelForTokenClassification",
+}
+# a process reward model's two classes (llmtune.objectives.prm): 1 is a good step
+PRM_LABELS = {0: "bad", 1: "good"}
 
 
 @dataclass(frozen=True)
@@ -317,7 +324,8 @@ class ModelSpec:
     """What to load, without the recipe: where from, with which head, and whether it trains.
 
     head: "lm", a causal LM; "score", a sequence classifier with one label (a reward model: the score at the
-    last real token); "value", the same class read at every token (a PPO critic). finetuning: the method a
+    last real token); "value", the same class read at every token (a PPO critic); "token", a token classifier
+    with two labels (a process reward model: bad / good at each step's end). finetuning: the method a
     trained model gets; None for a frozen model (a reference, a reward model, eval's models), which loads for
     inference only: eval mode, no gradients, optionally with a peft adapter on top."""
 
@@ -340,7 +348,7 @@ class ModelSpec:
 
     @property
     def score_head(self) -> bool:
-        return self.head in ("score", "value")
+        return self.head in ("score", "value", "token")
 
     def hub_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
@@ -407,9 +415,12 @@ def _from_pretrained(spec: ModelSpec, tokenizer: Any, **extra: Any) -> tuple[Any
     kwargs: dict[str, Any] = {"dtype": spec.dtype, **spec.hub_kwargs(), **extra}
     if spec.attn_implementation != "auto":
         kwargs["attn_implementation"] = spec.attn_implementation
-    if spec.score_head:
+    if spec.head == "token":
+        label2id = {v: k for k, v in PRM_LABELS.items()}
+        kwargs.update(num_labels=2, id2label=PRM_LABELS, label2id=label2id, pad_token_id=tokenizer.pad_token_id)
+    elif spec.score_head:
         kwargs.update(num_labels=1, pad_token_id=tokenizer.pad_token_id)
-    auto_class = getattr(transformers, _AUTO_CLASS["lm" if spec.head == "lm" else "score"])
+    auto_class = getattr(transformers, _AUTO_CLASS[spec.head])
     # a local model by its absolute path: adapters record it as their base, and relative to the directory
     # training ran in it would not be found from anywhere else
     where = str(Path(spec.path).expanduser().resolve()) if looks_local(spec.path) else spec.path
@@ -481,7 +492,12 @@ def _load_trained(spec: ModelSpec, device: torch.device, tokenizer: Any) -> Load
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_method(
-        model, ft, spec.gradient_checkpointing, head_modules=["score"] if spec.score_head else [], tokenizer=tokenizer
+        model,
+        ft,
+        spec.gradient_checkpointing,
+        head_modules=["score"] if spec.score_head else [],
+        tokenizer=tokenizer,
+        task_type="TOKEN_CLS" if spec.head == "token" else None,
     )
     trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(_numel(p) for p in model.parameters())
@@ -639,9 +655,10 @@ def apply_method(
     grad_ckpt: bool,
     head_modules: list[str] | None = None,
     tokenizer: Any | None = None,
+    task_type: str | None = None,
 ) -> torch.nn.Module:
     """head_modules: new modules (a reward head) that train in full with every method and are saved with
-    the adapter."""
+    the adapter. task_type: the peft task (default SEQ_CLS with a head, else CAUSAL_LM; TOKEN_CLS for a PRM)."""
     head_modules = head_modules or []
     if ft.method == "full":
         for p in model.parameters():
@@ -671,7 +688,7 @@ def apply_method(
                 hint=f"name modules that exist (this model has {', '.join(leaves)}), or remove it",
             )
     to_save = [*ft.modules_to_save, *head_modules] or None
-    task_type = "SEQ_CLS" if head_modules else "CAUSAL_LM"
+    task_type = task_type or ("SEQ_CLS" if head_modules else "CAUSAL_LM")
     config = peft_config(ft, task_type, to_save, model_type=getattr(model.config, "model_type", None))
     try:
         model = get_peft_model(model, config)

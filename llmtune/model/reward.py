@@ -12,6 +12,9 @@ What a run leaves in output_dir:
   AutoModelForSequenceClassification.from_pretrained(base, num_labels=1), out)``), and, unless
   ``rm.export_merged: false``, ``out/merged/``: the adapter merged into the base (de-quantized for qlora),
   loadable without peft.
+- rm.loss process (a PRM): the same, with ``AutoModelForTokenClassification`` (num_labels 2: 0 bad, 1 good)
+  in place of the sequence classifier (peft task TOKEN_CLS), and ``prm.json`` beside config.json / the
+  adapter (and in merged/): the step separator the model was trained with.
 """
 
 from __future__ import annotations
@@ -22,17 +25,20 @@ from typing import Any
 
 import torch
 
-from llmtune.model.load import ModelSpec, _hub_kwargs, load
+from llmtune.model.load import PRM_LABELS, Head, ModelSpec, _hub_kwargs, load
 from llmtune.recipe.schema import RecipeBase
 
 
-def save_merged_reward_model(recipe: RecipeBase, adapter_dir: Path, out: Path, tokenizer: Any) -> list[str]:
+def save_merged_reward_model(
+    recipe: RecipeBase, adapter_dir: Path, out: Path, tokenizer: Any, head: Head = "score"
+) -> list[str]:
     """Merge the adapter (and its head) saved in adapter_dir into a fresh, unquantized base and save it to out.
 
     The base is loaded in the training precision on the CPU (a 4-bit base is never merged into: that is lossy).
+    head: "score" (a reward model) or "token" (a process reward model).
     """
     spec = dataclasses.replace(
-        ModelSpec.frozen(recipe, recipe.model.path, "model.path", head="score"), adapter=str(adapter_dir)
+        ModelSpec.frozen(recipe, recipe.model.path, "model.path", head=head), adapter=str(adapter_dir)
     )
     merged = load(spec, torch.device("cpu"), tokenizer).model.merge_and_unload()
     merged.config.use_cache = True  # as a model loaded from the hub has it
@@ -41,6 +47,32 @@ def save_merged_reward_model(recipe: RecipeBase, adapter_dir: Path, out: Path, t
         merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return sorted(p.name for p in out.iterdir() if p.is_file())
+
+
+PRM_INFO = "prm.json"
+
+
+def write_prm_info(out: Path, separator: str) -> None:
+    """Record beside a process reward model what scoring needs: the step separator and the head's classes."""
+    import json
+
+    info = {
+        "kind": "process_reward_model",
+        "step_separator": separator,
+        "labels": {str(k): v for k, v in PRM_LABELS.items()},
+        "score": "softmax(logits)[..., 1] at the last token of each step and its separator",
+    }
+    (out / PRM_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def read_prm_info(path: str | Path) -> dict[str, Any] | None:
+    """prm.json of a model directory (a PRM), or None when it has none (an outcome reward model)."""
+    import json
+
+    f = Path(path).expanduser() / PRM_INFO
+    if not f.is_file():
+        return None
+    return json.loads(f.read_text(encoding="utf-8"))
 
 
 def load_output_embedding(recipe: RecipeBase, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -522,6 +522,7 @@ FORMAT_KEYS: dict[str, tuple[tuple[str, ...], ...]] = {
     "pointwise": tuple(("score", k) for k in ("response", "completion", "messages", "conversations")),
     "unpaired": tuple(("label", k) for k in ("completion", "response", "messages", "conversations")),
     "prompts": (("prompt",), ("question",), ("instruction",), ("messages",), ("conversations",)),
+    "stepwise": (("completions", "labels"), ("input", "label"), ("question", "label")),
 }
 FORMAT_NEEDS = {
     "text": "text",
@@ -533,12 +534,13 @@ FORMAT_NEEDS = {
     "pointwise": "score and one of response, completion, messages, conversations",
     "unpaired": "label and one of completion, response, messages, conversations",
     "prompts": "one of prompt, question, instruction, messages, conversations",
+    "stepwise": "completions and labels (or Math-Shepherd's input and label, or PRM800K's question and label)",
 }
 ONLINE_STAGES = ("ppo", "grpo", "rejection_sampling")
 STAGE_FORMATS = {
     "cpt": ("text",),
     "sft": ("alpaca", "sharegpt", "messages"),
-    "rm": ("pairs", "ranked", "pointwise"),
+    "rm": ("pairs", "ranked", "pointwise", "stepwise"),
     "dpo": ("pairs", "unpaired"),
     "ppo": ("prompts", "alpaca", "sharegpt", "messages"),
     "grpo": ("prompts", "alpaca", "sharegpt", "messages"),
@@ -791,4 +793,5 @@ def _columns_example(fmt: str) -> str:
         "pointwise": "{response: answer, score: rating}",
         "unpaired": "{completion: answer, label: good}",
         "prompts": "{prompt: question}",
+        "stepwise": "{completions: steps, labels: step_labels}",
     }[fmt]

@@ -15,7 +15,18 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from llmtune.paths import looks_local
 
-DATA_FORMATS = ("alpaca", "sharegpt", "messages", "text", "pairs", "ranked", "pointwise", "unpaired", "prompts")
+DATA_FORMATS = (
+    "alpaca",
+    "sharegpt",
+    "messages",
+    "text",
+    "pairs",
+    "ranked",
+    "pointwise",
+    "unpaired",
+    "prompts",
+    "stepwise",
+)
 PREFERENCE_FORMATS = ("pairs", "ranked", "pointwise", "unpaired")
 
 
@@ -265,13 +276,18 @@ class DataSource(Block):
         "name without suffixes, e.g. general for data/general.jsonl).",
     )
     format: (
-        Literal["alpaca", "sharegpt", "messages", "text", "pairs", "ranked", "pointwise", "unpaired", "prompts"] | None
+        Literal[
+            "alpaca", "sharegpt", "messages", "text", "pairs", "ranked", "pointwise", "unpaired", "prompts", "stepwise"
+        ]
+        | None
     ) = Field(
         default=None,
         description="Row format; omitted = detected from the first rows (rm / dpo: the format their loss reads). "
         "pairs: prompt + chosen + rejected (also TRL's and LLaMA-Factory's shapes); ranked: prompt + responses "
         "best first; pointwise: prompt + response + score; unpaired: prompt + completion + label (KTO); "
-        "prompts (grpo, rejection_sampling): prompt / question / instruction / messages, optional answer.",
+        "prompts (grpo, rejection_sampling): prompt / question / instruction / messages, optional answer; "
+        "stepwise (rm.loss process): {prompt, completions, labels}, Math-Shepherd's {input, label} or PRM800K's "
+        "{question, label}.",
     )
     weight: float = Field(
         default=1.0,
@@ -754,10 +770,17 @@ class SftConfig(Block):
 
 
 class RmConfig(Block):
-    loss: Literal["pairwise", "ranked", "pointwise"] = Field(
+    loss: Literal["pairwise", "ranked", "pointwise", "process"] = Field(
         default="pairwise",
         description="pairwise: Bradley-Terry on (chosen, rejected), with the optional per-row `margin` column; "
-        "ranked: all pairs of a list of responses in preference order; pointwise: MSE to a per-response `score`.",
+        "ranked: all pairs of a list of responses in preference order; pointwise: MSE to a per-response `score`; "
+        "process: a process reward model (PRM), a per-token good / bad head trained at the end of each step "
+        "(format stepwise).",
+    )
+    step_separator: str = Field(
+        default="\n",
+        description="process: the text after each step, where its score is read (recorded in prm.json beside the "
+        "model, and used to split completions into steps when the PRM scores them).",
     )
     center_rewards_coefficient: float = Field(
         default=0.0,
@@ -779,6 +802,10 @@ class RmConfig(Block):
 
     @model_validator(mode="after")
     def _lm_loss(self) -> RmConfig:
+        if self.step_separator != "\n" and self.loss != "process":
+            raise ValueError(f"step_separator is for loss process, not {self.loss}: remove it, or set loss: process")
+        if self.lm_loss_weight > 0 and self.loss == "process":
+            raise ValueError("lm_loss_weight is for loss pairwise or ranked, not process: set it to 0")
         if self.lm_loss_weight > 0 and self.loss == "pointwise":
             raise ValueError("lm_loss_weight needs a preferred response: use loss pairwise or ranked, or set it to 0")
         return self
@@ -851,6 +878,12 @@ class RewardConfig(Block):
         description="Subtracted from the total of a completion that hit max_new_tokens without an end token.",
     )
     batch_size: int = Field(default=8, ge=1, description="Reward-model scoring batch size.")
+    aggregation: Literal["min", "last", "mean", "product"] = Field(
+        default="min",
+        description="Process reward models (an rm run with loss process: prm.json beside the model): how a "
+        "completion's per-step probabilities of a good step become its score: min (the weakest step), last, "
+        "mean, or product. Ignored for outcome reward models and rules.",
+    )
 
     @field_validator("model", "rule")
     @classmethod
@@ -1169,7 +1202,7 @@ class SftRecipe(RecipeBase):
     @model_validator(mode="after")
     def _conversations(self) -> SftRecipe:
         for i, s in enumerate([*self.data.train, *self.data.eval]):
-            if s.format in PREFERENCE_FORMATS:
+            if s.format in (*PREFERENCE_FORMATS, "stepwise"):
                 raise ValueError(
                     f"data source {i} ({s.path}) has format {s.format}: that is preference data; "
                     "use stage rm or dpo (sft reads alpaca, sharegpt or messages)"
@@ -1196,7 +1229,12 @@ class RmRecipe(RecipeBase):
 
     @model_validator(mode="after")
     def _formats(self) -> RmRecipe:
-        allowed = {"pairwise": ("pairs",), "ranked": ("ranked", "pairs"), "pointwise": ("pointwise",)}[self.rm.loss]
+        allowed = {
+            "pairwise": ("pairs",),
+            "ranked": ("ranked", "pairs"),
+            "pointwise": ("pointwise",),
+            "process": ("stepwise",),
+        }[self.rm.loss]
         _preference_sources(self, allowed, f"rm.loss {self.rm.loss}")
         return self
 

@@ -1,7 +1,8 @@
 """Rewards: the one scoring interface of the online stages (grpo, rejection_sampling, ppo) and ``llmtune eval``.
 
 A recipe's ``reward:`` block (:class:`~llmtune.recipe.schema.RewardConfig`) names its sources: reward models
-(``model:``, outputs of an ``rm`` run, see :mod:`llmtune.rewards.model`) and rules (``rule:``, see
+(``model:``, outputs of an ``rm`` run, see :mod:`llmtune.rewards.model`; a directory with ``prm.json`` is a
+process reward model, scored per step and aggregated with ``aggregation:``, see :mod:`llmtune.rewards.prm`) and rules (``rule:``, see
 :mod:`llmtune.rewards.rules`). :func:`check_rewards` checks them before anything loads; :func:`build_rewards`
 loads them into a :class:`Rewards`, which scores a batch of decoded completions::
 
@@ -233,9 +234,15 @@ def check_rewards(cfg: RewardConfig, *, trust_code: bool, what: str = "reward") 
     if not cfg.models():
         return
     from llmtune.eval.models import REWARD_MODEL_HINT, require_reward_model
+    from llmtune.model.reward import read_prm_info
 
     for path in cfg.models():
         try:
+            if read_prm_info(path) is not None:
+                from llmtune.rewards.prm import require_prm
+
+                require_prm(path, f"{what}.model")
+                continue
             require_reward_model(path, f"{what}.model")
         except UserError as e:
             hint = REWARD_MODEL_FIX if e.hint in (None, REWARD_MODEL_HINT) else e.hint
@@ -267,6 +274,24 @@ def build_rewards(
                 if loaded and path in loaded:
                     loaded[path].name = name
                     sources.append(loaded[path])
+                    continue
+                from llmtune.model.reward import read_prm_info
+
+                if read_prm_info(path) is not None:
+                    from llmtune.rewards.prm import PrmSource
+
+                    sources.append(
+                        PrmSource(
+                            path,
+                            device=device,
+                            dtype=dtype,
+                            aggregation=cfg.aggregation,
+                            batch_size=cfg.batch_size,
+                            name=name,
+                            what=f"{what}.model",
+                            zero3=zero3,
+                        )
+                    )
                     continue
                 sources.append(
                     RewardModelSource(

@@ -23,6 +23,12 @@ def check_shared_rewards(recipe: Any) -> None:
             base, adapter, cfg = resolve(path, None, "ppo.reward.model")
         except UserError as e:
             raise RecipeError(e.message, hint=e.hint) from None
+        if (Path(path).expanduser() / "prm.json").is_file():
+            raise RecipeError(
+                f"ppo.memory shared: the reward model {path} is a process reward model (prm.json): shared mode puts "
+                "sequence-score adapters on the policy's base",
+                hint="use ppo.memory: separate with a process reward model",
+            )
         if adapter is None or cfg is None:
             raise RecipeError(
                 f"ppo.memory shared: the reward model {path} is a full model, so it would need its own copy of a "

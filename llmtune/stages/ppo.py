@@ -113,6 +113,14 @@ class PpoStage(OnlineStage):
         policy = load(ModelSpec.trained(recipe), device, tokenizer).model
         critic_lr = p.critic_lr or recipe.train.lr
         from_reward = p.critic_init == "reward" or (p.critic_init == "auto" and bool(p.reward.models()))
+        if from_reward and (Path(p.reward.models()[0]).expanduser() / "prm.json").is_file():
+            if p.critic_init == "reward":  # a process reward model has a per-step head, not a sequence score
+                raise RecipeError(
+                    f"ppo.critic_init reward: {p.reward.models()[0]} is a process reward model (prm.json), whose "
+                    "two-class step head cannot start a value head",
+                    hint="set ppo.critic_init: policy (or auto), or put an outcome reward model first in reward.model",
+                )
+            from_reward = False  # auto: the critic starts from the policy
         self.shared_rewards: dict[str, Any] = {}
         if p.memory == "shared":
             from llmtune.rewards.shared import shared_reward_source

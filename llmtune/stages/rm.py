@@ -1,4 +1,6 @@
-"""Reward model: a scalar head on the causal LM backbone, trained on preferences (pairwise / ranked / pointwise)."""
+"""Reward model: a scalar head on the causal LM backbone, trained on preferences (pairwise / ranked / pointwise);
+or, with ``rm.loss: process``, a process reward model: a two-class token head trained at each step's end
+(llmtune.data.stepwise, llmtune.objectives.prm)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ from typing import Any
 
 import torch
 
-from llmtune.data.pipeline import fingerprint_tokenizer
+from llmtune.data.chat import IGNORE_INDEX
+from llmtune.data.pipeline import collate, fingerprint_tokenizer
 from llmtune.data.preference import build_preference_data, collate_preference
 from llmtune.engine.checkpoint import export_model
 from llmtune.model.load import LoadedModel, ModelSpec, load
@@ -18,6 +21,7 @@ from llmtune.objectives.preference import (
     ranked_pairs,
     reward_centering,
 )
+from llmtune.objectives.prm import step_loss, step_metrics
 from llmtune.recipe.schema import MERGEABLE_METHODS, RmRecipe
 from llmtune.stages.base import StageData, StageDefaults, StepOutput, recipe_settings
 
@@ -38,6 +42,8 @@ class RmStage(StageDefaults):
         assert template is not None
         self.loss, self.center = recipe.rm.loss, recipe.rm.center_rewards_coefficient
         self.lm_weight = recipe.rm.lm_loss_weight
+        if self.loss == "process":
+            return self._build_steps(recipe, tokenizer, template)
         if self.loss == "pointwise":
             self.unit_name = "responses"
         fmt = FORMAT_OF_LOSS[self.loss]
@@ -45,7 +51,21 @@ class RmStage(StageDefaults):
         train, evals, reports = build_preference_data(recipe, tokenizer, template, settings, fmt)
         return StageData(train=train, eval=evals, reports=reports)
 
+    def _build_steps(self, recipe: RmRecipe, tokenizer: Any, template: str) -> StageData:
+        from llmtune.data.pipeline import as_samples, build_data
+        from llmtune.data.stepwise import stepwise_encoder
+
+        self.unit_name = "steps"
+        sep = recipe.rm.step_separator
+        settings = recipe_settings(recipe, "stepwise", repr(sep), fingerprint_tokenizer(tokenizer, template))
+        encoder = stepwise_encoder(tokenizer, template, recipe.data.max_length, sep)
+        bundle = build_data(recipe, encoder, settings, "stepwise")
+        return StageData(train=as_samples(bundle.train), eval=as_samples(bundle.eval), reports=bundle.reports)
+
     def load_model(self, recipe: RmRecipe, device: torch.device, tokenizer: Any) -> LoadedModel:
+        if recipe.rm.loss == "process":
+            self.loss = "process"
+            return load(ModelSpec.trained(recipe, head="token"), device, tokenizer)
         loaded = load(ModelSpec.trained(recipe, head="score"), device, tokenizer)
         if recipe.rm.lm_loss_weight > 0:
             from llmtune.model.reward import load_output_embedding
@@ -55,15 +75,21 @@ class RmStage(StageDefaults):
         return loaded
 
     def collate(self, samples: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
+        if self.loss == "process":
+            return collate(samples, pad_id)
         return collate_preference(samples, pad_id)
 
     def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.loss == "process":
+            return (batch["labels"] != IGNORE_INDEX).sum()
         if self.loss == "pointwise":
             return torch.tensor(batch["group"].numel(), device=batch["group"].device)
         k = torch.bincount(batch["group"])  # responses per row
         return (k * (k - 1) // 2).sum()
 
     def step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        if self.loss == "process":
+            return self._process_step(model, batch)
         want_hidden = self.lm_weight > 0 and self.lm_head is not None
         out = model(
             input_ids=batch["input_ids"],
@@ -111,11 +137,40 @@ class RmStage(StageDefaults):
             metrics["lm_loss"] = lm_sum.detach()
         return StepOutput(loss_sum, torch.tensor(chosen.numel(), device=rewards.device), metrics)
 
+    def _process_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        """PRM: cross entropy over the step-end tokens (labels 1 good / 0 bad, -100 elsewhere)."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        labels = batch["labels"]  # (B, T)
+        loss_sum, n_steps = step_loss(logits, labels)  # logits (B, T, 2)
+        with torch.no_grad():
+            m = step_metrics(logits.detach(), labels)
+        metrics = {"step_accuracy": m["correct_steps"]}
+        if not torch.is_grad_enabled():  # evaluation: the chain-level metric, made a ratio in evaluate()
+            metrics["first_error_correct"] = m["first_error_correct"]
+            metrics["chains"] = m["chains"]
+        return StepOutput(loss_sum, n_steps, metrics)
+
+    def evaluate(self, engine: Any, samples: list[Any], recipe: Any, dist: Any, collate: Any) -> dict[str, float]:
+        result = super().evaluate(engine, samples, recipe, dist, collate)
+        if self.loss == "process" and "eval/chains" in result:
+            # both were divided by the step count: their ratio is the share of chains whose first error was found
+            right, chains = result.pop("eval/first_error_correct"), result.pop("eval/chains")
+            result["eval/first_error_accuracy"] = right / chains if chains > 0 else 0.0
+        return result
+
     def export(self, engine: Any, tokenizer: Any, out: Path, recipe: RmRecipe, dist: Any) -> list[str]:
         files = export_model(engine, tokenizer, out, recipe.distributed.zero_stage, dist.rank)
+        process = recipe.rm.loss == "process"
         if dist.rank == 0 and recipe.finetuning.method in MERGEABLE_METHODS and recipe.rm.export_merged:
             from llmtune.model.reward import save_merged_reward_model
 
-            save_merged_reward_model(recipe, out, out / "merged", tokenizer)
+            save_merged_reward_model(recipe, out, out / "merged", tokenizer, head="token" if process else "score")
             files.append("merged/")
+        if dist.rank == 0 and process:
+            from llmtune.model.reward import write_prm_info
+
+            write_prm_info(out, recipe.rm.step_separator)
+            if (out / "merged").is_dir():
+                write_prm_info(out / "merged", recipe.rm.step_separator)
+            files.append("prm.json")
         return files
