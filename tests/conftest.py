@@ -102,6 +102,17 @@ def _no_process_outlives_its_test() -> Any:
     kill_descendants(os.getpid(), spare=forkserver.server_pid())
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    from tests import forkserver
+
+    stats = forkserver.STATS
+    if stats["forked"] or stats["fresh"]:
+        differ = ", ".join(sorted(stats["differ"])) or "none"
+        terminalreporter.write_line(
+            f"CLI runs of one process: {stats['forked']} forked, {stats['fresh']} fresh (variables that differed: {differ})"
+        )
+
+
 def pytest_sessionfinish() -> None:
     from tests import forkserver
 
@@ -198,7 +209,9 @@ def run_cli(
 
         server = forkserver.server(cli_command(environ=_SESSION_ENVIRON)[1])
         if server is not None and server.can_run(full_env):
+            forkserver.STATS["forked"] += 1
             return server.run(cmd, list(args), cwd or ROOT, full_env, timeout)
+        forkserver.STATS["fresh"] += 1
     return subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout, **popen)
 
 

@@ -151,7 +151,7 @@ def serve(path: str, parent: int) -> None:
 class ForkServer:
     # variables the CLI reads only at run time (and pytest's own): another value does not stop a fork from
     # standing in for a fresh process (every other variable is compared with the server's)
-    RUNTIME_PREFIXES = ("LLMTUNE_", "PYTEST_")
+    RUNTIME_PREFIXES = ("LLMTUNE_", "PYTEST_", "MLFLOW_", "WANDB_")
 
     def __init__(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="llmtune-forkserver-")
@@ -193,7 +193,9 @@ class ForkServer:
 
     def can_run(self, env: dict[str, str]) -> bool:
         keys = (set(env) | set(self.env)) - {k for k in self.imported if k not in env}
-        return all(env.get(k) == self.env.get(k) for k in keys if not k.startswith(self.RUNTIME_PREFIXES))
+        differ = {k for k in keys if not k.startswith(self.RUNTIME_PREFIXES) and env.get(k) != self.env.get(k)}
+        STATS["differ"].update(differ)
+        return not differ
 
     def run(self, cmd: list[str], args: list[str], cwd: Path, env: dict[str, str], timeout: float):
         """As subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)."""
@@ -227,6 +229,7 @@ class ForkServer:
 
 
 _SERVER: ForkServer | None = None
+STATS: dict[str, Any] = {"forked": 0, "fresh": 0, "differ": set()}  # for the summary at the end of the session
 
 
 def server(env: dict[str, str]) -> ForkServer | None:
