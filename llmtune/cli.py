@@ -422,9 +422,10 @@ def data_inspect(
 ) -> None:
     """Show what training makes of a data file: the format, rows kept and dropped (per reason), a histogram of
     token lengths, and one example rendered with its trained tokens highlighted."""
-    from llmtune.model.hub import check_model_options
+    if recipe is None:  # with --recipe, --model is refused by inspect_command (the recipe names its model)
+        from llmtune.model.hub import check_model_options
 
-    check_model_options([("--model", model)])
+        check_model_options([("--model", model)])
     from llmtune.data.inspect import inspect_command
 
     inspect_command(

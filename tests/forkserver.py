@@ -151,7 +151,7 @@ def serve(path: str, parent: int) -> None:
 class ForkServer:
     # variables the CLI reads only at run time (and pytest's own): another value does not stop a fork from
     # standing in for a fresh process (every other variable is compared with the server's)
-    RUNTIME_PREFIXES = ("LLMTUNE_", "PYTEST_", "MLFLOW_", "WANDB_")
+    RUNTIME_PREFIXES = ("LLMTUNE_", "PYTEST_", "MLFLOW_", "_MLFLOW_", "WANDB_")
 
     def __init__(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="llmtune-forkserver-")
