@@ -154,9 +154,13 @@ def _rm(tmp_path: Path, method: str) -> Path:
     return out
 
 
-@pytest.mark.slow  # an rm run, then 40 ppo steps, twice
-@pytest.mark.parametrize(("method", "memory"), [("full", "separate"), ("lora", "shared")])
-def test_ppo_raises_the_score_of_a_reward_model_from_the_rm_stage(tmp_path: Path, method: str, memory: str) -> None:
+@pytest.mark.slow  # an rm run, then 60 / 40 ppo steps
+# full weights move the score more slowly against its step-to-step noise (2026-12-04: 40 steps fell just short
+# of the bar); lora's KL passes the bound by 60 steps
+@pytest.mark.parametrize(("method", "memory", "steps"), [("full", "separate", 60), ("lora", "shared", 40)])
+def test_ppo_raises_the_score_of_a_reward_model_from_the_rm_stage(
+    tmp_path: Path, method: str, memory: str, steps: int
+) -> None:
     """The rm stage's reward model scores the rollouts (separate: its own copy, full; shared: a lora reward
     model as one more adapter on the policy's base); the critic starts from it; ppo raises its mean score
     well beyond the step-to-step noise, with the KL bounded."""
@@ -166,7 +170,7 @@ def test_ppo_raises_the_score_of_a_reward_model_from_the_rm_stage(tmp_path: Path
         finetuning=LORA_HEAD if method == "lora" else {"method": "full"},
         ppo={"memory": memory, "reward": {"model": str(rm)}, "save_critic": True},
         generation={"max_new_tokens": 8},
-        train={"max_steps": 40},
+        train={"max_steps": steps},
     )
     out, _ = _train(tmp_path, recipe)
     steps = [m for m in read_metrics(out) if "reward" in m]
