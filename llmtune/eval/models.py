@@ -131,18 +131,26 @@ def require_causal_lm(model: str, adapter: str | None, what: str, hint: str | No
         )
 
 
-def require_reward_model(path: str, what: str = "--reward-model") -> None:
-    """Refuse what has no trained score head: a causal LM would get a randomly initialised one."""
+def head_of(path: str, what: str) -> tuple[str | None, list[str]]:
+    """(the adapter's peft task_type, []) for an adapter directory, else (None, the base config's
+    architectures): what a role check (reward model, process reward model) reads."""
     base, _, cfg = resolve(path, None, what)
     if cfg is not None:
-        if cfg.get("task_type") != "SEQ_CLS":
+        return cfg.get("task_type") or "", []
+    return None, _architectures(base, what)
+
+
+def require_reward_model(path: str, what: str = "--reward-model") -> None:
+    """Refuse what has no trained score head: a causal LM would get a randomly initialised one."""
+    task, archs = head_of(path, what)
+    if task is not None:
+        if task != "SEQ_CLS":
             raise UserError(
-                f"{what} {path} is a {cfg.get('task_type') or 'non-reward'} adapter, not a reward model "
+                f"{what} {path} is a {task or 'non-reward'} adapter, not a reward model "
                 "(a reward-model adapter has task_type SEQ_CLS and carries the score head)",
                 hint=REWARD_MODEL_HINT,
             )
         return
-    archs = _architectures(base, what)
     if archs and not is_reward_architecture(archs):
         raise UserError(
             f"{what} {path} is not a reward model: its config's architectures are {', '.join(archs)} "

@@ -34,18 +34,17 @@ def is_prm(path: str) -> bool:
 
 def require_prm(path: str, what: str) -> None:
     """Refuse a prm.json directory whose model has no token-classification head."""
-    from llmtune.eval.models import _architectures, resolve
+    from llmtune.eval.models import head_of
 
-    base, _, cfg = resolve(path, None, what)
-    if cfg is not None:
-        if cfg.get("task_type") != "TOKEN_CLS":
+    task, archs = head_of(path, what)
+    if task is not None:
+        if task != "TOKEN_CLS":
             raise UserError(
-                f"{what} {path} has prm.json but is a {cfg.get('task_type')} adapter, not a process reward model "
+                f"{what} {path} has prm.json but is a {task or None} adapter, not a process reward model "
                 "(task_type TOKEN_CLS)",
                 hint=PRM_HINT,
             )
         return
-    archs = _architectures(base, what)
     if not any(a.endswith("ForTokenClassification") for a in archs):
         raise UserError(
             f"{what} {path} has prm.json but its architectures are {', '.join(archs) or 'not recorded'}, not a "

@@ -154,6 +154,18 @@ def lm_token_logps(
     return token_logps_from_hidden(hidden, batch["labels"], head, with_entropy=with_entropy)
 
 
+def shaped_data(bundle: Any, shape: Any, scheduled: bool, notes: list[str]) -> StageData:
+    """A built data bundle with its rows shaped (packed, or one sample a row). With a data.schedule each
+    source is shaped on its own (the schedule draws rows by source); train then holds them all in order."""
+    data = StageData(train=[], eval=shape(bundle.eval), reports=bundle.reports, notes=notes)
+    if not scheduled:
+        data.train = shape(bundle.train)
+    else:
+        data.sources = [(name, shape(ex)) for name, ex in bundle.train_sources()]
+        data.train = [row for _, rows in data.sources for row in rows]
+    return data
+
+
 def recipe_settings(recipe: RecipeBase, *parts: object) -> str:
     """The settings that change tokenization, for the data cache key."""
     d = recipe.data

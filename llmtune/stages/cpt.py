@@ -7,7 +7,7 @@ from typing import Any
 from llmtune.data.filters import model_scorer
 from llmtune.data.pipeline import as_samples, build_data, fingerprint_tokenizer, pack_stream, text_encoder
 from llmtune.recipe.schema import CptRecipe
-from llmtune.stages.base import StageData, recipe_settings
+from llmtune.stages.base import StageData, recipe_settings, shaped_data
 from llmtune.stages.lm import LanguageModelStep
 
 
@@ -30,10 +30,4 @@ class CptStage(LanguageModelStep):
         bundle = build_data(recipe, encode, settings, "text", scorer=scorer)
         shape = (lambda ex: pack_stream(ex, d.max_length)) if d.packing else as_samples
         notes = [note, *bundle.notes] if note else bundle.notes
-        data = StageData(train=[], eval=shape(bundle.eval), reports=bundle.reports, notes=notes)
-        if d.schedule is None:
-            data.train = shape(bundle.train)
-        else:  # each source packed on its own: the schedule draws rows by source
-            data.sources = [(name, shape(ex)) for name, ex in bundle.train_sources()]
-            data.train = [row for _, rows in data.sources for row in rows]
-        return data
+        return shaped_data(bundle, shape, d.schedule is not None, notes)

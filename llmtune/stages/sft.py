@@ -14,7 +14,7 @@ from llmtune.data.pipeline import (
     pack_examples,
 )
 from llmtune.recipe.schema import SftRecipe
-from llmtune.stages.base import StageData, recipe_settings
+from llmtune.stages.base import StageData, recipe_settings, shaped_data
 from llmtune.stages.lm import LanguageModelStep
 
 
@@ -37,10 +37,4 @@ class SftStage(LanguageModelStep):
         def shape(examples: list) -> list:
             return pack_examples(examples, d.max_length, recipe.seed) if d.packing else as_samples(examples)
 
-        data = StageData(train=[], eval=shape(bundle.eval), reports=bundle.reports, notes=bundle.notes)
-        if d.schedule is None:
-            data.train = shape(bundle.train)
-        else:  # each source packed on its own: the schedule draws rows by source
-            data.sources = [(name, shape(ex)) for name, ex in bundle.train_sources()]
-            data.train = [row for _, rows in data.sources for row in rows]
-        return data
+        return shaped_data(bundle, shape, d.schedule is not None, bundle.notes)
