@@ -852,8 +852,50 @@ class DpoConfig(Block):
         return self
 
 
+class JudgeConfig(Block):
+    """An instruct model that reads each reply with a rubric and scores it (RLAIF; llmtune.rewards.judge)."""
+
+    model: str = Field(description="The judge: an instruct causal LM (directory, hub id, or a .gguf file).")
+    rubric: str | None = Field(
+        default=None,
+        description="The judge's instructions, sent as one user turn in its chat template: text with {prompt} "
+        "and {reply} ({low}, {high} optional), or a .txt / .md file holding it. null: the built-in rubric "
+        "(helpfulness, correctness, clarity; answer 'Score: N').",
+    )
+    scale: list[float] = Field(default=[1, 10], description="[low, high]: the scores the rubric asks for.")
+    unit_scale: bool = Field(
+        default=True,
+        description="true: the source's score is (s - low) / (high - low), in [0, 1]; false: the judge's s as given.",
+    )
+    unparsable: float | Literal["mean"] = Field(
+        default="mean",
+        description="The score of a reply whose judgement has no score in [low, high] (counted and logged as "
+        "reward/<judge>/unparsable): mean (the mean of the batch's parsed scores: no push either way), or a "
+        "number on the source's scale.",
+    )
+    max_new_tokens: int = Field(default=32, ge=1, description="Longest judgement, in tokens (greedy decoding).")
+    batch_size: int = Field(default=8, ge=1, description="Judgements per generate call.")
+    chat_template: str | None = Field(
+        default=None, description="null: the judge's own; else chatml, llama3, alpaca or a .jinja file."
+    )
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: list[float]) -> list[float]:
+        if len(v) != 2 or not v[0] < v[1]:
+            raise ValueError(f"is {v}: give [low, high] with low < high, e.g. [1, 10]")
+        return v
+
+    @field_validator("rubric")
+    @classmethod
+    def _rubric(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip().lower().endswith((".txt", ".md")) and "{reply}" not in v:
+            raise ValueError("has no {reply} placeholder: write where the reply goes (and {prompt}), or name a .txt file")
+        return v
+
+
 class RewardConfig(Block):
-    """Where the online stages' scores come from: reward models, rules, or a weighted mix of both."""
+    """Where the online stages' scores come from: reward models, judges, rules, or a weighted mix."""
 
     model: str | list[str] | None = Field(
         default=None,
@@ -866,7 +908,7 @@ class RewardConfig(Block):
         "prompt row's `answer`.",
     )
     weights: list[float] | None = Field(
-        default=None, description="One weight per source, models first, then rules (default: all 1.0)."
+        default=None, description="One weight per source: models, then judges, then rules (default: all 1.0)."
     )
     normalize: Literal["none", "batch"] = Field(
         default="none",
@@ -884,6 +926,9 @@ class RewardConfig(Block):
         "completion's per-step probabilities of a good step become its score: min (the weakest step), last, "
         "mean, or product. Ignored for outcome reward models and rules.",
     )
+    judge: JudgeConfig | list[JudgeConfig] | None = Field(
+        default=None, description="Judge models (RLAIF): an instruct model scores each reply with a rubric."
+    )
 
     @field_validator("model", "rule")
     @classmethod
@@ -898,15 +943,21 @@ class RewardConfig(Block):
     def rules(self) -> list[str]:
         return [] if self.rule is None else [self.rule] if isinstance(self.rule, str) else list(self.rule)
 
+    def judges(self) -> list[JudgeConfig]:
+        return [] if self.judge is None else [self.judge] if isinstance(self.judge, JudgeConfig) else list(self.judge)
+
     @model_validator(mode="after")
     def _sources(self) -> RewardConfig:
-        n = len(self.models()) + len(self.rules())
+        n = len(self.models()) + len(self.judges()) + len(self.rules())
         if n == 0:
-            raise ValueError("names no reward source: set model: (an rm output) and / or rule: (e.g. exact_match)")
+            raise ValueError(
+                "names no reward source: set model: (an rm output), judge: (an instruct model) and / or rule: "
+                "(e.g. exact_match)"
+            )
         if self.weights is not None and len(self.weights) != n:
             raise ValueError(
-                f"weights has {len(self.weights)} numbers for {n} sources (models first, then rules): give one per "
-                "source"
+                f"weights has {len(self.weights)} numbers for {n} sources (models, then judges, then rules): give "
+                "one per source"
             )
         return self
 

@@ -2,15 +2,16 @@
 
 A recipe's ``reward:`` block (:class:`~llmtune.recipe.schema.RewardConfig`) names its sources: reward models
 (``model:``, outputs of an ``rm`` run, see :mod:`llmtune.rewards.model`; a directory with ``prm.json`` is a
-process reward model, scored per step and aggregated with ``aggregation:``, see :mod:`llmtune.rewards.prm`) and rules (``rule:``, see
-:mod:`llmtune.rewards.rules`). :func:`check_rewards` checks them before anything loads; :func:`build_rewards`
+process reward model, scored per step and aggregated with ``aggregation:``, see :mod:`llmtune.rewards.prm`), judges
+(``judge:``, an instruct model that scores each reply with a rubric, see :mod:`llmtune.rewards.judge`) and rules
+(``rule:``, see :mod:`llmtune.rewards.rules`). :func:`check_rewards` checks them before anything loads; :func:`build_rewards`
 loads them into a :class:`Rewards`, which scores a batch of decoded completions::
 
     rewards = build_rewards(cfg, trust_code=False, device="cpu", dtype="fp32")
     result = rewards(prompts, completions, answers, ended)   # RewardResult
     rewards.close()
 
-total[i] = sum over sources k (models first, then rules) of weights[k] * s_k[i], where s_k is source k's raw
+total[i] = sum over sources k (models, then judges, then rules) of weights[k] * s_k[i], where s_k is source k's raw
 score, or with ``normalize: batch`` (s_k - mean(s_k)) / (std(s_k) + 1e-6) over the call's batch (population
 std); then ``missing_eos_penalty`` is subtracted where ``ended[i]`` is False (the completion hit
 max_new_tokens without an end token).
@@ -51,10 +52,13 @@ REWARD_MODEL_FIX = (
 @dataclass
 class RewardResult:
     """total: one number per completion (weighted sum of the, possibly normalised, sources minus the
-    missing-EOS penalty); per_source: each source's raw scores, keyed by its name."""
+    missing-EOS penalty); per_source: each source's raw scores, keyed by its name; stats: counts the sources
+    report about the call, keyed ``<source>/<count>`` (a judge's ``unparsable`` and ``cached`` judgements),
+    the same keys on every call."""
 
     total: list[float]
     per_source: dict[str, list[float]] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -106,7 +110,7 @@ def normalize_batch(scores: list[float]) -> list[float]:
 
 
 class Rewards:
-    """The sources of a reward block with their weights (models first, then rules)."""
+    """The sources of a reward block with their weights (models, then judges, then rules)."""
 
     def __init__(
         self,
@@ -152,11 +156,14 @@ class Rewards:
                 + ": give one of each per completion"
             )
         per_source: dict[str, list[float]] = {}
+        stats: dict[str, float] = {}
         for source in self.sources:
             scores = [float(s) for s in source.score(prompts, completions, answers)]
             if len(scores) != n:
                 raise ValueError(f"reward source {source.name} gave {len(scores)} scores for {n} completions")
             per_source[source.name] = scores
+            for k, v in (getattr(source, "stats", None) or {}).items():
+                stats[f"{source.name}/{k}"] = float(v)
         total = [0.0] * n
         for w, scores in zip(self.weights, per_source.values(), strict=True):
             vals = normalize_batch(scores) if self.normalize == "batch" else scores
@@ -164,7 +171,7 @@ class Rewards:
                 total[i] += w * v
         if ended is not None and self.missing_eos_penalty:
             total = [t - self.missing_eos_penalty if not e else t for t, e in zip(total, ended, strict=True)]
-        return RewardResult(total, per_source)
+        return RewardResult(total, per_source, stats)
 
     def close(self) -> None:
         """Free the reward models (the rules hold nothing)."""
@@ -187,7 +194,7 @@ def reward_maximum(cfg: RewardConfig) -> float | None:
     unknown or unbounded. rejection_sampling's default threshold."""
     from llmtune.rewards.rules import rule_range
 
-    if cfg.models() or cfg.normalize != "none":
+    if cfg.models() or cfg.judges() or cfg.normalize != "none":
         return None
     rules = cfg.rules()
     weights = cfg.weights if cfg.weights is not None else [1.0] * len(rules)
@@ -216,8 +223,14 @@ def _unique(names: list[str]) -> list[str]:
 
 
 def source_names(cfg: RewardConfig) -> list[str]:
-    """The names sources get in RewardResult.per_source, models first, then rules."""
-    return _unique([model_source_name(p) for p in cfg.models()] + [f"rule/{r}" for r in cfg.rules()])
+    """The names sources get in RewardResult.per_source: models, then judges, then rules."""
+    from llmtune.rewards.judge import judge_source_name
+
+    return _unique(
+        [model_source_name(p) for p in cfg.models()]
+        + [judge_source_name(j.model) for j in cfg.judges()]
+        + [f"rule/{r}" for r in cfg.rules()]
+    )
 
 
 def check_rewards(cfg: RewardConfig, *, trust_code: bool, what: str = "reward") -> None:
@@ -231,6 +244,12 @@ def check_rewards(cfg: RewardConfig, *, trust_code: bool, what: str = "reward") 
             check_rule(spec, trust_code=trust_code)
         except UserError as e:
             raise RecipeError(f"{what}.rule: {e.message}", hint=e.hint) from None
+    if cfg.judges():
+        from llmtune.rewards.judge import check_judge, require_judge_model
+
+        for judge in cfg.judges():
+            check_judge(judge, f"{what}.judge")
+            require_judge_model(judge.model, f"{what}.judge.model")
     if not cfg.models():
         return
     from llmtune.eval.models import REWARD_MODEL_HINT, require_reward_model
@@ -304,7 +323,12 @@ def build_rewards(
                         zero3=zero3,
                     )
                 )
-        for spec, name in zip(cfg.rules(), names[len(cfg.models()) :], strict=True):
+        judge_names = names[len(cfg.models()) : len(cfg.models()) + len(cfg.judges())]
+        for judge, name in zip(cfg.judges(), judge_names, strict=True):
+            from llmtune.rewards.judge import JudgeSource
+
+            sources.append(JudgeSource(judge, device=device, dtype=dtype, name=name, what=f"{what}.judge"))
+        for spec, name in zip(cfg.rules(), names[len(cfg.models()) + len(cfg.judges()) :], strict=True):
             sources.append(RuleSource(spec, trust_code=trust_code, name=name))
     except BaseException:
         for s in sources:

@@ -116,6 +116,7 @@ class GrpoStage(OnlineStage):
         drawn, outs = list(prompts), self._sample(prompts, g, seed)
         scored = self._score(prompts, outs, g)
         totals, sources = list(scored.total), {k: list(v) for k, v in scored.per_source.items()}
+        stats = dict(scored.stats)
         draws = 0
         if cfg.dynamic_sampling:
             for draw in range(1, cfg.dynamic_sampling_draws + 1):
@@ -130,11 +131,13 @@ class GrpoStage(OnlineStage):
                 drawn, outs, totals = drawn + extra, outs + more, totals + list(res.total)
                 for k, v in res.per_source.items():
                     sources[k] += list(v)
+                for k, v in res.stats.items():
+                    stats[k] += v
                 draws = draw
         sampled = torch.tensor(totals, dtype=torch.float64)
         zero = zero_std_groups(sampled, g).tolist()
         keep = pick_groups_with_spread(zero, len(prompts)) if cfg.dynamic_sampling else list(range(len(prompts)))
-        self._rollout_metrics(sources, sampled, outs, g, [zero[i] for i in keep], draws)
+        self._rollout_metrics(sources, sampled, outs, g, [zero[i] for i in keep], draws, stats)
         rows_of = [i * g + j for i in keep for j in range(g)]
         rewards = sampled[rows_of]
         if cfg.advantage == "rloo":
@@ -197,13 +200,16 @@ class GrpoStage(OnlineStage):
         g: int,
         trained_zero: list[bool],
         draws: int,
+        stats: dict[str, float] | None = None,
     ) -> None:
         """Reward mean / std (overall and per source), share of groups with no reward spread, completion
         length and share that ended: over every process's sampled completions (extra draws included); with
-        dynamic sampling also the extra draws and the share of trained groups without spread."""
+        dynamic sampling also the extra draws and the share of trained groups without spread; the sources' counts
+        (a judge's unparsable and cached judgements) summed over the processes, as reward/<source>/<count>."""
         lengths = torch.tensor([len(ids) - e for ids, e in outs], dtype=torch.float64)
         ended = torch.tensor([float(e) for _, e in outs], dtype=torch.float64)
         names = sorted(sources)
+        counts = sorted(stats or {})
         parts = [
             torch.tensor(float(len(rewards))),
             rewards.sum(),
@@ -215,6 +221,7 @@ class GrpoStage(OnlineStage):
             torch.tensor(float(sum(trained_zero))),
             torch.tensor(float(len(trained_zero))),
             *[torch.tensor(sources[k], dtype=torch.float64).sum() for k in names],
+            *[torch.tensor(float((stats or {})[k])) for k in counts],
         ]
         s = all_reduce_sum(torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in parts]).to(self.dist.device))
         s = s.cpu().tolist()
@@ -230,8 +237,10 @@ class GrpoStage(OnlineStage):
         if self.recipe.grpo.dynamic_sampling:
             m["extra_draws"] = float(draws)
             m["frac_trained_zero_std"] = s[7] / max(s[8], 1.0)
-        for k, v in zip(names, s[9:], strict=True):
+        for k, v in zip(names, s[9 : 9 + len(names)], strict=True):
             m[f"reward/{k}"] = v / n
+        for k, v in zip(counts, s[9 + len(names) :], strict=True):
+            m[f"reward/{k}"] = v
 
     # --- the step ---------------------------------------------------------------------------------------------
 

@@ -296,6 +296,7 @@ class PpoStage(OnlineStage):
         and how well the critic's values explain the returns: over every process's rollouts. Then the
         adaptive KL coefficient takes its step."""
         names = sorted(scored.per_source)
+        counts = sorted(scored.stats)  # a judge's unparsable / cached judgements, summed over the processes
         masks = [row["mask"].bool() for row in rows]
         ret = torch.cat([row["returns"][m] for row, m in zip(rows, masks, strict=True)]).double()
         val = torch.cat([row["old_values"][m] for row, m in zip(rows, masks, strict=True)]).double()
@@ -312,6 +313,7 @@ class PpoStage(OnlineStage):
             ((ret - val) ** 2).sum().item(),
             *[sum(scored.per_source[k]) for k in names],
             sum(x * x for x in scored.total),
+            *[scored.stats[k] for k in counts],
         ]
         s = all_reduce_sum(torch.tensor(parts, dtype=torch.float64, device=self.dist.device)).cpu().tolist()
         n, nt = max(s[0], 1.0), max(s[5], 1.0)
@@ -329,6 +331,8 @@ class PpoStage(OnlineStage):
         m["frac_reward_zero_std"] = 1.0 if m["reward_std"] < 1e-9 else 0.0
         for k, v in zip(names, s[10 : 10 + len(names)], strict=True):
             m[f"reward/{k}"] = v / n
+        for k, v in zip(counts, s[11 + len(names) :], strict=True):
+            m[f"reward/{k}"] = v
         self.kl_ctl.update(s[2] / n, int(s[0]))
 
     def on_step(self, metrics: dict[str, float]) -> None:

@@ -11,7 +11,8 @@ winners with the sft stage and the shared training loop; the next round starts f
     round-K/generated.json   the round's statistics, written last: generation of the round is complete
     round-K/model/           the sft run of the round (checkpoints, metrics, its model)
     round-K/merged/          lora / qlora, not the last round: the adapter merged into its base (next model.path)
-    rounds.jsonl             one line of statistics per round
+    rounds.jsonl             one line of statistics per round (with each reward source's mean, reward/<source>,
+                             and a judge's unparsable / cached counts, reward/<judge>/unparsable)
     model files, recipe.yaml, run.json, metrics.jsonl: the last round's model, loadable as an sft output is
 
 A rerun of an interrupted run skips what is complete: finished rounds, a round's generation, and the sft
@@ -334,6 +335,19 @@ def _shard(items: list[Any], dist: Any) -> list[Any]:
     return items[dist.rank :: dist.world_size]
 
 
+def _sum_counts(mine: dict[str, float], dist: Any) -> dict[str, float]:
+    """The reward sources' counts of every rank, summed."""
+    if dist.world_size == 1:
+        return dict(mine)
+    parts: list[Any] = [None] * dist.world_size
+    torch.distributed.all_gather_object(parts, mine)
+    out: dict[str, float] = {}
+    for part in parts:
+        for key, v in part.items():
+            out[key] = out.get(key, 0.0) + float(v)
+    return out
+
+
 def _gather(mine: list[Any], dist: Any, n: int) -> list[Any]:
     """The shards of every rank (each took items[rank::world]) put back into the original order."""
     if dist.world_size == 1:
@@ -429,8 +443,9 @@ def generate_round(
                 ended,
             )
             totals, per_source = list(res.total), {s: list(v) for s, v in res.per_source.items()}
+            counts = dict(res.stats)
         else:
-            totals, per_source = [], {}
+            totals, per_source, counts = [], {}, {}
     finally:
         rewards.close()
     groups = []
@@ -446,9 +461,10 @@ def generate_round(
             }
         )
     groups = _gather(groups, dist, len(round_prompts))
+    counts = _sum_counts(counts, dist)
     stats: dict[str, Any] = {}
     if dist.is_main:
-        stats = _select_and_write(recipe, round_prompts, groups, k, rdir, time.perf_counter() - t0, t_gen)
+        stats = _select_and_write(recipe, round_prompts, groups, k, rdir, time.perf_counter() - t0, t_gen, counts)
         console.print(_stats_line(stats))
     barrier()
     if not dist.is_main:
@@ -478,6 +494,7 @@ def _select_and_write(
     rdir: Path,
     seconds: float,
     gen_seconds: float,
+    counts: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     rs = recipe.rejection_sampling
     samples, selected, pairs = [], [], []
@@ -549,6 +566,11 @@ def _select_and_write(
     }
     if rs.selection == "best_and_worst":
         stats["pairs"] = len(pairs)
+    names = sorted({s for g in groups for s in g["sources"]})
+    for name in names:  # each source's mean score, and its counts (a judge's unparsable / cached judgements)
+        stats[f"reward/{name}"] = mean([x for g in groups for x in g["sources"].get(name, [])])
+    for key, v in sorted((counts or {}).items()):
+        stats[f"reward/{key}"] = v
     if selected:  # a round that selected nothing stays incomplete: the error below says what to change
         _write_json(rdir / GENERATED, stats)  # last: the round's generation is complete
     else:
@@ -591,6 +613,8 @@ def _stats_line(s: dict[str, Any]) -> str:
     ]
     if "pairs" in s:
         parts.append(f"pairs {s['pairs']}")
+    for key in sorted(k for k in s if k.startswith("reward/") and k.endswith("/unparsable")):
+        parts.append(f"{key[len('reward/') : -len('/unparsable')]} unparsable {s[key]:.0f}")
     return " | ".join(parts) + f" ({s['seconds']:.0f} s)"
 
 
