@@ -340,6 +340,10 @@ def eval_(
     trust_reward_code: Annotated[
         bool, typer.Option("--trust-reward-code", help="reward: allow module:fn rules (they run that code).")
     ] = False,
+    judge: Annotated[
+        str | None, _opt("reward / compare: a judge model (instruct LM or .gguf) that scores replies.", "--judge")
+    ] = None,
+    judge_rubric: Annotated[str | None, _opt("The judge's rubric: text or a .txt file.", "--judge-rubric")] = None,
     model_b: Annotated[str | None, _opt("compare: the second model.", "--model-b")] = None,
     adapter_b: Annotated[str | None, _opt("compare: an adapter on --model-b.", "--adapter-b")] = None,
     tie_margin: Annotated[float | None, _opt("compare: score differences up to this are ties.", "--tie-margin")] = None,
@@ -359,7 +363,7 @@ def eval_(
         "system": system, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
         "regex": regex, "few_shot": few_shot, "few_shot_selection": few_shot_selection,
         "few_shot_data": few_shot_data, "reward_models": reward_models, "rules": rules,
-        "reward_weights": reward_weights, "model_b": model_b, "adapter_b": adapter_b, "tie_margin": tie_margin,
+        "reward_weights": reward_weights, "judge": judge, "judge_rubric": judge_rubric, "model_b": model_b, "adapter_b": adapter_b, "tie_margin": tie_margin,
         "reference": reference, "beta": beta, "trust_reward_code": trust_reward_code or None,
     }  # fmt: skip
     cfg = load_eval_config(config, options)

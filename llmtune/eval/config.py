@@ -82,7 +82,17 @@ class EvalConfig(BaseModel):
         description="Allow module:function rules: they import and run that module's Python code.",
     )
     reward_weights: list[float] | None = Field(
-        default=None, description="reward: weight of each reward model then each rule in the total (default 1)."
+        default=None, description="reward: weight of each reward model, the judge, then each rule (default 1)."
+    )
+    judge: str | None = Field(
+        default=None,
+        description="reward: a judge model (an instruct LM or .gguf) that scores each reply 1-10 with a rubric, "
+        "reported in [0, 1]; compare: the judge that picks the better reply, asked in both orders.",
+    )
+    judge_rubric: str | None = Field(
+        default=None,
+        description="The judge's rubric (text or a .txt file): reward needs {reply}, compare {reply_a} and "
+        "{reply_b} (and {prompt}). Default: the built-in ones (llmtune.rewards.judge).",
     )
     model_b: str | None = Field(default=None, description="compare: the second model.")
     adapter_b: str | None = Field(default=None, description="compare: an adapter on `model_b`.")
@@ -95,23 +105,32 @@ class EvalConfig(BaseModel):
 
     @model_validator(mode="after")
     def _task_needs(self) -> EvalConfig:
-        if self.task == "reward" and not (self.reward_models or self.rules):
-            raise ValueError("task reward needs reward_models (--reward-model PATH) and / or rules (--rule gsm8k)")
+        if self.task == "reward" and not (self.reward_models or self.rules or self.judge):
+            raise ValueError(
+                "task reward needs reward_models (--reward-model PATH), a judge (--judge PATH) and / or rules "
+                "(--rule gsm8k)"
+            )
         if self.task == "compare":
             if self.model_b is None:
                 raise ValueError("task compare needs model_b (--model-b PATH), the model to compare against")
-            if len(self.reward_models) != 1:
-                raise ValueError("task compare needs exactly one judge in reward_models (--reward-model PATH)")
+            if len(self.reward_models) + (self.judge is not None) != 1:
+                raise ValueError(
+                    "task compare needs exactly one judge: a reward model (--reward-model PATH) or a judge model "
+                    "(--judge PATH)"
+                )
+        if (self.judge is not None or self.judge_rubric is not None) and self.task not in ("reward", "compare"):
+            raise ValueError(f"task {self.task} uses no judge: --judge and --judge-rubric go with task reward or compare")
         code = [r for r in self.rules if is_code_rule(r)]
         if code and not self.trust_reward_code:
             raise ValueError(
                 f"rule {code[0]!r} imports and runs Python code from module {code[0].partition(':')[0]!r}; that "
                 "happens only when asked for: pass --trust-reward-code (trust_reward_code: true in an eval file)"
             )
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_models) + len(self.rules):
+        n = len(self.reward_models) + (self.judge is not None) + len(self.rules)
+        if self.reward_weights is not None and len(self.reward_weights) != n:
             raise ValueError(
-                f"reward_weights has {len(self.reward_weights)} entries for "
-                f"{len(self.reward_models) + len(self.rules)} rewards (reward models first, then rules)"
+                f"reward_weights has {len(self.reward_weights)} entries for {n} rewards (reward models, then the "
+                "judge, then rules)"
             )
         return self
 
@@ -144,7 +163,7 @@ def load_eval_config(path: str | Path | None, options: dict[str, Any]) -> EvalCo
 
 
 # model paths of an eval, by option: checked (existence, lengths) before torch is imported
-_MODEL_OPTIONS = ("model", "adapter", "model_b", "adapter_b", "reference")
+_MODEL_OPTIONS = ("model", "adapter", "model_b", "adapter_b", "reference", "judge")
 _FILE_OPTIONS = ("data", "few_shot_data", "output", "generations")
 
 

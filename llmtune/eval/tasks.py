@@ -108,6 +108,11 @@ def check_models(cfg: EvalConfig) -> None:
                 require_prm(path, "--reward-model")
             else:
                 require_reward_model(path, "--reward-model")
+        if cfg.judge is not None:
+            from llmtune.rewards.judge import read_rubric, require_judge_model
+
+            require_judge_model(cfg.judge, "--judge")
+            read_rubric(cfg.judge_rubric, pairwise=cfg.task == "compare", what="--judge-rubric")
 
 
 def _causal_hint(task: str) -> str:
@@ -476,6 +481,96 @@ def _judge(env: Env, path: str, sets: list[tuple[list[Any], str]]) -> list[list[
         free(rm)
 
 
+def _judge_for(env: Env) -> Any:
+    """The eval's judge model (--judge, --judge-rubric) as a Judge, with its close()."""
+    from llmtune.rewards.judge import Judge, model_completer
+
+    cfg = env.cfg
+    assert cfg.judge is not None
+    complete, close = model_completer(
+        cfg.judge, max_new_tokens=32, batch_size=cfg.batch_size, chat_template=None, device=env.device,
+        dtype=env.dtype, what="--judge", console=env.console,
+    )  # fmt: skip
+    pairwise = cfg.task == "compare"
+    judge = Judge(
+        complete,
+        rubric=None if pairwise else cfg.judge_rubric,
+        pairwise_rubric=cfg.judge_rubric if pairwise else None,
+    )
+    return judge, close
+
+
+def _judge_scores(env: Env, gens: list[Any]) -> tuple[str, list[float], dict[str, Any]]:
+    """(source name, each generation's judge score in [0, 1], the counts for the report): an unparsable
+    judgement scores the mean of the parsed ones (reward.judge's default policy)."""
+    from llmtune.recipe.schema import JudgeConfig
+    from llmtune.rewards.judge import JudgeSource, judge_source_name
+
+    cfg = env.cfg
+    assert cfg.judge is not None
+    judge, close = _judge_for(env)
+    try:
+        source = JudgeSource.from_judge(JudgeConfig(model=cfg.judge), judge)
+        with env.console.status(f"judging {len(gens)} replies with {cfg.judge}"):
+            scores = source.score([g.prompt.messages for g in gens], [g.completion for g in gens], [None] * len(gens))
+    finally:
+        close()
+    n_bad = int(source.totals["unparsable"])
+    counts = {"judge_unparsable": n_bad, "judge_unparsable_reasons": dict(source.reasons)}
+    return judge_source_name(cfg.judge), scores, counts
+
+
+def _compare_with_judge(env: Env, gens_a: list[Any], gens_b: list[Any], report: Any) -> TaskResult:
+    """compare with a judge model: each pair judged in both orders (llmtune.rewards.judge.combine_swapped). A
+    win needs both orders to agree; disagreeing orders (position bias) and unparsable verdicts count as ties,
+    and are reported on their own."""
+    judge, close = _judge_for(env)
+    try:
+        with env.console.status(f"judging {len(gens_a)} pairs in both orders with {env.cfg.judge}"):
+            results = judge.compare(
+                [a.prompt.messages for a in gens_a], [a.completion for a in gens_a], [b.completion for b in gens_b]
+            )
+    finally:
+        close()
+    n = len(results)
+    count = {k: sum(1 for r in results if r.outcome == k) for k in ("x", "y", "tie", "inconsistent", "unparsable")}
+    ties = count["tie"] + count["inconsistent"] + count["unparsable"]
+    result_of = {"x": "win", "y": "loss"}
+    rows = [
+        {
+            "index": a.index,
+            "prompt": a.prompt.messages,
+            "completion_a": a.completion,
+            "completion_b": b.completion,
+            "verdict_a_first": r.verdicts[0],
+            "verdict_b_first": r.verdicts[1],
+            "judge_texts": list(r.texts),
+            "outcome": r.outcome,
+            "result": result_of.get(r.outcome, "tie"),
+        }
+        for a, b, r in zip(gens_a, gens_b, results, strict=True)
+    ]
+    return TaskResult(
+        {
+            "win_rate": count["x"] / n,
+            "tie_rate": ties / n,
+            "loss_rate": count["y"] / n,
+            "wins": count["x"],
+            "ties": ties,
+            "losses": count["y"],
+            "judge": env.cfg.judge,
+            "agreed_ties": count["tie"],
+            "inconsistent": count["inconsistent"],
+            "unparsable": count["unparsable"],
+            **output_shape(gens_a, "_a"),
+            **output_shape(gens_b, "_b"),
+            "examples": n,
+            **_drop_metrics(report),
+        },
+        rows,
+    )
+
+
 def reward(env: Env) -> TaskResult:
     cfg = env.cfg
     prompts, report = read_prompts(env)
@@ -483,6 +578,10 @@ def reward(env: Env) -> TaskResult:
     sources: dict[str, list[float]] = {}
     for path in cfg.reward_models:
         sources[path] = _judge(env, path, [(gens, path)])[0]
+    judge_counts: dict[str, Any] = {}
+    if cfg.judge is not None:
+        name, scores, judge_counts = _judge_scores(env, gens)
+        sources[name] = scores
     for spec in cfg.rules:
         rule, needs_answer = get_rule(spec, trust_code=cfg.trust_reward_code)
         missing = sum(1 for g in gens if g.prompt.answer is None)
@@ -519,6 +618,7 @@ def reward(env: Env) -> TaskResult:
             "examples": len(gens),
             "rewards": per_source,
             "weights": dict(zip(sources, weights, strict=True)),
+            **judge_counts,
             **_drop_metrics(report),
         },
         rows,
@@ -532,6 +632,8 @@ def compare(env: Env) -> TaskResult:
     messages = [p.messages for _, p in prompts]
     gens_a = run_generation(env, cfg.model, cfg.adapter, prompts, messages, "--model")
     gens_b = run_generation(env, cfg.model_b, cfg.adapter_b, prompts, messages, "--model-b")
+    if cfg.judge is not None:
+        return _compare_with_judge(env, gens_a, gens_b, report)
     sa, sb = _judge(env, cfg.reward_models[0], [(gens_a, "model"), (gens_b, "model_b")])
     win, tie, loss = metrics.win_tie_loss(sa, sb, cfg.tie_margin)
     n = len(sa)

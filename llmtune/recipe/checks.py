@@ -131,6 +131,7 @@ def recipe_paths(recipe: RecipeBase) -> list[tuple[str, str]]:
         cfg = getattr(getattr(recipe, block, None), "reward", None)
         if cfg is not None:
             found += [(f"{block}.reward.model", m) for m in cfg.models()]
+            found += [(f"{block}.reward.judge.model", j.model) for j in cfg.judges()]
     return [(k, v) for k, v in found if v]
 
 
@@ -151,6 +152,7 @@ def check_hub(recipe: RecipeBase, *, refuse: bool, notes: list[str] | None = Non
         cfg = getattr(getattr(recipe, block, None), "reward", None)
         if cfg is not None:
             models += [(f"{block}.reward.model", m, None) for m in cfg.models()]
+            models += [(f"{block}.reward.judge.model", j.model, None) for j in cfg.judges()]
     perplexity = recipe.data.filter.perplexity
     if perplexity is not None and perplexity.model:
         models.append(("data.filter.perplexity.model", perplexity.model, None))
@@ -304,6 +306,10 @@ def _check_reward_block(recipe: RecipeBase, planned: list[str] | None = None) ->
                 )
                 continue
             check_finished(path, f"{block}.reward.model")
+        from llmtune.rewards.judge import check_judge
+
+        for judge in cfg.judges():  # the rubric reads, a local judge exists
+            check_judge(judge, f"{block}.reward.judge")
 
 
 # ----------------------------------------------------------------------------------------- model directories
