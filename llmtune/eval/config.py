@@ -119,7 +119,9 @@ class EvalConfig(BaseModel):
                     "(--judge PATH)"
                 )
         if (self.judge is not None or self.judge_rubric is not None) and self.task not in ("reward", "compare"):
-            raise ValueError(f"task {self.task} uses no judge: --judge and --judge-rubric go with task reward or compare")
+            raise ValueError(
+                f"task {self.task} uses no judge: --judge and --judge-rubric go with task reward or compare"
+            )
         code = [r for r in self.rules if is_code_rule(r)]
         if code and not self.trust_reward_code:
             raise ValueError(

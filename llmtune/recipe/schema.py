@@ -890,7 +890,9 @@ class JudgeConfig(Block):
     @classmethod
     def _rubric(cls, v: str | None) -> str | None:
         if v is not None and not v.strip().lower().endswith((".txt", ".md")) and "{reply}" not in v:
-            raise ValueError("has no {reply} placeholder: write where the reply goes (and {prompt}), or name a .txt file")
+            raise ValueError(
+                "has no {reply} placeholder: write where the reply goes (and {prompt}), or name a .txt file"
+            )
         return v
 
 

@@ -305,7 +305,9 @@ class Judge:
 
         return self._ask(keys, texts, parse)
 
-    def verdicts(self, prompts: list[list[dict]], firsts: list[str], seconds: list[str]) -> list[tuple[str, str | None]]:
+    def verdicts(
+        self, prompts: list[list[dict]], firsts: list[str], seconds: list[str]
+    ) -> list[tuple[str, str | None]]:
         """(judge text, parsed verdict) with firsts[i] shown as A and seconds[i] as B."""
         keys = [self.cache.key("pairwise", p, a, b) for p, a, b in zip(prompts, firsts, seconds, strict=True)]
         texts = [fill_pairwise(self.pairwise_rubric, p, a, b) for p, a, b in zip(prompts, firsts, seconds, strict=True)]
