@@ -373,7 +373,8 @@ def eval_(
 
 
 data_app = typer.Typer(
-    help="Look at data as training reads it (format, drops, lengths, label masks).", no_args_is_help=True
+    help="Look at data as training reads it (inspect), and make data with models (synth, label, revise).",
+    no_args_is_help=True,
 )
 app.add_typer(data_app, name="data")
 
@@ -511,6 +512,91 @@ def data_synth(
         )
     if result["rows"] < num:
         print(f"note: {num - result['rows']} rows short of --num: the attempts ran out (--max-attempts)")
+
+
+@data_app.command(
+    "label",
+    epilog=_examples(
+        "llmtune data label --data candidates.jsonl --judge Qwen/Qwen2.5-7B-Instruct --out pairs.jsonl",
+        "llmtune data label --data candidates.jsonl --judge judge.gguf --out pairs.jsonl --mode pointwise",
+    ),
+)
+def data_label(
+    data: Annotated[str, _opt("Rows with a prompt and 2+ replies (responses / completions / ...).", "--data")],
+    judge: Annotated[str, _opt("The judge: an instruct model (a directory, hub id or .gguf).", "--judge")],
+    out: Annotated[Path, _opt("The pairs JSONL file to write (appended to: a rerun continues).", "--out")],
+    mode: Annotated[str, typer.Option("--mode", help="pairwise (both orders) | pointwise (scores).")] = "pairwise",
+    pairs: Annotated[str, typer.Option("--pairs", help="pairwise: all decided pairs | best-worst.")] = "all",
+    rubric: Annotated[str | None, _opt("The judge's rubric: text or a .txt file.", "--rubric")] = None,
+    scale: Annotated[tuple[float, float], typer.Option("--scale", help="pointwise: low high.")] = (1.0, 10.0),
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest verdict.", min=1)] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Judgements per generate call.", min=1)] = 8,
+    max_rows: Annotated[int | None, _opt("Label at most this many input rows.", "--max-rows")] = None,
+    chat_template: Annotated[str | None, _opt("chatml | llama3 | alpaca | a .jinja file.", "--chat-template")] = None,
+) -> None:
+    """Turn prompts with two or more replies into preference pairs (chosen / rejected) by a judge model;
+    ties, position-swapped verdicts that disagree and unparsable verdicts are dropped and counted."""
+    from llmtune.commands.label import LabelConfig, label_command
+
+    _check_lengths(("--out", out), ("--data", data), ("--judge", judge))
+    if scale[0] >= scale[1]:
+        raise UserError(f"--scale {scale[0]:g} {scale[1]:g}: give low < high, e.g. --scale 1 10")
+    cfg = LabelConfig(mode=mode, pairs=pairs, batch_size=batch_size, max_rows=max_rows)
+    if mode not in ("pairwise", "pointwise") or pairs not in ("all", "best-worst"):
+        raise UserError(f"--mode {mode!r} / --pairs {pairs!r}: use pairwise | pointwise and all | best-worst")
+    _quiet()
+    label_command(
+        data, out, judge, cfg=cfg, rubric=rubric, scale=scale, max_new_tokens=max_new_tokens,
+        judge_batch_size=batch_size, chat_template=chat_template, console=err,
+    )  # fmt: skip
+
+
+@data_app.command(
+    "revise",
+    epilog=_examples(
+        "llmtune data revise --data prompts.jsonl --model runs/sft-merged --out revised.jsonl --pairs-out cai.jsonl",
+        "llmtune data revise --data sft.jsonl --model model.gguf --principles rules.txt --rounds 2 --out r.jsonl "
+        "--pairs-out p.jsonl",
+    ),
+)
+def data_revise(
+    data: Annotated[str, _opt("Prompts, or sft rows whose reply is revised.", "--data")],
+    model: Annotated[str, _opt("The instruct model that critiques and revises (directory, hub id, .gguf).", "--model")],
+    out: Annotated[Path, _opt("The sft JSONL file (prompt + revision) to write.", "--out")],
+    pairs_out: Annotated[Path, _opt("The dpo pairs JSONL file (revision over original).", "--pairs-out")],
+    principles: Annotated[
+        str | None, _opt("A .txt (one per line), JSON or YAML list (default: built in).", "--principles")
+    ] = None,
+    rounds: Annotated[int, typer.Option("--rounds", help="Critique-revise rounds per row.", min=1)] = 1,
+    adapter: Annotated[str | None, _opt("A peft adapter on --model.", "--adapter")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.", min=0.0)] = 0.0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest reply.", min=1)] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per batch.", min=1)] = 8,
+    max_rows: Annotated[int | None, _opt("Revise at most this many input rows.", "--max-rows")] = None,
+    chat_template: Annotated[str | None, _opt("chatml | llama3 | alpaca | a .jinja file.", "--chat-template")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Principle draws and sampling.")] = 0,
+) -> None:
+    """Critique-then-revise with a list of principles (Constitutional AI): writes sft rows (the revision) and
+    dpo pairs (the revision chosen over the original); empty, cut-off and unchanged revisions are dropped."""
+    from llmtune.commands.revise import ReviseConfig, revise_command
+
+    _check_lengths(("--out", out), ("--pairs-out", pairs_out), ("--data", data), ("--model", model))
+    from llmtune.model.hub import check_model_options
+
+    check_model_options([("--adapter", adapter)], hub_ok=False)
+    _quiet()
+    revise_command(
+        data, out, pairs_out, model, cfg=ReviseConfig(rounds=rounds, batch_size=batch_size, seed=seed,
+        max_rows=max_rows), principles=principles, adapter=adapter, max_new_tokens=max_new_tokens,
+        temperature=temperature, generation_batch=batch_size, chat_template=chat_template, console=err,
+    )  # fmt: skip
+
+
+def _quiet() -> None:
+    from llmtune.stages import quiet_libraries
+
+    quiet_libraries()
+    _no_load_bars()
 
 
 @app.command(

@@ -324,7 +324,10 @@ class Judge:
         return out
 
 
-def model_completer(
+ChatComplete = Callable[..., list[tuple[str, bool]]]  # (conversations, seed) -> (reply, ended) per conversation
+
+
+def chat_completer(
     model: str,
     *,
     max_new_tokens: int,
@@ -333,11 +336,16 @@ def model_completer(
     device: Any,
     dtype: Any,
     what: str,
+    adapter: str | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
     console: Any = None,
-) -> tuple[Complete, Callable[[], None]]:
-    """(complete, close) for a judge model: each rubric text is one user turn in the chat template (plain
-    text without one), left-truncated to leave room for the judgement, answered greedily by
-    llmtune.generation.sample.generate, decoded without special tokens."""
+) -> tuple[ChatComplete, Callable[[], None]]:
+    """(complete, close) for a local causal LM (a directory, hub id or .gguf file, with an optional adapter):
+    complete(conversations, seed=0) renders each conversation (messages ending with a user turn) with the chat
+    template (plain text without one), left-truncated to leave room for the reply, and answers it with
+    llmtune.generation.sample.generate (greedy at temperature 0): (reply decoded without special tokens,
+    whether it ended) per conversation."""
     import torch
 
     from llmtune.data.chat import resolve_chat_template
@@ -350,28 +358,52 @@ def model_completer(
     if isinstance(dtype, str):
         dtype = pick_dtype(dtype, device)
     path = resolve_gguf(model, console)
-    loaded: Any = load_causal_lm(path, None, dtype, device, what)
+    loaded: Any = load_causal_lm(path, adapter, dtype, device, what)
     tok = loaded.tokenizer
     template = resolve_chat_template(tok, chat_template, required=False)
     stops = end_tokens(loaded.model, tok, template)
     limit = getattr(loaded.model.config, "max_position_embeddings", None) or 2048
     budget = max(8, limit - max_new_tokens)
 
-    def complete(texts: list[str]) -> list[str]:
+    def complete(conversations: list[list[dict]], seed: int = 0) -> list[tuple[str, bool]]:
         if loaded is None:
-            raise RuntimeError(f"the judge {model} was closed")
-        rendered = [render_prompt(tok, template, [{"role": "user", "content": t}]) for t in texts]
+            raise RuntimeError(f"the model {model} was closed")
+        rendered = [render_prompt(tok, template, c) for c in conversations]
         ids = [tok(r, add_special_tokens=template is None)["input_ids"][-budget:] for r in rendered]
         outs = generate(
-            loaded.model, tok, ids, max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size,
-            device=device, stops=stops,
+            loaded.model, tok, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            batch_size=batch_size, seed=seed, device=device, stops=stops,
         )  # fmt: skip
-        return [tok.decode(o, skip_special_tokens=True) for o, _ in outs]
+        return [(tok.decode(o, skip_special_tokens=True), ended) for o, ended in outs]
 
     def close() -> None:
         nonlocal loaded
         loaded = None
         free()
+
+    return complete, close
+
+
+def model_completer(
+    model: str,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    chat_template: str | None,
+    device: Any,
+    dtype: Any,
+    what: str,
+    console: Any = None,
+) -> tuple[Complete, Callable[[], None]]:
+    """(complete, close) for a judge model: each rubric text is one user turn, answered greedily
+    (chat_completer)."""
+    chat, close = chat_completer(
+        model, max_new_tokens=max_new_tokens, batch_size=batch_size, chat_template=chat_template, device=device,
+        dtype=dtype, what=what, console=console,
+    )  # fmt: skip
+
+    def complete(texts: list[str]) -> list[str]:
+        return [reply for reply, _ in chat([[{"role": "user", "content": t}] for t in texts])]
 
     return complete, close
 
