@@ -533,6 +533,9 @@ def data_label(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Judgements per generate call.", min=1)] = 8,
     max_rows: Annotated[int | None, _opt("Label at most this many input rows.", "--max-rows")] = None,
     chat_template: Annotated[str | None, _opt("chatml | llama3 | alpaca | a .jinja file.", "--chat-template")] = None,
+    prefill: Annotated[
+        bool, typer.Option("--prefill/--no-prefill", help="Start verdicts with 'Verdict:' / 'Score:'.")
+    ] = True,
 ) -> None:
     """Turn prompts with two or more replies into preference pairs (chosen / rejected) by a judge model;
     ties, position-swapped verdicts that disagree and unparsable verdicts are dropped and counted."""
@@ -547,7 +550,7 @@ def data_label(
     _quiet()
     label_command(
         data, out, judge, cfg=cfg, rubric=rubric, scale=scale, max_new_tokens=max_new_tokens,
-        judge_batch_size=batch_size, chat_template=chat_template, console=err,
+        judge_batch_size=batch_size, chat_template=chat_template, prefill=prefill, console=err,
     )  # fmt: skip
 
 

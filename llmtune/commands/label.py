@@ -221,6 +221,7 @@ def label_command(
     judge_batch_size: int,
     chat_template: str | None,
     console: Any,
+    prefill: bool = True,
 ) -> dict[str, Any]:
     """The command: checks (before the judge loads), reads the rows, labels what is not done yet, prints the
     summary. A run that made no pair at all is a UserError (exit 2) naming the drops."""
@@ -270,6 +271,7 @@ def label_command(
                 rubric=None if pairwise else text,
                 pairwise_rubric=text if pairwise else None,
                 scale=scale,
+                prefill=prefill,
             )
             total, seen = len(todo), 0
             with console.status(f"labelling: 0 / {total} rows") as status:

@@ -873,6 +873,11 @@ class JudgeConfig(Block):
         "reward/<judge>/unparsable): mean (the mean of the batch's parsed scores: no push either way), or a "
         "number on the source's scale.",
     )
+    prefill: bool = Field(
+        default=True,
+        description="Start the judge's reply with 'Score:' so that it gives the number at once (small judges follow "
+        "this far better than the instruction alone); false for a rubric that asks for reasoning first.",
+    )
     max_new_tokens: int = Field(default=32, ge=1, description="Longest judgement, in tokens (greedy decoding).")
     batch_size: int = Field(default=8, ge=1, description="Judgements per generate call.")
     chat_template: str | None = Field(

@@ -2,8 +2,9 @@
 of two replies.
 
 - **pointwise** (a reward source, ``reward.judge``): the rubric (``{prompt}``, ``{reply}``, ``{low}``,
-  ``{high}``) is sent as one user turn in the judge's chat template, the judge answers greedily in at most
-  ``max_new_tokens`` tokens, and :func:`parse_score` reads the score: the number after the last ``Score:``
+  ``{high}``) is sent as one user turn in the judge's chat template, the judge's reply is started with
+  ``Score:`` (``prefill``: small judges then give the number at once instead of restating the question), it
+  answers greedily in at most ``max_new_tokens`` tokens, and :func:`parse_score` reads the score: the number after the last ``Score:``
   (or ``Rating:``), else a reply that starts with a number, else the only number in it (``7/10`` and
   ``7 out of 10`` count as 7). A judgement with no such number, or one outside ``[low, high]``, is
   *unparsable*: counted (``reward/<judge>/unparsable`` per step) and scored by the ``unparsable`` policy
@@ -11,7 +12,8 @@ of two replies.
   number). The score is reported as ``(s - low) / (high - low)`` in [0, 1] with ``unit_scale`` (default),
   else as the judge gave it.
 - **pairwise** (``llmtune data label``, ``llmtune eval --task compare --judge``): the judge sees reply A and
-  reply B and answers ``Verdict: A``, ``B`` or ``tie`` (:func:`parse_verdict`). Each pair is asked in both
+  reply B and answers ``Verdict: A``, ``B`` or ``tie`` (:func:`parse_verdict`; the reply started with
+  ``Verdict:`` when prefilled). Each pair is asked in both
   orders, and :func:`combine_swapped` keeps a verdict only when both orders agree: a judge that prefers
   whatever comes first (position bias) gives *inconsistent* verdicts, not a false preference.
 
@@ -46,7 +48,7 @@ conversation below. Consider whether it is helpful, correct, relevant and clear.
 {reply}
 
 Rate the reply on a scale of {low} to {high}, where {low} is the worst and {high} is the best. Answer with \
-one line, "Score: N", and nothing else."""
+"Score:" followed by one number from {low} to {high}, and nothing else."""
 
 PAIRWISE_RUBRIC = """Please act as an impartial judge and compare two replies of an assistant to the \
 conversation below. Choose the one that is more helpful, correct, relevant and clear. The order of the \
@@ -61,9 +63,11 @@ replies must not sway you, and neither must their length.
 [Reply B]
 {reply_b}
 
-Which reply is better? Answer with one line, "Verdict: A", "Verdict: B" or "Verdict: tie", and nothing else."""
+Which reply is better? Answer with "Verdict:" followed by A (reply A is better), B (reply B is better) or tie, \
+and nothing else."""
 
 CACHE_ENTRIES = 200_000
+PREFILL = {"pointwise": "Score:", "pairwise": "Verdict:"}
 UNPARSABLE = ("empty", "no score", "ambiguous", "out of range", "no verdict")
 
 
@@ -253,7 +257,8 @@ class Comparison:
     outcome: str
 
 
-Complete = Callable[[list[str]], list[str]]  # rubric texts -> the judge's replies (greedy, in order)
+# (rubric texts, prefill) -> the judge's replies, each starting with the prefill (greedy, in order)
+Complete = Callable[[list[str], str], list[str]]
 
 
 class Judge:
@@ -268,8 +273,10 @@ class Judge:
         pairwise_rubric: str | None = None,
         scale: tuple[float, float] = (1.0, 10.0),
         cache: JudgeCache | None = None,
+        prefill: bool = True,
     ) -> None:
         self.complete = complete
+        self.prefill = prefill
         self.rubric = read_rubric(rubric, pairwise=False) if rubric is not None else POINTWISE_RUBRIC
         self.pairwise_rubric = (
             read_rubric(pairwise_rubric, pairwise=True) if pairwise_rubric is not None else PAIRWISE_RUBRIC
@@ -277,7 +284,7 @@ class Judge:
         self.low, self.high = float(scale[0]), float(scale[1])
         self.cache = cache if cache is not None else JudgeCache()
 
-    def _ask(self, keys: list[str], texts: list[str], parse: Callable[[str], Any]) -> list[Any]:
+    def _ask(self, keys: list[str], texts: list[str], parse: Callable[[str], Any], mode: str) -> list[Any]:
         """Cached answers for keys, asking the judge once for each key not cached (duplicates asked once)."""
         out: list[Any] = [self.cache.get(k) for k in keys]
         todo: dict[str, str] = {}
@@ -286,7 +293,7 @@ class Judge:
                 todo[k] = t
         fresh: dict[str, Any] = {}
         if todo:
-            replies = self.complete(list(todo.values()))
+            replies = self.complete(list(todo.values()), PREFILL[mode] if self.prefill else "")
             if len(replies) != len(todo):
                 raise RuntimeError(f"the judge gave {len(replies)} replies for {len(todo)} rubrics")
             for k, reply in zip(todo, replies, strict=True):
@@ -303,7 +310,7 @@ class Judge:
             value, why = parse_score(reply, self.low, self.high)
             return Judgement(reply, value, why)
 
-        return self._ask(keys, texts, parse)
+        return self._ask(keys, texts, parse, "pointwise")
 
     def verdicts(
         self, prompts: list[list[dict]], firsts: list[str], seconds: list[str]
@@ -311,7 +318,7 @@ class Judge:
         """(judge text, parsed verdict) with firsts[i] shown as A and seconds[i] as B."""
         keys = [self.cache.key("pairwise", p, a, b) for p, a, b in zip(prompts, firsts, seconds, strict=True)]
         texts = [fill_pairwise(self.pairwise_rubric, p, a, b) for p, a, b in zip(prompts, firsts, seconds, strict=True)]
-        return self._ask(keys, texts, lambda reply: (reply, parse_verdict(reply)[0]))
+        return self._ask(keys, texts, lambda reply: (reply, parse_verdict(reply)[0]), "pairwise")
 
     def compare(self, prompts: list[list[dict]], xs: list[str], ys: list[str]) -> list[Comparison]:
         """Each pair (x, y) judged in both orders (x first, then y first), in one batch of 2 n rubrics."""
@@ -342,10 +349,11 @@ def chat_completer(
     console: Any = None,
 ) -> tuple[ChatComplete, Callable[[], None]]:
     """(complete, close) for a local causal LM (a directory, hub id or .gguf file, with an optional adapter):
-    complete(conversations, seed=0) renders each conversation (messages ending with a user turn) with the chat
-    template (plain text without one), left-truncated to leave room for the reply, and answers it with
-    llmtune.generation.sample.generate (greedy at temperature 0): (reply decoded without special tokens,
-    whether it ended) per conversation."""
+    complete(conversations, seed=0, prefill="") renders each conversation (messages ending with a user turn)
+    with the chat template (plain text without one), left-truncated to leave room for the reply, and answers
+    it with llmtune.generation.sample.generate (greedy at temperature 0): (reply decoded without special
+    tokens, whether it ended) per conversation. ``prefill``: text the reply starts with (written after the
+    generation prompt, the model continues it; returned as part of the reply)."""
     import torch
 
     from llmtune.data.chat import resolve_chat_template
@@ -365,16 +373,16 @@ def chat_completer(
     limit = getattr(loaded.model.config, "max_position_embeddings", None) or 2048
     budget = max(8, limit - max_new_tokens)
 
-    def complete(conversations: list[list[dict]], seed: int = 0) -> list[tuple[str, bool]]:
+    def complete(conversations: list[list[dict]], seed: int = 0, prefill: str = "") -> list[tuple[str, bool]]:
         if loaded is None:
             raise RuntimeError(f"the model {model} was closed")
-        rendered = [render_prompt(tok, template, c) for c in conversations]
+        rendered = [render_prompt(tok, template, c) + prefill for c in conversations]
         ids = [tok(r, add_special_tokens=template is None)["input_ids"][-budget:] for r in rendered]
         outs = generate(
             loaded.model, tok, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             batch_size=batch_size, seed=seed, device=device, stops=stops,
         )  # fmt: skip
-        return [(tok.decode(o, skip_special_tokens=True), ended) for o, ended in outs]
+        return [(prefill + tok.decode(o, skip_special_tokens=True), ended) for o, ended in outs]
 
     def close() -> None:
         nonlocal loaded
@@ -395,15 +403,15 @@ def model_completer(
     what: str,
     console: Any = None,
 ) -> tuple[Complete, Callable[[], None]]:
-    """(complete, close) for a judge model: each rubric text is one user turn, answered greedily
-    (chat_completer)."""
+    """(complete, close) for a judge model: each rubric text is one user turn, answered greedily from the
+    prefill on (chat_completer)."""
     chat, close = chat_completer(
         model, max_new_tokens=max_new_tokens, batch_size=batch_size, chat_template=chat_template, device=device,
         dtype=dtype, what=what, console=console,
     )  # fmt: skip
 
-    def complete(texts: list[str]) -> list[str]:
-        return [reply for reply, _ in chat([[{"role": "user", "content": t}] for t in texts])]
+    def complete(texts: list[str], prefill: str = "") -> list[str]:
+        return [reply for reply, _ in chat([[{"role": "user", "content": t}] for t in texts], 0, prefill)]
 
     return complete, close
 
@@ -429,7 +437,7 @@ class JudgeSource:
             cfg.model, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, chat_template=cfg.chat_template,
             device=device, dtype=dtype, what=f"{what}.model",
         )  # fmt: skip
-        self.judge = Judge(complete, rubric=rubric, scale=(cfg.scale[0], cfg.scale[1]))
+        self.judge = Judge(complete, rubric=rubric, scale=(cfg.scale[0], cfg.scale[1]), prefill=cfg.prefill)
         self.stats: dict[str, float] = dict.fromkeys(self.STAT_KEYS, 0.0)
         self.totals: dict[str, float] = dict.fromkeys(self.STAT_KEYS, 0.0)
         self.reasons: dict[str, int] = {}
