@@ -23,6 +23,7 @@ from llmtune.recipe.schema import (
     GenerationConfig,
     GrpoConfig,
     Ia3Options,
+    JudgeConfig,
     ModelConfig,
     PromptOptions,
     RecipeBase,
@@ -61,6 +62,11 @@ BLOCKS: list[tuple[str, type[BaseModel], str]] = [
         "Best-of-N sampling, then sft on the winners; `rounds` repeats it.",
     ),
     ("grpo.reward / rejection_sampling.reward", RewardConfig, "Where the online stages' scores come from."),
+    (
+        "<stage>.reward.judge (one, or a list)",
+        JudgeConfig,
+        "A judge model (RLAIF): an instruct LM scores each reply with a rubric (llmtune.rewards.judge).",
+    ),
     ("generation (grpo, rejection_sampling)", GenerationConfig, "Sampling settings of the online stages."),
 ]
 

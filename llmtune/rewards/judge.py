@@ -283,6 +283,8 @@ class Judge:
         )
         self.low, self.high = float(scale[0]), float(scale[1])
         self.cache = cache if cache is not None else JudgeCache()
+        self.requested = 0  # judgements asked for
+        self.generated = 0  # judgements the judge model wrote (the rest came from the cache, or were repeats)
 
     def _ask(self, keys: list[str], texts: list[str], parse: Callable[[str], Any], mode: str) -> list[Any]:
         """Cached answers for keys, asking the judge once for each key not cached (duplicates asked once)."""
@@ -292,6 +294,8 @@ class Judge:
             if o is None and k not in todo:
                 todo[k] = t
         fresh: dict[str, Any] = {}
+        self.requested += len(keys)
+        self.generated += len(todo)
         if todo:
             replies = self.complete(list(todo.values()), PREFILL[mode] if self.prefill else "")
             if len(replies) != len(todo):
@@ -425,7 +429,8 @@ def judge_source_name(model: str) -> str:
 class JudgeSource:
     """A RewardSource backed by a judge model (pointwise; see the module docstring). After each ``score``
     call, ``stats`` holds that call's counts: ``unparsable`` (judgements without a usable score) and
-    ``cached`` (judgements the cache answered); ``totals`` the same summed over the source's life."""
+    ``cached`` (judgements that cost no generation: in the cache, or a repeat within the call); ``totals``
+    the same summed over the source's life."""
 
     STAT_KEYS = ("unparsable", "cached")
 
@@ -454,7 +459,7 @@ class JudgeSource:
         return self
 
     def score(self, prompts: list[list[dict]], completions: list[str], answers: list[str | None]) -> list[float]:
-        hits = self.judge.cache.hits
+        before = self.judge.requested - self.judge.generated
         judged = self.judge.score(prompts, completions)
         low, high = self.judge.low, self.judge.high
         parsed = [j.score for j in judged if j.score is not None]
@@ -466,7 +471,7 @@ class JudgeSource:
         for j in judged:
             if j.reason is not None:
                 self.reasons[j.reason] = self.reasons.get(j.reason, 0) + 1
-        self.stats = {"unparsable": float(len(judged) - len(parsed)), "cached": float(self.judge.cache.hits - hits)}
+        self.stats = {"unparsable": float(len(judged) - len(parsed)), "cached": float(self.judge.requested - self.judge.generated - before)}
         for k, v in self.stats.items():
             self.totals[k] += v
         return [s if s is not None else fallback for s in scores]

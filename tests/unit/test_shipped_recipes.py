@@ -182,6 +182,12 @@ EXPECTED = {
     },
     "dpo_qlora": {"stage": "dpo", "finetuning.method": "qlora", "train.gradient_checkpointing": True},
     "grpo_gsm8k": {"stage": "grpo", "grpo.reward.rule": "gsm8k", "grpo.beta": 0.0, "grpo.num_generations": 8},
+    "grpo_judge": {
+        "stage": "grpo",
+        "grpo.reward.judge.model": "Qwen/Qwen2.5-3B-Instruct",
+        "grpo.reward.judge.scale": [1, 10],
+        "grpo.reward.rule": "length_penalty:1200",
+    },
 }
 
 
