@@ -471,7 +471,10 @@ class JudgeSource:
         for j in judged:
             if j.reason is not None:
                 self.reasons[j.reason] = self.reasons.get(j.reason, 0) + 1
-        self.stats = {"unparsable": float(len(judged) - len(parsed)), "cached": float(self.judge.requested - self.judge.generated - before)}
+        self.stats = {
+            "unparsable": float(len(judged) - len(parsed)),
+            "cached": float(self.judge.requested - self.judge.generated - before),
+        }
         for k, v in self.stats.items():
             self.totals[k] += v
         return [s if s is not None else fallback for s in scores]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from llmtune.commands.label import Item, Labeler, LabelConfig, pairwise_rows, pointwise_rows, read_items
+from llmtune.commands.label import Item, LabelConfig, Labeler, pairwise_rows, pointwise_rows, read_items
 from llmtune.commands.revise import Item as ReviseItem
-from llmtune.commands.revise import Reviser, ReviseConfig, clean_revision, read_principles
+from llmtune.commands.revise import ReviseConfig, Reviser, clean_revision, read_principles
 from llmtune.errors import DataError, UserError
 from llmtune.recipe.schema import JudgeConfig, RewardConfig
 from llmtune.rewards import Rewards, source_names
