@@ -494,7 +494,7 @@ def _select_and_write(
     rdir: Path,
     seconds: float,
     gen_seconds: float,
-    counts: dict[str, float] | None = None,
+    source_counts: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     rs = recipe.rejection_sampling
     samples, selected, pairs = [], [], []
@@ -569,7 +569,7 @@ def _select_and_write(
     names = sorted({s for g in groups for s in g["sources"]})
     for name in names:  # each source's mean score, and its counts (a judge's unparsable / cached judgements)
         stats[f"reward/{name}"] = mean([x for g in groups for x in g["sources"].get(name, [])])
-    for key, v in sorted((counts or {}).items()):
+    for key, v in sorted((source_counts or {}).items()):
         stats[f"reward/{key}"] = v
     if selected:  # a round that selected nothing stays incomplete: the error below says what to change
         _write_json(rdir / GENERATED, stats)  # last: the round's generation is complete
