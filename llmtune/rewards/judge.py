@@ -428,11 +428,12 @@ def judge_source_name(model: str) -> str:
 
 class JudgeSource:
     """A RewardSource backed by a judge model (pointwise; see the module docstring). After each ``score``
-    call, ``stats`` holds that call's counts: ``unparsable`` (judgements without a usable score) and
+    call, ``stats`` holds that call's counts: ``judged`` (replies scored), ``unparsable`` (judgements without
+    a usable score) and
     ``cached`` (judgements that cost no generation: in the cache, or a repeat within the call); ``totals``
     the same summed over the source's life."""
 
-    STAT_KEYS = ("unparsable", "cached")
+    STAT_KEYS = ("judged", "unparsable", "cached")
 
     def __init__(self, cfg: Any, *, device: Any, dtype: Any, name: str | None = None, what: str = "reward.judge"):
         self.cfg = cfg
@@ -472,6 +473,7 @@ class JudgeSource:
             if j.reason is not None:
                 self.reasons[j.reason] = self.reasons.get(j.reason, 0) + 1
         self.stats = {
+            "judged": float(len(judged)),
             "unparsable": float(len(judged) - len(parsed)),
             "cached": float(self.judge.requested - self.judge.generated - before),
         }

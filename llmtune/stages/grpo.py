@@ -40,7 +40,7 @@ from llmtune.objectives.rl import (
 )
 from llmtune.recipe.schema import GrpoRecipe
 from llmtune.stages.base import StageData, StepOutput, lm_token_logps
-from llmtune.stages.online import NoSignalWarning, OnlineStage, micro_batches, step_shape
+from llmtune.stages.online import JudgeWarnings, NoSignalWarning, OnlineStage, micro_batches, step_shape
 
 
 class GrpoStage(OnlineStage):
@@ -70,6 +70,7 @@ class GrpoStage(OnlineStage):
             step_text=f"{g.prompts_per_step} prompts x {g.num_generations} generations per step"
             + (" (dynamic sampling)" if g.dynamic_sampling else ""),
         )
+        self.judge_warnings = JudgeWarnings()
         self.no_signal = NoSignalWarning(
             f"of the groups have zero reward spread (all {g.num_generations} completions of a prompt scored "
             "alike): they give no gradient (loss 0, grad_norm 0)",
@@ -81,11 +82,12 @@ class GrpoStage(OnlineStage):
         return self.rollouts
 
     def on_step(self, metrics: dict[str, float]) -> None:
-        message = self.no_signal.check(metrics.get("frac_reward_zero_std"))
-        if message is not None:
-            from llmtune.engine.report import run_console
+        from llmtune.engine.report import run_console
 
-            run_console(self.dist.is_main).print(f"[yellow]{message}[/]")
+        messages = [self.no_signal.check(metrics.get("frac_reward_zero_std")), *self.judge_warnings.check(metrics)]
+        for message in messages:
+            if message is not None:
+                run_console(self.dist.is_main).print(f"[yellow]{message}[/]")
 
     def before_training(self, engine: Any, data: StageData, dist: Any, collate: Any) -> None:
         from llmtune.rewards import build_rewards

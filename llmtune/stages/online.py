@@ -70,6 +70,33 @@ class NoSignalWarning:
         return f"warning: this step, {share:.0%} {self.what}{again}\nfix: {self.fix}"
 
 
+class JudgeWarnings:
+    """Says when a judge's judgements were mostly unparsable in a step (>= half: `reward/<judge>/unparsable`
+    over `reward/<judge>/judged`), per judge, as NoSignalWarning does."""
+
+    def __init__(self) -> None:
+        self.judges: dict[str, NoSignalWarning] = {}
+
+    def check(self, metrics: dict[str, float]) -> list[str]:
+        out = []
+        for key in sorted(k for k in metrics if k.endswith("/judged") and k.startswith("reward/")):
+            name = key[len("reward/") : -len("/judged")]
+            judged, bad = metrics[key], metrics.get(f"reward/{name}/unparsable", 0.0)
+            warn = self.judges.setdefault(
+                name,
+                NoSignalWarning(
+                    f"of {name}'s judgements had no usable score (they got reward.judge.unparsable's score)",
+                    "check that the rubric asks for 'Score: N' in its scale, raise the judge's max_new_tokens, or "
+                    "use a stronger (larger, instruction-tuned) judge",
+                    at=0.5,
+                ),
+            )
+            message = warn.check(bad / judged if judged else None)
+            if message is not None:
+                out.append(message)
+        return out
+
+
 class OnlineStage(StageDefaults):
     needs_chat_template = True
 

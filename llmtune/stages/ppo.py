@@ -58,7 +58,7 @@ from llmtune.objectives.rl import (
 )
 from llmtune.recipe.schema import PpoRecipe
 from llmtune.stages.base import StageData, StepOutput
-from llmtune.stages.online import NoSignalWarning, OnlineStage, micro_batches, step_shape
+from llmtune.stages.online import JudgeWarnings, NoSignalWarning, OnlineStage, micro_batches, step_shape
 
 _ROW_KEYS = ("old_logps", "old_values", "advantages", "returns")  # (T-1,) per row, beside ids and labels
 
@@ -100,6 +100,7 @@ class PpoStage(OnlineStage):
             step_text=f"{p.prompts_per_step} prompts x 1 generation per step, rollouts of {size * dist.world_size} "
             f"x {p.ppo_epochs} epochs",
         )
+        self.judge_warnings = JudgeWarnings()
         self.no_signal = NoSignalWarning(
             "of the rollout's completions scored alike (reward std 0): the policy gets no reward signal, only the "
             "KL penalty",
@@ -341,11 +342,12 @@ class PpoStage(OnlineStage):
         bound = self.recipe.ppo.early_stop_kl
         if bound is not None and metrics.get("approx_kl", 0.0) > bound:
             self.rollouts.skip_rest = True
-        message = self.no_signal.check(metrics.get("frac_reward_zero_std"))
-        if message is not None:
-            from llmtune.engine.report import run_console
+        from llmtune.engine.report import run_console
 
-            run_console(self.dist.is_main).print(f"[yellow]{message}[/]")
+        messages = [self.no_signal.check(metrics.get("frac_reward_zero_std")), *self.judge_warnings.check(metrics)]
+        for message in messages:
+            if message is not None:
+                run_console(self.dist.is_main).print(f"[yellow]{message}[/]")
 
     # --- the step --------------------------------------------------------------------------------------------
 

@@ -40,10 +40,14 @@ def test_grpo_logs_the_judge_per_step(tmp_path: Path) -> None:
         generation={"max_new_tokens": 4},
         train={"max_steps": 2, "micro_batch_size": 8, "lr": 1e-3, "log_every": 1},
     )
-    assert_ok(run_cli("train", str(write_recipe(tmp_path, recipe))))
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe)))
+    assert_ok(proc)
     steps = [m for m in read_metrics(tmp_path / "out") if "loss" in m]
     assert len(steps) == 2
+    first = steps[0]["reward/judge/model/unparsable"] / steps[0]["reward/judge/model/judged"]
+    assert ("of judge/model's judgements had no usable score" in proc.stdout) == (first >= 0.5)
     for m in steps:
+        assert m["reward/judge/model/judged"] == 8  # 2 prompts x 4 completions, each judged
         assert 0.0 <= m["reward/judge/model"] <= 1.0  # unit scale
         assert 0 <= m["reward/judge/model/unparsable"] <= 8  # of 2 prompts x 4 completions
         assert 0 <= m["reward/judge/model/cached"] <= 8 - 1  # the first of a reply is always judged

@@ -176,9 +176,10 @@ def test_judge_source_scores_unit_scale_and_the_unparsable_policy() -> None:
     assert src.name == "judge/tiny"
     got = src.score([Q] * 3, ["a", "b", "c"], [None] * 3)
     assert got == pytest.approx([1.0, 1 / 3, 2 / 3])
-    assert src.stats == {"unparsable": 1.0, "cached": 0.0} and src.reasons == {"no score": 1}
+    assert src.stats == {"judged": 3.0, "unparsable": 1.0, "cached": 0.0} and src.reasons == {"no score": 1}
     src.score([Q], ["a"], [None])
-    assert src.stats == {"unparsable": 0.0, "cached": 1.0} and src.totals == {"unparsable": 1.0, "cached": 1.0}
+    assert src.stats == {"judged": 1.0, "unparsable": 0.0, "cached": 1.0}
+    assert src.totals == {"judged": 4.0, "unparsable": 1.0, "cached": 1.0}
     raw = _source(ScriptedJudge(scores={"a": "10"}), unit_scale=False, unparsable=0)
     assert raw.score([Q] * 2, ["a", "c"], [None] * 2) == [10.0, 0.0]
     none = _source(ScriptedJudge())  # nothing parsed: the scale's middle
@@ -190,7 +191,18 @@ def test_rewards_report_the_judge_counts_per_call() -> None:
     result = Rewards([src], [2.0])([Q] * 3, ["a", "b", "zzz"], [None] * 3)
     assert result.total == pytest.approx([2.0, 0.0, 1.0])  # 2 x (1, 0, mean 0.5)
     assert result.per_source == {"judge/tiny": pytest.approx([1.0, 0.0, 0.5])}
-    assert result.stats == {"judge/tiny/unparsable": 1.0, "judge/tiny/cached": 0.0}
+    assert result.stats == {"judge/tiny/judged": 3.0, "judge/tiny/unparsable": 1.0, "judge/tiny/cached": 0.0}
+
+
+def test_judge_warnings_when_most_judgements_are_unparsable() -> None:
+    from llmtune.stages.online import JudgeWarnings
+
+    warn = JudgeWarnings()
+    ok = {"reward/judge/j/judged": 8.0, "reward/judge/j/unparsable": 3.0}
+    assert warn.check(ok) == []  # 3 of 8: under half
+    [message] = warn.check({"reward/judge/j/judged": 8.0, "reward/judge/j/unparsable": 4.0})
+    assert message.startswith("warning: this step, 50% of judge/j's judgements had no usable score")
+    assert warn.check({"reward/judge/j/judged": 8.0, "reward/judge/j/unparsable": 8.0}) == []  # not again at once
 
 
 def test_recipe_judge_block() -> None:
