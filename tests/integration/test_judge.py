@@ -55,6 +55,24 @@ def test_grpo_logs_the_judge_per_step(tmp_path: Path) -> None:
         assert abs(m["reward"] - m["reward/judge/model"] - m["reward/rule/contains"]) < 1e-6
 
 
+def test_ppo_logs_the_judge_per_step(tmp_path: Path) -> None:
+    recipe = base_recipe(
+        tmp_path,
+        stage="ppo",
+        finetuning={"method": "full"},
+        data={"train": [{"path": str(_prompts(tmp_path / "p.jsonl"))}], "max_length": 96},
+        ppo={"reward": {"judge": JUDGE}, "ppo_epochs": 1, "prompts_per_step": 4, "rollout_batch_size": 4},
+        generation={"max_new_tokens": 4},
+        train={"max_steps": 2, "micro_batch_size": 4, "lr": 1e-3, "log_every": 1},
+    )
+    assert_ok(run_cli("train", str(write_recipe(tmp_path, recipe))))
+    rollouts = [m for m in read_metrics(tmp_path / "out") if "reward/judge/model" in m]
+    assert len(rollouts) == 2
+    for m in rollouts:
+        assert m["reward/judge/model/judged"] == 4 and 0 <= m["reward/judge/model/unparsable"] <= 4
+        assert m["reward"] == m["reward/judge/model"]  # the judge is the only source
+
+
 def test_rejection_sampling_records_the_judge_per_round(tmp_path: Path) -> None:
     recipe = base_recipe(
         tmp_path,
