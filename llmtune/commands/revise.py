@@ -15,7 +15,8 @@ requests: "Identify specific ways in which the reply fails to <line>" and "Rewri
 <line>"), or a JSON / JSONL / YAML list of such lines or of ``{name, critique, revision}`` objects.
 
 Kept: a revision that is not empty, ended (not cut at ``--max-new-tokens``) and differs from the reply it
-revises (after whitespace is collapsed and a leading "Revision:" is dropped); an empty critique, an empty or
+revises and from the critique it follows (small models echo their critique) after whitespace is collapsed
+and a leading "Revision:" is dropped; an empty critique, an empty or
 cut initial reply are dropped too, each reason counted. Written: ``--out`` sft rows ``{messages: prompt +
 revision, row, principles}`` and ``--pairs-out`` dpo pairs ``{prompt, chosen: revision, rejected: original,
 row}``, as they are made; resumable like ``data label`` (llmtune.commands.resumable).
@@ -288,6 +289,7 @@ class Reviser:
                     "empty revision" if not revised
                     else "revision cut off" if not ended
                     else "unchanged" if squash(revised) == squash(current[it.row])
+                    else "a copy of the critique" if squash(revised) == squash(ask[-2]["content"])
                     else None
                 )  # fmt: skip
                 if why is None:

@@ -124,8 +124,13 @@ def test_data_revise_rows_train_sft_and_dpo(tmp_path: Path) -> None:
     rows = [{"prompt": q, "response": w} for (q, _), w in zip(QA, WRONG, strict=True)]
     data = _jsonl(tmp_path / "replies.jsonl", rows)
     sft, pairs = tmp_path / "revised.jsonl", tmp_path / "cai_pairs.jsonl"
+    # one principle that asks for a short answer: with the built-in ones, this 135M model rambles past any
+    # short token budget (every revision cut off) or echoes its critique
+    principle = {"name": "correct", "critique": "Is your last reply correct? Say in one sentence what is wrong with it.",
+                 "revision": "Now write the correct answer in one short sentence. Reply with that sentence only."}  # fmt: skip
+    rules = _jsonl(tmp_path / "principles.jsonl", [principle])
     args = ["data", "revise", "--data", str(data), "--model", str(GGUF), "--out", str(sft), "--pairs-out",
-            str(pairs), "--max-new-tokens", "64", "--max-rows", "2"]  # fmt: skip
+            str(pairs), "--principles", str(rules), "--max-new-tokens", "48", "--max-rows", "2"]  # fmt: skip
     assert_ok(run_cli(*args))
     first = _read(sft)
     assert json.loads((tmp_path / "revised.jsonl.state.json").read_text())["done"] == 2

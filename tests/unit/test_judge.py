@@ -307,13 +307,15 @@ class ScriptedModel:
                 out.append(("a first reply", True))
             elif last.startswith("Identify"):
                 out.append(("" if reply == "silent" else "It could be better.", True))
+            elif reply == "echo":
+                out.append(("It could be better.", True))  # the critique again
             else:
                 out.append(("Revision: good" if reply != "same" else "same", reply != "cut"))
         return out
 
 
 def test_reviser_keeps_real_revisions_and_resumes(tmp_path: Path) -> None:
-    replies = ["bad", "same", "cut", "silent", None]
+    replies = ["bad", "same", "cut", "silent", None, "echo"]
     items = [ReviseItem(i, [{"role": "user", "content": f"q{i}"}], r) for i, r in enumerate(replies)]
     out, pairs = tmp_path / "sft.jsonl", tmp_path / "pairs.jsonl"
     rev = Reviser(ScriptedModel(), items, read_principles(None), out, pairs, ReviseConfig(batch_size=2, max_rows=2))
@@ -321,8 +323,8 @@ def test_reviser_keeps_real_revisions_and_resumes(tmp_path: Path) -> None:
     rev = Reviser(ScriptedModel(), items, read_principles(None), out, pairs, ReviseConfig(batch_size=2))
     result = rev.run()
     assert result == {
-        "sft": 2, "pairs": 2, "done": 5,
-        "dropped": {"unchanged": 1, "revision cut off": 1, "empty critique": 1},
+        "sft": 2, "pairs": 2, "done": 6,
+        "dropped": {"unchanged": 1, "revision cut off": 1, "empty critique": 1, "a copy of the critique": 1},
     }  # fmt: skip
     sft = [json.loads(line) for line in out.read_text().splitlines()]
     assert sft[0]["messages"] == [{"role": "user", "content": "q0"}, {"role": "assistant", "content": "good"}]
