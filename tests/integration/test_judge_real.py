@@ -129,20 +129,16 @@ def test_data_revise_rows_train_sft_and_dpo(tmp_path: Path) -> None:
     principle = {"name": "correct", "critique": "Is your last reply correct? Say in one sentence what is wrong with it.",
                  "revision": "Now write the correct answer in one short sentence. Reply with that sentence only."}  # fmt: skip
     rules = _jsonl(tmp_path / "principles.jsonl", [principle])
-    args = ["data", "revise", "--data", str(data), "--model", str(GGUF), "--out", str(sft), "--pairs-out",
-            str(pairs), "--principles", str(rules), "--max-new-tokens", "48", "--max-rows", "2"]  # fmt: skip
-    assert_ok(run_cli(*args))
-    first = _read(sft)
-    assert json.loads((tmp_path / "revised.jsonl.state.json").read_text())["done"] == 2
-    proc = run_cli(*args[:-1], "4")  # the rest: continues at row 2
-    assert_ok(proc)
-    assert "continuing" in proc.stderr
+    proc = run_cli("data", "revise", "--data", str(data), "--model", str(GGUF), "--out", str(sft), "--pairs-out",
+                   str(pairs), "--principles", str(rules), "--max-new-tokens", "48")  # fmt: skip
+    assert_ok(proc)  # (resuming is tested on the tiny model: tests/integration/test_judge.py, unit tests)
     made, dpo = _read(sft), _read(pairs)
-    assert made[: len(first)] == first and [r["row"] for r in made] == sorted({r["row"] for r in made})
     state = json.loads((tmp_path / "revised.jsonl.state.json").read_text())
     assert state["done"] == len(QA) and len(made) + sum(state["dropped"].values()) == len(QA)
+    assert f"{len(made)} revisions in {sft} and {len(dpo)} pairs" in proc.stdout
     assert len(dpo) == len(made) and all(p["rejected"] == rows[p["row"]]["response"] for p in dpo)
     assert all(r["messages"][-1]["content"].strip() != rows[r["row"]]["response"] for r in made)
+    assert all(r["principles"] == ["correct"] for r in made)
 
     for stage, file in (("sft", sft), ("dpo", pairs)):
         out = _train(tmp_path / stage, _recipe(tmp_path / stage, stage, file))
