@@ -87,8 +87,8 @@ def validate(
     set_: SetOption = None,
 ) -> None:
     """Check a recipe and that its data files exist, without training (and without importing torch)."""
+    from llmtune.commands.preflight import check_hub, check_paths
     from llmtune.recipe import dump_recipe, load_recipe
-    from llmtune.recipe.checks import check_hub, check_paths
 
     r = load_recipe(recipe, set_ or [])
     notes = check_hub(r, refuse=False, notes=check_paths(r, planned_ok=True))
@@ -127,8 +127,8 @@ def train(
     """Run the stage a recipe describes; its outputs go to the recipe's output_dir.
 
     Started again with the same recipe, a run resumes from its newest complete checkpoint."""
+    from llmtune.commands.preflight import check_hub, check_paths
     from llmtune.recipe import load_recipe
-    from llmtune.recipe.checks import check_hub, check_paths
 
     try:
         r = load_recipe(recipe, set_ or [])
@@ -194,7 +194,7 @@ def merge_lora(
         raise UserError(f"--dtype {dtype!r} is not one of auto, bf16, fp16, fp32")
     out_console = Console(highlight=False, soft_wrap=True)
     from llmtune.model.merge import merge_lora as do_merge
-    from llmtune.stages import quiet_libraries
+    from llmtune.runtime import quiet_libraries
 
     quiet_libraries()
     _no_load_bars()
@@ -267,7 +267,7 @@ def merge(
     if fisher_samples < 1 or fisher_max_length < 2:
         raise UserError("--fisher-samples must be >= 1 and --fisher-max-length >= 2")
     from llmtune.model.merge import FisherData, average_models
-    from llmtune.stages import quiet_libraries
+    from llmtune.runtime import quiet_libraries
 
     quiet_libraries()
     _no_load_bars()
@@ -426,7 +426,7 @@ def data_inspect(
         from llmtune.model.hub import check_model_options
 
         check_model_options([("--model", model)])
-    from llmtune.data.inspect import inspect_command
+    from llmtune.commands.inspect import inspect_command
 
     inspect_command(
         file, recipe, set_ or [], model, stage, format_, max_length, chat_template, row, max_rows, markers, registry
@@ -465,8 +465,8 @@ def data_synth(
 ) -> None:
     """Write synthetic instruction data with a local model (Self-Instruct or Evol-Instruct), filtered by
     length, ROUGE-L similarity to the kept instructions and repetition, as an sft (alpaca) JSONL file."""
-    from llmtune.data.synth import SynthConfig, Synthesizer, model_completer, read_seeds
-    from llmtune.stages import quiet_libraries
+    from llmtune.commands.synth import SynthConfig, Synthesizer, model_completer, read_seeds
+    from llmtune.runtime import quiet_libraries
 
     _check_lengths(("--out", out), ("--seeds", seeds), ("--model", model))
     from llmtune.model.hub import check_model_options
@@ -544,8 +544,8 @@ def chat(
 
     check_model_options([("llmtune chat", model)])
     check_model_options([("--adapter", adapter)], hub_ok=False)
-    from llmtune.chat import Conversation, load_chat, run_chat
-    from llmtune.stages import quiet_libraries
+    from llmtune.commands.chat import Conversation, load_chat, run_chat
+    from llmtune.runtime import quiet_libraries
 
     quiet_libraries()
     _no_load_bars()

@@ -32,7 +32,8 @@ import numpy as np
 from llmtune.data.pipeline import PIPELINE_VERSION, Sample, SourceReport, _fingerprint_source, cache_root
 from llmtune.errors import DataError
 from llmtune.paths import looks_local
-from llmtune.recipe.schema import DataSource, RecipeBase
+from llmtune.recipe.data import DataSource
+from llmtune.recipe.schema import RecipeBase
 
 CORPUS_VERSION = "2"  # 2: document end offsets beside the tokens
 BATCH_BYTES = 1 << 20  # text handed to the tokenizer at a time (its ids are Python lists: keep it small)

@@ -46,7 +46,7 @@ from llmtune.generation.prompts import Prompt, render_prompt, to_prompt
 from llmtune.generation.sample import end_tokens, generate
 from llmtune.model.load import LoadedModel
 from llmtune.objectives.logprobs import hidden_states_as_logits, lm_loss_sum_from_hidden, token_logps_from_hidden
-from llmtune.recipe.schema import DataSource
+from llmtune.recipe.data import DataSource
 from llmtune.rewards.model import score_conversations as score_with_model
 from llmtune.rewards.model import with_reply
 from llmtune.rewards.rules import get_rule, reference_answer

@@ -38,7 +38,7 @@ from llmtune.objectives.rl import (
     rloo_advantages,
     zero_std_groups,
 )
-from llmtune.recipe.schema import GrpoRecipe
+from llmtune.recipe.stages import GrpoRecipe
 from llmtune.stages.base import StageData, StepOutput, lm_token_logps
 from llmtune.stages.online import NoSignalWarning, OnlineStage, micro_batches, step_shape
 
@@ -259,3 +259,6 @@ class GrpoStage(OnlineStage):
             if kl is not None:
                 metrics["kl"] = masked_mean(kl.detach(), mask) * units
         return StepOutput(loss_sum=loss_sum, units=units, metrics=metrics)
+
+
+STAGE = GrpoStage

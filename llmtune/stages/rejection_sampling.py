@@ -37,7 +37,8 @@ from rich.console import Console
 from llmtune.errors import DataError, UserError
 from llmtune.manifest import RunManifest, status_of
 from llmtune.objectives.rl import best_of_n
-from llmtune.recipe.schema import DataConfig, DataSource, RejectionSamplingRecipe, SftRecipe
+from llmtune.recipe.data import DataConfig, DataSource
+from llmtune.recipe.stages import RejectionSamplingRecipe, SftRecipe
 
 GENERATED = "generated.json"  # written last in a round directory: its generation is complete
 MODEL_DIR, MERGED_DIR = "model", "merged"
@@ -682,3 +683,16 @@ def _publish_final(out: Path, model_dir: Path, rounds: int, recipe: Any) -> list
 
 
 __all__ = ["read_prompts", "run_rejection_sampling", "sft_recipe"]
+
+
+class RejectionSamplingStage:
+    """Found by name like every stage; it runs rounds (each one's sft on the trainer) instead of one trainer
+    loop, so ``llmtune.stages.run_stage`` calls its ``run``."""
+
+    name = "rejection_sampling"
+
+    def run(self, recipe: RejectionSamplingRecipe, local_rank: int | None = None, **options: Any) -> None:
+        run_rejection_sampling(recipe, local_rank=local_rank, **options)
+
+
+STAGE = RejectionSamplingStage

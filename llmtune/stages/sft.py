@@ -13,7 +13,7 @@ from llmtune.data.pipeline import (
     fingerprint_tokenizer,
     pack_examples,
 )
-from llmtune.recipe.schema import SftRecipe
+from llmtune.recipe.stages import SftRecipe
 from llmtune.stages.base import StageData, recipe_settings, shaped_data
 from llmtune.stages.lm import LanguageModelStep
 
@@ -38,3 +38,6 @@ class SftStage(LanguageModelStep):
             return pack_examples(examples, d.max_length, recipe.seed) if d.packing else as_samples(examples)
 
         return shaped_data(bundle, shape, d.schedule is not None, bundle.notes)
+
+
+STAGE = SftStage

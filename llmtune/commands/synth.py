@@ -136,7 +136,7 @@ def read_seeds(path: str) -> list[str]:
     from llmtune.data.formats import RowError, detect_format, to_conversation
     from llmtune.data.sources import read_rows
     from llmtune.generation.prompts import to_prompt
-    from llmtune.recipe.schema import DataSource
+    from llmtune.recipe.data import DataSource
 
     rows = [r for r in read_rows(DataSource(path=path)) if r.data is not None]
     if not rows:
