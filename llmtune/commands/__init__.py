@@ -1,2 +1,2 @@
-"""The non-training commands: each composes the lower layers (recipe, data, model, stages) for one command
-of the command line (validate's preflight checks, data inspect, data synth, chat)."""
+"""The commands of the command line beyond its parsing: each composes the lower layers (recipe, data, model,
+stages) for one command (validate's preflight checks, train, merge, data inspect / synth, chat, init, plot)."""

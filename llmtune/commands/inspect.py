@@ -298,6 +298,10 @@ def inspect_command(
 ) -> None:
     from llmtune.recipe import load_recipe, validate_recipe
 
+    if recipe_path is None:  # with --recipe, --model is refused below (the recipe names its model)
+        from llmtune.model.hub import check_model_options
+
+        check_model_options([("--model", model)])
     out = Console(highlight=False, soft_wrap=True)
     formats = get_args(get_args(DataSource.model_fields["format"].annotation)[0])
     if fmt is not None and fmt not in formats:

@@ -487,3 +487,19 @@ def check_precision_here(recipe: RecipeBase) -> None:
             "has no GPU (no nvidia-smi on PATH, no /proc/driver/nvidia)",
             hint="use precision: bf16 or precision: fp32 on CPU (fp16 is for older NVIDIA GPUs)",
         )
+
+
+def validate_command(recipe_path: Path, overrides: list[str]) -> None:
+    """``llmtune validate``: the recipe and what it names checked, its notes and the resolved recipe printed."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from llmtune.recipe import dump_recipe, load_recipe
+
+    r = load_recipe(recipe_path, overrides)
+    notes = check_hub(r, refuse=False, notes=check_paths(r, planned_ok=True))
+    out = Console(highlight=False, soft_wrap=True)  # never wrap: the resolved YAML must stay valid
+    for note in notes:
+        out.print(f"note: {note}", markup=False)
+    out.print(f"[green]ok[/]: {escape(str(recipe_path))} is a valid {r.stage} recipe. Resolved:", markup=True)
+    out.print(dump_recipe(r), markup=False, end="")

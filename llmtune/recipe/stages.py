@@ -587,14 +587,3 @@ def stages_with(feature: DataFeature) -> str:
     """The stages whose data pipeline reads a data key, in words: "cpt and sft"."""
     *most, last = [name for name, info in STAGE_RECIPES.items() if feature in info.data_features]
     return f"{', '.join(most)} and {last}" if most else last
-
-
-def stage_names(separator: str = " | ") -> str:
-    """Every stage and its variants, for help texts: "cpt | sft | ... | dpo | kto (dpo with loss kto) | ..."."""
-    names = []
-    for stage, info in STAGE_RECIPES.items():
-        names.append(stage)
-        for name, v in info.variants.items():
-            settings = ", ".join(f"{k} {x}" for values in v.stage_values.values() for k, x in values.items())
-            names.append(f"{name} ({stage} with {settings})")
-    return separator.join(names)
