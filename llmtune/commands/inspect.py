@@ -99,8 +99,12 @@ def guess_stage(
                 fmt = "prompts"  # prompts (and answers) for the online stages
     guessed = [(stage, keys[fmt]) for stage, info in STAGE_RECIPES.items() if fmt in (keys := info.inspected)]
     # a format no stage names (stepwise): read as conversations, the stage that detects them says what is wrong
-    conversations = next(stage for stage, info in STAGE_RECIPES.items() if info.default_format is None)
-    return guessed[0] if guessed else (conversations, {})
+    return guessed[0] if guessed else (conversation_stage(), {})
+
+
+def conversation_stage() -> str:
+    """The stage that reads conversations (its format detected among alpaca, sharegpt, messages): sft."""
+    return next(stage for stage, info in STAGE_RECIPES.items() if info.default_format is None)
 
 
 def inspect_source(recipe: Any, src: DataSource, tokenizer: Any, template: str | None) -> Inspection:
@@ -336,7 +340,7 @@ def inspect_command(
         source: dict[str, Any] = {"path": str(file), "format": fmt}
         if registry is not None:  # FILE is a name of the registry
             data = validate_recipe(
-                {"stage": "sft", "output_dir": "inspect", "model": {"path": "-"},
+                {"stage": conversation_stage(), "output_dir": "inspect", "model": {"path": "-"},
                  "data": {"registry": registry, "train": [{"name": str(file), "format": fmt}]}},
                 "data inspect --registry",
             ).data  # fmt: skip
