@@ -1,5 +1,5 @@
-"""What a process does with its surroundings: standard streams whose reader may go away, and output files
-that others may need to read."""
+"""What a process does with its surroundings: standard streams whose reader may go away, output files that
+others may need to read, and the known-harmless library noise it silences (quiet_libraries)."""
 
 from __future__ import annotations
 
