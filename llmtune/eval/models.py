@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from llmtune.errors import UserError
+from llmtune.manifest import check_finished
 from llmtune.model.load import (
     DTYPES,
     REWARD_MODEL_HINT,
@@ -24,7 +25,6 @@ from llmtune.model.load import (
 )
 from llmtune.model.merge import adapter_config_or_none
 from llmtune.paths import looks_local, missing_path_message
-from llmtune.recipe.checks import check_finished
 
 
 def pick_device(name: str) -> torch.device:

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from llmtune.errors import LlmtuneError, UserError
+from llmtune.manifest import check_finished
 from llmtune.model.load import DTYPES, check_tokenizers_agree, load_config, tokenizer_from
 from llmtune.paths import looks_local
-from llmtune.recipe.checks import check_finished
 from llmtune.runtime import readable_like_normal_files
 
 # max |logit difference| allowed, relative to max(1, max |logit|) of the reference, per saved dtype:
