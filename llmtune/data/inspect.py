@@ -72,7 +72,7 @@ def stage_encoder(
     if stage == "dpo":
         kto = recipe.dpo.loss == "kto"
         return preference_encoder(tokenizer, template, max_length, unpair=kto), "unpaired" if kto else "pairs"
-    from llmtune.generation.prompts import prompt_encoder
+    from llmtune.data.prompts import prompt_encoder
 
     budget = max_length - recipe.generation.max_new_tokens if max_length < UNLIMITED else max_length
     return prompt_encoder(tokenizer, template, max(budget, 8)), "prompts"

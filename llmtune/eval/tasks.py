@@ -25,12 +25,15 @@ from rich.console import Console
 from llmtune.data.chat import encode_conversation, encode_text, resolve_chat_template
 from llmtune.data.formats import Conversation, RowError, detect_format, to_conversation, to_text
 from llmtune.data.pipeline import Sample, SourceReport, collate
+from llmtune.data.prompts import Prompt, render_prompt, to_prompt
 from llmtune.data.sources import read_rows
 from llmtune.errors import DataError, UserError
-from llmtune.eval import metrics
 from llmtune.eval.config import EvalConfig
 from llmtune.eval.fewshot import select_examples
-from llmtune.eval.models import (
+from llmtune.eval.pairs import Pair, is_pair_row, to_pair
+from llmtune.generation.sample import end_tokens, generate
+from llmtune.model.load import LoadedModel
+from llmtune.model.resolve import (
     check_reference_tokenizer,
     free,
     is_reward_model,
@@ -41,12 +44,9 @@ from llmtune.eval.models import (
     require_causal_lm,
     require_reward_model,
 )
-from llmtune.eval.pairs import Pair, is_pair_row, to_pair
-from llmtune.generation.prompts import Prompt, render_prompt, to_prompt
-from llmtune.generation.sample import end_tokens, generate
-from llmtune.model.load import LoadedModel
 from llmtune.objectives.logprobs import hidden_states_as_logits, lm_loss_sum_from_hidden, token_logps_from_hidden
 from llmtune.recipe.schema import DataSource
+from llmtune.rewards import metrics
 from llmtune.rewards.model import score_conversations as score_with_model
 from llmtune.rewards.model import with_reply
 from llmtune.rewards.rules import get_rule, reference_answer

@@ -15,7 +15,7 @@ from llmtune.errors import RecipeError, UserError
 
 
 def check_shared_rewards(recipe: Any) -> None:
-    from llmtune.eval.models import resolve
+    from llmtune.model.resolve import resolve
     from llmtune.paths import same_path
 
     for path in recipe.ppo.reward.models():

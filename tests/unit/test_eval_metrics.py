@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from llmtune.eval import metrics
+from llmtune.data.prompts import to_prompt
 from llmtune.eval.fewshot import jaccard, select_examples, word_set
 from llmtune.eval.pairs import to_pair
-from llmtune.generation.prompts import to_prompt
+from llmtune.rewards import metrics
 from llmtune.rewards.rules import get_rule
 
 
