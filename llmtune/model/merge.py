@@ -454,7 +454,7 @@ def average_models(
     weights = check_weights(inputs, weights)  # before anything is loaded
     fisher_rows: tuple[list[Any], str] | None = None
     if fisher is not None:
-        from llmtune.eval.tasks import lm_rows
+        from llmtune.data.lm import lm_rows
 
         fisher_rows = lm_rows(fisher.path, fisher.format, fisher.samples)
     for p in inputs:
@@ -507,7 +507,7 @@ def average_models(
         )
         if fisher_rows is not None:
             if i == 0:
-                from llmtune.eval.tasks import lm_samples
+                from llmtune.data.lm import lm_samples
 
                 tok = tokenizer_from(a or b, b, set_pad=False)
                 rows, fmt = fisher_rows
