@@ -376,7 +376,7 @@ def inspect_command(
     logging.disable_progress_bar()
     logging.set_verbosity_error()  # the measuring pass tokenizes rows longer than the model's positions
     from llmtune.data.chat import resolve_chat_template
-    from llmtune.model.load import load_tokenizer
+    from llmtune.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model)
     needs_template = recipe.stage != "cpt"

@@ -47,7 +47,8 @@ from llmtune.engine.report import MetricsLog, Progress, print_data_summary, run_
 from llmtune.engine.trackers import Trackers, remove_tracker_files, status_of_exception
 from llmtune.errors import DataError, RecipeError, TrainingError
 from llmtune.manifest import RunManifest
-from llmtune.model.load import describe, load_tokenizer, position_limit, tokenizer_record
+from llmtune.model.load import describe, position_limit
+from llmtune.model.tokenizer import load_tokenizer, tokenizer_record
 from llmtune.objectives.logprobs import chunk_positions, lm_head_of
 from llmtune.plot import write_run_curves
 from llmtune.recipe.load import dump_recipe, resolved_dict

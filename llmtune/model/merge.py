@@ -24,7 +24,9 @@ import torch
 
 from llmtune.errors import LlmtuneError, UserError
 from llmtune.manifest import check_finished
-from llmtune.model.load import DTYPES, check_tokenizers_agree, load_config, tokenizer_from
+from llmtune.model.load import DTYPES, load_config
+from llmtune.model.peft import adapter_config_or_none
+from llmtune.model.tokenizer import check_tokenizers_agree, tokenizer_from
 from llmtune.paths import looks_local
 from llmtune.runtime import readable_like_normal_files
 
@@ -64,17 +66,6 @@ def check_out_dir(out: Path, overwrite: bool, inputs: list[str]) -> None:
         raise UserError(
             f"--out {out} is not empty", hint="choose a new directory, or pass --overwrite to replace its files"
         )
-
-
-def adapter_config_or_none(path: str | Path) -> dict[str, Any] | None:
-    """adapter_config.json of a directory, None when there is none; invalid JSON is an error."""
-    f = Path(path).expanduser() / "adapter_config.json"
-    if not f.is_file():
-        return None
-    try:
-        return json.loads(f.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{f} is not valid JSON: {e}") from None
 
 
 def read_adapter_config(adapter: str | Path) -> dict[str, Any]:

@@ -19,12 +19,12 @@ from llmtune.model.load import (
     REWARD_MODEL_HINT,
     LoadedModel,
     ModelSpec,
-    check_tokenizers_agree,
     is_reward_architecture,
     load,
     load_config,
 )
-from llmtune.model.merge import adapter_config_or_none
+from llmtune.model.peft import adapter_config_or_none
+from llmtune.model.tokenizer import check_tokenizers_agree
 from llmtune.paths import looks_local, missing_path_message
 
 

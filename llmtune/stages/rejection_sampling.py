@@ -362,7 +362,7 @@ def generate_round(
     from llmtune.data.prompts import render_prompt
     from llmtune.engine.distributed import barrier
     from llmtune.generation.sample import GenerationProgress, end_tokens, generation_batch, rollout
-    from llmtune.model.load import load_tokenizer
+    from llmtune.model.tokenizer import load_tokenizer
     from llmtune.rewards import build_rewards
 
     rs, gen = recipe.rejection_sampling, recipe.generation

@@ -15,7 +15,7 @@ import torch
 
 from llmtune.errors import RecipeError, UserError
 from llmtune.manifest import TokenizerRecord
-from llmtune.model.load import (
+from llmtune.model.tokenizer import (
     check_tokenizer_record,
     check_tokenizers_agree,
     compare_vocabularies,
