@@ -19,8 +19,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
+from llmtune.data.chat import IGNORE_INDEX
 from llmtune.data.formats import RowError, detect_format
-from llmtune.data.pipeline import IGNORE_INDEX, Encoder, Example, SourceReport, dedup_sources, load_source
+from llmtune.data.pipeline import Encoder, Example, SourceReport, dedup_sources, load_source
 from llmtune.data.sources import read_rows
 from llmtune.errors import DataError, UserError
 from llmtune.recipe.schema import DataSource

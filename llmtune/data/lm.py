@@ -10,7 +10,8 @@ from typing import Any
 
 from llmtune.data.chat import encode_conversation, encode_text, resolve_chat_template
 from llmtune.data.formats import RowError, detect_format, to_conversation, to_text
-from llmtune.data.pipeline import Sample, SourceReport
+from llmtune.data.packing import Sample
+from llmtune.data.pipeline import SourceReport
 from llmtune.data.sources import read_rows
 from llmtune.errors import DataError, UserError
 from llmtune.recipe.schema import DataSource

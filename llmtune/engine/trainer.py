@@ -213,6 +213,8 @@ def _setup(recipe: RecipeBase, stage: Any, local_rank: int | None, **options: An
     console.print(f"reading and tokenizing the data ({len(recipe.data.train)} training source(s)) ...")
     if dist.is_main:
         data = stage.build_data(recipe, tokenizer, template)
+        for name, text in data.outputs.items():  # e.g. the perplexity filter's scores
+            (out / name).write_text(text, encoding="utf-8")
     barrier()
     if not dist.is_main:
         data = stage.build_data(recipe, tokenizer, template)

@@ -13,7 +13,7 @@ import torch
 from llmtune.data.chat import encode_conversation
 from llmtune.data.formats import Conversation, RowError
 from llmtune.data.lm import convert, format_hint, in_option_terms, lm_rows, lm_samples, read_data, resolve_template
-from llmtune.data.pipeline import Sample, collate
+from llmtune.data.packing import Sample, collate
 from llmtune.errors import DataError, UserError
 from llmtune.eval.base import Env, TaskResult, drop_metrics, progress, score_conversations
 from llmtune.eval.pairs import Pair, is_pair_row, to_pair

@@ -16,7 +16,7 @@ import torch
 
 from llmtune.data.chat import resolve_chat_template
 from llmtune.data.formats import RowError
-from llmtune.data.pipeline import Sample, collate
+from llmtune.data.packing import Sample, collate
 from llmtune.data.stepwise import encode_steps, split_steps
 from llmtune.errors import UserError
 from llmtune.model.load import LoadedModel, ModelSpec, load
