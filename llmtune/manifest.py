@@ -23,7 +23,7 @@ STATUSES = ("running", "stopped", "failed", "finished")
 @dataclass(frozen=True)
 class TokenizerRecord:
     """A fingerprint of a tokenizer's vocabulary: the number of ids and the sha256 over the id-ordered token
-    strings (llmtune.model.load.tokenizer_record makes it, check_tokenizer_record compares against it)."""
+    strings (llmtune.model.tokenizer.tokenizer_record makes it, check_tokenizer_record compares against it)."""
 
     size: int
     vocab_sha256: str

@@ -17,7 +17,7 @@ SAMPLE_ROWS = 100
 _FULL_READ_BYTES = 2**20  # a file up to this size is read whole, as train reads it; larger ones line by line
 _JSON_READ_BYTES = 64 * 2**20  # a .json document (one array) has no first lines: read whole up to this size
 
-# per format: alternatives, each the keys a row needs (llmtune.data.formats / preference / generation.prompts)
+# per format: alternatives, each the keys a row needs (llmtune.data.formats / preference / data.prompts)
 FORMAT_KEYS: dict[str, tuple[tuple[str, ...], ...]] = {
     "text": (("text",),),
     "alpaca": (("instruction", "output"),),
@@ -234,7 +234,7 @@ def check_data_sample(recipe: RecipeBase, src: DataSource, where: str) -> list[s
             hint=f"set {where}.format to one of {', '.join(stage_formats)}, or omit it to detect the format"
             + (" (raw text is for stage cpt)" if fmt == "text" else ""),
         )
-    # the online stages read every row as a prompt, whatever format it names (llmtune.generation.prompts)
+    # the online stages read every row as a prompt, whatever format it names (llmtune.data.prompts)
     needed = "prompts" if info.online else fmt
     needs = f"the keys {FORMAT_NEEDS[needed]}"
     if needed != fmt:

@@ -19,7 +19,7 @@ from llmtune.data.pipeline import fingerprint_tokenizer
 from llmtune.data.preference import PreferenceSample, build_preference_data, collate_preference
 from llmtune.engine.distributed import all_reduce_sum
 from llmtune.engine.report import run_console
-from llmtune.model.load import check_reference_tokenizer
+from llmtune.model.tokenizer import check_reference_tokenizer
 from llmtune.objectives.preference import (
     dpo_loss,
     kto_loss,

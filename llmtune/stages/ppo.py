@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from llmtune.data.pipeline import PromptExample, Sample, collate
+from llmtune.data.packing import Sample, collate
+from llmtune.data.pipeline import PromptExample
 from llmtune.engine.batches import Rollouts, Window
 from llmtune.engine.checkpoint import export_model
 from llmtune.engine.config import frozen_zero3_config

@@ -53,8 +53,8 @@ def read_prompts(recipe: RejectionSamplingRecipe, console: Console) -> list[Any]
     max_samples, system, weight, on_bad_row), without tokenizing: each round renders them with its own
     model's tokenizer. No usable prompt is a DataError (exit 2), raised before any model loads."""
     from llmtune.data.pipeline import PromptExample, build_data
+    from llmtune.data.prompts import to_prompt
     from llmtune.engine.report import print_data_summary
-    from llmtune.generation.prompts import to_prompt
 
     def encode(row: dict, fmt: str, src: DataSource) -> list[PromptExample]:
         return [PromptExample(input_ids=[], labels=[], prompt=to_prompt(row, src.system))]
@@ -360,10 +360,10 @@ def generate_round(
 ) -> dict[str, Any]:
     """Sample, score and select for round k; rank 0 writes the round's files (generated.json last)."""
     from llmtune.data.chat import resolve_chat_template
+    from llmtune.data.prompts import render_prompt
     from llmtune.engine.distributed import barrier
-    from llmtune.generation.prompts import render_prompt
     from llmtune.generation.sample import GenerationProgress, end_tokens, generation_batch, rollout
-    from llmtune.model.load import load_tokenizer
+    from llmtune.model.tokenizer import load_tokenizer
     from llmtune.rewards import build_rewards
 
     rs, gen = recipe.rejection_sampling, recipe.generation
