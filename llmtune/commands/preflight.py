@@ -239,6 +239,7 @@ def check_paths(recipe: RecipeBase, *, planned_ok: bool = False) -> list[str]:
     _check_reward_block(recipe, planned)
     _check_trackers(recipe)
     check_precision_here(recipe)
+    check_kernels_here(recipe)
     for group, sources in (("train", recipe.data.train), ("eval", recipe.data.eval)):
         for i, src in enumerate(sources):
             if looks_local(src.path):
@@ -487,6 +488,16 @@ def check_precision_here(recipe: RecipeBase) -> None:
             "has no GPU (no nvidia-smi on PATH, no /proc/driver/nvidia)",
             hint="use precision: bf16 or precision: fp32 on CPU (fp16 is for older NVIDIA GPUs)",
         )
+
+
+def check_kernels_here(recipe: RecipeBase) -> None:
+    """train.kernels: liger on a machine that clearly has no GPU, or without liger-kernel installed: refused
+    before anything loads (the loader refuses it again where this check cannot tell)."""
+    from llmtune.model.kernels import kernels_problem
+
+    problem = kernels_problem(recipe.train.kernels, cuda=not clearly_no_gpu())
+    if problem:
+        raise RecipeError(problem)
 
 
 def validate_command(recipe_path: Path, overrides: list[str]) -> None:

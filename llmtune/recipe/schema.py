@@ -265,6 +265,11 @@ class TrainConfig(Block):
     adam_eps: float = Field(default=1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float | None = Field(default=1.0, description="Clip gradients to this norm; null or 0 = off.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
+    kernels: Literal["none", "liger"] = Field(
+        default="none",
+        description="Fused GPU kernels for the model's layers. liger: liger-kernel's RMSNorm, SwiGLU and RoPE "
+        "(NVIDIA GPUs only; pip install 'llmtune[liger]'); the LM head's loss is llmtune's chunked one either way.",
+    )
     log_every: int = Field(default=10, ge=1, description="Log every N optimizer steps.")
     eval_every: int | None = Field(default=None, ge=1, description="Evaluate every N steps (and at the end).")
     save_every: int | None = Field(default=None, ge=1, description="Write a resumable checkpoint every N steps.")
