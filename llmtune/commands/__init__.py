@@ -1,1 +1,2 @@
-"""The non-training commands that compose the lower layers (data label, data revise, ...)."""
+"""The commands of the command line beyond its parsing: each composes the lower layers (recipe, data, model,
+stages) for one command (validate's preflight checks, train, merge, data inspect / synth / label / revise, chat, init, plot)."""

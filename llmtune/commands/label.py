@@ -51,9 +51,9 @@ def read_items(path: str, on_drop: Callable[[str, str], None]) -> list[Item]:
     """Every input row with a prompt and at least two distinct non-empty replies; the others are dropped
     with a reason (on_drop(reason, where)). No usable row at all is a DataError that names the shapes read."""
     from llmtune.data.formats import RowError
+    from llmtune.data.prompts import to_prompt
     from llmtune.data.sources import read_rows
-    from llmtune.generation.prompts import to_prompt
-    from llmtune.recipe.schema import DataSource
+    from llmtune.recipe.data import DataSource
 
     rows = read_rows(DataSource(path=path))
     items: list[Item] = []
@@ -225,9 +225,18 @@ def label_command(
 ) -> dict[str, Any]:
     """The command: checks (before the judge loads), reads the rows, labels what is not done yet, prints the
     summary. A run that made no pair at all is a UserError (exit 2) naming the drops."""
-    from llmtune.paths import looks_local
+    from llmtune.paths import check_path_length, looks_local
     from llmtune.rewards.judge import Judge, model_completer, read_rubric, require_judge_model
 
+    for key, value in (("--out", out), ("--data", data), ("--judge", judge_model)):
+        check_path_length(key, str(value))
+    if scale[0] >= scale[1]:
+        raise UserError(f"--scale {scale[0]:g} {scale[1]:g}: give low < high, e.g. --scale 1 10")
+    if cfg.mode not in ("pairwise", "pointwise") or cfg.pairs not in ("all", "best-worst"):
+        raise UserError(f"--mode {cfg.mode!r} / --pairs {cfg.pairs!r}: use pairwise | pointwise and all | best-worst")
+    from llmtune.runtime import quiet_libraries
+
+    quiet_libraries(loading_bars=False)
     if out.is_dir():
         raise UserError(f"--out {out} is a directory", hint="name a .jsonl file")
     if looks_local(judge_model) and not Path(judge_model).expanduser().exists():
@@ -257,7 +266,7 @@ def label_command(
     for why, where in first_drops.items():
         console.print(f"note: {read_drops[why]} x {why} (first: {where})")
     if todo:
-        from llmtune.eval.models import pick_device
+        from llmtune.model.resolve import pick_device
 
         device = pick_device("auto")
         with console.status(f"loading the judge {judge_model}"):

@@ -172,9 +172,9 @@ def read_items(path: str, on_drop: Callable[[str, str], None]) -> list[Item]:
     """Rows with a prompt, and the reply to revise when they have one: an sft row's last assistant turn,
     ``response`` / ``reply`` / ``output`` / ``completion``, or ``answer``; prompts-only rows get a reply from the model."""
     from llmtune.data.formats import RowError
+    from llmtune.data.prompts import to_prompt
     from llmtune.data.sources import read_rows
-    from llmtune.generation.prompts import to_prompt
-    from llmtune.recipe.schema import DataSource
+    from llmtune.recipe.data import DataSource
 
     items = []
     for r in read_rows(DataSource(path=path)):
@@ -337,8 +337,16 @@ def revise_command(
 ) -> dict[str, Any]:
     """The command: checks (before the model loads), reads rows and principles, revises what is not done yet,
     prints the summary. A run that kept no revision at all is a UserError (exit 2) naming the drops."""
-    from llmtune.paths import looks_local, same_path
+    from llmtune.model.hub import check_model_options
+    from llmtune.paths import check_path_length, looks_local, same_path
     from llmtune.rewards.judge import chat_completer, require_judge_model
+
+    for key, value in (("--out", out), ("--pairs-out", pairs_out), ("--data", data), ("--model", model)):
+        check_path_length(key, str(value))
+    check_model_options([("--adapter", adapter)], hub_ok=False)
+    from llmtune.runtime import quiet_libraries
+
+    quiet_libraries(loading_bars=False)
 
     for key, path in (("--out", out), ("--pairs-out", pairs_out)):
         if path.is_dir():
@@ -372,7 +380,7 @@ def revise_command(
     for why, where in first_drops.items():
         console.print(f"note: {read_drops[why]} x {why} (first: {where})")
     if todo:
-        from llmtune.eval.models import pick_device
+        from llmtune.model.resolve import pick_device
 
         with console.status(f"loading {model}"):
             complete, close = chat_completer(

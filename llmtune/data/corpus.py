@@ -29,10 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from llmtune.data.pipeline import PIPELINE_VERSION, Sample, SourceReport, _fingerprint_source, cache_root
+from llmtune.data.packing import Sample
+from llmtune.data.pipeline import PIPELINE_VERSION, SourceReport, cache_root, fingerprint_source
 from llmtune.errors import DataError
 from llmtune.paths import looks_local
-from llmtune.recipe.schema import DataSource, RecipeBase
+from llmtune.recipe.data import DataSource
+from llmtune.recipe.schema import RecipeBase
+from llmtune.recipe.stages import STAGE_RECIPES
 
 CORPUS_VERSION = "2"  # 2: document end offsets beside the tokens
 BATCH_BYTES = 1 << 20  # text handed to the tokenizer at a time (its ids are Python lists: keep it small)
@@ -348,7 +351,7 @@ def memory_map_plan(recipe: RecipeBase) -> tuple[bool, str | None]:
     d = recipe.data
     if d.memory_map is not True and d.memory_map != "auto":
         return False, None
-    if getattr(recipe, "stage", None) != "cpt":
+    if "memory_map" not in STAGE_RECIPES[getattr(recipe, "stage", "")].data_features:  # cpt reads raw text
         return False, None
     if d.memory_map is True:
         return True, None
@@ -372,9 +375,7 @@ def memory_map_plan(recipe: RecipeBase) -> tuple[bool, str | None]:
 def token_file(src: DataSource, tokenizer: Any, fingerprint: str, recipe: RecipeBase) -> tuple[TokenFile, SourceReport]:
     """The source's token file: from the cache, or tokenized into it now."""
     report = SourceReport(name=src.path, format="text")
-    settings = "|".join(
-        [CORPUS_VERSION, PIPELINE_VERSION, _fingerprint_source(src), src.model_dump_json(), fingerprint]
-    )
+    settings = "|".join([CORPUS_VERSION, PIPELINE_VERSION, fingerprint_source(src), src.model_dump_json(), fingerprint])
     target = cache_root(recipe) / "corpus" / hashlib.sha256(settings.encode()).hexdigest()[:32]
     hit = _cached(target, report)
     if hit is None:
@@ -415,7 +416,7 @@ def build_corpus(
         for k, src in enumerate(sources):
             check_source(src, f"data.{group}[{k}]")
             tf, report = token_file(src, tokenizer, fingerprint, recipe)
-            parts = [_fingerprint_source(src), src.model_dump_json(), "text", settings, "prompts=False"]
+            parts = [fingerprint_source(src), src.model_dump_json(), "text", settings, "prompts=False"]
             report.fingerprint = hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
             reports.append(report)
             if tf.docs == 0:

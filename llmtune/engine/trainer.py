@@ -47,7 +47,8 @@ from llmtune.engine.report import MetricsLog, Progress, print_data_summary, run_
 from llmtune.engine.trackers import Trackers, remove_tracker_files, status_of_exception
 from llmtune.errors import DataError, RecipeError, TrainingError
 from llmtune.manifest import RunManifest
-from llmtune.model.load import describe, load_tokenizer, position_limit, tokenizer_record
+from llmtune.model.load import describe, position_limit
+from llmtune.model.tokenizer import load_tokenizer, tokenizer_record
 from llmtune.objectives.logprobs import chunk_positions, lm_head_of
 from llmtune.plot import write_run_curves
 from llmtune.recipe.load import dump_recipe, resolved_dict
@@ -212,6 +213,8 @@ def _setup(recipe: RecipeBase, stage: Any, local_rank: int | None, **options: An
     console.print(f"reading and tokenizing the data ({len(recipe.data.train)} training source(s)) ...")
     if dist.is_main:
         data = stage.build_data(recipe, tokenizer, template)
+        for name, text in data.outputs.items():  # e.g. the perplexity filter's scores
+            (out / name).write_text(text, encoding="utf-8")
     barrier()
     if not dist.is_main:
         data = stage.build_data(recipe, tokenizer, template)

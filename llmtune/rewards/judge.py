@@ -361,10 +361,10 @@ def chat_completer(
     import torch
 
     from llmtune.data.chat import resolve_chat_template
-    from llmtune.eval.models import free, load_causal_lm, pick_dtype
-    from llmtune.generation.prompts import render_prompt
+    from llmtune.data.prompts import render_prompt
     from llmtune.generation.sample import end_tokens, generate
     from llmtune.model.gguf import resolve_gguf
+    from llmtune.model.resolve import free, load_causal_lm, pick_dtype
 
     device = torch.device(device)
     if isinstance(dtype, str):
@@ -515,7 +515,7 @@ def require_judge_model(model: str, what: str) -> None:
 
     if gguf_file(model) is not None:
         return
-    from llmtune.eval.models import require_causal_lm
+    from llmtune.model.resolve import require_causal_lm
 
     try:
         require_causal_lm(model, None, what, hint="a judge is an instruct causal LM that writes its verdict")

@@ -8,7 +8,8 @@ from typing import Any, Protocol
 
 import torch
 
-from llmtune.data.pipeline import Sample, SourceReport, collate
+from llmtune.data.packing import Sample, collate
+from llmtune.data.pipeline import SourceReport
 from llmtune.engine.batches import Batches, ScheduledBatches
 from llmtune.engine.checkpoint import export_model
 from llmtune.engine.config import frozen_zero3_config
@@ -26,6 +27,7 @@ class StageData:
     reached: set[int] | None = None  # indices of the training samples this run's steps will use (None: all)
     # data.schedule: each training source's id and rows (train holds them all, for the data summary)
     sources: list[tuple[str, Any]] | None = None
+    outputs: dict[str, str] = field(default_factory=dict)  # files for output_dir, by name (DataBundle.outputs)
 
 
 @dataclass
@@ -157,7 +159,7 @@ def lm_token_logps(
 def shaped_data(bundle: Any, shape: Any, scheduled: bool, notes: list[str]) -> StageData:
     """A built data bundle with its rows shaped (packed, or one sample a row). With a data.schedule each
     source is shaped on its own (the schedule draws rows by source); train then holds them all in order."""
-    data = StageData(train=[], eval=shape(bundle.eval), reports=bundle.reports, notes=notes)
+    data = StageData(train=[], eval=shape(bundle.eval), reports=bundle.reports, notes=notes, outputs=bundle.outputs)
     if not scheduled:
         data.train = shape(bundle.train)
     else:

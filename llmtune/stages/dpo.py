@@ -19,7 +19,7 @@ from llmtune.data.pipeline import fingerprint_tokenizer
 from llmtune.data.preference import PreferenceSample, build_preference_data, collate_preference
 from llmtune.engine.distributed import all_reduce_sum
 from llmtune.engine.report import run_console
-from llmtune.model.load import check_reference_tokenizer
+from llmtune.model.tokenizer import check_reference_tokenizer
 from llmtune.objectives.preference import (
     dpo_loss,
     kto_loss,
@@ -27,7 +27,7 @@ from llmtune.objectives.preference import (
     sequence_logps,
     simpo_loss,
 )
-from llmtune.recipe.schema import DpoRecipe
+from llmtune.recipe.stages import DpoRecipe
 from llmtune.stages.base import StageData, StageDefaults, StepOutput, lm_token_logps, recipe_settings
 
 
@@ -188,3 +188,6 @@ class DpoStage(StageDefaults):
             "logps_rejected": logps[b:].detach().sum(),
         }
         return StepOutput(losses.sum(), torch.tensor(b, device=logps.device), metrics)
+
+
+STAGE = DpoStage

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from llmtune.data.pipeline import PromptExample, Sample, collate
+from llmtune.data.packing import Sample, collate
+from llmtune.data.pipeline import PromptExample
 from llmtune.engine.batches import Rollouts, Window
 from llmtune.engine.config import frozen_zero3_config
 from llmtune.engine.distributed import all_reduce_sum
@@ -38,7 +39,7 @@ from llmtune.objectives.rl import (
     rloo_advantages,
     zero_std_groups,
 )
-from llmtune.recipe.schema import GrpoRecipe
+from llmtune.recipe.stages import GrpoRecipe
 from llmtune.stages.base import StageData, StepOutput, lm_token_logps
 from llmtune.stages.online import JudgeWarnings, NoSignalWarning, OnlineStage, micro_batches, step_shape
 
@@ -270,3 +271,6 @@ class GrpoStage(OnlineStage):
             if kl is not None:
                 metrics["kl"] = masked_mean(kl.detach(), mask) * units
         return StepOutput(loss_sum=loss_sum, units=units, metrics=metrics)
+
+
+STAGE = GrpoStage

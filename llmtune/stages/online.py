@@ -11,11 +11,11 @@ from typing import Any
 import torch
 
 from llmtune.data.pipeline import PromptExample, build_data
+from llmtune.data.prompts import prompt_encoder
 from llmtune.engine.batches import full_weights
 from llmtune.engine.distributed import all_reduce_sum
 from llmtune.engine.report import run_console
 from llmtune.errors import RecipeError
-from llmtune.generation.prompts import prompt_encoder
 from llmtune.generation.sample import GenerationProgress, generation_batch, rollout
 from llmtune.stages.base import StageData, StageDefaults
 

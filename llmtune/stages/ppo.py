@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from llmtune.data.pipeline import PromptExample, Sample, collate
+from llmtune.data.packing import Sample, collate
+from llmtune.data.pipeline import PromptExample
 from llmtune.engine.batches import Rollouts, Window
 from llmtune.engine.checkpoint import export_model
 from llmtune.engine.config import frozen_zero3_config
@@ -56,7 +57,7 @@ from llmtune.objectives.rl import (
     gae,
     kl_estimate,
 )
-from llmtune.recipe.schema import PpoRecipe
+from llmtune.recipe.stages import PpoRecipe
 from llmtune.stages.base import StageData, StepOutput
 from llmtune.stages.online import JudgeWarnings, NoSignalWarning, OnlineStage, micro_batches, step_shape
 
@@ -461,3 +462,6 @@ def policy_logps(
     with hidden_states_as_logits(model, adapter_switching=True) as head:
         out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], part="policy")
     return token_logps_from_hidden(out, b["labels"], head, with_entropy=with_entropy)
+
+
+STAGE = PpoStage

@@ -38,7 +38,8 @@ from rich.console import Console
 from llmtune.errors import DataError, UserError
 from llmtune.manifest import RunManifest, status_of
 from llmtune.objectives.rl import best_of_n
-from llmtune.recipe.schema import DataConfig, DataSource, RejectionSamplingRecipe, SftRecipe
+from llmtune.recipe.data import DataConfig, DataSource
+from llmtune.recipe.stages import RejectionSamplingRecipe, SftRecipe
 
 GENERATED = "generated.json"  # written last in a round directory: its generation is complete
 MODEL_DIR, MERGED_DIR = "model", "merged"
@@ -53,8 +54,8 @@ def read_prompts(recipe: RejectionSamplingRecipe, console: Console) -> list[Any]
     max_samples, system, weight, on_bad_row), without tokenizing: each round renders them with its own
     model's tokenizer. No usable prompt is a DataError (exit 2), raised before any model loads."""
     from llmtune.data.pipeline import PromptExample, build_data
+    from llmtune.data.prompts import to_prompt
     from llmtune.engine.report import print_data_summary
-    from llmtune.generation.prompts import to_prompt
 
     def encode(row: dict, fmt: str, src: DataSource) -> list[PromptExample]:
         return [PromptExample(input_ids=[], labels=[], prompt=to_prompt(row, src.system))]
@@ -373,10 +374,10 @@ def generate_round(
 ) -> dict[str, Any]:
     """Sample, score and select for round k; rank 0 writes the round's files (generated.json last)."""
     from llmtune.data.chat import resolve_chat_template
+    from llmtune.data.prompts import render_prompt
     from llmtune.engine.distributed import barrier
-    from llmtune.generation.prompts import render_prompt
     from llmtune.generation.sample import GenerationProgress, end_tokens, generation_batch, rollout
-    from llmtune.model.load import load_tokenizer
+    from llmtune.model.tokenizer import load_tokenizer
     from llmtune.rewards import build_rewards
 
     rs, gen = recipe.rejection_sampling, recipe.generation
@@ -706,3 +707,16 @@ def _publish_final(out: Path, model_dir: Path, rounds: int, recipe: Any) -> list
 
 
 __all__ = ["read_prompts", "run_rejection_sampling", "sft_recipe"]
+
+
+class RejectionSamplingStage:
+    """Found by name like every stage; it runs rounds (each one's sft on the trainer) instead of one trainer
+    loop, so ``llmtune.stages.run_stage`` calls its ``run``."""
+
+    name = "rejection_sampling"
+
+    def run(self, recipe: RejectionSamplingRecipe, local_rank: int | None = None, **options: Any) -> None:
+        run_rejection_sampling(recipe, local_rank=local_rank, **options)
+
+
+STAGE = RejectionSamplingStage

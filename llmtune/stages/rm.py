@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from llmtune.data.chat import IGNORE_INDEX
-from llmtune.data.pipeline import collate, fingerprint_tokenizer
+from llmtune.data.packing import collate
+from llmtune.data.pipeline import fingerprint_tokenizer
 from llmtune.data.preference import build_preference_data, collate_preference
 from llmtune.engine.checkpoint import export_model
 from llmtune.model.load import LoadedModel, ModelSpec, load
@@ -22,7 +23,8 @@ from llmtune.objectives.preference import (
     reward_centering,
 )
 from llmtune.objectives.prm import step_loss, step_metrics
-from llmtune.recipe.schema import MERGEABLE_METHODS, RmRecipe
+from llmtune.recipe.schema import MERGEABLE_METHODS
+from llmtune.recipe.stages import RmRecipe
 from llmtune.stages.base import StageData, StageDefaults, StepOutput, recipe_settings
 
 FORMAT_OF_LOSS = {"pairwise": "pairs", "ranked": "ranked", "pointwise": "pointwise"}
@@ -52,7 +54,8 @@ class RmStage(StageDefaults):
         return StageData(train=train, eval=evals, reports=reports)
 
     def _build_steps(self, recipe: RmRecipe, tokenizer: Any, template: str) -> StageData:
-        from llmtune.data.pipeline import as_samples, build_data
+        from llmtune.data.packing import as_samples
+        from llmtune.data.pipeline import build_data
         from llmtune.data.stepwise import stepwise_encoder
 
         self.unit_name = "steps"
@@ -174,3 +177,6 @@ class RmStage(StageDefaults):
                 write_prm_info(out / "merged", recipe.rm.step_separator)
             files.append("prm.json")
         return files
+
+
+STAGE = RmStage

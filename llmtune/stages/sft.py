@@ -5,15 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from llmtune.data.filters import model_scorer
-from llmtune.data.pipeline import (
-    add_replay,
-    as_samples,
-    build_data,
-    conversation_encoder,
-    fingerprint_tokenizer,
-    pack_examples,
-)
-from llmtune.recipe.schema import SftRecipe
+from llmtune.data.packing import as_samples, pack_examples
+from llmtune.data.pipeline import add_replay, build_data, conversation_encoder, fingerprint_tokenizer
+from llmtune.recipe.stages import SftRecipe
 from llmtune.stages.base import StageData, recipe_settings, shaped_data
 from llmtune.stages.lm import LanguageModelStep
 
@@ -38,3 +32,6 @@ class SftStage(LanguageModelStep):
             return pack_examples(examples, d.max_length, recipe.seed) if d.packing else as_samples(examples)
 
         return shaped_data(bundle, shape, d.schedule is not None, bundle.notes)
+
+
+STAGE = SftStage

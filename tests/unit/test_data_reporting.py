@@ -21,7 +21,7 @@ from llmtune.data.sources import read_rows
 from llmtune.engine.report import print_data_summary
 from llmtune.errors import DataError
 from llmtune.recipe import validate_recipe
-from llmtune.recipe.schema import DataSource
+from llmtune.recipe.data import DataSource
 from llmtune.stages.base import recipe_settings
 from tests.conftest import SHARED_DATA, TINY_MODEL, assert_refused, base_recipe, run_cli, write_recipe
 
@@ -245,8 +245,8 @@ def test_cached_reports_keep_where_the_rows_are(tmp_path, tokenizer, template) -
 
 
 def test_eval_messages_use_the_same_numbering(tmp_path) -> None:
+    from llmtune.data.lm import convert
     from llmtune.eval.pairs import to_pair
-    from llmtune.eval.tasks import convert
 
     path = write_jsonl(tmp_path / "p.jsonl", ["{broken", {"prompt": "a", "chosen": "b", "rejected": "b"}])
     rows = read_rows(DataSource(path=str(path)))
@@ -262,7 +262,8 @@ def test_eval_messages_use_the_same_numbering(tmp_path) -> None:
 
 def test_preference_eval_rows_carry_the_prompt_and_replies(tmp_path) -> None:
     from llmtune.eval.config import EvalConfig
-    from llmtune.eval.tasks import TEXT_LIMIT, run_task
+    from llmtune.eval.likelihood import TEXT_LIMIT
+    from llmtune.eval.tasks import run_task
 
     long_reply = "Yes. " * 300
     rows = [

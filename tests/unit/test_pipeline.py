@@ -12,23 +12,19 @@ import torch
 
 from llmtune.data.chat import IGNORE_INDEX, encode_text, resolve_chat_template
 from llmtune.data.formats import RowError
+from llmtune.data.packing import Sample, as_samples, collate, pack_examples, pack_stream
 from llmtune.data.pipeline import (
     DataBundle,
     Example,
-    Sample,
-    as_samples,
     build_data,
-    collate,
     conversation_encoder,
     fingerprint_tokenizer,
-    pack_examples,
-    pack_stream,
     text_encoder,
 )
 from llmtune.errors import DataError
 from llmtune.objectives.lm import count_targets
 from llmtune.recipe import validate_recipe
-from llmtune.recipe.schema import DataSource
+from llmtune.recipe.data import DataSource
 from llmtune.stages.base import forward_lm, recipe_settings
 from llmtune.stages.cpt import CptStage
 from llmtune.stages.lm import LanguageModelStep

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from llmtune.data.chat import IGNORE_INDEX
 from llmtune.data.formats import RowError
-from llmtune.data.pipeline import IGNORE_INDEX, build_data
+from llmtune.data.pipeline import build_data
 from llmtune.data.preference import (
     as_preference_samples,
     collate_preference,
@@ -17,7 +18,8 @@ from llmtune.data.preference import (
     preference_encoder,
     to_preference,
 )
-from llmtune.recipe.schema import DataSource, DpoRecipe
+from llmtune.recipe.data import DataSource
+from llmtune.recipe.stages import DpoRecipe
 from tests.conftest import TINY_MODEL
 
 PROMPT_MSGS = [{"role": "user", "content": "Name a colour."}]

@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 
 from llmtune import __version__
+from llmtune.commands.preflight import check_paths, same_name_files, written_by
 from llmtune.data.formats import detect_format
 from llmtune.data.preference import detect_preference_format
 from llmtune.data.sources import read_rows
 from llmtune.errors import DataError, RecipeError
+from llmtune.paths import looks_local
 from llmtune.recipe import load_recipe
-from llmtune.recipe.checks import check_paths, same_name_files, written_by
-from llmtune.recipe.schema import DataSource, looks_local
+from llmtune.recipe.data import DataSource
 from tests.conftest import ROOT, assert_ok, assert_refused, base_recipe, run_cli, write_recipe
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -227,7 +228,7 @@ def test_named_demo_data_has_the_declared_format(path: Path) -> None:
     for src in r.data.train:
         rows = [row.data for row in read_rows(DataSource(path=str(ROOT / src.path))) if row.data is not None]
         if src.format == "prompts":  # the online stages: questions with answers (GSM8K)
-            from llmtune.generation.prompts import to_prompt
+            from llmtune.data.prompts import to_prompt
 
             assert all(to_prompt(row).answer for row in rows[:50])
             continue
