@@ -113,10 +113,15 @@ class EvalConfig(BaseModel):
         if self.task == "compare":
             if self.model_b is None:
                 raise ValueError("task compare needs model_b (--model-b PATH), the model to compare against")
-            if len(self.reward_models) + (self.judge is not None) != 1:
+            if self.judge is not None and (self.reward_models or self.rules):
                 raise ValueError(
-                    "task compare needs exactly one judge: a reward model (--reward-model PATH) or a judge model "
-                    "(--judge PATH)"
+                    "task compare with a judge model (--judge, asked which reply is better) takes no reward model "
+                    "or rule beside it: use --judge alone, or --reward-model / --rule (scored and summed)"
+                )
+            if not (self.judge or self.reward_models or self.rules):
+                raise ValueError(
+                    "task compare needs a judge: a reward model (--reward-model PATH), rules (--rule exact_match, "
+                    "scored against each row's answer) or a judge model (--judge PATH)"
                 )
         if (self.judge is not None or self.judge_rubric is not None) and self.task not in ("reward", "compare"):
             raise ValueError(

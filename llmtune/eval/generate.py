@@ -226,10 +226,18 @@ def _judge_scores(env: Env, gens: list[Any]) -> tuple[str, list[float], dict[str
     return judge_source_name(cfg.judge), scores, counts
 
 
-def _compare_with_judge(env: Env, gens_a: list[Any], gens_b: list[Any], report: Any) -> TaskResult:
+def _compare_with_judge(
+    env: Env,
+    gens_a: list[Any],
+    gens_b: list[Any],
+    report: Any,
+    why_a: list[str | None],
+    why_b: list[str | None],
+    shape: dict[str, Any],
+) -> TaskResult:
     """compare with a judge model: each pair judged in both orders (llmtune.rewards.judge.combine_swapped). A
     win needs both orders to agree; disagreeing orders (position bias) and unparsable verdicts count as ties,
-    and are reported on their own."""
+    and are reported on their own. A degenerate reply loses whatever the verdict (decide)."""
     judge, close = _judge_for(env)
     try:
         with env.console.status(f"judging {len(gens_a)} pairs in both orders with {env.cfg.judge}"):
@@ -240,8 +248,10 @@ def _compare_with_judge(env: Env, gens_a: list[Any], gens_b: list[Any], report: 
         close()
     n = len(results)
     count = {k: sum(1 for r in results if r.outcome == k) for k in ("x", "y", "tie", "inconsistent", "unparsable")}
-    ties = count["tie"] + count["inconsistent"] + count["unparsable"]
-    result_of = {"x": "win", "y": "loss"}
+    score = {"x": 1.0, "y": -1.0}
+    final = [
+        decide(score.get(r.outcome, 0.0), 0.0, wa, wb, 0.0) for r, wa, wb in zip(results, why_a, why_b, strict=True)
+    ]
     rows = [
         {
             "index": a.index,
@@ -252,29 +262,46 @@ def _compare_with_judge(env: Env, gens_a: list[Any], gens_b: list[Any], report: 
             "verdict_b_first": r.verdicts[1],
             "judge_texts": list(r.texts),
             "outcome": r.outcome,
-            "result": result_of.get(r.outcome, "tie"),
+            "degenerate_a": wa,
+            "degenerate_b": wb,
+            "result": f,
         }
-        for a, b, r in zip(gens_a, gens_b, results, strict=True)
+        for a, b, r, wa, wb, f in zip(gens_a, gens_b, results, why_a, why_b, final, strict=True)
     ]
     return TaskResult(
         {
-            "win_rate": count["x"] / n,
-            "tie_rate": ties / n,
-            "loss_rate": count["y"] / n,
-            "wins": count["x"],
-            "ties": ties,
-            "losses": count["y"],
+            **_tally(final),
             "judge": env.cfg.judge,
             "agreed_ties": count["tie"],
             "inconsistent": count["inconsistent"],
             "unparsable": count["unparsable"],
-            **output_shape(gens_a, "_a"),
-            **output_shape(gens_b, "_b"),
+            **shape,
             "examples": n,
             **drop_metrics(report),
         },
         rows,
     )
+
+
+def _rule_scores(env: Env, gens: list[Generated]) -> dict[str, list[float]]:
+    """Each --rule's score of every generation, against its row's answer where the rule needs one."""
+    cfg = env.cfg
+    sources: dict[str, list[float]] = {}
+    for spec in cfg.rules:
+        rule, needs_answer = get_rule(spec, trust_code=cfg.trust_reward_code)
+        missing = sum(1 for g in gens if g.prompt.answer is None)
+        if needs_answer and missing:
+            raise DataError(f"rule {spec} scores against `answer`, and {missing} of {len(gens)} rows have none")
+        sources[spec] = [
+            rule(g.completion, reference_answer(g.prompt.answer) if g.prompt.answer else None) for g in gens
+        ]
+    return sources
+
+
+def _weighted(env: Env, sources: dict[str, list[float]], n: int) -> tuple[list[float], list[float]]:
+    weights = env.cfg.reward_weights or [1.0] * len(sources)
+    totals = [sum(w * s[i] for w, s in zip(weights, sources.values(), strict=True)) for i in range(n)]
+    return totals, weights
 
 
 def reward(env: Env) -> TaskResult:
@@ -288,16 +315,8 @@ def reward(env: Env) -> TaskResult:
     if cfg.judge is not None:
         name, scores, judge_counts = _judge_scores(env, gens)
         sources[name] = scores
-    for spec in cfg.rules:
-        rule, needs_answer = get_rule(spec, trust_code=cfg.trust_reward_code)
-        missing = sum(1 for g in gens if g.prompt.answer is None)
-        if needs_answer and missing:
-            raise DataError(f"rule {spec} scores against `answer`, and {missing} of {len(gens)} rows have none")
-        sources[spec] = [
-            rule(g.completion, reference_answer(g.prompt.answer) if g.prompt.answer else None) for g in gens
-        ]
-    weights = cfg.reward_weights or [1.0] * len(sources)
-    totals = [sum(w * s[i] for w, s in zip(weights, sources.values(), strict=True)) for i in range(len(gens))]
+    sources.update(_rule_scores(env, gens))
+    totals, weights = _weighted(env, sources, len(gens))
     mean, std = metrics.mean_std(totals)
     rows = [
         {
@@ -331,17 +350,66 @@ def reward(env: Env) -> TaskResult:
     )
 
 
+def decide(score_a: float, score_b: float, why_a: str | None, why_b: str | None, margin: float) -> str:
+    """One comparison's result for model a: a degenerate reply (metrics.degenerate: empty, looping or
+    truncated) loses to one that is not, whatever the judge scored; two degenerate replies tie; otherwise
+    the scores decide, within margin a tie.
+
+    >>> decide(0.9, 0.1, "empty", None, 0.0), decide(0.1, 0.9, None, "truncated", 0.0), decide(1, 0, "empty", "repeated", 0)
+    ('loss', 'win', 'tie')
+    >>> decide(0.5, 0.2, None, None, 0.0), decide(0.5, 0.45, None, None, 0.1)
+    ('win', 'tie')
+    """
+    if (why_a is None) != (why_b is None):
+        return "loss" if why_a is not None else "win"
+    if why_a is not None:
+        return "tie"
+    return "win" if score_a - score_b > margin else "loss" if score_b - score_a > margin else "tie"
+
+
+def _degenerate_counts(whys: list[str | None], suffix: str) -> dict[str, int]:
+    out = {f"degenerate{suffix}": sum(w is not None for w in whys)}
+    for reason in ("empty", "repeated", "truncated"):
+        out[f"degenerate_{reason}{suffix}"] = sum(w == reason for w in whys)
+    return out
+
+
+def _tally(results: list[str]) -> dict[str, Any]:
+    n = max(len(results), 1)
+    win, tie, loss = (results.count(k) for k in ("win", "tie", "loss"))
+    return {"win_rate": win / n, "tie_rate": tie / n, "loss_rate": loss / n, "wins": win, "ties": tie, "losses": loss}
+
+
 def compare(env: Env) -> TaskResult:
+    """Two models' replies to the same prompts, judged: by a judge model asked which is better (both
+    orders), or by reward models and / or rules (each reply scored, the weighted sums compared). A
+    degenerate reply (empty, looping, or cut at the token limit) loses to one that is not, whatever the
+    judge says: a model must not win by saying nothing or by never stopping."""
     cfg = env.cfg
     assert cfg.model_b is not None
     prompts, report = read_prompts(env)
     messages = [p.messages for _, p in prompts]
     gens_a = run_generation(env, cfg.model, cfg.adapter, prompts, messages, "--model")
     gens_b = run_generation(env, cfg.model_b, cfg.adapter_b, prompts, messages, "--model-b")
+    why_a = [metrics.degenerate(g.completion, g.ended) for g in gens_a]
+    why_b = [metrics.degenerate(g.completion, g.ended) for g in gens_b]
+    shape = {
+        **output_shape(gens_a, "_a"),
+        **output_shape(gens_b, "_b"),
+        **_degenerate_counts(why_a, "_a"),
+        **_degenerate_counts(why_b, "_b"),
+    }
     if cfg.judge is not None:
-        return _compare_with_judge(env, gens_a, gens_b, report)
-    sa, sb = _judge(env, cfg.reward_models[0], [(gens_a, "model"), (gens_b, "model_b")])
-    win, tie, loss = metrics.win_tie_loss(sa, sb, cfg.tie_margin)
+        return _compare_with_judge(env, gens_a, gens_b, report, why_a, why_b, shape)
+    sources_a: dict[str, list[float]] = {}
+    sources_b: dict[str, list[float]] = {}
+    for path in cfg.reward_models:
+        sources_a[path], sources_b[path] = _judge(env, path, [(gens_a, "model"), (gens_b, "model_b")])
+    sources_a.update(_rule_scores(env, gens_a))
+    sources_b.update(_rule_scores(env, gens_b))
+    sa, _ = _weighted(env, sources_a, len(gens_a))
+    sb, _ = _weighted(env, sources_b, len(gens_b))
+    results = [decide(x, y, wa, wb, cfg.tie_margin) for x, y, wa, wb in zip(sa, sb, why_a, why_b, strict=True)]
     n = len(sa)
     rows = [
         {
@@ -351,22 +419,19 @@ def compare(env: Env) -> TaskResult:
             "completion_b": b.completion,
             "score_a": x,
             "score_b": y,
-            "result": "win" if x - y > cfg.tie_margin else "loss" if y - x > cfg.tie_margin else "tie",
+            "degenerate_a": wa,
+            "degenerate_b": wb,
+            "result": r,
         }
-        for a, b, x, y in zip(gens_a, gens_b, sa, sb, strict=True)
+        for a, b, x, y, wa, wb, r in zip(gens_a, gens_b, sa, sb, why_a, why_b, results, strict=True)
     ]
     return TaskResult(
         {
-            "win_rate": win / n,
-            "tie_rate": tie / n,
-            "loss_rate": loss / n,
-            "wins": win,
-            "ties": tie,
-            "losses": loss,
+            **_tally(results),
             "mean_reward_a": sum(sa) / n,
             "mean_reward_b": sum(sb) / n,
-            **output_shape(gens_a, "_a"),
-            **output_shape(gens_b, "_b"),
+            "judged_by": [*cfg.reward_models, *cfg.rules],
+            **shape,
             "examples": n,
             **drop_metrics(report),
         },

@@ -297,6 +297,26 @@ def test_eval_preference_reward_and_compare(trained: dict[str, Path], tmp_path: 
     cmp = json.loads((tmp_path / "cmp.json").read_text())
     assert cmp["wins"] + cmp["ties"] + cmp["losses"] == 4
     assert cmp["win_rate"] + cmp["tie_rate"] + cmp["loss_rate"] == pytest.approx(1.0)
+    # compare under a rule: each reply scored against the row's answer; a degenerate reply (empty, looping, cut
+    # at the token limit) loses to one that is not, whatever its score
+    assert_ok(run_cli(
+        "eval", "--model", str(TINY_MODEL), "--model-b", str(trained["lora"]), "--data", str(prompts), "--task", "compare",
+        "--rule", "contains", "--max-new-tokens", "4", "--output", str(tmp_path / "cmp_rule.json"),
+    ))  # fmt: skip
+    cmp = json.loads((tmp_path / "cmp_rule.json").read_text())
+    assert cmp["judged_by"] == ["contains"] and cmp["wins"] + cmp["ties"] + cmp["losses"] == 4
+    rows = [json.loads(line) for line in Path(cmp["generations"]).read_text().splitlines()]
+    for side in ("a", "b"):
+        assert cmp[f"degenerate_{side}"] == sum(r[f"degenerate_{side}"] is not None for r in rows)
+        assert cmp[f"degenerate_truncated_{side}"] == sum(r[f"degenerate_{side}"] == "truncated" for r in rows)
+    for r in rows:
+        assert r["score_a"] in (0.0, 1.0) and r["score_b"] in (0.0, 1.0)
+        if (r["degenerate_a"] is None) != (r["degenerate_b"] is None):
+            assert r["result"] == ("loss" if r["degenerate_a"] else "win")
+        elif r["degenerate_a"] is not None:
+            assert r["result"] == "tie"
+        else:
+            assert r["result"] == {1.0: "win", -1.0: "loss", 0.0: "tie"}[r["score_a"] - r["score_b"]]
 
 
 def test_eval_bad_paths_and_formats(tmp_path: Path) -> None:
