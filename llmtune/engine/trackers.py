@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from llmtune.errors import Stopped
+
 IDS_FILE = "trackers.json"
 # What the trackers write into output_dir (a run that left only these has nothing of value to resume).
 TRACKER_FILES = ("tensorboard", "wandb", "mlruns", IDS_FILE)
@@ -292,6 +294,4 @@ def remove_tracker_files(out: Path) -> None:
 
 def status_of_exception(e: BaseException) -> str:
     """finished / stopped / failed, as run.json says it, for an exception that ended a run."""
-    from llmtune.engine.trainer import Stopped
-
     return "stopped" if isinstance(e, (Stopped, KeyboardInterrupt)) else "failed"

@@ -45,7 +45,7 @@ from llmtune.engine.ema import WeightAverage
 from llmtune.engine.memory import estimate_memory, out_of_memory_error, peak_line, write_peak
 from llmtune.engine.report import MetricsLog, Progress, print_data_summary, run_console
 from llmtune.engine.trackers import Trackers, remove_tracker_files, status_of_exception
-from llmtune.errors import DataError, RecipeError, TrainingError
+from llmtune.errors import DataError, RecipeError, Stopped, TrainingError
 from llmtune.manifest import RunManifest
 from llmtune.model.load import describe, load_tokenizer, position_limit, tokenizer_record
 from llmtune.objectives.logprobs import chunk_positions, lm_head_of
@@ -619,19 +619,6 @@ class StopRequest:
         self.console.print(
             f"\n[yellow]{signal.Signals(signum).name}[/]: finishing this step, writing a checkpoint, then stopping "
             "(send it again to stop at once)"
-        )
-
-
-class Stopped(TrainingError):
-    """Stopped on request with a checkpoint written: exit 128 + the signal number (130 Ctrl-C, 143 SIGTERM)."""
-
-    label = "stopped"
-
-    def __init__(self, signum: int, step: int, ckpt: Path) -> None:
-        self.exit_code = 128 + signum
-        super().__init__(
-            f"by {signal.Signals(signum).name} after step {step}; checkpoint {ckpt} written\n"
-            "  to continue: run the same command again (it resumes from there)"
         )
 
 
