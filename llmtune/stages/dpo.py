@@ -17,6 +17,7 @@ import torch
 
 from llmtune.data.pipeline import fingerprint_tokenizer
 from llmtune.data.preference import PreferenceSample, build_preference_data, collate_preference
+from llmtune.engine.contract import StageContext, StageData, StepOutput, Window
 from llmtune.engine.distributed import all_reduce_sum
 from llmtune.engine.report import run_console
 from llmtune.model.load import check_reference_tokenizer
@@ -28,7 +29,7 @@ from llmtune.objectives.preference import (
     simpo_loss,
 )
 from llmtune.recipe.schema import DpoRecipe
-from llmtune.stages.base import StageData, StageDefaults, StepOutput, lm_token_logps, recipe_settings
+from llmtune.stages.base import StageDefaults, lm_token_logps, recipe_settings
 
 
 def batch_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +46,9 @@ class DpoStage(StageDefaults):
     recipe: DpoRecipe
     reference: torch.nn.Module | None = None  # kept only when reference log-probs are not precomputed
 
-    def build_data(self, recipe: DpoRecipe, tokenizer: Any, template: str | None) -> StageData:
+    def build_data(
+        self, recipe: DpoRecipe, tokenizer: Any, template: str | None, *, trust_reward_code: bool = False
+    ) -> StageData:
         assert template is not None
         self.recipe, self.tokenizer = recipe, tokenizer
         if recipe.dpo.reference is not None and recipe.dpo.loss != "simpo":
@@ -70,14 +73,14 @@ class DpoStage(StageDefaults):
     def _adapter_is_reference(self) -> bool:
         return self.recipe.dpo.reference is None and self.recipe.finetuning.method in ("lora", "qlora")
 
-    def before_training(self, engine: Any, data: StageData, dist: Any, collate: Any) -> None:
-        cfg = self.recipe.dpo
+    def before_training(self, ctx: StageContext, data: StageData) -> None:
+        cfg, dist = self.recipe.dpo, ctx.dist
         if cfg.loss == "simpo":  # reference-free
             return
         ref: Any = None
         if not self._adapter_is_reference():
             path = cfg.reference or self.recipe.model.path
-            ref = self.load_frozen(self.recipe, path, "dpo.reference", dist, self.tokenizer)
+            ref = self.load_frozen(ctx, path, "dpo.reference")
         if not cfg.precompute_reference:
             self.reference = ref
             return
@@ -87,7 +90,7 @@ class DpoStage(StageDefaults):
         t0 = time.perf_counter()
         console.print(f"reference log-probs: {len(train):,} training and {len(data.eval):,} eval rows ...")
         for samples in (train, data.eval):
-            self._precompute(engine, ref, samples, dist, collate)
+            self._precompute(ctx.engine, ref, samples, dist, ctx.collate)
         console.print(f"reference log-probs: done in {time.perf_counter() - t0:.1f} s")
         del ref
 
@@ -124,12 +127,13 @@ class DpoStage(StageDefaults):
         for j, s in enumerate(samples):
             s.ref_logps = table[j, : len(s.parts)].tolist()
 
-    def prepare_window(self, engine: Any, batches: list[dict[str, torch.Tensor]], dist: Any) -> None:
+    def prepare_window(self, ctx: StageContext, batches: Window) -> None:
         """KTO's reference point z0 = mean(log pi - log ref) over the whole step (every micro-batch of every
         process), clamped at 0: the update then does not depend on how the step is split into micro-batches.
         One extra forward pass without gradients per micro-batch."""
         if self.recipe.dpo.loss != "kto":
             return
+        engine, dist = ctx.engine, ctx.dist
         total = torch.zeros(2, dtype=torch.float64, device=dist.device)
         with torch.no_grad():
             for b in batches:

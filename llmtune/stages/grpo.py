@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from llmtune.data.pipeline import PromptExample, Sample, collate
-from llmtune.engine.batches import Rollouts, Window
-from llmtune.engine.config import frozen_zero3_config
+from llmtune.engine.batches import Rollouts
+from llmtune.engine.contract import StageContext, StageData, StepOutput, Window
 from llmtune.engine.distributed import all_reduce_sum
 from llmtune.generation.sample import end_tokens
 from llmtune.model.load import weight_dtype
@@ -39,7 +39,7 @@ from llmtune.objectives.rl import (
     zero_std_groups,
 )
 from llmtune.recipe.schema import GrpoRecipe
-from llmtune.stages.base import StageData, StepOutput, lm_token_logps
+from llmtune.stages.base import lm_token_logps
 from llmtune.stages.online import NoSignalWarning, OnlineStage, micro_batches, step_shape
 
 
@@ -50,9 +50,11 @@ class GrpoStage(OnlineStage):
 
     # --- data: prompts, and the rollouts made from them ------------------------------------------------------
 
-    def build_data(self, recipe: GrpoRecipe, tokenizer: Any, template: str | None) -> StageData:
+    def build_data(
+        self, recipe: GrpoRecipe, tokenizer: Any, template: str | None, *, trust_reward_code: bool = False
+    ) -> StageData:
         self.unit_name = "tokens" if recipe.grpo.loss_type == "dapo" else "completions"
-        return self.prompt_data(recipe, tokenizer, template)
+        return self.prompt_data(recipe, tokenizer, template, trust_reward_code)
 
     def batch_source(self, data: StageData, recipe: GrpoRecipe, dist: Any, collate: Any) -> Rollouts:
         g = recipe.grpo
@@ -87,24 +89,22 @@ class GrpoStage(OnlineStage):
 
             run_console(self.dist.is_main).print(f"[yellow]{message}[/]")
 
-    def before_training(self, engine: Any, data: StageData, dist: Any, collate: Any) -> None:
+    def before_training(self, ctx: StageContext, data: StageData) -> None:
         from llmtune.rewards import build_rewards
 
-        self.engine, self.dist = engine, dist
-        self.stops = end_tokens(engine.module, self.tokenizer, self.template)
+        self.ctx = ctx
+        self.stops = end_tokens(ctx.engine.module, self.tokenizer, self.template)
         self.rewards = build_rewards(
             self.recipe.grpo.reward,
-            trust_code=self.trust_reward_code,
-            device=dist.device,
+            trust_code=ctx.trust_reward_code,
+            device=ctx.dist.device,
             dtype=weight_dtype(self.recipe),
-            zero3=frozen_zero3_config(self.recipe, dist.world_size),
+            zero3=ctx.strategy.partition,
         )
         self.reference = None
         lora = self.recipe.finetuning.method in ("lora", "qlora")
         if self.recipe.grpo.beta > 0 and not lora:  # lora: the base with the adapter disabled, no second copy
-            self.reference = self.load_frozen(
-                self.recipe, self.recipe.model.path, "the reference", dist, self.tokenizer
-            )
+            self.reference = self.load_frozen(ctx, self.recipe.model.path, "the reference")
         self.rollouts.make = self.make_rollouts
 
     def make_rollouts(self, prompts: list[PromptExample], seed: int) -> list[Window]:

@@ -30,9 +30,8 @@ from typing import Any
 import torch
 
 from llmtune.data.pipeline import PromptExample, Sample, collate
-from llmtune.engine.batches import Rollouts, Window
-from llmtune.engine.checkpoint import export_model
-from llmtune.engine.config import frozen_zero3_config
+from llmtune.engine.batches import Rollouts
+from llmtune.engine.contract import StageContext, StageData, StepOutput, Window
 from llmtune.engine.distributed import all_reduce_sum
 from llmtune.errors import RecipeError
 from llmtune.generation.sample import end_tokens
@@ -57,7 +56,6 @@ from llmtune.objectives.rl import (
     kl_estimate,
 )
 from llmtune.recipe.schema import PpoRecipe
-from llmtune.stages.base import StageData, StepOutput
 from llmtune.stages.online import NoSignalWarning, OnlineStage, micro_batches, step_shape
 
 _ROW_KEYS = ("old_logps", "old_values", "advantages", "returns")  # (T-1,) per row, beside ids and labels
@@ -70,12 +68,14 @@ class PpoStage(OnlineStage):
 
     # --- data and models -----------------------------------------------------------------------------------
 
-    def build_data(self, recipe: PpoRecipe, tokenizer: Any, template: str | None) -> StageData:
+    def build_data(
+        self, recipe: PpoRecipe, tokenizer: Any, template: str | None, *, trust_reward_code: bool = False
+    ) -> StageData:
         from llmtune.rewards.shared import check_shared_rewards
 
         if recipe.ppo.memory == "shared":  # before any model loads: every reward model an adapter of this base
             check_shared_rewards(recipe)
-        return self.prompt_data(recipe, tokenizer, template)
+        return self.prompt_data(recipe, tokenizer, template, trust_reward_code)
 
     def batch_source(self, data: StageData, recipe: PpoRecipe, dist: Any, collate: Any) -> Rollouts:
         p = recipe.ppo
@@ -172,25 +172,23 @@ class PpoStage(OnlineStage):
         )
         return load(spec, device, tokenizer).model
 
-    def before_training(self, engine: Any, data: StageData, dist: Any, collate: Any) -> None:
+    def before_training(self, ctx: StageContext, data: StageData) -> None:
         from llmtune.rewards import build_rewards
 
-        self.engine, self.dist = engine, dist
+        self.ctx = ctx
         p = self.recipe.ppo
         self.stops = end_tokens(self.policy_model(), self.tokenizer, self.template)
         self.rewards = build_rewards(
             p.reward,
-            trust_code=self.trust_reward_code,
-            device=dist.device,
+            trust_code=ctx.trust_reward_code,
+            device=ctx.dist.device,
             dtype=weight_dtype(self.recipe),
             loaded=self.shared_rewards,
-            zero3=frozen_zero3_config(self.recipe, dist.world_size),
+            zero3=ctx.strategy.partition,
         )
         self.reference = None
         if self.recipe.finetuning.method not in ("lora", "qlora"):  # lora: the base with the adapters disabled
-            self.reference = self.load_frozen(
-                self.recipe, self.recipe.model.path, "the reference", dist, self.tokenizer
-            )
+            self.reference = self.load_frozen(ctx, self.recipe.model.path, "the reference")
         self.kl_ctl = AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon)
         self.rollouts.make = self.make_rollouts
         self.rollouts.on_step = self.on_step
@@ -376,19 +374,18 @@ class PpoStage(OnlineStage):
 
     # --- export: the policy as sft's is; the critic beside it on request -----------------------------------
 
-    def export(self, engine: Any, tokenizer: Any, out: Path, recipe: Any, dist: Any) -> list[str]:
-        z = recipe.distributed.zero_stage
-        model = engine.module
-        files = export_model(engine, tokenizer, out, z, dist.rank, part="policy", adapters=[POLICY])
-        if recipe.ppo.save_critic:
+    def export(self, ctx: StageContext, out: Path) -> list[str]:
+        strategy, tokenizer = ctx.strategy, ctx.tokenizer
+        files = strategy.export(tokenizer, out, part="policy", adapters=[POLICY])
+        if self.recipe.ppo.save_critic:
             from llmtune.model.actor_critic import CRITIC
 
-            if model.shared:
+            if ctx.engine.module.shared:
                 # peft writes an adapter not named default into a folder of its name: out/critic/
-                export_model(engine, None, out, z, dist.rank, part="policy", adapters=[CRITIC])
-                export_model(engine, None, out / "critic", z, dist.rank, part="value_head")
+                strategy.export(None, out, part="policy", adapters=[CRITIC])
+                strategy.export(None, out / "critic", part="value_head")
             else:
-                export_model(engine, tokenizer, out / "critic", z, dist.rank, part="critic")
+                strategy.export(tokenizer, out / "critic", part="critic")
         return files
 
 

@@ -12,7 +12,7 @@ import torch
 from llmtune.data.chat import IGNORE_INDEX
 from llmtune.data.pipeline import collate, fingerprint_tokenizer
 from llmtune.data.preference import build_preference_data, collate_preference
-from llmtune.engine.checkpoint import export_model
+from llmtune.engine.contract import StageContext, StageData, StepOutput
 from llmtune.model.load import LoadedModel, ModelSpec, load
 from llmtune.objectives.logprobs import token_logps_from_hidden
 from llmtune.objectives.preference import (
@@ -23,7 +23,7 @@ from llmtune.objectives.preference import (
 )
 from llmtune.objectives.prm import step_loss, step_metrics
 from llmtune.recipe.schema import MERGEABLE_METHODS, RmRecipe
-from llmtune.stages.base import StageData, StageDefaults, StepOutput, recipe_settings
+from llmtune.stages.base import StageDefaults, recipe_settings
 
 FORMAT_OF_LOSS = {"pairwise": "pairs", "ranked": "ranked", "pointwise": "pointwise"}
 
@@ -38,7 +38,9 @@ class RmStage(StageDefaults):
     lm_weight = 0.0
     lm_head: torch.Tensor | None = None  # (V, H) frozen output embedding, for the LM regulariser
 
-    def build_data(self, recipe: RmRecipe, tokenizer: Any, template: str | None) -> StageData:
+    def build_data(
+        self, recipe: RmRecipe, tokenizer: Any, template: str | None, *, trust_reward_code: bool = False
+    ) -> StageData:
         assert template is not None
         self.loss, self.center = recipe.rm.loss, recipe.rm.center_rewards_coefficient
         self.lm_weight = recipe.rm.lm_loss_weight
@@ -150,16 +152,18 @@ class RmStage(StageDefaults):
             metrics["chains"] = m["chains"]
         return StepOutput(loss_sum, n_steps, metrics)
 
-    def evaluate(self, engine: Any, samples: list[Any], recipe: Any, dist: Any, collate: Any) -> dict[str, float]:
-        result = super().evaluate(engine, samples, recipe, dist, collate)
+    def evaluate(self, ctx: StageContext, samples: list[Any]) -> dict[str, float]:
+        result = super().evaluate(ctx, samples)
         if self.loss == "process" and "eval/chains" in result:
             # both were divided by the step count: their ratio is the share of chains whose first error was found
             right, chains = result.pop("eval/first_error_correct"), result.pop("eval/chains")
             result["eval/first_error_accuracy"] = right / chains if chains > 0 else 0.0
         return result
 
-    def export(self, engine: Any, tokenizer: Any, out: Path, recipe: RmRecipe, dist: Any) -> list[str]:
-        files = export_model(engine, tokenizer, out, recipe.distributed.zero_stage, dist.rank)
+    def export(self, ctx: StageContext, out: Path) -> list[str]:
+        recipe, dist, tokenizer = ctx.recipe, ctx.dist, ctx.tokenizer
+        assert isinstance(recipe, RmRecipe)
+        files = ctx.strategy.export(tokenizer, out)
         process = recipe.rm.loss == "process"
         if dist.rank == 0 and recipe.finetuning.method in MERGEABLE_METHODS and recipe.rm.export_merged:
             from llmtune.model.reward import save_merged_reward_model

@@ -13,8 +13,9 @@ from llmtune.data.pipeline import (
     fingerprint_tokenizer,
     pack_examples,
 )
+from llmtune.engine.contract import StageData
 from llmtune.recipe.schema import SftRecipe
-from llmtune.stages.base import StageData, recipe_settings, shaped_data
+from llmtune.stages.base import recipe_settings, shaped_data
 from llmtune.stages.lm import LanguageModelStep
 
 
@@ -22,7 +23,9 @@ class SftStage(LanguageModelStep):
     name = "sft"
     needs_chat_template = True
 
-    def build_data(self, recipe: SftRecipe, tokenizer: Any, template: str | None) -> StageData:
+    def build_data(
+        self, recipe: SftRecipe, tokenizer: Any, template: str | None, *, trust_reward_code: bool = False
+    ) -> StageData:
         assert template is not None  # resolved with required=True by the trainer
         d = recipe.data
         on_prompt = recipe.sft.train_on_prompt
