@@ -322,6 +322,14 @@ def weight_dtype(recipe: RecipeBase) -> torch.dtype:
     return DTYPES[recipe.precision]
 
 
+def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype a model samples in, next to a run of `precision`: fp32 for fp32 and on the CPU, else the
+    run's own (bf16 / fp16 on a GPU)."""
+    if precision == "fp32" or device.type != "cuda":
+        return torch.float32
+    return DTYPES[precision]
+
+
 # ------------------------------------------------------------------------------------------ the model spec
 
 Head = Literal["lm", "score", "value", "token"]

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from llmtune.data.pipeline import PromptExample, Sample, collate
+from llmtune.data.pipeline import PromptExample
 from llmtune.engine.batches import Rollouts
 from llmtune.engine.contract import StageContext, StageData, StepOutput, Window
-from llmtune.engine.distributed import all_reduce_sum
+from llmtune.engine.distributed import all_reduce_sum, moments_over_processes, sums_over_processes
 from llmtune.generation.sample import end_tokens
 from llmtune.model.load import weight_dtype
 from llmtune.objectives.preference import IGNORE_INDEX
@@ -40,7 +40,7 @@ from llmtune.objectives.rl import (
 )
 from llmtune.recipe.schema import GrpoRecipe
 from llmtune.stages.base import lm_token_logps
-from llmtune.stages.online import NoSignalWarning, OnlineStage, micro_batches, step_shape
+from llmtune.stages.online import NoSignalWarning, OnlineStage, completion_batch, micro_batches, step_shape
 
 
 class GrpoStage(OnlineStage):
@@ -140,7 +140,7 @@ class GrpoStage(OnlineStage):
         if cfg.advantage == "rloo":
             adv = rloo_advantages(rewards, g)
         elif cfg.scale_rewards == "batch":  # the std of the whole step's rewards, over every process
-            adv = group_advantages(rewards, g, scale="none") / (self._global_std(rewards) + 1e-4)
+            adv = group_advantages(rewards, g, scale="none") / (_global_std(rewards, self.dist.device) + 1e-4)
         else:
             adv = group_advantages(rewards, g, scale=cfg.scale_rewards)
 
@@ -158,7 +158,7 @@ class GrpoStage(OnlineStage):
         return [window] * cfg.num_iterations
 
     def _collate(self, rows: list[tuple[list[int], list[int], float]]) -> dict[str, torch.Tensor]:
-        batch = collate([Sample(x, y) for x, y, _ in rows], self.tokenizer.pad_token_id, pad_to_multiple=1)
+        batch = completion_batch([(x, y) for x, y, _ in rows], self.tokenizer.pad_token_id)
         batch["advantages"] = torch.tensor([r[2] for r in rows], dtype=torch.float32)
         return batch
 
@@ -182,12 +182,6 @@ class GrpoStage(OnlineStage):
                         ref = lm_token_logps(self.engine, b)[0]
                 batch["ref_logps"] = ref.cpu()
         model.train(was_training)
-
-    def _global_std(self, rewards: torch.Tensor) -> float:
-        local = torch.tensor([len(rewards), rewards.sum(), (rewards**2).sum()], dtype=torch.float64)
-        s = all_reduce_sum(local.to(self.dist.device)).cpu()
-        n, mean = s[0].item(), s[1].item() / max(s[0].item(), 1)
-        return math.sqrt(max(s[2].item() / max(n, 1) - mean**2, 0.0) * n / max(n - 1, 1))
 
     def _rollout_metrics(
         self,
@@ -216,8 +210,7 @@ class GrpoStage(OnlineStage):
             torch.tensor(float(len(trained_zero))),
             *[torch.tensor(sources[k], dtype=torch.float64).sum() for k in names],
         ]
-        s = all_reduce_sum(torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in parts]).to(self.dist.device))
-        s = s.cpu().tolist()
+        s = sums_over_processes(parts, self.dist.device)
         n = max(s[0], 1.0)
         mean = s[1] / n
         m = self.rollouts.last_metrics
@@ -259,3 +252,9 @@ class GrpoStage(OnlineStage):
             if kl is not None:
                 metrics["kl"] = masked_mean(kl.detach(), mask) * units
         return StepOutput(loss_sum=loss_sum, units=units, metrics=metrics)
+
+
+def _global_std(rewards: torch.Tensor, device: torch.device) -> float:
+    """The sample std (n - 1) of the rewards of every process together."""
+    n, _, var = moments_over_processes(rewards, device)
+    return math.sqrt(var * n / max(n - 1, 1))

@@ -6,13 +6,14 @@ prompts. A stage says where its reward block is (``reward_config``) and which mo
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from llmtune.data.pipeline import PromptExample, build_data
-from llmtune.engine.contract import StageContext, StageData
-from llmtune.engine.distributed import DistInfo, all_reduce_sum
+from llmtune.data.pipeline import PromptExample, Sample, build_data, collate
+from llmtune.engine.contract import Batch, StageContext, StageData
+from llmtune.engine.distributed import DistInfo, sums_over_processes
 from llmtune.engine.report import run_console
 from llmtune.errors import RecipeError
 from llmtune.generation.prompts import prompt_encoder
@@ -39,6 +40,12 @@ def step_shape(prompts_per_step: int, generations: int, micro_batch_size: int, w
         "accum": math.ceil(rows / micro_batch_size),
         "rows_per_step": rows * world_size,
     }
+
+
+def completion_batch(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batch:
+    """Right-padded input_ids, attention_mask and labels of (ids, labels) rows, each a prompt and its sampled
+    completion (the prompt's labels IGNORE_INDEX): the rows of a rollout, one per completion, unpacked."""
+    return collate([Sample(ids, labels) for ids, labels in rows], pad_id, pad_to_multiple=1)
 
 
 def micro_batches(rows: list[Any], micro_batch_size: int) -> list[list[Any]]:
@@ -162,7 +169,7 @@ class OnlineStage(StageDefaults):
             sum(float(e) for _, e in outs[:keep]),
             *[sum(scored.per_source[k][:keep]) for k in names],
         ]
-        s = all_reduce_sum(torch.tensor(vals, dtype=torch.float64, device=dist.device)).cpu().tolist()
+        s = sums_over_processes(vals, dist.device)
         n = max(s[0], 1.0)
         result = {"eval/reward": s[1] / n, "eval/completion_length": s[2] / n, "eval/ended": s[3] / n}
         for k, v in zip(names, s[4:], strict=True):
