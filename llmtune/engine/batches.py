@@ -32,7 +32,7 @@ class Batches:
     """Deterministic data order: a seeded permutation per epoch, sharded over ranks, cut into micro-batches
     and grouped into accumulation windows. Position = (epoch, window), so a resumed run continues exactly."""
 
-    def __init__(self, samples: list[Any], recipe: RecipeBase, dist: DistInfo, collate: Any) -> None:
+    def __init__(self, samples: Sequence[Any], recipe: RecipeBase, dist: DistInfo, collate: Any) -> None:
         self.samples, self.recipe, self.dist, self.collate = samples, recipe, dist, collate
         t = recipe.train
         per_rank = math.ceil(len(samples) / dist.world_size)
@@ -93,7 +93,7 @@ class Rollouts:
 
     def __init__(
         self,
-        prompts: list[Any],
+        prompts: Sequence[Any],
         recipe: RecipeBase,
         dist: DistInfo,
         prompts_per_rollout: int,

@@ -115,7 +115,7 @@ def build_optimizer(
             continue
         lr = lr_of(name) if lr_of is not None else t.lr
         buckets.setdefault((lr, p.ndim >= 2), []).append(p)
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"params": ps, "weight_decay": t.weight_decay if decay else 0.0, "lr": lr}
         for (lr, decay), ps in sorted(buckets.items(), key=lambda kv: (kv[0][0] != t.lr, not kv[0][1], kv[0][0]))
     ]

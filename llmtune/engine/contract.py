@@ -20,13 +20,13 @@ from llmtune.recipe.schema import RecipeBase
 
 Batch = dict[str, torch.Tensor]  # a collated micro-batch: input_ids, labels, ... and the stage's own tensors
 Window = list[Batch]  # one optimizer step's micro-batches (this process's)
-Collate = Callable[[list[Any]], Batch]  # samples -> a micro-batch
+Collate = Callable[[Sequence[Any]], Batch]  # samples -> a micro-batch
 
 
 @dataclass
 class StageData:
-    train: list[Any]
-    eval: list[Any]
+    train: Sequence[Any]  # a list, or cpt's memory-mapped corpus
+    eval: Sequence[Any]
     reports: list[Any]  # data.pipeline.SourceReport per source
     notes: list[str] = field(default_factory=list)
     reached: set[int] | None = None  # indices of the training samples this run's steps will use (None: all)
@@ -90,7 +90,7 @@ class Stage(Protocol):
 
     def load_model(self, recipe: Any, device: torch.device, tokenizer: Any) -> LoadedModel: ...
 
-    def collate(self, samples: Sequence[Any], pad_id: int) -> Batch: ...
+    def collate(self, samples: list[Any], pad_id: int) -> Batch: ...
 
     def batch_source(self, data: StageData, recipe: Any, dist: DistInfo, collate: Collate) -> BatchSource: ...
 
@@ -98,7 +98,7 @@ class Stage(Protocol):
 
     def prepare_window(self, ctx: StageContext, window: Window) -> None: ...
 
-    def evaluate(self, ctx: StageContext, samples: list[Any]) -> dict[str, float]: ...
+    def evaluate(self, ctx: StageContext, samples: Sequence[Any]) -> dict[str, float]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 

@@ -8,6 +8,7 @@ import functools
 import math
 import signal
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,7 +227,7 @@ def _engine_grad_norm(engine: Any) -> float | None:
     return float(g.item() if isinstance(g, torch.Tensor) else g)
 
 
-def evaluate(ctx: StageContext, stage: Stage, samples: list[Any]) -> dict[str, float]:
+def evaluate(ctx: StageContext, stage: Stage, samples: Sequence[Any]) -> dict[str, float]:
     """Loss over the eval set (every rank takes a shard; sums are reduced). Returns name -> value."""
     recipe, dist, engine = ctx.recipe, ctx.dist, ctx.engine
     model = engine.module
@@ -265,7 +266,7 @@ def evaluate(ctx: StageContext, stage: Stage, samples: list[Any]) -> dict[str, f
     return result
 
 
-def check_best_metric(ctx: StageContext, stage: Stage, samples: list[Any]) -> None:
+def check_best_metric(ctx: StageContext, stage: Stage, samples: Sequence[Any]) -> None:
     """Before the first step: train.best_metric must be a metric this stage's evaluation reports (found by
     evaluating one batch, with the random state put back), so that a typo does not surface hours later."""
     recipe, dist = ctx.recipe, ctx.dist

@@ -19,6 +19,7 @@ import math
 import os
 import secrets
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -201,7 +202,7 @@ class Trackers:
     @classmethod
     def open(
         cls,
-        names: list[str],
+        names: Sequence[str],
         out: Path,
         run_name: str,
         recipe: dict[str, Any],

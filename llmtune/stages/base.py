@@ -42,8 +42,8 @@ class StageDefaults:
         ctx.frozen.append(loaded)  # the run keeps a ZeRO-3 inference engine alive
         return loaded.model
 
-    def collate(self, samples: Sequence[Any], pad_id: int) -> Batch:
-        return collate(list(samples), pad_id)
+    def collate(self, samples: list[Any], pad_id: int) -> Batch:
+        return collate(samples, pad_id)
 
     def prepare_window(self, ctx: StageContext, window: Window) -> None:
         """Called with a step's micro-batches (this process's) before any of them trains: a stage whose loss
@@ -60,7 +60,7 @@ class StageDefaults:
     def before_training(self, ctx: StageContext, data: StageData) -> None:
         """Runs once after DeepSpeed is set up and before the first step (e.g. reference log-probs)."""
 
-    def evaluate(self, ctx: StageContext, samples: list[Any]) -> dict[str, float]:
+    def evaluate(self, ctx: StageContext, samples: Sequence[Any]) -> dict[str, float]:
         """The loss (and the step's metrics) over the evaluation samples, as eval/ names."""
         return evaluate(ctx, self, samples)  # type: ignore[arg-type]  # a concrete stage is a Stage
 
@@ -121,4 +121,5 @@ def recipe_settings(recipe: RecipeBase, *parts: object) -> str:
     """The settings that change tokenization, for the data cache key."""
     d = recipe.data
     filters = (d.dedup, d.dedup_threshold if d.dedup == "near" else None, d.filter.min_tokens, d.filter.max_tokens)
-    return "|".join(map(str, (recipe.stage, recipe.data.max_length, *parts, *filters)))
+    stage = recipe.stage  # type: ignore[attr-defined]  # every stage's recipe names its stage
+    return "|".join(map(str, (stage, recipe.data.max_length, *parts, *filters)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -101,7 +102,7 @@ class DpoStage(StageDefaults):
             with model.module.disable_adapter():  # the policy's base: the reference, no second copy
                 return batch_logps(model, batch)[0]
 
-    def _precompute(self, engine: Any, ref: Any, samples: list[PreferenceSample], dist: Any, collate: Any) -> None:
+    def _precompute(self, engine: Any, ref: Any, samples: Sequence[PreferenceSample], dist: Any, collate: Any) -> None:
         """Reference log-probs of every response of every sample: each rank takes a shard (the same number of
         forward passes on every rank, as ZeRO-3 needs), then the results are summed over ranks."""
         if not samples:

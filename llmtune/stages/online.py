@@ -152,11 +152,11 @@ class OnlineStage(StageDefaults):
 
     # --- evaluation: greedy completions of the held-out prompts, scored -----------------------------------
 
-    def evaluate(self, ctx: StageContext, samples: list[Any]) -> dict[str, float]:
+    def evaluate(self, ctx: StageContext, samples: Sequence[Any]) -> dict[str, float]:
         recipe, dist = ctx.recipe, ctx.dist
         mine = samples[dist.rank :: dist.world_size]
         per_rank = math.ceil(len(samples) / dist.world_size)
-        padded = (mine or samples[:1]) * math.ceil(per_rank / max(len(mine), 1))  # same generate calls everywhere
+        padded = list(mine or samples[:1]) * math.ceil(per_rank / max(len(mine), 1))  # same generate calls everywhere
         chosen = padded[:per_rank]
         outs = self._sample(chosen, 1, recipe.seed, greedy=True)
         scored = self._score(chosen, outs, 1)

@@ -180,8 +180,8 @@ class PpoStage(OnlineStage):
             mean, std = _whitening(flat, self.dist.device)
             for row in rows:
                 row["advantages"] = (row["advantages"] - mean) / std * row["mask"]
-        kl, n = self._rollout_metrics(scored, rows, kl_sums, coef, outs)
-        self.after_rollout(kl, n)
+        mean_kl, sequences = self._rollout_metrics(scored, rows, kl_sums, coef, outs)
+        self.after_rollout(mean_kl, sequences)
         return self._windows(rows, seed)
 
     @torch.no_grad()

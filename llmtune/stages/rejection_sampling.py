@@ -62,7 +62,7 @@ def read_prompts(recipe: RejectionSamplingRecipe, console: Console) -> list[Any]
     from llmtune.engine.report import print_data_summary
     from llmtune.generation.prompts import to_prompt
 
-    def encode(row: dict, fmt: str, src: DataSource) -> list[PromptExample]:
+    def encode(row: dict, fmt: str, src: DataSource) -> list[Any]:
         return [PromptExample(input_ids=[], labels=[], prompt=to_prompt(row, src.system))]
 
     bundle = build_data(recipe, encode, "prompts", default_format="prompts", use_cache=False)
@@ -71,6 +71,7 @@ def read_prompts(recipe: RejectionSamplingRecipe, console: Console) -> list[Any]
         console.print(f"note: {len(bundle.eval)} held-out prompt(s) (data.eval / eval_split) are not sampled")
     prompts = []
     for e in bundle.train:
+        assert isinstance(e, PromptExample)
         e.prompt.row = e.row
         prompts.append(e.prompt)
     return prompts

@@ -4,6 +4,7 @@ or, with ``rm.loss: process``, a process reward model: a two-class token head tr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,7 @@ class RmStage(StageDefaults):
             best = (rank == 0).nonzero().squeeze(-1)  # (B,) rows of the preferred responses, in row order
             hidden = out.hidden_states[-1][best]  # (B, T, H)
             w = self.lm_head  # (V, H), frozen: applied per chunk of positions, no (B, T, V) logits
+            assert w is not None  # want_hidden
             token_logp, mask, _ = token_logps_from_hidden(hidden, batch["labels"][best], lambda h: h @ w.T)
             nll = -(token_logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
             pairs_per_row = torch.bincount(row, minlength=b).to(nll.dtype)  # (B,)
@@ -152,7 +154,7 @@ class RmStage(StageDefaults):
             metrics["chains"] = m["chains"]
         return StepOutput(loss_sum, n_steps, metrics)
 
-    def evaluate(self, ctx: StageContext, samples: list[Any]) -> dict[str, float]:
+    def evaluate(self, ctx: StageContext, samples: Sequence[Any]) -> dict[str, float]:
         result = super().evaluate(ctx, samples)
         if self.loss == "process" and "eval/chains" in result:
             # both were divided by the step count: their ratio is the share of chains whose first error was found
