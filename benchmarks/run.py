@@ -449,11 +449,13 @@ def llmtune_recipe(case: Case, s: Settings, out: Path) -> dict[str, Any]:
             "num_generations": s.num_generations, "beta": 0.0, "loss_type": "dapo", "epsilon": 0.2,
             "scale_rewards": "group", "num_iterations": 1, "mask_truncated_completions": False,
             "reward": {"rule": "exact_match"},
+            # TRL's step: micro_batch completions = micro_batch / num_generations prompts
+            "prompts_per_step": max(1, s.micro_batch // s.num_generations),
         }  # fmt: skip
     if case.stage == "ppo":
         recipe["ppo"] = {
             "memory": "shared", "rollout_batch_size": s.micro_batch, "ppo_epochs": 1, "critic_init": "policy",
-            "reward": {"rule": "exact_match"},
+            "reward": {"rule": "exact_match"}, "prompts_per_step": s.micro_batch,
         }  # fmt: skip
     if case.stage in ("grpo", "ppo"):
         recipe["generation"] = {"max_new_tokens": s.max_new_tokens, "temperature": 1.0, "top_p": 1.0}

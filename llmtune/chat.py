@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
+from llmtune.data.prompts import render_prompt
 from llmtune.errors import UserError
-from llmtune.generation.prompts import render_prompt
 
 HELP = "commands: /reset (forget the conversation), /exit (quit); Ctrl-C stops a reply, Ctrl-D quits"
 
@@ -250,8 +250,8 @@ def load_chat(
 ) -> Chat:
     """Load as eval does (a .gguf file converted once; an adapter directory with its recorded base)."""
     from llmtune.data.chat import resolve_chat_template
-    from llmtune.eval.models import load_causal_lm, pick_device, pick_dtype
     from llmtune.model.gguf import resolve_gguf
+    from llmtune.model.resolve import load_causal_lm, pick_device, pick_dtype
 
     model = resolve_gguf(model, console)
     dev = pick_device(device)

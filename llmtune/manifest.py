@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from llmtune.errors import UserError
+
 FILE = "run.json"
 STATUSES = ("running", "stopped", "failed", "finished")
 
@@ -21,7 +23,7 @@ STATUSES = ("running", "stopped", "failed", "finished")
 @dataclass(frozen=True)
 class TokenizerRecord:
     """A fingerprint of a tokenizer's vocabulary: the number of ids and the sha256 over the id-ordered token
-    strings (llmtune.model.load.tokenizer_record makes it, check_tokenizer_record compares against it)."""
+    strings (llmtune.model.tokenizer.tokenizer_record makes it, check_tokenizer_record compares against it)."""
 
     size: int
     vocab_sha256: str
@@ -106,3 +108,22 @@ def status_of(path: str | Path | None) -> str | None:
     """The status run.json records in a directory; None when it is no llmtune output or records none."""
     m = RunManifest.read(path)
     return None if m is None else m.status
+
+
+def unfinished_run(path: str | None) -> str | None:
+    """The run.json status of an llmtune output directory whose run has not finished (running, failed,
+    stopped); None for a finished run and for anything that is not an llmtune output."""
+    status = status_of(path)
+    return None if status in (None, "finished") else str(status)
+
+
+def check_finished(path: str | None, what: str) -> None:
+    """A model input that is an llmtune run must have finished: until then its top-level weights are
+    missing, or stale ones of an earlier run."""
+    status = unfinished_run(path)
+    if status is not None:
+        raise UserError(
+            f"{what} {path} is an llmtune run that has not finished (run.json status: {status}): "
+            "the model there is missing or out of date",
+            hint="finish that run first (the same `llmtune train` command resumes it), or point to a finished run",
+        )

@@ -134,7 +134,7 @@ evaluate() { # STAGE MODEL
     echo "pipeline: eval of $1: $report exists, skipped"
     return 0
   fi
-  llmtune eval --model "$2" "${args[@]}" --output "$report.tmp.json"
+  llmtune eval --model "$2" "${args[@]}" --output "$report.tmp.json" --generations "$OUT/eval-$1.generations.jsonl"
   rc=$?
   [ $rc -eq 0 ] || fail "eval of $1" $rc "the model: $2"
   mv "$report.tmp.json" "$report"

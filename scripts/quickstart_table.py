@@ -34,6 +34,7 @@ def llmtune_eval(out: Path, name: str, *args: str) -> dict:
     if not report.is_file():
         tmp = out / f"eval-{name}.tmp.json"
         cmd = [sys.executable, "-m", "llmtune", "eval", *args, "--output", str(tmp)]
+        cmd += ["--generations", str(out / f"eval-{name}.generations.jsonl")]  # beside the report, not the tmp
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-3000:])

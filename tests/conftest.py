@@ -133,7 +133,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from llmtune.model.load import load_tokenizer
+    from llmtune.model.tokenizer import load_tokenizer
     from llmtune.recipe.schema import ModelConfig
 
     return load_tokenizer(ModelConfig(path=str(TINY_MODEL)))

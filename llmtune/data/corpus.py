@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from llmtune.data.pipeline import PIPELINE_VERSION, Sample, SourceReport, _fingerprint_source, cache_root
+from llmtune.data.packing import Sample
+from llmtune.data.pipeline import PIPELINE_VERSION, SourceReport, cache_root, fingerprint_source
 from llmtune.errors import DataError
 from llmtune.paths import looks_local
 from llmtune.recipe.schema import DataSource, RecipeBase
@@ -372,9 +373,7 @@ def memory_map_plan(recipe: RecipeBase) -> tuple[bool, str | None]:
 def token_file(src: DataSource, tokenizer: Any, fingerprint: str, recipe: RecipeBase) -> tuple[TokenFile, SourceReport]:
     """The source's token file: from the cache, or tokenized into it now."""
     report = SourceReport(name=src.path, format="text")
-    settings = "|".join(
-        [CORPUS_VERSION, PIPELINE_VERSION, _fingerprint_source(src), src.model_dump_json(), fingerprint]
-    )
+    settings = "|".join([CORPUS_VERSION, PIPELINE_VERSION, fingerprint_source(src), src.model_dump_json(), fingerprint])
     target = cache_root(recipe) / "corpus" / hashlib.sha256(settings.encode()).hexdigest()[:32]
     hit = _cached(target, report)
     if hit is None:
@@ -415,7 +414,7 @@ def build_corpus(
         for k, src in enumerate(sources):
             check_source(src, f"data.{group}[{k}]")
             tf, report = token_file(src, tokenizer, fingerprint, recipe)
-            parts = [_fingerprint_source(src), src.model_dump_json(), "text", settings, "prompts=False"]
+            parts = [fingerprint_source(src), src.model_dump_json(), "text", settings, "prompts=False"]
             report.fingerprint = hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
             reports.append(report)
             if tf.docs == 0:

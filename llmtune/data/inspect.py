@@ -19,8 +19,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
+from llmtune.data.chat import IGNORE_INDEX
 from llmtune.data.formats import RowError, detect_format
-from llmtune.data.pipeline import IGNORE_INDEX, Encoder, Example, SourceReport, dedup_sources, load_source
+from llmtune.data.pipeline import Encoder, Example, SourceReport, dedup_sources, load_source
 from llmtune.data.sources import read_rows
 from llmtune.errors import DataError, UserError
 from llmtune.recipe.schema import DataSource
@@ -72,7 +73,7 @@ def stage_encoder(
     if stage == "dpo":
         kto = recipe.dpo.loss == "kto"
         return preference_encoder(tokenizer, template, max_length, unpair=kto), "unpaired" if kto else "pairs"
-    from llmtune.generation.prompts import prompt_encoder
+    from llmtune.data.prompts import prompt_encoder
 
     budget = max_length - recipe.generation.max_new_tokens if max_length < UNLIMITED else max_length
     return prompt_encoder(tokenizer, template, max(budget, 8)), "prompts"
@@ -376,7 +377,7 @@ def inspect_command(
     logging.disable_progress_bar()
     logging.set_verbosity_error()  # the measuring pass tokenizes rows longer than the model's positions
     from llmtune.data.chat import resolve_chat_template
-    from llmtune.model.load import load_tokenizer
+    from llmtune.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model)
     needs_template = recipe.stage != "cpt"

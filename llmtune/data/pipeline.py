@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from llmtune.data.chat import IGNORE_INDEX, encode_conversation, encode_text
+from llmtune.data.chat import encode_conversation, encode_text
 from llmtune.data.filters import (
     Deduper,
     is_filter_reason,
@@ -36,6 +36,7 @@ from llmtune.paths import looks_local
 from llmtune.recipe.schema import DataSource, RecipeBase
 
 PIPELINE_VERSION = "5"  # bump when tokenization output changes, to invalidate caches
+PERPLEXITY_SCORES = "perplexity_scores.jsonl"  # data.filter.perplexity's score of every training row
 
 
 @dataclass
@@ -125,6 +126,8 @@ class DataBundle:
     notes: list[str] = field(default_factory=list)  # printed under the data summary (e.g. the perplexity filter)
     # each training source's id (data.schedule) and its examples' range [start, end) in train
     train_ranges: list[tuple[str, int, int]] = field(default_factory=list)
+    # files for output_dir, by name (data.filter.perplexity's scores): the caller writes them, on one process
+    outputs: dict[str, str] = field(default_factory=dict)
 
     def train_sources(self) -> list[tuple[str, list[Example]]]:
         """Each training source's id and examples (after eval_split and weight)."""
@@ -145,7 +148,7 @@ def fingerprint_tokenizer(tokenizer: Any, template: str | None) -> str:
     return h.hexdigest()
 
 
-def _fingerprint_source(src: DataSource) -> str:
+def fingerprint_source(src: DataSource) -> str:
     h = hashlib.sha256()
     if not looks_local(src.path):
         h.update(f"hub:{src.path}:{src.subset}:{src.split}".encode())
@@ -250,7 +253,7 @@ def load_source(
     key = None
     fingerprint = ""
     if cache_dir is not None:
-        parts = [_fingerprint_source(src), src.model_dump_json(), str(default_format), settings, f"prompts={prompts}"]
+        parts = [fingerprint_source(src), src.model_dump_json(), str(default_format), settings, f"prompts={prompts}"]
         fingerprint = hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
         key = hashlib.sha256(f"{PIPELINE_VERSION}|{fingerprint}".encode()).hexdigest()[:32]
         hit = _load_cache(cache_dir / key, src.path)
@@ -317,6 +320,7 @@ def build_data(
     reports: list[SourceReport] = []
     loaded: list[tuple[str, DataSource, list[Example], SourceReport]] = []
     notes: list[str] = []
+    outputs: dict[str, str] = {}
     ranges: list[tuple[str, int, int]] = []
     for group, sources in (("train", d.train), ("eval", d.eval)):
         for src in sources:
@@ -338,10 +342,11 @@ def build_data(
     if d.filter.perplexity is not None:
         if scorer is None:
             raise DataError(f"data.filter.perplexity is not supported for stage {recipe.stage}")
-        kept, note = perplexity_filter(
+        kept, note, scores = perplexity_filter(
             recipe, [(ex, rep) for group, _, ex, rep in loaded if group == "train"], scorer, cache is not None
         )
         notes.append(note)
+        outputs[PERPLEXITY_SCORES] = scores
         trained = iter(kept)
         loaded = [(g, s, next(trained) if g == "train" else ex, r) for g, s, ex, r in loaded]
     for group, src, examples, report in loaded:
@@ -372,7 +377,7 @@ def build_data(
                 "data.on_bad_row is error and some rows cannot be used:\n  " + "\n  ".join(lines),
                 hint="fix those rows, or set data.on_bad_row: drop to skip them",
             )
-    return DataBundle(train=train, eval=evals, reports=reports, notes=notes, train_ranges=ranges)
+    return DataBundle(train=train, eval=evals, reports=reports, notes=notes, train_ranges=ranges, outputs=outputs)
 
 
 def _reasons_hint(report: SourceReport) -> str:
@@ -408,12 +413,12 @@ def dedup_sources(
 
 def perplexity_filter(
     recipe: RecipeBase, sources: list[tuple[list[Example], SourceReport]], scorer: Scorer, use_cache: bool
-) -> tuple[list[list[Example]], str]:
+) -> tuple[list[list[Example]], str, str]:
     """data.filter.perplexity: score every training row (a row's perplexity: exp of the mean NLL over the
     learned tokens of all its examples), drop the drop_low fraction with the lowest and the drop_high fraction
     with the highest perplexity over all training sources together, and count them in the sources' reports.
-    The scores are cached (model + data) and written to output_dir/perplexity_scores.jsonl. Returns the kept
-    examples of each source and a line for the user."""
+    The scores are cached (model + data). Returns the kept examples of each source, a line for the user and
+    the text of output_dir/perplexity_scores.jsonl (one JSON line per scored row), for the caller to write."""
     cfg = recipe.data.filter.perplexity
     assert cfg is not None
     model = cfg.model or recipe.model.path
@@ -460,21 +465,19 @@ def perplexity_filter(
         gone = {row for j, row in low | high if j == i}
         out.append([e for e in examples if e.row not in gone])
         report.examples = len(out[-1])
-    path = Path(recipe.output_dir) / "perplexity_scores.jsonl"
-    if int(os.environ.get("RANK", "0")) == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            for (i, row), p in sorted(scores.items()):
-                dropped = "low" if (i, row) in low else "high" if (i, row) in high else None
-                rec = {"source": sources[i][1].name, "row": row, "perplexity": p, "kept": dropped is None}
-                f.write(json.dumps({**rec, "dropped": dropped}) + "\n")
+    path = Path(recipe.output_dir) / PERPLEXITY_SCORES
+    lines = []
+    for (i, row), p in sorted(scores.items()):
+        dropped = "low" if (i, row) in low else "high" if (i, row) in high else None
+        rec = {"source": sources[i][1].name, "row": row, "perplexity": p, "kept": dropped is None}
+        lines.append(json.dumps({**rec, "dropped": dropped}) + "\n")
     kept = sorted(p for k_, p in scores.items() if k_ not in low and k_ not in high)
     note = (
         f"perplexity filter: {len(scores)} training rows scored with {model} "
         f"({'scores from the cache' if cached else 'scored now'}); dropped {len(low)} easiest and {len(high)} "
         f"hardest, kept perplexities {kept[0]:.4g} to {kept[-1]:.4g}; scores in {path}"
     )
-    return out, note
+    return out, note, "".join(lines)
 
 
 def model_fingerprint(path: str, revision: str | None = None) -> str:
@@ -586,88 +589,3 @@ def text_encoder(
         return [Example(c, list(c)) for c in chunks if len(c) >= 2]
 
     return encode
-
-
-# --- packing and batching ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Sample:
-    """One training row: token ids, labels, and position ids when several examples share the row."""
-
-    input_ids: list[int]
-    labels: list[int]
-    position_ids: list[int] | None = None
-
-
-def as_samples(examples: list[Example]) -> list[Sample]:
-    return [Sample(e.input_ids, e.labels) for e in examples]
-
-
-def pack_stream(examples: list[Example], max_length: int) -> list[Sample]:
-    """cpt packing: concatenate the documents (each ends in EOS) and cut into max_length rows."""
-    ids = [t for e in examples for t in e.input_ids]
-    rows = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
-    return [Sample(r, list(r)) for r in rows if len(r) >= 2]
-
-
-def pack_examples(examples: list[Example], max_length: int, seed: int) -> list[Sample]:
-    """sft packing: first-fit-decreasing into rows of max_length; position ids restart per example, so
-    that attention (flash-attention varlen, or transformers' packed-sequence mask) keeps examples apart."""
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    bins: list[list[int]] = []
-    free: list[int] = []
-    for i in order:
-        n = len(examples[i].input_ids)
-        for b, space in enumerate(free):
-            if space >= n:
-                bins[b].append(i)
-                free[b] -= n
-                break
-        else:
-            bins.append([i])
-            free.append(max_length - n)
-    random.Random(seed).shuffle(bins)
-    samples = []
-    for b in bins:
-        ids: list[int] = []
-        labels: list[int] = []
-        pos: list[int] = []
-        for i in b:
-            e = examples[i]
-            ids += e.input_ids
-            # the first token of an example is never predicted from the previous example
-            labels += [IGNORE_INDEX, *e.labels[1:]]
-            pos += list(range(len(e.input_ids)))
-        samples.append(Sample(ids, labels, pos))
-    return samples
-
-
-def collate(samples: list[Sample], pad_id: int, pad_to_multiple: int = 8) -> dict[str, Any]:
-    """Right-pad to the longest row (rounded up to a multiple of 8). Packed rows carry position_ids and no
-    attention_mask; the padding then forms its own trailing segment, whose labels are ignored."""
-    import torch
-
-    longest = max(len(s.input_ids) for s in samples)
-    width = -(-longest // pad_to_multiple) * pad_to_multiple
-    n = len(samples)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-    packed = any(s.position_ids is not None for s in samples)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    pos = torch.zeros((n, width), dtype=torch.long)
-    for r, s in enumerate(samples):
-        k = len(s.input_ids)
-        ids[r, :k] = torch.tensor(s.input_ids)
-        labels[r, :k] = torch.tensor(s.labels)
-        mask[r, :k] = 1
-        if packed:
-            p = s.position_ids if s.position_ids is not None else list(range(k))
-            pos[r, :k] = torch.tensor(p)
-            pos[r, k:] = torch.arange(width - k)
-    batch: dict[str, Any] = {"input_ids": ids, "labels": labels}
-    if packed:
-        batch["position_ids"] = pos
-    else:
-        batch["attention_mask"] = mask
-    return batch

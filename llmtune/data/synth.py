@@ -134,8 +134,8 @@ def clean(text: str) -> str:
 def read_seeds(path: str) -> list[str]:
     """The first user turn of every usable row of an sft file (alpaca, sharegpt, messages) or a prompts file."""
     from llmtune.data.formats import RowError, detect_format, to_conversation
+    from llmtune.data.prompts import to_prompt
     from llmtune.data.sources import read_rows
-    from llmtune.generation.prompts import to_prompt
     from llmtune.recipe.schema import DataSource
 
     rows = [r for r in read_rows(DataSource(path=path)) if r.data is not None]
@@ -259,10 +259,10 @@ class Synthesizer:
 def model_completer(model: str, adapter: str | None, cfg: SynthConfig, chat_template: str | None, console: Any):
     """complete() for a local causal LM: each ask is a user turn rendered with the chat template; sampled."""
     from llmtune.data.chat import resolve_chat_template
-    from llmtune.eval.models import load_causal_lm, pick_device, pick_dtype
-    from llmtune.generation.prompts import render_prompt
+    from llmtune.data.prompts import render_prompt
     from llmtune.generation.sample import end_tokens, generate
     from llmtune.model.gguf import resolve_gguf
+    from llmtune.model.resolve import load_causal_lm, pick_device, pick_dtype
 
     device = pick_device("auto")
     model = resolve_gguf(model, console)

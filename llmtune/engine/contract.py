@@ -32,6 +32,7 @@ class StageData:
     reached: set[int] | None = None  # indices of the training samples this run's steps will use (None: all)
     # data.schedule: each training source's id and rows (train holds them all, for the data summary)
     sources: list[tuple[str, Any]] | None = None
+    outputs: dict[str, str] = field(default_factory=dict)  # files for output_dir, by name (DataBundle.outputs)
 
 
 @dataclass

@@ -42,7 +42,8 @@ from llmtune.engine.strategy import Strategy
 from llmtune.engine.trackers import Trackers, remove_tracker_files
 from llmtune.errors import DataError, RecipeError
 from llmtune.manifest import RunManifest
-from llmtune.model.load import describe, load_tokenizer, position_limit, tokenizer_record
+from llmtune.model.load import describe, position_limit
+from llmtune.model.tokenizer import load_tokenizer, tokenizer_record
 from llmtune.objectives.logprobs import chunk_positions, lm_head_of
 from llmtune.recipe.load import dump_recipe, resolved_dict
 from llmtune.recipe.schema import RecipeBase
@@ -139,7 +140,7 @@ def setup(
         tokenizer.chat_template = template
     collate = functools.partial(stage.collate, pad_id=tokenizer.pad_token_id)
     ctx = StageContext(recipe, tokenizer, template, dist, Strategy(recipe, dist), collate, trust_reward_code)
-    data = _read_data(ctx, stage, console)
+    data = _read_data(ctx, stage, console, out)
     data_fingerprint = _data_fingerprint(data.reports)
     if plan.resume_from is not None:  # before the model loads: a resume that cannot be exact fails fast
         explicit = options.get("resume_from") is not None
@@ -162,8 +163,9 @@ def setup(
     return Run(ctx, stage, console, out, data, batches, total_steps, state, plan.resume_from, owns_group=owns_group)
 
 
-def _read_data(ctx: StageContext, stage: Stage, console: Console) -> StageData:
-    """The stage's data, tokenized by rank 0 first (it fills the cache; the others then read it)."""
+def _read_data(ctx: StageContext, stage: Stage, console: Console, out: Path) -> StageData:
+    """The stage's data, tokenized by rank 0 first (it fills the cache, and writes the files the data asks for
+    into output_dir; the others then read it)."""
     recipe, dist = ctx.recipe, ctx.dist
     console.print(f"reading and tokenizing the data ({len(recipe.data.train)} training source(s)) ...")
 
@@ -172,6 +174,8 @@ def _read_data(ctx: StageContext, stage: Stage, console: Console) -> StageData:
 
     if dist.is_main:
         data = build()
+        for name, text in data.outputs.items():  # e.g. the perplexity filter's scores
+            (out / name).write_text(text, encoding="utf-8")
     barrier()
     if not dist.is_main:
         data = build()

@@ -1,1 +1,1 @@
-"""Generation for eval (and later ppo / rejection sampling): prompts from rows, batched seeded sampling."""
+"""Generation for eval, ppo, grpo and rejection sampling: batched seeded sampling from token ids."""

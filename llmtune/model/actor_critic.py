@@ -203,7 +203,7 @@ def load_reward_adapter(policy: nn.Module, path: str, device: torch.device, inde
     from peft import LoraConfig, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from llmtune.model.merge import adapter_config_or_none
+    from llmtune.model.peft import adapter_config_or_none
 
     cfg = adapter_config_or_none(path) or {}
     state = load_file(f"{path}/adapter_model.safetensors")

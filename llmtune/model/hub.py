@@ -10,10 +10,14 @@ import socket
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from llmtune.errors import UserError
 from llmtune.paths import looks_local
+
+if TYPE_CHECKING:
+    from llmtune.recipe.schema import ModelConfig
 
 CONNECT_TIMEOUT_S = 2.0
 _TRUE = {"1", "on", "yes", "true"}
@@ -140,3 +144,19 @@ def check_model_options(models: list[tuple[str, str | None]], *, hub_ok: bool = 
             raise UserError(msg, hint=hint)
     if hub_ok:
         check_hub_models([(k, v, None) for k, v in models if v], refuse=True, option="option")
+
+
+def from_pretrained_kwargs(revision: str | None, token: str | None, trust_remote_code: bool) -> dict[str, Any]:
+    """The hub options of a from_pretrained call: trust_remote_code always, revision and token when set."""
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision:
+        kw["revision"] = revision
+    if token:
+        kw["token"] = token
+    return kw
+
+
+def hub_kwargs(m: ModelConfig) -> dict[str, Any]:
+    """revision, token and trust_remote_code for from_pretrained, as the model block sets them."""
+    token = m.hub_token.get_secret_value() if m.hub_token is not None else None
+    return from_pretrained_kwargs(m.revision, token, m.trust_remote_code)

@@ -23,9 +23,11 @@ from typing import Any
 import torch
 
 from llmtune.errors import LlmtuneError, UserError
-from llmtune.model.load import DTYPES, check_tokenizers_agree, load_config, tokenizer_from
+from llmtune.manifest import check_finished
+from llmtune.model.load import DTYPES, load_config
+from llmtune.model.peft import adapter_config_or_none
+from llmtune.model.tokenizer import check_tokenizers_agree, tokenizer_from
 from llmtune.paths import looks_local
-from llmtune.recipe.checks import check_finished
 from llmtune.runtime import readable_like_normal_files
 
 # max |logit difference| allowed, relative to max(1, max |logit|) of the reference, per saved dtype:
@@ -64,17 +66,6 @@ def check_out_dir(out: Path, overwrite: bool, inputs: list[str]) -> None:
         raise UserError(
             f"--out {out} is not empty", hint="choose a new directory, or pass --overwrite to replace its files"
         )
-
-
-def adapter_config_or_none(path: str | Path) -> dict[str, Any] | None:
-    """adapter_config.json of a directory, None when there is none; invalid JSON is an error."""
-    f = Path(path).expanduser() / "adapter_config.json"
-    if not f.is_file():
-        return None
-    try:
-        return json.loads(f.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{f} is not valid JSON: {e}") from None
 
 
 def read_adapter_config(adapter: str | Path) -> dict[str, Any]:
@@ -454,7 +445,7 @@ def average_models(
     weights = check_weights(inputs, weights)  # before anything is loaded
     fisher_rows: tuple[list[Any], str] | None = None
     if fisher is not None:
-        from llmtune.eval.tasks import lm_rows
+        from llmtune.data.lm import lm_rows
 
         fisher_rows = lm_rows(fisher.path, fisher.format, fisher.samples)
     for p in inputs:
@@ -507,7 +498,7 @@ def average_models(
         )
         if fisher_rows is not None:
             if i == 0:
-                from llmtune.eval.tasks import lm_samples
+                from llmtune.data.lm import lm_samples
 
                 tok = tokenizer_from(a or b, b, set_pad=False)
                 rows, fmt = fisher_rows

@@ -1,6 +1,6 @@
 """Reward models: a causal LM's backbone with a scalar head (``AutoModelForSequenceClassification``, one label).
 
-Loading goes through ``llmtune.model.load.load_model(..., head="score")``: the head ``score`` is new (randomly
+Loading goes through ``llmtune.model.load.load(ModelSpec(..., head="score"))``: the head ``score`` is new (randomly
 initialised), the reward is read at the last token that is not padding (right padding, so the config carries
 ``pad_token_id``), and with lora / qlora the head trains in full and is saved with the adapter
 (``modules_to_save=["score"]``, peft task SEQ_CLS).
@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from llmtune.model.load import PRM_LABELS, Head, ModelSpec, _hub_kwargs, load
+from llmtune.model.hub import hub_kwargs
+from llmtune.model.load import PRM_LABELS, Head, ModelSpec, load
 from llmtune.recipe.schema import RecipeBase
 
 
@@ -87,7 +88,7 @@ def load_output_embedding(recipe: RecipeBase, device: torch.device, dtype: torch
     from llmtune.errors import RecipeError
 
     m = recipe.model
-    kw = _hub_kwargs(m)
+    kw = hub_kwargs(m)
     hub = {k: v for k, v in kw.items() if k in ("revision", "token")}
     config = AutoConfig.from_pretrained(m.path, **kw)
     index = cached_file(m.path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)

@@ -25,17 +25,24 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-CHUNK_ELEMENTS = 1 << 25  # logits per chunk: 32M floats (128 MB in float32), e.g. 261 positions of a 128k vocab
+# Logits per chunk. On CPU, memory is what a chunk costs and the per-chunk overhead is nothing next to its
+# matmul: 8M floats (32 MB in float32; 65 positions of a 128k vocabulary). On a GPU the chunk's 128 MB is
+# nothing next to the card while every chunk costs a handful of kernel launches: 32M floats (261 positions).
+CHUNK_ELEMENTS = 1 << 23
+CHUNK_ELEMENTS_CUDA = 1 << 25
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 
 
-def chunk_positions(vocab_size: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
-    """Positions per chunk so that a chunk's logits hold about chunk_elements numbers.
+def chunk_positions(vocab_size: int, chunk_elements: int | None = None, cuda: bool = False) -> int:
+    """Positions per chunk so that a chunk's logits hold about chunk_elements numbers (None: the default for
+    the device, CHUNK_ELEMENTS or, with cuda, CHUNK_ELEMENTS_CUDA).
 
-    >>> chunk_positions(128_256)
-    261
+    >>> chunk_positions(128_256), chunk_positions(128_256, cuda=True)
+    (65, 261)
     """
+    if chunk_elements is None:
+        chunk_elements = CHUNK_ELEMENTS_CUDA if cuda else CHUNK_ELEMENTS
     return max(1, chunk_elements // max(1, vocab_size))
 
 
@@ -77,9 +84,9 @@ def _selected_stats(
         zero = hidden.sum() * 0.0  # keeps the graph (and its dtype) for a batch with nothing to learn
         empty = zero.float().reshape(1).expand(0)
         return idx, empty, empty, mask
-    if chunk_size is None:  # about CHUNK_ELEMENTS logits per chunk
+    if chunk_size is None:  # about CHUNK_ELEMENTS(_CUDA) logits per chunk
         with torch.no_grad():
-            chunk_size = chunk_positions(head(h[:1]).shape[-1])
+            chunk_size = chunk_positions(head(h[:1]).shape[-1], cuda=h.is_cuda)
     step = chunk_size
     recompute = torch.is_grad_enabled() and (h.requires_grad or any(True for _ in _grad_params(head)))
     logps, ents = [], []
@@ -158,7 +165,7 @@ def _fused_linear_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.n
     idx = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
     h = hidden[:, :-1].reshape(-1, d).index_select(0, idx)  # (N, H)
     y = targets.index_select(0, idx)
-    step = chunk_size or chunk_positions(head.out_features)
+    step = chunk_size or chunk_positions(head.out_features, cuda=h.is_cuda)
     return _FusedLinearCrossEntropy.apply(h, head.weight, head.bias, y, step)
 
 
@@ -197,17 +204,23 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_w += (dz.T @ hc).float()
             if need_b:
                 grad_b += dz.float().sum(0)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        # kept on ctx rather than saved: backward scales them in place (a head's float32 gradient is as large
+        # as the head, 0.5 GB for a 128k x 1024 one; a copy would double it at the peak of the step)
+        ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("the fused LM-head loss was backpropagated twice (retain_graph): compute it again")
+        grad_h, grad_w, grad_b = ctx.grads
+        ctx.grads = None
         w_dtype, b_dtype = ctx.dtypes
-        gh = grad_h * g.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * g).to(w_dtype) if grad_w is not None else None
-        gb = (grad_b * g).to(b_dtype) if grad_b is not None else None
+        gh = grad_h.mul_(g.to(grad_h.dtype)) if grad_h is not None else None
+        gw = grad_w.mul_(g).to(w_dtype) if grad_w is not None else None
+        gb = grad_b.mul_(g).to(b_dtype) if grad_b is not None else None
         return gh, gw, gb, None, None
 
 

@@ -13,31 +13,12 @@ import sys
 import zlib
 from pathlib import Path
 
-from llmtune.errors import DataError, RecipeError, UserError
-from llmtune.manifest import status_of
+from llmtune.errors import DataError, RecipeError
+from llmtune.manifest import check_finished
 from llmtune.paths import check_path_length, looks_local, missing_path_message
 from llmtune.recipe.schema import DataSource, RecipeBase
 
 BUILTIN_TEMPLATES = ("chatml", "llama3", "alpaca")
-
-
-def unfinished_run(path: str | None) -> str | None:
-    """The run.json status of an llmtune output directory whose run has not finished (running, failed,
-    stopped); None for a finished run and for anything that is not an llmtune output."""
-    status = status_of(path)
-    return None if status in (None, "finished") else str(status)
-
-
-def check_finished(path: str | None, what: str) -> None:
-    """A model input that is an llmtune run must have finished: until then its top-level weights are
-    missing, or stale ones of an earlier run."""
-    status = unfinished_run(path)
-    if status is not None:
-        raise UserError(
-            f"{what} {path} is an llmtune run that has not finished (run.json status: {status}): "
-            "the model there is missing or out of date",
-            hint="finish that run first (the same `llmtune train` command resumes it), or point to a finished run",
-        )
 
 
 def _check_output_dir(recipe: RecipeBase, inputs: list[str]) -> None:
@@ -511,7 +492,7 @@ SAMPLE_ROWS = 100
 _FULL_READ_BYTES = 2**20  # a file up to this size is read whole, as train reads it; larger ones line by line
 _JSON_READ_BYTES = 64 * 2**20  # a .json document (one array) has no first lines: read whole up to this size
 
-# per format: alternatives, each the keys a row needs (llmtune.data.formats / preference / generation.prompts)
+# per format: alternatives, each the keys a row needs (llmtune.data.formats / preference / data.prompts)
 FORMAT_KEYS: dict[str, tuple[tuple[str, ...], ...]] = {
     "text": (("text",),),
     "alpaca": (("instruction", "output"),),
@@ -737,7 +718,7 @@ def check_data_sample(recipe: RecipeBase, src: DataSource, where: str) -> list[s
             hint=f"set {where}.format to one of {', '.join(stage_formats)}, or omit it to detect the format"
             + (" (raw text is for stage cpt)" if fmt == "text" else ""),
         )
-    # the online stages read every row as a prompt, whatever format it names (llmtune.generation.prompts)
+    # the online stages read every row as a prompt, whatever format it names (llmtune.data.prompts)
     needed = "prompts" if recipe.stage in ONLINE_STAGES else fmt
     needs = f"the keys {FORMAT_NEEDS[needed]}"
     if needed != fmt:

@@ -234,7 +234,8 @@ def check_rewards(cfg: RewardConfig, *, trust_code: bool, what: str = "reward") 
             raise RecipeError(f"{what}.rule: {e.message}", hint=e.hint) from None
     if not cfg.models():
         return
-    from llmtune.eval.models import REWARD_MODEL_HINT, require_reward_model
+    from llmtune.model.load import REWARD_MODEL_HINT
+    from llmtune.model.resolve import require_reward_model
     from llmtune.model.reward import read_prm_info
 
     for path in cfg.models():

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from llmtune.data.chat import resolve_chat_template
-from llmtune.data.pipeline import Sample, collate
-from llmtune.eval.models import free, last_token_scores, load_reward_model, pick_dtype
+from llmtune.data.packing import Sample, collate
 from llmtune.model.load import LoadedModel, Partition
+from llmtune.model.resolve import free, last_token_scores, load_reward_model, pick_dtype
 from llmtune.rewards import model_source_name
 
 

@@ -16,7 +16,7 @@ import torch
 
 from llmtune.data.chat import resolve_chat_template
 from llmtune.data.formats import RowError
-from llmtune.data.pipeline import Sample, collate
+from llmtune.data.packing import Sample, collate
 from llmtune.data.stepwise import encode_steps, split_steps
 from llmtune.errors import UserError
 from llmtune.model.load import LoadedModel, ModelSpec, Partition, load
@@ -34,7 +34,7 @@ def is_prm(path: str) -> bool:
 
 def require_prm(path: str, what: str) -> None:
     """Refuse a prm.json directory whose model has no token-classification head."""
-    from llmtune.eval.models import head_of
+    from llmtune.model.resolve import head_of
 
     task, archs = head_of(path, what)
     if task is not None:
@@ -58,7 +58,7 @@ def load_prm(
 ) -> LoadedModel:
     """A PRM for inference: AutoModelForTokenClassification (num_labels 2), or a TOKEN_CLS adapter on its base;
     zero3: partitioned over a training run's processes (and wrapped) under ZeRO-3."""
-    from llmtune.eval.models import resolve
+    from llmtune.model.resolve import resolve
 
     require_prm(path, what)
     base, adapter, _ = resolve(path, None, what)
@@ -128,7 +128,7 @@ class PrmSource:
         zero3: Partition | None = None,
     ) -> None:
         """zero3: how a training run partitions the model over its processes under ZeRO-3."""
-        from llmtune.eval.models import pick_dtype
+        from llmtune.model.resolve import pick_dtype
 
         info = read_prm_info(path)
         if info is None:
@@ -167,7 +167,7 @@ class PrmSource:
 
     def close(self) -> None:
         if self.loaded is not None:
-            from llmtune.eval.models import free
+            from llmtune.model.resolve import free
 
             self.loaded = None
             free()

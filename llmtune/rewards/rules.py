@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable
 
 from llmtune.errors import UserError
-from llmtune.eval import metrics
+from llmtune.rewards import metrics
 
 Rule = Callable[[str, "str | None"], float]
 BUILTIN_RULES = ("exact_match", "contains", "gsm8k", "regex:PATTERN", "length_penalty:N")

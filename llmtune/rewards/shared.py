@@ -15,7 +15,7 @@ from llmtune.errors import RecipeError, UserError
 
 
 def check_shared_rewards(recipe: Any) -> None:
-    from llmtune.eval.models import resolve
+    from llmtune.model.resolve import resolve
     from llmtune.paths import same_path
 
     for path in recipe.ppo.reward.models():
@@ -60,7 +60,7 @@ def check_shared_rewards(recipe: Any) -> None:
 def shared_reward_source(path: str, model: Any, recipe: Any) -> Any:
     """A reward source over a SharedRewardModel: texts rendered with the reward model's own saved tokenizer
     and chat template (the same vocabulary as the policy's: it is the same base)."""
-    from llmtune.model.load import compare_vocabularies, tokenizer_from
+    from llmtune.model.tokenizer import compare_vocabularies, tokenizer_from
     from llmtune.rewards.model import RewardModelSource
 
     tokenizer = tokenizer_from(path, recipe.model.path)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from llmtune.data.pipeline import collate
+from llmtune.data.packing import collate
 from llmtune.engine.batches import Batches, ScheduledBatches
 from llmtune.engine.contract import Batch, BatchSource, Collate, StageContext, StageData, Window
 from llmtune.engine.distributed import DistInfo
@@ -108,7 +108,7 @@ def lm_token_logps(
 def shaped_data(bundle: Any, shape: Any, scheduled: bool, notes: list[str]) -> StageData:
     """A built data bundle with its rows shaped (packed, or one sample a row). With a data.schedule each
     source is shaped on its own (the schedule draws rows by source); train then holds them all in order."""
-    data = StageData(train=[], eval=shape(bundle.eval), reports=bundle.reports, notes=notes)
+    data = StageData(train=[], eval=shape(bundle.eval), reports=bundle.reports, notes=notes, outputs=bundle.outputs)
     if not scheduled:
         data.train = shape(bundle.train)
     else:

@@ -103,9 +103,9 @@ def _sample(
 ) -> Sampled:
     """num_samples completions of each of this process's prompts by the round's model (freed afterwards)."""
     from llmtune.data.chat import resolve_chat_template
-    from llmtune.generation.prompts import render_prompt
+    from llmtune.data.prompts import render_prompt
     from llmtune.generation.sample import GenerationProgress, end_tokens, generation_batch, rollout
-    from llmtune.model.load import load_tokenizer
+    from llmtune.model.tokenizer import load_tokenizer
 
     gen, n = recipe.generation, recipe.rejection_sampling.num_samples
     tokenizer = load_tokenizer(recipe.model.model_copy(update={"path": model_path}) if k > 1 else recipe.model)

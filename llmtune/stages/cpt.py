@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from llmtune.data.filters import model_scorer
-from llmtune.data.pipeline import as_samples, build_data, fingerprint_tokenizer, pack_stream, text_encoder
+from llmtune.data.packing import as_samples, pack_stream
+from llmtune.data.pipeline import build_data, fingerprint_tokenizer, text_encoder
 from llmtune.engine.contract import StageData
 from llmtune.recipe.schema import CptRecipe
 from llmtune.stages.base import recipe_settings, shaped_data

@@ -21,7 +21,7 @@ from llmtune.data.preference import PreferenceSample, build_preference_data, col
 from llmtune.engine.contract import StageContext, StageData, StepOutput, Window
 from llmtune.engine.distributed import all_reduce_sum
 from llmtune.engine.report import run_console
-from llmtune.model.load import check_reference_tokenizer
+from llmtune.model.tokenizer import check_reference_tokenizer
 from llmtune.objectives.preference import (
     dpo_loss,
     kto_loss,

@@ -11,12 +11,13 @@ from typing import Any
 
 import torch
 
-from llmtune.data.pipeline import PromptExample, Sample, build_data, collate
+from llmtune.data.packing import Sample, collate
+from llmtune.data.pipeline import PromptExample, build_data
+from llmtune.data.prompts import prompt_encoder
 from llmtune.engine.contract import Batch, StageContext, StageData
 from llmtune.engine.distributed import DistInfo, sums_over_processes
 from llmtune.engine.report import run_console
 from llmtune.errors import RecipeError
-from llmtune.generation.prompts import prompt_encoder
 from llmtune.generation.sample import GenerationProgress, generation_batch, rollout
 from llmtune.stages.base import StageDefaults
 

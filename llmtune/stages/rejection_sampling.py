@@ -59,8 +59,8 @@ def read_prompts(recipe: RejectionSamplingRecipe, console: Console) -> list[Any]
     max_samples, system, weight, on_bad_row), without tokenizing: each round renders them with its own
     model's tokenizer. No usable prompt is a DataError (exit 2), raised before any model loads."""
     from llmtune.data.pipeline import PromptExample, build_data
+    from llmtune.data.prompts import to_prompt
     from llmtune.engine.report import print_data_summary
-    from llmtune.generation.prompts import to_prompt
 
     def encode(row: dict, fmt: str, src: DataSource) -> list[Any]:
         return [PromptExample(input_ids=[], labels=[], prompt=to_prompt(row, src.system))]

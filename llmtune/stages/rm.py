@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from llmtune.data.chat import IGNORE_INDEX
-from llmtune.data.pipeline import collate, fingerprint_tokenizer
+from llmtune.data.packing import collate
+from llmtune.data.pipeline import fingerprint_tokenizer
 from llmtune.data.preference import build_preference_data, collate_preference
 from llmtune.engine.contract import StageContext, StageData, StepOutput
 from llmtune.model.load import LoadedModel, ModelSpec, load
@@ -55,7 +56,8 @@ class RmStage(StageDefaults):
         return StageData(train=train, eval=evals, reports=reports)
 
     def _build_steps(self, recipe: RmRecipe, tokenizer: Any, template: str) -> StageData:
-        from llmtune.data.pipeline import as_samples, build_data
+        from llmtune.data.packing import as_samples
+        from llmtune.data.pipeline import build_data
         from llmtune.data.stepwise import stepwise_encoder
 
         self.unit_name = "steps"

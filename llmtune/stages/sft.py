@@ -5,14 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from llmtune.data.filters import model_scorer
-from llmtune.data.pipeline import (
-    add_replay,
-    as_samples,
-    build_data,
-    conversation_encoder,
-    fingerprint_tokenizer,
-    pack_examples,
-)
+from llmtune.data.packing import as_samples, pack_examples
+from llmtune.data.pipeline import add_replay, build_data, conversation_encoder, fingerprint_tokenizer
 from llmtune.engine.contract import StageData
 from llmtune.recipe.schema import SftRecipe
 from llmtune.stages.base import recipe_settings, shaped_data

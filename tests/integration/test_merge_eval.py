@@ -187,7 +187,7 @@ def test_eval_generate_exact_match_equals_independent_count(tmp_path: Path) -> N
     )  # fmt: skip
     assert_ok(proc)
     got = json.loads(report.read_text())
-    from llmtune.eval.metrics import normalize
+    from llmtune.rewards.metrics import normalize
 
     count = sum(normalize(e) == normalize(a) for e, a in zip(expected, answers, strict=True))
     assert count >= 3

@@ -55,7 +55,8 @@ def _probe_ids() -> torch.Tensor:
 def _trained_model(out: Path) -> Any:
     """The model exactly as training left it: built as the trainer builds it, with the last checkpoint's
     module weights (for adalora: all init_r ranks, the pruned ones masked to 0)."""
-    from llmtune.model.load import ModelSpec, load, load_tokenizer
+    from llmtune.model.load import ModelSpec, load
+    from llmtune.model.tokenizer import load_tokenizer
     from llmtune.recipe.load import load_recipe
 
     recipe = load_recipe(out / "recipe.yaml")

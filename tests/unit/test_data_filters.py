@@ -232,3 +232,40 @@ def test_dedup_across_sources_and_not_a_bad_row(tmp_path: Path, tokenizer) -> No
     b.write_text(b.read_text() + "not json\n")
     with pytest.raises(DataError, match="1 bad rows"):
         build(dedup="near", on_bad_row="error")
+
+
+def test_perplexity_scores_come_back_with_the_data_and_no_file_is_written(tmp_path: Path, tokenizer) -> None:
+    """build_data returns perplexity_scores.jsonl's text for its caller to write (the trainer, on the main
+    process) and writes nothing itself. Hand-made scores: a row's NLL sum is its length n over one token, so its
+    perplexity is exp(n); of 5 rows, drop_low 0.2 drops the shortest and drop_high 0.2 the longest."""
+    import math
+
+    from llmtune.data.pipeline import PERPLEXITY_SCORES, build_data, conversation_encoder, fingerprint_tokenizer
+    from llmtune.stages.base import recipe_settings
+
+    path = tmp_path / "rows.jsonl"
+    replies = ["a b c d e f", "a", "a b c", "a b c d e f g h i j k l", "a b"]
+    path.write_text("".join(json.dumps({"instruction": "Say it.", "output": r}) + "\n" for r in replies))
+    template = resolve_chat_template(tokenizer, None, required=True)
+    data = {"train": [{"path": str(path)}], "filter": {"perplexity": {"drop_low": 0.2, "drop_high": 0.2}}}
+    recipe = validate_recipe(base_recipe(tmp_path, data=data))
+    settings = recipe_settings(recipe, False, fingerprint_tokenizer(tokenizer, template))
+
+    lengths: dict[int, int] = {}
+
+    def scorer(examples: list[Example]) -> list[tuple[float, int]]:
+        lengths.update((e.row, len(e.input_ids)) for e in examples)
+        return [(float(len(e.input_ids)), 1) for e in examples]
+
+    encode = conversation_encoder(tokenizer, template, 256, False)
+    bundle = build_data(recipe, encode, settings, use_cache=False, scorer=scorer)
+    assert not Path(recipe.output_dir).exists()
+    assert list(bundle.outputs) == [PERPLEXITY_SCORES]
+    scores = [json.loads(line) for line in bundle.outputs[PERPLEXITY_SCORES].splitlines()]
+    assert [s["row"] for s in scores] == [0, 1, 2, 3, 4]
+    assert [s["dropped"] for s in scores] == [None, "low", None, "high", None]
+    assert [s["kept"] for s in scores] == [True, False, True, False, True]
+    assert sorted(lengths, key=lengths.get) == [1, 4, 2, 0, 3]  # the replies' order of length
+    for s in scores:
+        assert s["source"] == str(path) and math.isclose(s["perplexity"], math.exp(lengths[s["row"]]))
+    assert sorted(e.row for e in bundle.train) == [0, 2, 4]

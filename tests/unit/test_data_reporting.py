@@ -245,8 +245,8 @@ def test_cached_reports_keep_where_the_rows_are(tmp_path, tokenizer, template) -
 
 
 def test_eval_messages_use_the_same_numbering(tmp_path) -> None:
+    from llmtune.data.lm import convert
     from llmtune.eval.pairs import to_pair
-    from llmtune.eval.tasks import convert
 
     path = write_jsonl(tmp_path / "p.jsonl", ["{broken", {"prompt": "a", "chosen": "b", "rejected": "b"}])
     rows = read_rows(DataSource(path=str(path)))
@@ -262,7 +262,8 @@ def test_eval_messages_use_the_same_numbering(tmp_path) -> None:
 
 def test_preference_eval_rows_carry_the_prompt_and_replies(tmp_path) -> None:
     from llmtune.eval.config import EvalConfig
-    from llmtune.eval.tasks import TEXT_LIMIT, run_task
+    from llmtune.eval.likelihood import TEXT_LIMIT
+    from llmtune.eval.tasks import run_task
 
     long_reply = "Yes. " * 300
     rows = [

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from llmtune.eval import metrics
+from llmtune.data.prompts import to_prompt
 from llmtune.eval.fewshot import jaccard, select_examples, word_set
 from llmtune.eval.pairs import to_pair
-from llmtune.generation.prompts import to_prompt
+from llmtune.rewards import metrics
 from llmtune.rewards.rules import get_rule
 
 
@@ -173,3 +173,20 @@ def test_a_bad_eval_file_is_called_an_eval_file(tmp_path) -> None:
         load_eval_config(path, {})
     assert f"{path} is not a valid eval file (1 problem)" in str(exc.value)
     assert "recipe" not in str(exc.value).splitlines()[0]
+
+
+def test_degenerate_replies_by_reason() -> None:
+    from llmtune.rewards.metrics import degenerate, is_repetitive
+
+    assert degenerate("", True) == "empty" and degenerate(" \n\t", False) == "empty"
+    loop = "I think so. " * 10
+    assert is_repetitive(loop) and degenerate(loop, True) == "repeated"
+    assert degenerate(loop, False) == "repeated"  # a loop cut at the limit is named for the loop
+    assert degenerate("The capital of France is Paris, a city on the Seine.", False) == "truncated"
+    assert degenerate("The capital of France is Paris, a city on the Seine.", True) is None
+    prose = "To add 37 and 45, add the tens: 30 and 40 make 70; then the ones: 7 and 5 make 12; 70 and 12 make 82."
+    assert not is_repetitive(prose)
+    assert is_repetitive("哈哈哈哈" * 20) and not is_repetitive(
+        "東京は日本の首都であり、世界有数の大都市です。人口は約千四百万人です。多くの観光客が訪れます。"
+    )
+    assert not is_repetitive("yes yes yes")  # too short to call

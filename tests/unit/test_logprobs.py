@@ -133,7 +133,8 @@ def test_no_grad_path_equals():
 
 
 def test_chunk_positions():
-    assert chunk_positions(128_256) == 261
+    assert chunk_positions(128_256) == 65
+    assert chunk_positions(128_256, cuda=True) == 261
     assert chunk_positions(10, chunk_elements=5) == 1
 
 
@@ -227,3 +228,23 @@ def test_split_reaches_a_model_held_by_a_wrapper():
         assert got is head and model.lm_head is not head
         assert wrapper.module(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 16)
     assert model.lm_head is head and "lm_head" not in wrapper._modules
+
+
+def test_fused_loss_scales_its_gradient_once_and_refuses_a_second_backward():
+    """The fused head loss scales its stored gradients in place (no copy of a head-sized gradient): the
+    upstream gradient (here 3) is applied exactly once, and a second backward through the same graph is
+    refused with a message instead of returning doubly scaled gradients."""
+    hidden, head, labels = _case(4)
+    loss, _ = lm_loss_sum_from_hidden(hidden, labels, head, 3)
+    (3.0 * loss).backward(retain_graph=True)
+    got = head.weight.grad.clone()
+    head.weight.grad = None
+    ref_hidden = hidden.detach().clone().requires_grad_(True)
+    logits = head(ref_hidden[:, :-1]).float()
+    ref = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    (3.0 * ref).backward()
+    assert torch.allclose(got, head.weight.grad, atol=1e-5)
+    with pytest.raises(RuntimeError, match="backpropagated twice"):
+        (3.0 * loss).backward()

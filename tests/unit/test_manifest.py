@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmtune.manifest import RunManifest, TokenizerRecord, status_of
-from llmtune.recipe.checks import unfinished_run
+from llmtune.manifest import RunManifest, TokenizerRecord, status_of, unfinished_run
 
 
 def test_round_trip(tmp_path: Path) -> None:

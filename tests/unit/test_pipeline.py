@@ -12,17 +12,13 @@ import torch
 
 from llmtune.data.chat import IGNORE_INDEX, encode_text, resolve_chat_template
 from llmtune.data.formats import RowError
+from llmtune.data.packing import Sample, as_samples, collate, pack_examples, pack_stream
 from llmtune.data.pipeline import (
     DataBundle,
     Example,
-    Sample,
-    as_samples,
     build_data,
-    collate,
     conversation_encoder,
     fingerprint_tokenizer,
-    pack_examples,
-    pack_stream,
     text_encoder,
 )
 from llmtune.errors import DataError

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from llmtune.data.chat import IGNORE_INDEX
 from llmtune.data.formats import RowError
-from llmtune.data.pipeline import IGNORE_INDEX, build_data
+from llmtune.data.pipeline import build_data
 from llmtune.data.preference import (
     as_preference_samples,
     collate_preference,

@@ -23,7 +23,7 @@ def test_the_label_prefixes_the_prompt_and_the_replies_stay_learned(tmp_path: Pa
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     src = {"path": str(data), "quality_column": "score"}
     recipe = validate_recipe(base_recipe(tmp_path, data={"train": [src], "cache_dir": str(tmp_path / "c")}))
-    from llmtune.model.load import load_tokenizer
+    from llmtune.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(recipe.model)
     out = SftStage().build_data(recipe, tok, tok.chat_template)

@@ -221,7 +221,7 @@ def test_named_demo_data_has_the_declared_format(path: Path) -> None:
     for src in r.data.train:
         rows = [row.data for row in read_rows(DataSource(path=str(ROOT / src.path))) if row.data is not None]
         if src.format == "prompts":  # the online stages: questions with answers (GSM8K)
-            from llmtune.generation.prompts import to_prompt
+            from llmtune.data.prompts import to_prompt
 
             assert all(to_prompt(row).answer for row in rows[:50])
             continue

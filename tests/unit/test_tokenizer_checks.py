@@ -15,7 +15,7 @@ import torch
 
 from llmtune.errors import RecipeError, UserError
 from llmtune.manifest import TokenizerRecord
-from llmtune.model.load import (
+from llmtune.model.tokenizer import (
     check_tokenizer_record,
     check_tokenizers_agree,
     compare_vocabularies,
@@ -234,7 +234,7 @@ def test_merge_lora_and_merge_refuse_an_adapter_trained_with_another_tokenizer(t
 
 
 def test_eval_refuses_an_adapter_or_reference_with_another_tokenizer(tmp_path: Path) -> None:
-    from llmtune.eval.models import check_reference_tokenizer, load_causal_lm
+    from llmtune.model.resolve import check_reference_tokenizer, load_causal_lm
 
     adapter = _lora(tmp_path, "lora")
     other = model_with_swapped_tokenizer(tmp_path / "other")

@@ -11,8 +11,9 @@ import torch
 
 from llmtune.engine.distributed import setup_distributed
 from llmtune.engine.strategy import Strategy
-from llmtune.eval.models import load_reward_model
-from llmtune.model.load import ModelSpec, load, load_tokenizer
+from llmtune.model.load import ModelSpec, load
+from llmtune.model.resolve import load_reward_model
+from llmtune.model.tokenizer import load_tokenizer
 from llmtune.recipe.load import load_recipe
 from llmtune.rewards.model import score_conversations
 

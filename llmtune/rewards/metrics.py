@@ -15,8 +15,10 @@ _STRIP = " \t\n.,;:!?\"'`()[]{}"
 
 
 def normalize(text: str) -> str:
-    """>>> normalize('  The  Answer is 42. ')
-    'the answer is 42'"""
+    """
+    >>> normalize('  The  Answer is 42. ')
+    'the answer is 42'
+    """
     return " ".join(text.lower().split()).strip(_STRIP)
 
 
@@ -92,3 +94,38 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
         return 0.0, 0.0
     m = sum(xs) / len(xs)
     return m, (sum((x - m) ** 2 for x in xs) / len(xs)) ** 0.5
+
+
+def is_repetitive(text: str) -> bool:
+    """A reply caught in a loop: of its 3-word sequences fewer than half are distinct (at least 12 words),
+    or, for text written without spaces, of its 4-character sequences (at least 48 characters).
+
+    >>> is_repetitive("the cat sat on the mat " * 3), is_repetitive("one two three four five six seven eight nine ten eleven twelve")
+    (True, False)
+    """
+    words = text.split()
+    if len(words) >= 12:
+        grams = list(zip(words, words[1:], words[2:], strict=False))
+    else:
+        chars = "".join(words)
+        if len(chars) < 48:
+            return False
+        grams = [chars[i : i + 4] for i in range(len(chars) - 3)]  # type: ignore[misc]
+    return len(set(grams)) < 0.5 * len(grams)
+
+
+def degenerate(text: str, ended: bool) -> str | None:
+    """Why a reply is degenerate, or None: "empty" (nothing but whitespace), "repeated" (a loop, see
+    is_repetitive) or "truncated" (cut at the token limit, never ended): how a model wins by saying nothing,
+    by looping or by never stopping.
+
+    >>> degenerate(" ", True), degenerate("the cat sat " * 6, False), degenerate("Paris", False), degenerate("Paris.", True)
+    ('empty', 'repeated', 'truncated', None)
+    """
+    if not text.strip():
+        return "empty"
+    if is_repetitive(text):
+        return "repeated"
+    if not ended:
+        return "truncated"
+    return None

@@ -1,7 +1,8 @@
-"""What eval runs, resolved and checked before llmtune.model.load.load loads it: a policy (a causal LM,
-optionally with an adapter; an adapter directory stands for its recorded base with it), reward models (a
-full AutoModelForSequenceClassification directory, or a SEQ_CLS peft adapter with its score head), and
-the tokenizer that goes with each. Bad paths are UserErrors."""
+"""The models that run for inference (eval, chat, synth, the reward sources), resolved and checked before
+llmtune.model.load.load loads them: a policy (a causal LM, optionally with an adapter; an adapter directory
+stands for its recorded base with it), reward models (a full AutoModelForSequenceClassification directory,
+or a SEQ_CLS peft adapter with its score head), and the tokenizer that goes with each. Bad paths are
+UserErrors."""
 
 from __future__ import annotations
 
@@ -12,19 +13,19 @@ from typing import Any
 import torch
 
 from llmtune.errors import UserError
+from llmtune.manifest import check_finished
 from llmtune.model.load import (
     DTYPES,
     REWARD_MODEL_HINT,
     LoadedModel,
     ModelSpec,
-    check_tokenizers_agree,
     is_reward_architecture,
     load,
     load_config,
 )
-from llmtune.model.merge import adapter_config_or_none
+from llmtune.model.peft import adapter_config_or_none
+from llmtune.model.tokenizer import check_tokenizers_agree
 from llmtune.paths import looks_local, missing_path_message
-from llmtune.recipe.checks import check_finished
 
 
 def pick_device(name: str) -> torch.device:
@@ -174,7 +175,8 @@ def load_reward_model(
     zero3: dict | None = None,
 ) -> LoadedModel:
     """A reward model: AutoModelForSequenceClassification(num_labels=1), or a SEQ_CLS adapter on its base.
-    zero3: a DeepSpeed ZeRO-3 config to partition it with (inside a training run)."""
+    zero3: a DeepSpeed ZeRO-3 config to partition it with (inside a training run; the caller then wraps the
+    partitioned model, model.load.Partition.apply)."""
     if adapter is None:
         require_reward_model(path, what)
     base, adapter, cfg = resolve(path, adapter, what)
