@@ -114,6 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="llmtune / TRL pairs per case, interleaved")
     p.add_argument("--json", type=Path, default=None, help="write the results here (rewritten after each case)")
     p.add_argument("--threads", type=int, default=1, help="CPU: OMP / torch threads per child (the same on both sides)")
+    p.add_argument(
+        "--kernels", choices=["none", "liger"], default="none", help="llmtune's train.kernels (TRL runs without)"
+    )
     p.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache", help="built models and data")
     a = p.parse_args(argv)
     if a.size is None:
@@ -402,6 +405,7 @@ class Settings:
     lora_r: int
     precision: str
     extra: dict[str, Any] = field(default_factory=dict)
+    kernels: str = "none"
 
 
 def llmtune_recipe(case: Case, s: Settings, out: Path) -> dict[str, Any]:
@@ -437,6 +441,7 @@ def llmtune_recipe(case: Case, s: Settings, out: Path) -> dict[str, Any]:
             "max_grad_norm": 1.0,
             "gradient_checkpointing": False,
             "log_every": 1,
+            **({"kernels": s.kernels} if s.kernels != "none" else {}),
         },
         "precision": s.precision,
     }
@@ -529,7 +534,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     s = Settings(
         size=a.size, model=info["model"], files=info["files"], steps=a.steps, micro_batch=size.micro_batch,
         max_length=size.max_length, max_new_tokens=size.max_new_tokens, num_generations=num_generations,
-        lr=1e-4 if a.size == "1b" else 1e-3, lora_r=16, precision=size.precision,
+        lr=1e-4 if a.size == "1b" else 1e-3, lora_r=16, precision=size.precision, kernels=a.kernels,
     )  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), env.get("PYTHONPATH", "")) if x)

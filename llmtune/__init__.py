@@ -1,3 +1,3 @@
-"""llmtune: YAML-driven adaptation of open LLMs (cpt, sft, and later rm / dpo / ppo / rejection sampling)."""
+"""llmtune: YAML-driven adaptation of open LLMs, one recipe per stage (the stages: llmtune.recipe.stages)."""
 
 __version__ = "0.1.0"

@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from llmtune import __version__
-from llmtune.errors import LlmtuneError, UserError
+from llmtune.commands.help import ONLINE, stage_names, stage_summaries
+from llmtune.errors import LlmtuneError
 
 
 def _examples(*lines: str) -> str:
@@ -23,8 +24,7 @@ def _examples(*lines: str) -> str:
 
 app = typer.Typer(
     name="llmtune",
-    help="Adapt open LLMs from YAML recipes: continued pretraining (cpt), supervised fine-tuning (sft), "
-    "reward models (rm) and preference optimisation (dpo, kto) on one DeepSpeed trainer core, with full, "
+    help=f"Adapt open LLMs from YAML recipes: {stage_summaries()} on one DeepSpeed trainer core, with full, "
     "freeze, LoRA and 4-bit QLoRA fine-tuning; merge adapters (merge-lora, merge), evaluate (eval) and chat with a model (chat).",
     epilog=_examples(
         "llmtune init sft --out sft.yaml",
@@ -49,14 +49,6 @@ def _report(e: Exception) -> None:
     label = getattr(e, "label", "error")
     color = "red" if label == "error" else "yellow"
     err.print(f"[bold {color}]{label}:[/] {escape(str(e))}", markup=True, soft_wrap=True)
-
-
-def _check_lengths(*paths: tuple[str, Any]) -> None:
-    """Paths given as options that the filesystem cannot hold: one clear error before anything runs."""
-    from llmtune.paths import check_path_length
-
-    for key, value in paths:
-        check_path_length(key, None if value is None else str(value))
 
 
 def _print_version(value: bool) -> None:
@@ -87,16 +79,9 @@ def validate(
     set_: SetOption = None,
 ) -> None:
     """Check a recipe and that its data files exist, without training (and without importing torch)."""
-    from llmtune.recipe import dump_recipe, load_recipe
-    from llmtune.recipe.checks import check_hub, check_paths
+    from llmtune.commands.preflight import validate_command
 
-    r = load_recipe(recipe, set_ or [])
-    notes = check_hub(r, refuse=False, notes=check_paths(r, planned_ok=True))
-    out = Console(highlight=False, soft_wrap=True)  # never wrap: the resolved YAML must stay valid
-    for note in notes:
-        out.print(f"note: {note}", markup=False)
-    out.print(f"[green]ok[/]: {escape(str(recipe))} is a valid {r.stage} recipe. Resolved:", markup=True)
-    out.print(dump_recipe(r), markup=False, end="")
+    validate_command(recipe, set_ or [])
 
 
 @app.command(
@@ -120,46 +105,27 @@ def train(
     ] = False,
     trust_reward_code: Annotated[
         bool,
-        typer.Option("--trust-reward-code", help="ppo / grpo / rejection_sampling: allow module:function rewards."),
+        typer.Option("--trust-reward-code", help=f"{ONLINE}: allow module:function rewards."),
     ] = False,
     local_rank: Annotated[int | None, typer.Option("--local_rank", "--local-rank", hidden=True)] = None,
 ) -> None:
     """Run the stage a recipe describes; its outputs go to the recipe's output_dir.
 
     Started again with the same recipe, a run resumes from its newest complete checkpoint."""
-    from llmtune.recipe import load_recipe
-    from llmtune.recipe.checks import check_hub, check_paths
+    from llmtune.commands.train import train_command
 
-    try:
-        r = load_recipe(recipe, set_ or [])
-        check_paths(r)
-        check_hub(r, refuse=True)  # a hub model neither cached nor reachable: now, not after a minute of retries
-        _check_lengths(("--resume-from", resume_from))
-        if int(os.environ.get("RANK", "0")) == 0:  # the imports below take seconds: say what is happening
-            Console(highlight=False, soft_wrap=True).print(
-                f"stage {r.stage}: {escape(str(recipe))} is valid; starting (torch, DeepSpeed, transformers) ..."
-            )
-        from llmtune.stages import run_stage
-
-        if resume_from is not None and no_resume:
-            raise UserError("--resume-from and --no-resume contradict each other", hint="pass one of them")
-        run_stage(
-            r,
-            local_rank=local_rank,
-            resume_from=resume_from,
-            resume=not no_resume,
-            overwrite=overwrite,
-            trust_reward_code=trust_reward_code,
-        )
-    except KeyboardInterrupt:
-        err.print("interrupted: the newest complete checkpoint in output_dir is kept")
-        raise typer.Exit(130) from None
-
-
-def _no_load_bars() -> None:
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
+    done = train_command(
+        recipe,
+        set_ or [],
+        resume_from=resume_from,
+        no_resume=no_resume,
+        overwrite=overwrite,
+        trust_reward_code=trust_reward_code,
+        local_rank=local_rank,
+        err=err,
+    )
+    if not done:
+        raise typer.Exit(130)
 
 
 def _opt(help_: str, *names: str) -> Any:
@@ -189,33 +155,9 @@ def merge_lora(
 
     Also DoRA, AdaLoRA and IA3 adapters; prefix / prompt / P-tuning adapters cannot be merged. QLoRA adapters are merged into the base loaded at --dtype from its full-precision weights (never into
     4-bit weights). Reward-model adapters keep their score head."""
-    _check_lengths(("--adapter", adapter), ("--out", out), ("--base", base))
-    if dtype not in ("auto", "bf16", "fp16", "fp32"):
-        raise UserError(f"--dtype {dtype!r} is not one of auto, bf16, fp16, fp32")
-    out_console = Console(highlight=False, soft_wrap=True)
-    from llmtune.model.merge import merge_lora as do_merge
-    from llmtune.stages import quiet_libraries
+    from llmtune.commands.merge import merge_lora_command
 
-    quiet_libraries()
-    _no_load_bars()
-    with err.status("merging"):
-        r = do_merge(
-            base,
-            str(adapter),
-            out,
-            dtype=dtype,
-            overwrite=overwrite,
-            max_shard_size=max_shard_size,
-            tolerance=tolerance,
-        )
-    for note in r.notes:
-        out_console.print(f"note: {note}", markup=False)
-    out_console.print(f"merged {r.kind} written to {r.out} ({r.dtype}): {', '.join(r.files)}", markup=False)
-    out_console.print(
-        f"max |logit difference| vs base + adapter on probe inputs: {r.max_logit_diff:.3g} "
-        f"(tolerance {r.tolerance:.3g}): ok",
-        markup=False,
-    )
+    merge_lora_command(adapter, out, base, dtype, overwrite, max_shard_size, tolerance, err)
 
 
 @app.command(
@@ -252,42 +194,12 @@ def merge(
     Adapters are merged into their base first, so the result is base + sum_i w_i * delta_i exactly.
     --method fisher weighs every weight element by each model's diagonal Fisher information, estimated from
     squared gradients on --fisher-data (Matena & Raffel, 2022)."""
-    _check_lengths(("--out", out), ("--base", base), ("--fisher-data", fisher_data), *(("--model", m) for m in models))
-    if dtype not in ("auto", "bf16", "fp16", "fp32"):
-        raise UserError(f"--dtype {dtype!r} is not one of auto, bf16, fp16, fp32")
-    if method not in ("weighted", "fisher"):
-        raise UserError(f"--method {method!r} is not one of weighted, fisher")
-    if (method == "fisher") != (fisher_data is not None):
-        raise UserError(
-            "--method fisher needs --fisher-data"
-            if method == "fisher"
-            else "--fisher-data is only read by --method fisher",
-            hint="pass --method fisher --fisher-data FILE (text or sft rows), or neither",
-        )
-    if fisher_samples < 1 or fisher_max_length < 2:
-        raise UserError("--fisher-samples must be >= 1 and --fisher-max-length >= 2")
-    from llmtune.model.merge import FisherData, average_models
-    from llmtune.stages import quiet_libraries
+    from llmtune.commands.merge import merge_command
 
-    quiet_libraries()
-    _no_load_bars()
-    with err.status("averaging"):
-        fisher = FisherData(fisher_data, None, fisher_samples, fisher_max_length) if fisher_data else None
-        r = average_models(
-            models,
-            weights,
-            out,
-            base=base,
-            dtype=dtype,
-            overwrite=overwrite,
-            max_shard_size=max_shard_size,
-            fisher=fisher,
-        )
-    out_console = Console(highlight=False, soft_wrap=True)
-    for note in r.notes:
-        out_console.print(f"note: {note}", markup=False)
-    mix = ", ".join(f"{w:.4g} x {m}" for m, w in zip(models, r.weights, strict=True))
-    out_console.print(f"averaged model ({r.dtype}) written to {r.out}: {mix}", markup=False)
+    merge_command(
+        models, out, weights, base, dtype, overwrite, max_shard_size, method, fisher_data, fisher_samples,
+        fisher_max_length, err,
+    )  # fmt: skip
 
 
 @app.command(
@@ -396,7 +308,7 @@ def data_inspect(
     ] = None,
     stage: Annotated[
         str | None,
-        _opt("Without --recipe: sft | cpt | rm | dpo | kto | grpo (default: guessed from the rows).", "--stage"),
+        _opt(f"Without --recipe: {stage_names()} (default: guessed from the rows).", "--stage"),
     ] = None,
     format_: Annotated[str | None, _opt("The rows' format (default: detected, as in a recipe).", "--format")] = None,
     max_length: Annotated[
@@ -422,11 +334,7 @@ def data_inspect(
 ) -> None:
     """Show what training makes of a data file: the format, rows kept and dropped (per reason), a histogram of
     token lengths, and one example rendered with its trained tokens highlighted."""
-    if recipe is None:  # with --recipe, --model is refused by inspect_command (the recipe names its model)
-        from llmtune.model.hub import check_model_options
-
-        check_model_options([("--model", model)])
-    from llmtune.data.inspect import inspect_command
+    from llmtune.commands.inspect import inspect_command
 
     inspect_command(
         file, recipe, set_ or [], model, stage, format_, max_length, chat_template, row, max_rows, markers, registry
@@ -465,48 +373,13 @@ def data_synth(
 ) -> None:
     """Write synthetic instruction data with a local model (Self-Instruct or Evol-Instruct), filtered by
     length, ROUGE-L similarity to the kept instructions and repetition, as an sft (alpaca) JSONL file."""
-    from llmtune.data.synth import SynthConfig, Synthesizer, model_completer, read_seeds
-    from llmtune.stages import quiet_libraries
+    from llmtune.commands.synth import SynthConfig, synth_command
 
-    _check_lengths(("--out", out), ("--seeds", seeds), ("--model", model))
-    from llmtune.model.hub import check_model_options
-
-    check_model_options([("--model", model)])
-    check_model_options([("--adapter", adapter)], hub_ok=False)
-    if not 0 < similarity <= 1:
-        raise UserError(f"--similarity {similarity} must be in (0, 1]")
-    if method not in ("self-instruct", "evol"):
-        raise UserError(f"--method {method!r} is not one of self-instruct, evol")
-    if out.is_dir():
-        raise UserError(f"--out {out} is a directory", hint="name a .jsonl file")
     cfg = SynthConfig(
         method=method, num=num, max_attempts=max_attempts, similarity=similarity, min_words=min_words,
         max_words=max_words, temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
     )  # fmt: skip
-    tasks = read_seeds(seeds)
-    quiet_libraries()
-    _no_load_bars()
-    with err.status(f"loading {model}"):
-        complete = model_completer(model, adapter, cfg, chat_template, err)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    synth = Synthesizer(complete, tasks, out, cfg)
-    if synth.rows:
-        err.print(f"{out} holds {len(synth.rows)} rows from an earlier run ({synth.attempts} attempts): continuing")
-    with err.status(f"{method}: {len(synth.rows)} / {num} rows") as status:
-        result = synth.run(lambda row: status.update(f"{method}: {len(synth.rows)} / {num} rows"))
-    rejected = ", ".join(f"{why} {n}" for why, n in sorted(result["rejected"].items(), key=lambda kv: -kv[1]))
-    print(
-        f"{result['rows']} rows in {out} after {result['attempts']} attempts"
-        + (f"; rejected: {rejected}" if rejected else "")
-    )
-    if result["rows"] == 0:
-        raise UserError(
-            f"no generated row passed the filters in {result['attempts']} attempts",
-            hint="use a stronger (instruction-tuned) model, raise --max-new-tokens or --max-attempts, or loosen "
-            "--similarity / --min-words",
-        )
-    if result["rows"] < num:
-        print(f"note: {num - result['rows']} rows short of --num: the attempts ran out (--max-attempts)")
+    synth_command(model, seeds, out, cfg, adapter, chat_template, err)
 
 
 @app.command(
@@ -536,29 +409,12 @@ def chat(
     """Chat with a model in the terminal: its chat template, the reply streamed, the conversation kept.
 
     /reset forgets the conversation, /exit (or Ctrl-D) quits; Ctrl-C stops a reply."""
-    if dtype not in ("auto", "bf16", "fp16", "fp32"):
-        raise UserError(f"--dtype {dtype!r} is not one of auto, bf16, fp16, fp32")
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device {device!r} is not one of auto, cpu, cuda")
-    from llmtune.model.hub import check_model_options
+    from llmtune.commands.chat import chat_command
 
-    check_model_options([("llmtune chat", model)])
-    check_model_options([("--adapter", adapter)], hub_ok=False)
-    from llmtune.chat import Conversation, load_chat, run_chat
-    from llmtune.stages import quiet_libraries
-
-    quiet_libraries()
-    _no_load_bars()
-    with err.status(f"loading {model}"):
-        c = load_chat(
-            model, adapter, chat_template=chat_template, device=device, dtype=dtype,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, console=err,
-        )  # fmt: skip
-    if seed is not None:
-        import torch
-
-        torch.manual_seed(seed)
-    run_chat(c, Conversation(c.tokenizer, c.template, system), show_prompt=show_prompt)
+    chat_command(
+        model, adapter, system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        chat_template=chat_template, device=device, dtype=dtype, seed=seed, show_prompt=show_prompt, err=err,
+    )  # fmt: skip
 
 
 def _complete_stage(incomplete: str) -> list[str]:
@@ -578,7 +434,7 @@ def init(
     stage: Annotated[
         str,
         typer.Argument(
-            help="cpt | sft | rm | dpo | kto (dpo with loss kto) | ppo | grpo | rejection_sampling",
+            help=stage_names(),
             autocompletion=_complete_stage,
             show_default=False,
         ),
@@ -592,20 +448,9 @@ def init(
     """Print (or write) a commented starter recipe for a stage that `llmtune validate` accepts as written.
 
     Its data is the repository's quickstart data: replace it with your own."""
-    from llmtune.recipe.starter import render
+    from llmtune.commands.init import init_command
 
-    _check_lengths(("--out", out))
-    text = render(stage, model)
-    if out is None:
-        sys.stdout.write(text)
-        return
-    if out.is_dir():
-        raise UserError(f"--out {out} is a directory", hint=f"name a file, e.g. {out / (stage + '.yaml')}")
-    if out.exists() and not force:
-        raise UserError(f"--out {out} exists", hint="pass --force to replace it, or choose another file")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
-    print(f"wrote {out}; check it with: llmtune validate {out}")
+    init_command(stage, model, out, force)
 
 
 @app.command(
@@ -632,13 +477,9 @@ def plot(
     """Draw the training curves of a run, or compare several runs (one line per run) in one PNG.
 
     Every run already writes its own curves.png to output_dir when it finishes."""
-    from llmtune.plot import CURVES_FILE, draw
+    from llmtune.commands.plot import plot_command
 
-    _check_lengths(("--out", out))
-    target = out or (run_dirs[0] / CURVES_FILE if len(run_dirs) == 1 else Path(CURVES_FILE))
-    with err.status("drawing"):
-        path = draw(run_dirs, target, metrics or None)
-    print(f"curves written to {path}")
+    plot_command(run_dirs, out, metrics, err)
 
 
 @app.command(epilog=_examples("llmtune version"))

@@ -184,3 +184,10 @@ def check_path_length(key: str, value: str | None) -> None:
             f"{key}: the path is {total} bytes long as an absolute path; the filesystem allows at most {path_max}",
             hint=f"shorten {key} (fewer or shorter folder names), or run from a directory with a shorter path",
         )
+
+
+def check_path_lengths(*paths: tuple[str, object]) -> None:
+    """Paths given as a command's options that the filesystem cannot hold: one clear error before anything runs
+    (``("--out", out)`` pairs; None values are skipped)."""
+    for key, value in paths:
+        check_path_length(key, None if value is None else str(value))

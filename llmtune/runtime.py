@@ -1,5 +1,5 @@
-"""What a process does with its surroundings: standard streams whose reader may go away, and output files
-that others may need to read."""
+"""What a process does with its surroundings: standard streams whose reader may go away, output files that
+others may need to read, and the known-harmless library noise it silences (quiet_libraries)."""
 
 from __future__ import annotations
 
@@ -94,3 +94,36 @@ def readable_like_normal_files(root: Path) -> None:
         current = p.stat().st_mode & 0o777
         if current | mode != current:
             p.chmod(current | mode)
+
+
+def quiet_libraries(loading_bars: bool | None = None) -> None:
+    """Silence known-harmless library noise so that the run's own messages stay readable. loading_bars:
+    transformers' "Loading weights" bars; None: only on a terminal (stderr), False: never (training, which
+    says itself what it loads and draws its own progress)."""
+    import logging
+    import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():  # said before DeepSpeed is imported: no "Setting accelerator to CPU" warning
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    # peft probes this deprecated transformers property; the warning is not the user's to act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    # AdaLoRA adapters store their rank pattern by lora_E parameter; peft's LoRA check of rank_pattern keys
+    # against module names calls them ignored, but AdaLoRA itself resizes the layers by them when it loads.
+    warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match")
+    # bitsandbytes reports that optional hub kernels are absent and falls back to its own CPU code.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # ... through the `kernels` package (transformers >= 5.25 installs it), which says offline that it
+    # skips a publisher check for a kernel it then does not find; the CPU fallback is used either way.
+    logging.getLogger("kernels").setLevel(logging.ERROR)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # "Token indices sequence length is longer than ... indexing errors": rows are tokenized whole, then cut
+    # to data.max_length (capped at the model's positions); a row left with nothing to learn is dropped and named
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
+    if not (sys.stderr.isatty() if loading_bars is None else loading_bars):  # in a log file, only noise
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()

@@ -13,26 +13,20 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from llmtune.recipe.data import DataConfig, DataSource, SchedulePhase
 from llmtune.recipe.schema import (
     AdaLoraOptions,
-    DataConfig,
-    DataSource,
     DistributedConfig,
-    DpoConfig,
     FinetuningConfig,
     GenerationConfig,
-    GrpoConfig,
     Ia3Options,
     ModelConfig,
     PromptOptions,
     RecipeBase,
-    RejectionSamplingConfig,
     RewardConfig,
-    RmConfig,
-    SchedulePhase,
-    SftConfig,
     TrainConfig,
 )
+from llmtune.recipe.stages import DpoConfig, GrpoConfig, RejectionSamplingConfig, RmConfig, SftConfig
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "recipe-reference.md"
 BLOCKS: list[tuple[str, type[BaseModel], str]] = [
@@ -97,7 +91,7 @@ def render() -> str:
     lines = [
         "# Recipe reference",
         "",
-        "Generated from `llmtune/recipe/schema.py` by `scripts/gen_recipe_docs.py`; do not edit by hand.",
+        "Generated from the recipe schema (`llmtune/recipe/`) by `scripts/gen_recipe_docs.py`; do not edit by hand.",
         "Unknown keys are errors (with a did-you-mean). `llmtune validate RECIPE` prints a recipe with every",
         "default filled in.",
     ]

@@ -48,7 +48,7 @@ def empty_preferred(rm: Path) -> float:
     import torch
 
     from llmtune.rewards.model import RewardModelSource
-    from llmtune.stages import quiet_libraries
+    from llmtune.runtime import quiet_libraries
 
     quiet_libraries()  # transformers' weight-loading bar and notes, as in every llmtune command
 

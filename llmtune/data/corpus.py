@@ -33,7 +33,9 @@ from llmtune.data.packing import Sample
 from llmtune.data.pipeline import PIPELINE_VERSION, SourceReport, cache_root, fingerprint_source
 from llmtune.errors import DataError
 from llmtune.paths import looks_local
-from llmtune.recipe.schema import DataSource, RecipeBase
+from llmtune.recipe.data import DataSource
+from llmtune.recipe.schema import RecipeBase
+from llmtune.recipe.stages import STAGE_RECIPES
 
 CORPUS_VERSION = "2"  # 2: document end offsets beside the tokens
 BATCH_BYTES = 1 << 20  # text handed to the tokenizer at a time (its ids are Python lists: keep it small)
@@ -349,7 +351,7 @@ def memory_map_plan(recipe: RecipeBase) -> tuple[bool, str | None]:
     d = recipe.data
     if d.memory_map is not True and d.memory_map != "auto":
         return False, None
-    if getattr(recipe, "stage", None) != "cpt":
+    if "memory_map" not in STAGE_RECIPES[getattr(recipe, "stage", "")].data_features:  # cpt reads raw text
         return False, None
     if d.memory_map is True:
         return True, None

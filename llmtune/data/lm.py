@@ -14,7 +14,7 @@ from llmtune.data.packing import Sample
 from llmtune.data.pipeline import SourceReport
 from llmtune.data.sources import read_rows
 from llmtune.errors import DataError, UserError
-from llmtune.recipe.schema import DataSource
+from llmtune.recipe.data import DataSource
 
 
 def read_data(path: str, max_samples: int | None) -> list[Any]:

@@ -33,7 +33,8 @@ from llmtune.data.formats import UNDESIRABLE, RowError, detect_format, is_undesi
 from llmtune.data.sources import read_rows
 from llmtune.errors import DataError
 from llmtune.paths import looks_local
-from llmtune.recipe.schema import DataSource, RecipeBase
+from llmtune.recipe.data import DataSource
+from llmtune.recipe.schema import RecipeBase
 
 PIPELINE_VERSION = "5"  # bump when tokenization output changes, to invalidate caches
 PERPLEXITY_SCORES = "perplexity_scores.jsonl"  # data.filter.perplexity's score of every training row

@@ -30,7 +30,7 @@ from typing import Any
 from llmtune.data.chat import IGNORE_INDEX, assistant_spans
 from llmtune.data.formats import Conversation, RowError, to_conversation
 from llmtune.data.pipeline import Encoder, Example
-from llmtune.recipe.schema import PREFERENCE_FORMATS, DataSource
+from llmtune.recipe.data import PREFERENCE_FORMATS, DataSource
 
 _PROMPT_KEYS = ("prompt", "conversations", "instruction", "messages", "question")
 

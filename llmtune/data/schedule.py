@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmtune.recipe.schema import SchedulePhase
+from llmtune.recipe.data import SchedulePhase
 
 
 def phase_ends(phases: list[SchedulePhase], total_steps: int) -> list[int]:

@@ -26,7 +26,7 @@ from typing import Any
 
 from llmtune.errors import DataError
 from llmtune.paths import looks_local
-from llmtune.recipe.schema import DataSource
+from llmtune.recipe.data import DataSource
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt", ".json.gz", ".jsonl.gz")
 _WRAPPER_KEYS = ("data", "rows", "examples", "records", "instances", "samples", "items", "train")
@@ -51,7 +51,7 @@ class Row:
 
 def read_rows(src: DataSource) -> list[Row]:
     """All rows of ``src`` (a file, a directory of data files, or a hub id), with ``src.columns`` and
-    ``src.tags`` (sharegpt role names, see llmtune.data.registry) applied."""
+    ``src.tags`` (sharegpt role names, see llmtune.recipe.registry) applied."""
     if not looks_local(src.path):
         parsed: list[Parsed] = [(row, None, f"row {i}") for i, row in enumerate(_read_hub(src), start=1)]
     else:
@@ -59,7 +59,7 @@ def read_rows(src: DataSource) -> list[Row]:
     if src.columns:
         parsed = _rename(parsed, src.columns, src.path)
     if src.tags:
-        from llmtune.data.registry import apply_tags
+        from llmtune.recipe.registry import apply_tags
 
         parsed = [(row if row is None else apply_tags(row, src.tags), err, where) for row, err, where in parsed]
     return [Row(i, data, err, where) for i, (data, err, where) in enumerate(parsed)]

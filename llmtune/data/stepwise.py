@@ -27,7 +27,7 @@ from typing import Any
 from llmtune.data.chat import IGNORE_INDEX, assistant_spans
 from llmtune.data.formats import Conversation, RowError, to_conversation
 from llmtune.data.pipeline import Encoder, Example
-from llmtune.recipe.schema import DataSource
+from llmtune.recipe.data import DataSource
 
 SHEPHERD_TAG = "ки"
 

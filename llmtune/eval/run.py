@@ -15,7 +15,7 @@ from llmtune.eval.report import print_table, write_json, write_jsonl
 def run_eval(cfg: EvalConfig, console: Console, progress_console: Console) -> dict[str, Any]:
     check_eval_paths(cfg)  # before torch: a mistyped path fails at once
     from llmtune.eval.tasks import run_task
-    from llmtune.stages import quiet_libraries
+    from llmtune.runtime import quiet_libraries
 
     quiet_libraries()
     _no_load_bars()

@@ -31,7 +31,7 @@ from torch import nn
 
 from llmtune.errors import RecipeError
 from llmtune.model.load import LoadedModel, ModelSpec, load
-from llmtune.recipe.schema import PpoRecipe
+from llmtune.recipe.stages import PpoRecipe
 
 POLICY, CRITIC, REWARD = "default", "critic", "reward"
 

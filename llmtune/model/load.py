@@ -18,6 +18,7 @@ from rich.console import Console
 
 from llmtune.errors import RecipeError, UserError
 from llmtune.model.hub import from_pretrained_kwargs, hub_kwargs
+from llmtune.model.kernels import apply_kernels
 from llmtune.model.peft import apply_method
 from llmtune.model.tokenizer import check_tokenizers_agree, tokenizer_from
 from llmtune.paths import looks_local
@@ -127,6 +128,7 @@ class ModelSpec:
     compute_dtype: torch.dtype = torch.float32  # qlora: what the 4-bit layers compute in
     attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
+    kernels: str = "none"  # train.kernels: fused layer kernels for a trained model (model/kernels.py)
     revision: str | None = None
     token: str | None = None
     trust_remote_code: bool = False
@@ -155,6 +157,7 @@ class ModelSpec:
             dtype=weight_dtype(recipe),
             compute_dtype=compute,
             gradient_checkpointing=recipe.train.gradient_checkpointing,
+            kernels=recipe.train.kernels,
             **_model_options(m),
         )
 
@@ -274,6 +277,7 @@ def _load_trained(spec: ModelSpec, device: torch.device, tokenizer: Any) -> Load
         refuse_reward_model(config, f"{spec.what} {spec.path}")
     model, _ = _from_pretrained(spec, tokenizer, **extra)
     _fit_tokenizer(model, spec, tokenizer)
+    apply_kernels(model, spec.kernels)  # before peft wraps the layers
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_method(

@@ -11,31 +11,11 @@ import yaml
 from pydantic import BaseModel, SecretStr, TypeAdapter, ValidationError
 
 from llmtune.errors import RecipeError
-from llmtune.recipe.schema import (
-    STAGES,
-    CptRecipe,
-    DpoRecipe,
-    GrpoRecipe,
-    PpoRecipe,
-    Recipe,
-    RecipeBase,
-    RejectionSamplingRecipe,
-    RmRecipe,
-    SftRecipe,
-)
+from llmtune.recipe.schema import RecipeBase
+from llmtune.recipe.stages import STAGE_RECIPES, STAGES, AnyRecipe, Recipe
 from llmtune.recipe.synonyms import SYNONYMS_DOC, synonym_message
 
-AnyRecipe = CptRecipe | SftRecipe | RmRecipe | DpoRecipe | PpoRecipe | GrpoRecipe | RejectionSamplingRecipe
 _ADAPTER: TypeAdapter[AnyRecipe] = TypeAdapter(Recipe)
-_STAGE_MODELS: dict[str, type[BaseModel]] = {
-    "cpt": CptRecipe,
-    "sft": SftRecipe,
-    "rm": RmRecipe,
-    "dpo": DpoRecipe,
-    "ppo": PpoRecipe,
-    "grpo": GrpoRecipe,
-    "rejection_sampling": RejectionSamplingRecipe,
-}
 
 
 class _DuplicateKey(yaml.YAMLError):
@@ -172,7 +152,7 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> AnyRecipe:
     try:
         return _ADAPTER.validate_python(raw)
     except ValidationError as e:
-        msg = format_validation_error(e, source, _STAGE_MODELS[stage])
+        msg = format_validation_error(e, source, STAGE_RECIPES[stage].recipe)
         renamed = any(n in msg for n in (": unknown key; llmtune ", ": unknown key here; it belongs at "))
         raise RecipeError(
             msg, hint=f"rename or move the keys as shown ({SYNONYMS_DOC} lists other tools' names)" if renamed else None

@@ -1,4 +1,6 @@
-"""The recipe schema: one pydantic model per stage, discriminated on ``stage:``.
+"""The recipe's shared blocks: model, finetuning (full, freeze and the peft methods), train, distributed,
+precision, and the reward and generation blocks of the online stages, assembled in ``RecipeBase``; the data
+block is in llmtune.recipe.data, each stage's own blocks and recipe class in llmtune.recipe.stages.
 
 Every block forbids unknown keys, every field has a default and a description, and cross-field
 checks say how to fix what they reject. This module imports only pydantic (``llmtune validate``
@@ -7,43 +9,14 @@ and ``llmtune --help`` must not import torch).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from llmtune.paths import looks_local
-
-DATA_FORMATS = (
-    "alpaca",
-    "sharegpt",
-    "messages",
-    "text",
-    "pairs",
-    "ranked",
-    "pointwise",
-    "unpaired",
-    "prompts",
-    "stepwise",
-)
-PREFERENCE_FORMATS = ("pairs", "ranked", "pointwise", "unpaired")
-
-
-class Block(BaseModel):
-    """Base of every recipe block: unknown keys are errors, assignments are validated.
-
-    Numbers given for text keys are taken as text (``--set model.revision=20240101``,
-    ``output_dir: 2024``): YAML types them as numbers, the schema says they are names.
-    """
-
-    model_config = ConfigDict(
-        extra="forbid",
-        validate_assignment=True,
-        protected_namespaces=(),
-        coerce_numbers_to_str=True,
-        allow_inf_nan=False,  # lr: .inf passes `gt=0`; no recipe number is meant to be infinite or NaN
-    )
+from llmtune.recipe.block import Block
+from llmtune.recipe.data import DataConfig
 
 
 class ModelConfig(Block):
@@ -259,381 +232,6 @@ class FinetuningConfig(Block):
         return self
 
 
-class DataSource(Block):
-    path: str = Field(
-        default="",
-        description="A file (json, jsonl, parquet, csv, txt), a directory of them, or a hub id (or give name:).",
-    )
-    name: str | None = Field(
-        default=None,
-        description="A dataset of the registry (data.registry, a dataset_info.json): its file, columns and tags "
-        "fill the keys this source does not set.",
-    )
-    registry: str | None = Field(default=None, description="The registry file for name: (default: data.registry).")
-    id: str | None = Field(
-        default=None,
-        description="The source's name in data.schedule (default: its registry name:, else its file or directory "
-        "name without suffixes, e.g. general for data/general.jsonl).",
-    )
-    format: (
-        Literal[
-            "alpaca", "sharegpt", "messages", "text", "pairs", "ranked", "pointwise", "unpaired", "prompts", "stepwise"
-        ]
-        | None
-    ) = Field(
-        default=None,
-        description="Row format; omitted = detected from the first rows (rm / dpo: the format their loss reads). "
-        "pairs: prompt + chosen + rejected (also TRL's and LLaMA-Factory's shapes); ranked: prompt + responses "
-        "best first; pointwise: prompt + response + score; unpaired: prompt + completion + label (KTO); "
-        "prompts (grpo, rejection_sampling): prompt / question / instruction / messages, optional answer; "
-        "stepwise (rm.loss process): {prompt, completions, labels}, Math-Shepherd's {input, label} or PRM800K's "
-        "{question, label}.",
-    )
-    weight: float = Field(
-        default=1.0,
-        gt=0,
-        description="Mixing multiplier: 2.0 repeats the source twice, 0.5 takes a random half.",
-    )
-    max_samples: int | None = Field(default=None, ge=1, description="Use at most this many rows of this source.")
-    split: str = Field(default="train", description="Split to load for hub datasets.")
-    subset: str | None = Field(default=None, description="Hub dataset configuration name.")
-    columns: dict[str, str] = Field(
-        default_factory=dict,
-        description="Rename columns to the names the format expects, e.g. {instruction: question, output: answer}.",
-    )
-    system: str | None = Field(default=None, description="System prompt for rows that have none.")
-    quality_column: str | None = Field(
-        default=None,
-        description="sft: a column holding each row's quality label (e.g. a score or high / low); its value "
-        "prefixes the first user turn through quality_prefix, so that at inference the best label can be asked for.",
-    )
-    quality_prefix: str = Field(
-        default="[quality: {label}] ",
-        description="quality_column: the text put before the first user turn; {label} is the row's value.",
-    )
-    tags: dict[str, str] = Field(
-        default_factory=dict,
-        description="sharegpt turns with other keys / role names, as LLaMA-Factory's tags: role_tag, content_tag, "
-        "user_tag, assistant_tag, observation_tag, function_tag, system_tag (e.g. {role_tag: role, "
-        "content_tag: content, user_tag: user, assistant_tag: assistant}).",
-    )
-
-    @field_validator("quality_prefix")
-    @classmethod
-    def _quality_prefix(cls, v: str) -> str:
-        try:
-            v.format(label="x")
-        except (KeyError, IndexError, ValueError):
-            raise ValueError("may hold only {label} in braces, e.g. '[quality: {label}] '") from None
-        if "{label}" not in v:
-            raise ValueError("must hold {label} (where the row's quality label goes), e.g. '[quality: {label}] '")
-        return v
-
-    @field_validator("tags")
-    @classmethod
-    def _tag_keys(cls, v: dict[str, str]) -> dict[str, str]:
-        from llmtune.data.registry import TAG_KEYS
-
-        unknown = [k for k in v if k not in TAG_KEYS]
-        if unknown:
-            raise ValueError(f"unknown tag {unknown[0]!r}: use {', '.join(TAG_KEYS)}")
-        return v
-
-    def source_id(self) -> str:
-        """What data.schedule calls this source: id, else the registry name, else the file name's stem."""
-        if self.id:
-            return self.id
-        if self.name:
-            return self.name
-        base = Path(self.path.rstrip("/")).name if looks_local(self.path) else self.path
-        return base.split(".")[0] if looks_local(self.path) and not base.startswith(".") else base
-
-    @model_validator(mode="after")
-    def _path_or_name(self) -> DataSource:
-        if not self.path and not self.name:
-            raise ValueError(
-                "has no path: set path: (a file, a directory or a hub id) or name: (a dataset of data.registry)"
-            )
-        return self
-
-
-class PerplexityFilter(Block):
-    model: str | None = Field(
-        default=None,
-        description="The model that scores the rows (hub id or directory); null: model.path, the model being "
-        "trained, as it is before training.",
-    )
-    drop_low: float = Field(
-        default=0.0,
-        ge=0,
-        lt=1,
-        description="Fraction of the training rows with the lowest perplexity (easiest) dropped.",
-    )
-    drop_high: float = Field(
-        default=0.0,
-        ge=0,
-        lt=1,
-        description="Fraction of the training rows with the highest perplexity (hardest) dropped.",
-    )
-    batch_size: int = Field(default=8, ge=1, description="Rows per forward pass while scoring.")
-
-    @model_validator(mode="after")
-    def _fractions(self) -> PerplexityFilter:
-        if self.drop_low + self.drop_high >= 1:
-            raise ValueError(
-                f"drop_low {self.drop_low} + drop_high {self.drop_high} >= 1 would drop every row: keep their sum "
-                "below 1 (e.g. drop_low: 0.1, drop_high: 0.1)"
-            )
-        if self.drop_low == 0 and self.drop_high == 0:
-            raise ValueError("drops nothing: set drop_low and / or drop_high (fractions, e.g. 0.1), or remove it")
-        return self
-
-
-class DataFilter(Block):
-    min_tokens: int | None = Field(
-        default=None,
-        ge=1,
-        description="Drop rows whose tokenized length (before truncation to max_length) is below this.",
-    )
-    max_tokens: int | None = Field(
-        default=None,
-        ge=1,
-        description="Drop rows whose tokenized length (before truncation to max_length) is above this "
-        "(data.max_length cuts long rows instead).",
-    )
-    perplexity: PerplexityFilter | None = Field(
-        default=None,
-        description="Score each training row's perplexity on its learned tokens with a model and drop the "
-        "easiest / hardest fractions ({model, drop_low, drop_high, batch_size}); scores are cached and written "
-        "to output_dir/perplexity_scores.jsonl.",
-    )
-
-    @model_validator(mode="after")
-    def _bounds(self) -> DataFilter:
-        if self.min_tokens is not None and self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens {self.min_tokens} > max_tokens {self.max_tokens}: no row could pass")
-        return self
-
-    def active(self) -> bool:
-        return self.min_tokens is not None or self.max_tokens is not None or self.perplexity is not None
-
-
-class ReplayConfig(Block):
-    path: str = Field(description="Plain-text rows ({text: ...} json / jsonl / parquet, or a .txt file) to replay.")
-    ratio: float = Field(
-        gt=0, lt=1, description="Fraction of the training examples that are replay rows (0.05: 5 in every 100)."
-    )
-    columns: dict[str, str] = Field(default_factory=dict, description="Rename a column to text, e.g. {text: body}.")
-    max_samples: int | None = Field(default=None, ge=1, description="Use at most this many rows of the file.")
-
-
-class SchedulePhase(Block):
-    until: float | None = Field(
-        default=None,
-        gt=0,
-        le=1,
-        description="Where the phase ends, as a fraction of the run's steps (0.3: after the first 30%); omitted on "
-        "the last phase (it runs to the end).",
-    )
-    until_step: int | None = Field(
-        default=None,
-        ge=1,
-        description="Where the phase ends, as a step number (the phase holds the steps up to and including it); "
-        "instead of until. Omitted on the last phase.",
-    )
-    weights: dict[str, float] = Field(
-        description="Each training source's share of the rows in this phase, by source id (data.train[].id, else "
-        "the registry name, else the file name without suffixes), e.g. {general: 0.8, domain: 0.2}; relative "
-        "(divided by their sum), every source listed (0 leaves it out of the phase).",
-    )
-    ramp: bool = Field(
-        default=False,
-        description="The shares move linearly, step by step, from the previous phase's to these (reached at the "
-        "phase's last step): a rising domain share.",
-    )
-
-    @field_validator("weights")
-    @classmethod
-    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = [k for k, w in v.items() if not (w >= 0 and math.isfinite(w))]
-        if bad:
-            raise ValueError(f"the weight of {bad[0]} is {v[bad[0]]}: weights are numbers >= 0")
-        if not v or sum(v.values()) <= 0:
-            raise ValueError("sum to 0: give at least one source a weight > 0 (e.g. {general: 1.0})")
-        return v
-
-    @model_validator(mode="after")
-    def _one_end(self) -> SchedulePhase:
-        if self.until is not None and self.until_step is not None:
-            raise ValueError("set until (a fraction of the steps) or until_step (a step number), not both")
-        return self
-
-
-class DataConfig(Block):
-    registry: str | None = Field(
-        default=None,
-        description="A dataset registry (LLaMA-Factory's dataset_info.json shape: names -> file_name / hf_hub_url, "
-        "formatting, columns, tags); sources then name a dataset with name:.",
-    )
-    train: list[DataSource] = Field(description="One or more sources, mixed.")
-    eval: list[DataSource] = Field(default_factory=list, description="Held-out sources for evaluation.")
-    eval_split: float = Field(
-        default=0.0,
-        ge=0,
-        lt=1,
-        description="Fraction of train rows held out for evaluation when eval is empty.",
-    )
-    max_length: int = Field(default=2048, ge=8, description="Longest sequence, in tokens.")
-    packing: bool = Field(
-        default=False,
-        description="cpt: concatenate and chunk; sft: several examples per row with restarting position ids.",
-    )
-    memory_map: bool | Literal["auto"] = Field(
-        default="auto",
-        description="cpt: local .txt / .jsonl files tokenized once into a token file in the data cache, and rows "
-        "read from it through a memory map while training (the same rows as in memory; memory does not grow with "
-        "the corpus). auto: on for cpt unless data.dedup / data.filter or a source it cannot read (a hub dataset, "
-        "parquet, ...) needs the rows in memory (the log says so); true: on, refusing what it cannot do; false: "
-        "off.",
-    )
-    on_bad_row: Literal["drop", "error"] = Field(
-        default="drop",
-        description="drop: skip malformed / empty / untrainable rows and count them; error: stop.",
-    )
-    cache_dir: str | None = Field(
-        default=None,
-        description="Where tokenized data is cached (default: $LLMTUNE_CACHE or ~/.cache/llmtune).",
-    )
-    shuffle: bool = Field(default=True, description="Shuffle training rows every epoch (seeded).")
-    dedup: Literal["exact", "near"] | None = Field(
-        default=None,
-        description="Drop duplicate rows, keeping the first (the training sources together in order, the eval "
-        "sources together): exact (same prompt text after lowercasing and collapsing whitespace) or near (word "
-        "3-gram Jaccard >= dedup_threshold, found by MinHash); the prompt text is the user turns (sft) or the "
-        "text (cpt).",
-    )
-    dedup_threshold: float = Field(
-        default=0.7, gt=0, le=1, description="dedup near: the word 3-gram Jaccard similarity that makes a duplicate."
-    )
-    filter: DataFilter = Field(
-        default_factory=DataFilter, description="Row filters: token length bounds and a perplexity filter."
-    )
-    replay: ReplayConfig | None = Field(
-        default=None,
-        description="sft: plain-text LM rows (every token learned, cut to max_length) mixed in so that `ratio` of "
-        "the training examples are replay rows ({path, ratio, columns, max_samples}).",
-    )
-    schedule: list[SchedulePhase] | None = Field(
-        default=None,
-        description="cpt / sft: the mix of the training sources by phase of the run, e.g. [{until: 0.3, weights: "
-        "{general: 1, domain: 0}}, {weights: {general: 0.2, domain: 0.8}, ramp: true}]: each step draws its rows "
-        "from the sources in the phase's shares (each source cycles through its own shuffled rows); replaces "
-        "the sources' weight. Phases end at increasing until (fraction of steps) or until_step; the last runs "
-        "to the end.",
-    )
-
-    @field_validator("train")
-    @classmethod
-    def _nonempty(cls, v: list[DataSource]) -> list[DataSource]:
-        if not v:
-            raise ValueError("is empty: list at least one source, e.g. [{path: data/train.jsonl}]")
-        return v
-
-    @model_validator(mode="after")
-    def _resolve_names(self) -> DataConfig:
-        """A source with name: and no path takes its path, columns, tags, ... from the registry (the keys it
-        sets itself win); a source with both is left as it is (a resolved recipe validates again unchanged)."""
-        from llmtune.data.registry import RegistryError, resolve
-
-        for group, sources in (("train", self.train), ("eval", self.eval)):
-            for i, src in enumerate(sources):
-                if src.name is None or src.path:
-                    continue
-                registry = src.registry or self.registry
-                if registry is None:
-                    raise ValueError(
-                        f"data.{group}.{i}.name {src.name!r} needs a registry: set data.registry (or the source's "
-                        "registry:) to a dataset_info.json file, or give path: instead"
-                    )
-                try:
-                    fields = resolve(registry, src.name)
-                except RegistryError as e:
-                    raise ValueError(f"{group}.{i}.name: {e}") from None
-                for key, value in fields.items():
-                    if key not in src.model_fields_set:
-                        setattr(src, key, value)
-        return self
-
-    @model_validator(mode="after")
-    def _eval_choice(self) -> DataConfig:
-        if self.eval and self.eval_split > 0:
-            raise ValueError("set either data.eval (held-out files) or data.eval_split (a fraction), not both")
-        return self
-
-    @model_validator(mode="after")
-    def _schedule(self) -> DataConfig:
-        if self.schedule is None:
-            return self
-        phases = self.schedule
-        if not phases:
-            raise ValueError("data.schedule is empty: give at least one phase, or remove it")
-        ids = [s.source_id() for s in self.train]
-        for i, a in enumerate(ids):
-            if a in ids[:i]:
-                raise ValueError(
-                    f"data.schedule names sources by id, and data.train[{ids.index(a)}] and data.train[{i}] are "
-                    f"both {a!r}: give them different id: keys"
-                )
-        weighted = [i for i, s in enumerate(self.train) if s.weight != 1.0]
-        if weighted:
-            raise ValueError(
-                f"data.train[{weighted[0]}] sets weight and data.schedule gives the sources' shares: remove the "
-                "weight (the schedule's weights are the mix)"
-            )
-        known = ", ".join(ids)
-        for k, p in enumerate(phases):
-            where = f"data.schedule[{k}]"
-            unknown = [n for n in p.weights if n not in ids]
-            if unknown:
-                raise ValueError(
-                    f"{where}.weights: unknown source {unknown[0]!r}; the training sources are {known} (a source's "
-                    "id:, registry name, or file name without suffixes)"
-                )
-            missing = [n for n in ids if n not in p.weights]
-            if missing:
-                raise ValueError(f"{where}.weights has no weight for {missing[0]!r}: list every source ({known})")
-            last = k == len(phases) - 1
-            if last and p.until_step is not None:
-                raise ValueError(f"{where} is the last phase: it runs to the end of training; remove its until_step")
-            if last and p.until is not None and p.until != 1:
-                raise ValueError(
-                    f"{where} is the last phase and ends at until {p.until}: the last phase runs to the end of "
-                    "training; remove its until (or set 1.0)"
-                )
-            if not last and p.until is None and p.until_step is None:
-                raise ValueError(f"{where} has no end: set until (a fraction of the steps, e.g. 0.3) or until_step")
-            if k == 0 and p.ramp:
-                raise ValueError(f"{where} ramps from the previous phase, and it is the first: remove ramp")
-        ends = [p.until if p.until is not None else p.until_step for p in phases[:-1]]
-        kinds = {"until" if p.until is not None else "until_step" for p in phases[:-1]}
-        if len(kinds) > 1:
-            raise ValueError("data.schedule mixes until and until_step: end every phase the same way")
-        for k in range(1, len(ends)):
-            if ends[k] <= ends[k - 1]:  # type: ignore[operator]
-                raise ValueError(
-                    f"data.schedule phases must end in increasing order: phase {k} ends at {ends[k]}, not after "
-                    f"phase {k - 1} ({ends[k - 1]})"
-                )
-        if phases[:-1] and phases[-2].until == 1:
-            raise ValueError(f"data.schedule[{len(phases) - 2}] ends at until 1.0, leaving the last phase no step")
-        unused = [n for n in ids if all(p.weights[n] == 0 for p in phases)]
-        if unused:
-            raise ValueError(
-                f"source {unused[0]!r} has weight 0 in every phase of data.schedule: remove it from data.train"
-            )
-        return self
-
-
 class EmaConfig(Block):
     decay: float = Field(
         default=0.999, gt=0, lt=1, description="Weight of the old average at each update (0.999: ~1000 updates)."
@@ -667,6 +265,11 @@ class TrainConfig(Block):
     adam_eps: float = Field(default=1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float | None = Field(default=1.0, description="Clip gradients to this norm; null or 0 = off.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
+    kernels: Literal["none", "liger"] = Field(
+        default="none",
+        description="Fused GPU kernels for the model's layers. liger: liger-kernel's RMSNorm, SwiGLU and RoPE "
+        "(NVIDIA GPUs only; pip install 'llmtune[liger]'); the LM head's loss is llmtune's chunked one either way.",
+    )
     log_every: int = Field(default=10, ge=1, description="Log every N optimizer steps.")
     eval_every: int | None = Field(default=None, ge=1, description="Evaluate every N steps (and at the end).")
     save_every: int | None = Field(default=None, ge=1, description="Write a resumable checkpoint every N steps.")
@@ -762,96 +365,6 @@ class DistributedConfig(Block):
         return self
 
 
-class SftConfig(Block):
-    train_on_prompt: bool = Field(
-        default=False,
-        description="Also learn the system / user / tool tokens (default: assistant turns only).",
-    )
-
-
-class RmConfig(Block):
-    loss: Literal["pairwise", "ranked", "pointwise", "process"] = Field(
-        default="pairwise",
-        description="pairwise: Bradley-Terry on (chosen, rejected), with the optional per-row `margin` column; "
-        "ranked: all pairs of a list of responses in preference order; pointwise: MSE to a per-response `score`; "
-        "process: a process reward model (PRM), a per-token good / bad head trained at the end of each step "
-        "(format stepwise).",
-    )
-    step_separator: str = Field(
-        default="\n",
-        description="process: the text after each step, where its score is read (recorded in prm.json beside the "
-        "model, and used to split completions into steps when the PRM scores them).",
-    )
-    center_rewards_coefficient: float = Field(
-        default=0.0,
-        ge=0,
-        description="Reward centering: adds c * (r_chosen + r_rejected)^2 per pair so rewards stay near 0 "
-        "(e.g. 0.01); 0 = off.",
-    )
-    export_merged: bool = Field(
-        default=True,
-        description="lora / qlora / adalora / ia3: also write a merged full reward model to output_dir/merged "
-        "(loadable by AutoModelForSequenceClassification without peft).",
-    )
-    lm_loss_weight: float = Field(
-        default=0.0,
-        ge=0,
-        description="Adds this weight times the language-model loss (mean per token) on each row's preferred "
-        "response, computed with the base model's output embedding (frozen), as a regulariser; 0 = off.",
-    )
-
-    @model_validator(mode="after")
-    def _lm_loss(self) -> RmConfig:
-        if self.step_separator != "\n" and self.loss != "process":
-            raise ValueError(f"step_separator is for loss process, not {self.loss}: remove it, or set loss: process")
-        if self.lm_loss_weight > 0 and self.loss == "process":
-            raise ValueError("lm_loss_weight is for loss pairwise or ranked, not process: set it to 0")
-        if self.lm_loss_weight > 0 and self.loss == "pointwise":
-            raise ValueError("lm_loss_weight needs a preferred response: use loss pairwise or ranked, or set it to 0")
-        return self
-
-
-class DpoConfig(Block):
-    beta: float = Field(
-        default=0.1, gt=0, description="Strength of the KL penalty to the reference (simpo: reward scale)."
-    )
-    loss: Literal["sigmoid", "robust", "ipo", "hinge", "simpo", "kto"] = Field(
-        default="sigmoid",
-        description="sigmoid: DPO (with label_smoothing: cDPO); robust: robust DPO (needs label_smoothing); ipo; "
-        "hinge (SLiC); simpo: reference-free, length-normalised, margin simpo_gamma; kto: unpaired rows "
-        "(format unpaired; pairs rows are split into a desirable chosen and an undesirable rejected example).",
-    )
-    label_smoothing: float = Field(
-        default=0.0, ge=0, lt=0.5, description="sigmoid / robust / simpo: assumed fraction of flipped labels."
-    )
-    simpo_gamma: float = Field(default=0.5, description="simpo: target reward margin gamma.")
-    sft_weight: float = Field(
-        default=0.0, ge=0, description="Adds weight x the per-token NLL of the chosen response (RPO); 0 = off."
-    )
-    reference: str | None = Field(
-        default=None,
-        description="Reference model (hub id or directory). null: with lora / qlora the same base with the adapter "
-        "disabled (no second copy); with full / freeze a frozen copy of model.path.",
-    )
-    precompute_reference: bool = Field(
-        default=True,
-        description="Compute the reference log-probs once before training (no-grad pass) and cache them, "
-        "so training runs one model.",
-    )
-    kto_desirable_weight: float = Field(default=1.0, gt=0, description="kto: weight of desirable rows.")
-    kto_undesirable_weight: float = Field(default=1.0, gt=0, description="kto: weight of undesirable rows.")
-
-    @model_validator(mode="after")
-    def _combos(self) -> DpoConfig:
-        if self.label_smoothing > 0 and self.loss not in ("sigmoid", "robust", "simpo"):
-            raise ValueError(f"label_smoothing applies to loss sigmoid, robust or simpo, not {self.loss}: set it to 0")
-        if self.loss == "robust" and self.label_smoothing == 0:
-            raise ValueError("loss robust needs label_smoothing > 0 (e.g. 0.1); with 0 it is plain sigmoid")
-        if self.loss == "simpo" and self.reference is not None:
-            raise ValueError("loss simpo is reference-free: remove dpo.reference (set it to null)")
-        return self
-
-
 class RewardConfig(Block):
     """Where the online stages' scores come from: reward models, rules, or a weighted mix of both."""
 
@@ -926,153 +439,9 @@ class GenerationConfig(Block):
     )
 
 
-PROMPTS_PER_STEP_DESCRIPTION = (
-    "Prompts feeding one optimizer step, summed over all processes (a multiple of the number of processes). "
-    "Independent of train.micro_batch_size, which only splits the step's rows (completions) into forward "
-    "passes for memory; the accumulation follows (rows / micro_batch_size)."
-)
-
-
-class GrpoConfig(Block):
-    num_generations: int = Field(default=8, description="Completions per prompt (the group); at least 2.")
-    prompts_per_step: int = Field(default=16, ge=1, description=PROMPTS_PER_STEP_DESCRIPTION)
-    dynamic_sampling: bool = Field(
-        default=False,
-        description="DAPO's dynamic sampling: groups whose completions all scored alike (no reward spread, no "
-        "signal) are dropped and more prompts drawn to replace them, up to dynamic_sampling_draws extra draws "
-        "per step (then zero-spread groups fill the step).",
-    )
-    dynamic_sampling_draws: int = Field(
-        default=3, ge=1, description="dynamic_sampling: at most this many extra draws of prompts per step."
-    )
-    beta: float = Field(default=0.0, ge=0, description="KL to the reference (k3, in the loss); 0 loads no reference.")
-    reward: RewardConfig = Field(default_factory=lambda: RewardConfig(rule="exact_match"))
-    advantage: Literal["group", "rloo"] = Field(
-        default="group",
-        description="group: reward minus the group mean (scaled by scale_rewards); rloo: reward minus the mean of "
-        "the other completions of the same prompt (leave-one-out).",
-    )
-    scale_rewards: Literal["group", "batch", "none"] = Field(
-        default="group", description="group advantages: divide by the group's std, the batch's std, or nothing."
-    )
-    epsilon: float = Field(default=0.2, gt=0, lt=1, description="Lower clip of the importance ratio (1 - epsilon).")
-    epsilon_high: float | None = Field(
-        default=None, gt=0, description="Upper clip (1 + epsilon_high); default epsilon (DAPO suggests 0.28)."
-    )
-    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field(
-        default="dapo",
-        description="grpo: mean per sequence, then over sequences; dr_grpo: sum / (sequences x max_new_tokens); "
-        "dapo: mean over every completion token of the step.",
-    )
-    num_iterations: int = Field(default=1, ge=1, description="Optimizer steps on each batch of rollouts.")
-    mask_truncated_completions: bool = Field(
-        default=False, description="Leave completions that never ended out of the loss."
-    )
-
-    @field_validator("num_generations")
-    @classmethod
-    def _group(cls, v: int) -> int:
-        if v < 2:
-            raise ValueError(f"is {v}: grpo compares completions of the same prompt, so it needs at least 2 (e.g. 8)")
-        return v
-
-
-class PpoConfig(Block):
-    """PPO with a critic (InstructGPT-style): rewards = the sequence score at the last token minus a per-token
-    KL penalty to the reference; advantages by GAE; clipped policy and value losses."""
-
-    reward: RewardConfig = Field(default_factory=lambda: RewardConfig(rule="exact_match"))
-    memory: Literal["separate", "shared"] | None = Field(
-        default=None,
-        description="separate: the policy, critic, reference and reward models each hold their own weights (full "
-        "fine-tuning, ZeRO-3); shared (lora / qlora): one base in memory, the policy and critic are adapters on it, "
-        "the reference is the adapter disabled, a lora reward model of the same base is one more adapter. "
-        "Default: shared for lora / qlora, separate otherwise.",
-    )
-    prompts_per_step: int = Field(default=16, ge=1, description=PROMPTS_PER_STEP_DESCRIPTION)
-    rollout_batch_size: int | None = Field(
-        default=None,
-        ge=1,
-        description="Completions each process generates per rollout (one per prompt); a multiple of its share "
-        "of ppo.prompts_per_step (one optimizer step's mini-batch). Default: one mini-batch.",
-    )
-    ppo_epochs: int = Field(default=4, ge=1, description="Passes over each rollout's mini-batches.")
-    kl_coef: float = Field(default=0.05, ge=0, description="Initial coefficient of the per-token KL penalty.")
-    kl_estimator: Literal["k1", "k3"] = Field(
-        default="k1", description="Per-token KL estimate in the reward: k1 (log-ratio) or k3 (non-negative)."
-    )
-    target_kl: float | None = Field(
-        default=None,
-        gt=0,
-        description="Adaptive KL coefficient (Ziegler et al.): steer the per-sequence KL toward this; null: fixed.",
-    )
-    kl_horizon: int = Field(default=10000, ge=1, description="Horizon of the adaptive KL controller, in samples.")
-    gamma: float = Field(default=1.0, ge=0, le=1, description="GAE discount.")
-    lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda.")
-    cliprange: float = Field(default=0.2, gt=0, lt=1, description="Clip of the policy's importance ratio.")
-    dual_clip: float | None = Field(
-        default=None, gt=1, description="Dual-clip constant c > 1 for negative advantages (Ye et al. 2020); null: off."
-    )
-    cliprange_value: float | None = Field(
-        default=0.2, gt=0, description="Clip of the value update around the rollout's values; null: unclipped."
-    )
-    vf_coef: float = Field(default=0.1, gt=0, description="Weight of the value loss.")
-    critic_lr: float | None = Field(
-        default=None, gt=0, description="Learning rate of the critic (adapter and value head); default train.lr."
-    )
-    entropy_coef: float = Field(default=0.0, ge=0, description="Entropy bonus weight; 0 = off.")
-    whiten_rewards: bool = Field(default=False, description="Whiten the per-token rewards of each rollout.")
-    reward_clip: float | None = Field(
-        default=None, gt=0, description="Clip the sequence score to [-reward_clip, reward_clip]; null: off."
-    )
-    whiten_advantages: bool = Field(default=True, description="Whiten the advantages of each rollout.")
-    early_stop_kl: float | None = Field(
-        default=None,
-        gt=0,
-        description="Skip the rest of a rollout's epochs once a step's approximate KL to the rollout policy "
-        "exceeds this; null: off.",
-    )
-    critic_init: Literal["auto", "reward", "policy"] = Field(
-        default="auto",
-        description="Where the critic starts: reward (the first reward model: its backbone and score head), or "
-        "policy (the starting model with a zero value head). auto: reward when a reward model is given.",
-    )
-    save_critic: bool = Field(default=False, description="Also write the trained critic to output_dir/critic/.")
-
-
-class RejectionSamplingConfig(Block):
-    num_samples: int = Field(
-        default=8,
-        description="Completions sampled per prompt each round; at least 2 (a best must beat a worst).",
-    )
-    rounds: int = Field(default=1, ge=1, description="generate -> score -> select -> fine-tune, this many times.")
-    reward: RewardConfig = Field(default_factory=lambda: RewardConfig(rule="exact_match"))
-    threshold: float | Literal["none"] | None = Field(
-        default=None,
-        description="A prompt's best completion is kept only when it beats the prompt's worst (the rewards "
-        "spread) and its reward is at least this. null: the reward's known maximum for rules (exact_match, "
-        "contains, gsm8k, regex give 1.0: only right answers are kept), no threshold for reward models and "
-        "user code. none: no threshold (only the spread decides).",
-    )
-    selection: Literal["best", "best_and_worst"] = Field(
-        default="best",
-        description="best: the best completion per prompt (sft rows); best_and_worst: also writes chosen / "
-        "rejected pairs (best vs worst, from the prompts whose best is kept) for a dpo stage.",
-    )
-    max_prompts: int | None = Field(default=None, ge=1, description="Prompts sampled per round (default: all).")
-
-    @field_validator("num_samples")
-    @classmethod
-    def _samples(cls, v: int) -> int:
-        if v < 2:
-            raise ValueError(
-                f"is {v}: a prompt's best completion is kept when it beats the prompt's worst, so best-of-N needs "
-                "at least 2 samples (e.g. 8)"
-            )
-        return v
-
-
 class RecipeBase(Block):
+    """The blocks every stage's recipe shares (each stage's recipe, in llmtune.recipe.stages, adds its own)."""
+
     output_dir: str = Field(description="Everything the run writes goes here.")
     seed: int = Field(default=42, description="Seed for data order, dropout and initialisation.")
     model: ModelConfig
@@ -1091,31 +460,11 @@ class RecipeBase(Block):
             )
         if self.finetuning.method == "qlora" and self.precision == "fp16" and self.model.dtype == "bf16":
             raise ValueError("precision fp16 with model.dtype bf16: set both to bf16, or both to fp16")
-        if self.data.memory_map is True and getattr(self, "stage", None) != "cpt":
-            raise ValueError("data.memory_map is for stage cpt (raw text); remove it, or use stage: cpt")
-        stage = getattr(self, "stage", "")
         d = self.data
-        if stage not in ("cpt", "sft"):
-            used = [k for k, on in (("data.dedup", d.dedup), ("data.filter", d.filter.active())) if on]
-            if used:
-                raise ValueError(
-                    f"{used[0]} is supported for stages sft and cpt, not {stage}: remove it from the recipe"
-                )
-        if stage != "sft" and any(x.quality_column for x in [*d.train, *d.eval]):
-            raise ValueError(f"quality_column conditions sft on a quality label; stage {stage} does not read it")
-        if d.schedule is not None and stage not in ("cpt", "sft"):
-            raise ValueError(
-                f"data.schedule is supported for stages cpt and sft, not {stage}: remove it from the recipe"
-            )
         if d.schedule is not None and d.replay is not None:
             raise ValueError(
                 "data.replay and data.schedule both mix rows in: list the replay file under data.train and give it "
                 "a share in the schedule's weights, or remove data.schedule"
-            )
-        if d.replay is not None and stage != "sft":
-            raise ValueError(
-                f"data.replay mixes plain-text rows into sft; stage {stage} does not use it: remove data.replay "
-                "(for cpt, list the file under data.train)"
             )
         if d.memory_map is True and (d.dedup or d.filter.active()):
             raise ValueError(
@@ -1135,30 +484,10 @@ class RecipeBase(Block):
         return [Path(s.path) for s in [*self.data.train, *self.data.eval] if looks_local(s.path)]
 
 
-# stages a peft method other than lora / qlora cannot train in this version, and why
-_STAGES_REFUSED = {
-    "rm": (PROMPT_METHODS, "a reward model reads its score at the last real token, which virtual tokens shift"),
-    "ppo": (
-        ("adalora", "ia3", *PROMPT_METHODS),
-        "ppo's policy and critic are lora adapters on one base (memory: shared) or full / freeze models",
-    ),
-    "grpo": (PROMPT_METHODS, "sampling with virtual tokens is not supported in this version"),
-    "rejection_sampling": (
-        ("adalora", "ia3", *PROMPT_METHODS),
-        "each round merges a lora adapter into the next round's model",
-    ),
-}
-
-
 def _check_method_fits(recipe: RecipeBase) -> None:
-    """The combinations of a peft method with a stage, ZeRO-3 or packing that cannot work, refused up front."""
-    method, stage = recipe.finetuning.method, getattr(recipe, "stage", None)
-    refused, why = _STAGES_REFUSED.get(stage, ((), ""))
-    if method in refused:
-        allowed = "lora / qlora" if stage != "rm" else "lora / qlora / adalora / ia3"
-        raise ValueError(
-            f"finetuning.method {method} cannot train stage {stage}: {why}; use method {allowed} (or full / freeze)"
-        )
+    """The combinations of a peft method with ZeRO-3 or packing that cannot work, refused up front (those with
+    a stage: llmtune.recipe.stages)."""
+    method = recipe.finetuning.method
     if method == "adalora" and recipe.distributed.zero_stage == 3:
         raise ValueError(
             "finetuning.method adalora cannot be combined with distributed.zero_stage 3: its rank allocation "
@@ -1177,40 +506,10 @@ def _check_method_fits(recipe: RecipeBase) -> None:
         )
 
 
-class CptRecipe(RecipeBase):
-    """Continued pretraining on raw text: every token is learned."""
-
-    stage: Literal["cpt"]
-
-    @model_validator(mode="after")
-    def _text_only(self) -> CptRecipe:
-        for i, s in enumerate([*self.data.train, *self.data.eval]):
-            if s.format not in (None, "text"):
-                raise ValueError(
-                    f"data source {i} ({s.path}) has format {s.format}: cpt learns raw text; use format: text "
-                    "(or stage: sft for conversations)"
-                )
-        return self
+# --- checks that several stages' recipes share (llmtune.recipe.stages)
 
 
-class SftRecipe(RecipeBase):
-    """Supervised fine-tuning on conversations: the assistant turns are learned."""
-
-    stage: Literal["sft"]
-    sft: SftConfig = Field(default_factory=SftConfig)
-
-    @model_validator(mode="after")
-    def _conversations(self) -> SftRecipe:
-        for i, s in enumerate([*self.data.train, *self.data.eval]):
-            if s.format in (*PREFERENCE_FORMATS, "stepwise"):
-                raise ValueError(
-                    f"data source {i} ({s.path}) has format {s.format}: that is preference data; "
-                    "use stage rm or dpo (sft reads alpaca, sharegpt or messages)"
-                )
-        return self
-
-
-def _preference_sources(recipe: RecipeBase, allowed: tuple[str, ...], what: str) -> None:
+def require_preference_formats(recipe: RecipeBase, allowed: tuple[str, ...], what: str) -> None:
     if recipe.data.packing:
         raise ValueError(f"data.packing is not supported for stage {recipe.stage}: set data.packing: false")
     for i, s in enumerate([*recipe.data.train, *recipe.data.eval]):
@@ -1221,38 +520,7 @@ def _preference_sources(recipe: RecipeBase, allowed: tuple[str, ...], what: str)
             )
 
 
-class RmRecipe(RecipeBase):
-    """Reward model: the causal LM backbone with a scalar head, trained on preferences."""
-
-    stage: Literal["rm"]
-    rm: RmConfig = Field(default_factory=RmConfig)
-
-    @model_validator(mode="after")
-    def _formats(self) -> RmRecipe:
-        allowed = {
-            "pairwise": ("pairs",),
-            "ranked": ("ranked", "pairs"),
-            "pointwise": ("pointwise",),
-            "process": ("stepwise",),
-        }[self.rm.loss]
-        _preference_sources(self, allowed, f"rm.loss {self.rm.loss}")
-        return self
-
-
-class DpoRecipe(RecipeBase):
-    """Direct preference optimisation (and its family: ipo, hinge, simpo, kto) of a causal LM."""
-
-    stage: Literal["dpo"]
-    dpo: DpoConfig = Field(default_factory=DpoConfig)
-
-    @model_validator(mode="after")
-    def _formats(self) -> DpoRecipe:
-        allowed = ("unpaired", "pairs") if self.dpo.loss == "kto" else ("pairs",)
-        _preference_sources(self, allowed, f"dpo.loss {self.dpo.loss}")
-        return self
-
-
-def _prompt_sources(recipe: RecipeBase) -> None:
+def require_prompt_formats(recipe: RecipeBase) -> None:
     if recipe.data.packing:
         raise ValueError(f"data.packing does not apply to stage {recipe.stage}: set data.packing: false")
     for i, s in enumerate([*recipe.data.train, *recipe.data.eval]):
@@ -1263,7 +531,7 @@ def _prompt_sources(recipe: RecipeBase) -> None:
             )
 
 
-def _step_in_prompts(recipe: RecipeBase, stage: str, generations: int) -> None:
+def require_step_in_prompts(recipe: RecipeBase, stage: str, generations: int) -> None:
     """grpo / ppo count a step in prompts (<stage>.prompts_per_step); train.grad_accum, which used to size
     the step (micro_batch_size x grad_accum completions per process), would now silently mean something
     else: refused unless it is 1, with the setting that keeps the old step."""
@@ -1277,65 +545,3 @@ def _step_in_prompts(recipe: RecipeBase, stage: str, generations: int) -> None:
             f"{t.micro_batch_size * t.grad_accum} completions per process, set {stage}.prompts_per_step: "
             f"{max(old, 1)} x the number of processes)"
         )
-
-
-class GrpoRecipe(RecipeBase):
-    """Group relative policy optimisation (and RLOO): sample a group per prompt, score, push up the better ones."""
-
-    stage: Literal["grpo"]
-    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-
-    @model_validator(mode="after")
-    def _batch(self) -> GrpoRecipe:
-        _prompt_sources(self)
-        _step_in_prompts(self, "grpo", self.grpo.num_generations)
-        return self
-
-
-class PpoRecipe(RecipeBase):
-    """PPO with a critic and a KL-penalised reward: sample one completion per prompt, score it, optimise."""
-
-    stage: Literal["ppo"]
-    ppo: PpoConfig = Field(default_factory=PpoConfig)
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-
-    @model_validator(mode="after")
-    def _ppo(self) -> PpoRecipe:
-        _prompt_sources(self)
-        p = self.ppo
-        lora = self.finetuning.method in ("lora", "qlora")
-        if p.memory is None:
-            p.memory = "shared" if lora else "separate"
-        if p.memory == "shared" and not lora:
-            raise ValueError(
-                f"ppo.memory shared needs finetuning.method lora or qlora (the policy and critic are adapters on one "
-                f"base), not {self.finetuning.method}: use memory: separate, or method: lora"
-            )
-        _step_in_prompts(self, "ppo", 1)
-        if p.critic_init == "reward" and not p.reward.models():
-            raise ValueError(
-                "ppo.critic_init reward needs a reward model: set ppo.reward.model, or critic_init: policy"
-            )
-        return self
-
-
-class RejectionSamplingRecipe(RecipeBase):
-    """Best-of-N: sample, score, keep the best per prompt, fine-tune on it (sft); repeated for `rounds`."""
-
-    stage: Literal["rejection_sampling"]
-    rejection_sampling: RejectionSamplingConfig = Field(default_factory=RejectionSamplingConfig)
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    sft: SftConfig = Field(default_factory=SftConfig)
-
-    @model_validator(mode="after")
-    def _prompts(self) -> RejectionSamplingRecipe:
-        _prompt_sources(self)
-        return self
-
-
-Recipe = Annotated[
-    CptRecipe | SftRecipe | RmRecipe | DpoRecipe | PpoRecipe | GrpoRecipe | RejectionSamplingRecipe,
-    Field(discriminator="stage"),
-]
-STAGES = ("cpt", "sft", "rm", "dpo", "ppo", "grpo", "rejection_sampling")

@@ -1,8 +1,8 @@
 """``llmtune init STAGE``: a commented starter recipe for a stage, that ``llmtune validate`` accepts as written.
 
 The shared blocks (model, finetuning, data, train, distributed) hold the keys a new recipe usually sets, with
-values per stage from ``STARTERS``; the stage's own blocks (``dpo:``, ``grpo:`` + ``generation:``, ...) are
-written from the schema, every key at its default with its description, so they follow the schema as it
+values per stage from its ``Starter`` (llmtune.recipe.stages.STAGE_RECIPES); the stage's own blocks (``dpo:``,
+``grpo:`` + ``generation:``, ...) are written from the schema, every key at its default with its description, so they follow the schema as it
 grows. Every comment that explains a key is the schema's description of it. Imports no torch.
 """
 
@@ -13,14 +13,15 @@ import json
 import re
 import textwrap
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 from llmtune.errors import UserError
-from llmtune.recipe.schema import DataSource, Recipe, RecipeBase
+from llmtune.recipe.data import DataSource
+from llmtune.recipe.schema import RecipeBase
+from llmtune.recipe.stages import OMIT, STAGE_RECIPES, Starter
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DOCS = "docs/recipe-reference.md"
@@ -28,87 +29,14 @@ QUICKSTART = Path("recipes") / "quickstart"  # the repository's toy data, relati
 WIDTH = 110
 
 
-@dataclass(frozen=True)
-class Starter:
-    """What a stage's starter sets beyond the schema's defaults."""
-
-    data: str  # a file under recipes/quickstart
-    format: str
-    data_note: str  # what the rows of your own file need
-    blocks: dict[str, dict[str, Any]] = field(default_factory=dict)  # block -> key -> value (shared blocks)
-    stage_values: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage block -> key -> value
-    stage: str | None = None  # the recipe's stage when the name is a variant (kto -> dpo)
-    model_note: str = "the model to start from (hub id or local directory)"
-
-
-OMIT = object()  # a shared key a stage's starter leaves out (grpo / ppo: train.grad_accum, their step is in prompts)
-_LORA = {"method": "lora", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
-_PREFERENCE = "one JSON object per line: prompt, chosen, rejected"
-_PROMPTS = "one JSON object per line: prompt and the answer the reward rule checks"
-_FROM_SFT = "usually the output_dir of an sft run (e.g. runs/sft); hub id or local directory"
-
+# every name `llmtune init` takes (each stage, then its variants: dpo, kto) and what it writes
 STARTERS: dict[str, Starter] = {
-    "cpt": Starter(
-        "cpt.txt",
-        "text",
-        "plain text: .txt (one document per line) or json / jsonl rows with a `text` field",
-        blocks={"data": {"packing": True, "eval_split": 0.05}, "train": {"lr": 2.0e-4}},
-        model_note="the model to continue pretraining (usually a base model; hub id or local directory)",
-    ),
-    "sft": Starter(
-        "sft.jsonl",
-        "messages",
-        "conversations: messages (role / content), alpaca or sharegpt rows",
-        blocks={"data": {"eval_split": 0.05}, "train": {"lr": 2.0e-4}},
-    ),
-    "rm": Starter(
-        "pairs.jsonl",
-        "pairs",
-        _PREFERENCE,
-        blocks={"data": {"eval_split": 0.05}, "train": {"lr": 1.0e-4}},
-        model_note=_FROM_SFT,
-    ),
-    "dpo": Starter(
-        "pairs.jsonl",
-        "pairs",
-        _PREFERENCE,
-        blocks={"data": {"eval_split": 0.05}, "train": {"lr": 5.0e-5}},
-        model_note=_FROM_SFT,
-    ),
-    "kto": Starter(  # not a stage: dpo with the kto loss
-        "pairs.jsonl",
-        "pairs",
-        "unpaired rows (prompt, completion, label true / false) or pairs (split into a desirable and an undesirable"
-        " example)",
-        blocks={"data": {"eval_split": 0.05}, "train": {"lr": 5.0e-5}},
-        stage_values={"dpo": {"loss": "kto"}},
-        stage="dpo",
-        model_note=_FROM_SFT,
-    ),
-    "grpo": Starter(
-        "facts/prompts.jsonl",
-        "prompts",
-        _PROMPTS,
-        # a step is grpo.prompts_per_step prompts x num_generations; micro_batch_size only splits it
-        blocks={"train": {"micro_batch_size": 8, "grad_accum": OMIT, "lr": 1.0e-5}},
-        model_note=_FROM_SFT,
-    ),
-    "ppo": Starter(
-        "facts/prompts.jsonl",
-        "prompts",
-        _PROMPTS,
-        blocks={"train": {"micro_batch_size": 8, "grad_accum": OMIT, "lr": 1.0e-5}},  # step: ppo.prompts_per_step
-        model_note=_FROM_SFT,
-    ),
-    "rejection_sampling": Starter(
-        "facts/prompts.jsonl",
-        "prompts",
-        _PROMPTS,
-        blocks={"train": {"lr": 1.0e-4}},
-        model_note=_FROM_SFT,
-    ),
+    name: starter
+    for stage, info in STAGE_RECIPES.items()
+    for name, starter in ((stage, info.starter), *info.variants.items())
 }
 
+_LORA = {"method": "lora", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 # The shared keys a starter writes, in order, at these values unless the stage's Starter says otherwise.
 _SHARED: dict[str, dict[str, Any]] = {
     "model": {"dtype": "auto"},
@@ -129,21 +57,13 @@ _SHARED: dict[str, dict[str, Any]] = {
 
 
 def stage_models() -> dict[str, type[RecipeBase]]:
-    """Every stage of the schema (the members of the ``Recipe`` union) and its recipe class."""
-    (union, *_) = typing.get_args(Recipe)
-    models: dict[str, type[RecipeBase]] = {}
-    for cls in typing.get_args(union):
-        (name,) = typing.get_args(cls.model_fields["stage"].annotation)
-        models[name] = cls
-    return models
+    """Every stage and its recipe class, in the registry's order."""
+    return {stage: info.recipe for stage, info in STAGE_RECIPES.items()}
 
 
 def starter_names() -> list[str]:
     """What ``llmtune init`` takes: every stage, each followed by its variants (dpo, kto: dpo with loss kto)."""
-    names = []
-    for stage in stage_models():
-        names += [stage, *(k for k, st in STARTERS.items() if st.stage == stage)]
-    return names
+    return list(STARTERS)
 
 
 def stage_blocks(cls: type[RecipeBase]) -> list[str]:
@@ -225,12 +145,9 @@ def render(name: str, model: str | None = None, root: Path | None = None) -> str
             f"no stage {name!r}" + (f" (did you mean {close}?)" if close else ""),
             hint=f"name one of: {', '.join(known)}",
         )
-    models = stage_models()
-    st = STARTERS.get(name)
-    if st is None:  # a stage added to the schema without a starter: the tests catch this first
-        raise UserError(f"stage {name!r} has no starter recipe in this version", hint="see " + DOCS)
+    st = STARTERS[name]  # every stage of the registry has one
     stage = st.stage or name
-    cls = models[stage]
+    cls = STAGE_RECIPES[stage].recipe
     path = model or DEFAULT_MODEL
     data_path, found = _data_path(st.data, root)
     doc = (cls.__doc__ or "").strip().splitlines()[0]

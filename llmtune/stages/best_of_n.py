@@ -23,7 +23,7 @@ from llmtune.engine.distributed import DistInfo, barrier
 from llmtune.errors import DataError
 from llmtune.model.load import inference_dtype
 from llmtune.objectives.rl import best_of_n
-from llmtune.recipe.schema import RejectionSamplingRecipe
+from llmtune.recipe.stages import RejectionSamplingRecipe
 
 GENERATED = "generated.json"  # written last in a round directory: its generation is complete
 

@@ -8,7 +8,7 @@ from llmtune.data.filters import model_scorer
 from llmtune.data.packing import as_samples, pack_stream
 from llmtune.data.pipeline import build_data, fingerprint_tokenizer, text_encoder
 from llmtune.engine.contract import StageData
-from llmtune.recipe.schema import CptRecipe
+from llmtune.recipe.stages import CptRecipe
 from llmtune.stages.base import recipe_settings, shaped_data
 from llmtune.stages.lm import LanguageModelStep
 
@@ -35,3 +35,6 @@ class CptStage(LanguageModelStep):
         shape = (lambda ex: pack_stream(ex, d.max_length)) if d.packing else as_samples
         notes = [note, *bundle.notes] if note else bundle.notes
         return shaped_data(bundle, shape, d.schedule is not None, notes)
+
+
+STAGE = CptStage

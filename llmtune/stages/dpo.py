@@ -29,7 +29,7 @@ from llmtune.objectives.preference import (
     sequence_logps,
     simpo_loss,
 )
-from llmtune.recipe.schema import DpoRecipe
+from llmtune.recipe.stages import DpoRecipe
 from llmtune.stages.base import StageDefaults, lm_token_logps, recipe_settings
 
 
@@ -193,3 +193,6 @@ class DpoStage(StageDefaults):
             "logps_rejected": logps[b:].detach().sum(),
         }
         return StepOutput(losses.sum(), torch.tensor(b, device=logps.device), metrics)
+
+
+STAGE = DpoStage

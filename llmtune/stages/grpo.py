@@ -38,7 +38,7 @@ from llmtune.objectives.rl import (
     rloo_advantages,
     zero_std_groups,
 )
-from llmtune.recipe.schema import GrpoRecipe
+from llmtune.recipe.stages import GrpoRecipe
 from llmtune.stages.base import lm_token_logps
 from llmtune.stages.online import NoSignalWarning, OnlineStage, completion_batch, micro_batches, step_shape
 
@@ -258,3 +258,6 @@ def _global_std(rewards: torch.Tensor, device: torch.device) -> float:
     """The sample std (n - 1) of the rewards of every process together."""
     n, _, var = moments_over_processes(rewards, device)
     return math.sqrt(var * n / max(n - 1, 1))
+
+
+STAGE = GrpoStage

@@ -45,7 +45,7 @@ from llmtune.objectives.rl import (
     gae,
     kl_estimate,
 )
-from llmtune.recipe.schema import PpoRecipe
+from llmtune.recipe.stages import PpoRecipe
 from llmtune.stages.online import NoSignalWarning, OnlineStage, completion_batch, micro_batches, step_shape
 
 _ROW_KEYS = ("old_logps", "old_values", "advantages", "returns")  # (T-1,) per row, beside ids and labels
@@ -370,3 +370,6 @@ def policy_logps(
     with hidden_states_as_logits(model, adapter_switching=True) as head:
         out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], part="policy")
     return token_logps_from_hidden(out, b["labels"], head, with_entropy=with_entropy)
+
+
+STAGE = PpoStage

@@ -42,8 +42,9 @@ from llmtune.engine.trainer import publish, train
 from llmtune.errors import DataError, UserError
 from llmtune.manifest import RunManifest, status_of
 from llmtune.plot import write_run_curves
+from llmtune.recipe.data import DataConfig, DataSource
 from llmtune.recipe.load import dump_recipe
-from llmtune.recipe.schema import DataConfig, DataSource, RejectionSamplingRecipe, SftRecipe
+from llmtune.recipe.stages import RejectionSamplingRecipe, SftRecipe
 from llmtune.stages.best_of_n import GENERATED, generate_round, write_jsonl
 from llmtune.stages.sft import SftStage
 
@@ -401,3 +402,16 @@ def _publish_final(out: Path, model_dir: Path, rounds: int, recipe: Any) -> list
 
 
 __all__ = ["read_prompts", "run_rejection_sampling", "sft_recipe"]
+
+
+class RejectionSamplingStage:
+    """Found by name like every stage; it runs rounds (each one's sft on the trainer) instead of one trainer
+    loop, so ``llmtune.stages.run_stage`` calls its ``run``."""
+
+    name = "rejection_sampling"
+
+    def run(self, recipe: RejectionSamplingRecipe, local_rank: int | None = None, **options: Any) -> None:
+        run_rejection_sampling(recipe, local_rank=local_rank, **options)
+
+
+STAGE = RejectionSamplingStage

@@ -24,7 +24,8 @@ from llmtune.objectives.preference import (
     reward_centering,
 )
 from llmtune.objectives.prm import step_loss, step_metrics
-from llmtune.recipe.schema import MERGEABLE_METHODS, RmRecipe
+from llmtune.recipe.schema import MERGEABLE_METHODS
+from llmtune.recipe.stages import RmRecipe
 from llmtune.stages.base import StageDefaults, recipe_settings
 
 FORMAT_OF_LOSS = {"pairwise": "pairs", "ranked": "ranked", "pointwise": "pointwise"}
@@ -182,3 +183,6 @@ class RmStage(StageDefaults):
                 write_prm_info(out / "merged", recipe.rm.step_separator)
             files.append("prm.json")
         return files
+
+
+STAGE = RmStage

@@ -8,7 +8,7 @@ from llmtune.data.filters import model_scorer
 from llmtune.data.packing import as_samples, pack_examples
 from llmtune.data.pipeline import add_replay, build_data, conversation_encoder, fingerprint_tokenizer
 from llmtune.engine.contract import StageData
-from llmtune.recipe.schema import SftRecipe
+from llmtune.recipe.stages import SftRecipe
 from llmtune.stages.base import recipe_settings, shaped_data
 from llmtune.stages.lm import LanguageModelStep
 
@@ -35,3 +35,6 @@ class SftStage(LanguageModelStep):
             return pack_examples(examples, d.max_length, recipe.seed) if d.packing else as_samples(examples)
 
         return shaped_data(bundle, shape, d.schedule is not None, bundle.notes)
+
+
+STAGE = SftStage

@@ -114,7 +114,7 @@ def test_chat_answers_in_the_template_and_stops_at_its_end_token(converted: Path
     the second prompt carries the first exchange in the template."""
     from rich.console import Console
 
-    from llmtune.chat import Conversation, load_chat
+    from llmtune.commands.chat import Conversation, load_chat
 
     chat = load_chat(
         str(GGUF), None, chat_template=None, device="cpu", dtype="fp32", max_new_tokens=48, temperature=0.0,

@@ -162,8 +162,8 @@ def test_one_round_learns_writes_its_files_and_the_output_loads(tmp_path: Path, 
     assert greedy_exact_match(out, WORDS) > greedy_exact_match(start_model, WORDS)
 
     # a later stage accepts it as model.path (finished run, same tokenizer)
+    from llmtune.commands.preflight import check_paths
     from llmtune.recipe import load_recipe
-    from llmtune.recipe.checks import check_paths
 
     dpo = base_recipe(
         tmp_path,

@@ -70,7 +70,7 @@ def test_shared_values_are_the_value_head_on_the_critic_routed_base(shared: torc
 
 def test_optimizer_has_one_group_per_learning_rate(shared: torch.nn.Module) -> None:
     from llmtune.engine.config import build_optimizer
-    from llmtune.recipe.schema import PpoRecipe
+    from llmtune.recipe.stages import PpoRecipe
     from tests.conftest import base_recipe
 
     recipe = PpoRecipe.model_validate(

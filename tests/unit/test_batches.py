@@ -9,7 +9,7 @@ import pytest
 
 from llmtune.engine.batches import Batches
 from llmtune.engine.distributed import DistInfo
-from llmtune.recipe.schema import SftRecipe
+from llmtune.recipe.stages import SftRecipe
 from tests.conftest import base_recipe
 
 

@@ -148,7 +148,7 @@ def test_bad_filter_settings_are_refused(tmp_path: Path) -> None:
     msg = _refused(tmp_path, base_recipe(tmp_path, data={**data, "replay": {"path": "x.jsonl", "ratio": 1.0}}))
     assert "ratio" in msg
     msg = _refused(tmp_path, base_recipe(tmp_path, stage="dpo", data={**data, "dedup": "exact"}))
-    assert "data.dedup is supported for stages sft and cpt, not dpo" in msg
+    assert "data.dedup is supported for stages cpt and sft, not dpo" in msg
     msg = _refused(tmp_path, base_recipe(tmp_path, stage="cpt", data={**data, "replay": {"path": "x", "ratio": 0.1}}))
     assert "data.replay mixes plain-text rows into sft" in msg
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from llmtune.commands.inspect import histogram, inspect_command, inspect_source
 from llmtune.data.chat import resolve_chat_template
-from llmtune.data.inspect import RM_FORMAT_OF_LOSS, histogram, inspect_command, inspect_source
 from llmtune.recipe import validate_recipe
-from llmtune.recipe.schema import DataSource
+from llmtune.recipe.data import DataSource
+from llmtune.recipe.stages import RM_FORMAT_OF_LOSS
 from tests.conftest import ROOT, TINY_MODEL, assert_ok, assert_refused, run_cli
 
 HH = ROOT / "tests" / "assets" / "hh_rlhf_sample.jsonl"

@@ -21,7 +21,7 @@ from llmtune.data.sources import read_rows
 from llmtune.engine.report import print_data_summary
 from llmtune.errors import DataError
 from llmtune.recipe import validate_recipe
-from llmtune.recipe.schema import DataSource
+from llmtune.recipe.data import DataSource
 from llmtune.stages.base import recipe_settings
 from tests.conftest import SHARED_DATA, TINY_MODEL, assert_refused, base_recipe, run_cli, write_recipe
 

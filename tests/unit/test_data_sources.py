@@ -14,7 +14,7 @@ import pytest
 
 from llmtune.data.sources import SUPPORTED_SUFFIXES, Row, read_rows, supported_suffix
 from llmtune.errors import DataError
-from llmtune.recipe.schema import DataSource
+from llmtune.recipe.data import DataSource
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 

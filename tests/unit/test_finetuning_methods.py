@@ -168,7 +168,7 @@ def test_method_set_from_the_command_line(tmp_path: Path) -> None:
 def test_a_prompt_adapter_as_model_path_is_refused_without_the_merge_hint(tmp_path: Path) -> None:
     import json
 
-    from llmtune.recipe.checks import check_model_dir
+    from llmtune.commands.preflight import check_model_dir
 
     d = tmp_path / "prefix-out"
     d.mkdir()

@@ -10,7 +10,7 @@ import pytest
 from llmtune.data.formats import Conversation, RowError, detect_format, to_conversation, to_text
 from llmtune.data.sources import read_rows
 from llmtune.errors import DataError
-from llmtune.recipe.schema import DataSource
+from llmtune.recipe.data import DataSource
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 

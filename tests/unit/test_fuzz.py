@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from llmtune.data.formats import RowError, to_conversation
 from llmtune.data.sources import read_rows
 from llmtune.errors import UserError
+from llmtune.recipe.data import DataSource
 from llmtune.recipe.load import apply_overrides, load_recipe, validate_recipe
-from llmtune.recipe.schema import DataSource
 from tests.conftest import ROOT, TINY_MODEL
 
 KEYS = [

@@ -70,3 +70,20 @@ def test_patch_swaps_norms_and_mlp_and_refuses_unknown_architectures() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_validate_refuses_liger_on_a_machine_without_a_gpu() -> None:
+    from pathlib import Path
+
+    from llmtune.commands.preflight import check_kernels_here, clearly_no_gpu
+    from llmtune.errors import RecipeError
+    from llmtune.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[2]
+    recipe = load_recipe(root / "recipes" / "quickstart.yaml", ["train.kernels=liger"])
+    assert recipe.train.kernels == "liger"
+    check_kernels_here(load_recipe(root / "recipes" / "quickstart.yaml", []))  # none: always fine
+    if not clearly_no_gpu():
+        pytest.skip("this machine may have a GPU")
+    with pytest.raises(RecipeError, match=r"remove train\.kernels"):
+        check_kernels_here(recipe)

@@ -10,7 +10,7 @@ import pytest
 
 from llmtune.errors import RecipeError
 from llmtune.recipe import load_recipe
-from llmtune.recipe.schema import DpoRecipe, GrpoRecipe, SftRecipe
+from llmtune.recipe.stages import DpoRecipe, GrpoRecipe, SftRecipe
 from llmtune.recipe.synonyms import SYNONYMS, SYNONYMS_DOC, key_paths, render_doc, synonym_message
 from tests.conftest import ROOT, assert_refused, base_recipe, run_cli, write_recipe
 
@@ -79,7 +79,7 @@ def test_synonym_depends_on_stage() -> None:
 def test_every_synonym_names_a_real_key() -> None:
     """A table entry that names no key of any stage would send users to nothing."""
     known = {p for root in (SftRecipe, DpoRecipe, GrpoRecipe) for ps in key_paths(root).values() for p in ps}
-    from llmtune.recipe.schema import PpoRecipe
+    from llmtune.recipe.stages import PpoRecipe
 
     known |= {p for ps in key_paths(PpoRecipe).values() for p in ps}
     for key, (paths, _) in SYNONYMS.items():

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from llmtune.commands.preflight import check_paths
 from llmtune.errors import RecipeError, UserError
 from llmtune.eval.config import EvalConfig, check_eval_paths
 from llmtune.paths import check_path_length, close_siblings, looks_local, missing_path_message
 from llmtune.recipe import load_recipe
-from llmtune.recipe.checks import check_paths
 from tests.conftest import ROOT, TINY_MODEL, assert_refused, base_recipe, cli_command, run_cli, write_recipe
 
 SFT_DATA = ROOT / "recipes" / "quickstart" / "sft.jsonl"

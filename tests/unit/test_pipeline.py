@@ -24,7 +24,7 @@ from llmtune.data.pipeline import (
 from llmtune.errors import DataError
 from llmtune.objectives.lm import count_targets
 from llmtune.recipe import validate_recipe
-from llmtune.recipe.schema import DataSource
+from llmtune.recipe.data import DataSource
 from llmtune.stages.base import forward_lm, recipe_settings
 from llmtune.stages.cpt import CptStage
 from llmtune.stages.lm import LanguageModelStep

@@ -18,7 +18,8 @@ from llmtune.data.preference import (
     preference_encoder,
     to_preference,
 )
-from llmtune.recipe.schema import DataSource, DpoRecipe
+from llmtune.recipe.data import DataSource
+from llmtune.recipe.stages import DpoRecipe
 from tests.conftest import TINY_MODEL
 
 PROMPT_MSGS = [{"role": "user", "content": "Name a colour."}]

@@ -123,7 +123,7 @@ def test_recipe_schema_for_process_loss() -> None:
     """rm.loss process reads format stepwise only; step_separator belongs to it; lm_loss_weight does not."""
     from pydantic import ValidationError
 
-    from llmtune.recipe.schema import RmRecipe
+    from llmtune.recipe.stages import RmRecipe
 
     base = {"stage": "rm", "output_dir": "runs/x", "model": {"path": "m"}, "data": {"train": [{"path": "d.jsonl"}]}}
     r = RmRecipe.model_validate({**base, "rm": {"loss": "process", "step_separator": "\n\n"}})

@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 import yaml
 
+from llmtune.commands.preflight import check_paths
 from llmtune.errors import DataError, RecipeError, UserError
+from llmtune.paths import looks_local
 from llmtune.recipe import dump_recipe, load_recipe, resolved_dict, validate_recipe
-from llmtune.recipe.checks import check_paths
 from llmtune.recipe.load import apply_overrides, parse_override
-from llmtune.recipe.schema import CptRecipe, SftRecipe, looks_local
+from llmtune.recipe.stages import CptRecipe, SftRecipe
 from tests.conftest import TINY_MODEL, base_recipe, write_recipe
 
 

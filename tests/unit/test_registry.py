@@ -11,10 +11,10 @@ import pytest
 from llmtune.data.chat import IGNORE_INDEX, resolve_chat_template
 from llmtune.data.pipeline import build_data, conversation_encoder
 from llmtune.data.preference import preference_encoder
-from llmtune.data.registry import apply_tags, resolve
 from llmtune.data.sources import read_rows
 from llmtune.errors import RecipeError
 from llmtune.recipe import dump_recipe, validate_recipe
+from llmtune.recipe.registry import apply_tags, resolve
 from tests.conftest import TINY_MODEL, assert_ok, run_cli, write_recipe
 
 # LLaMA-Factory's own entries for its demo files (data/dataset_info.json)

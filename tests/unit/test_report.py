@@ -116,7 +116,7 @@ def test_progress_lines_carry_the_step_out_of_the_total_and_an_eta() -> None:
 def test_training_turns_transformers_loading_bars_off_also_on_a_terminal(monkeypatch) -> None:
     from transformers.utils import logging as hf_logging
 
-    from llmtune.stages import quiet_libraries
+    from llmtune.runtime import quiet_libraries
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

@@ -15,7 +15,7 @@ from llmtune.data.schedule import phase_ends, step_counts, step_shares
 from llmtune.engine.batches import ScheduledBatches
 from llmtune.engine.distributed import DistInfo
 from llmtune.recipe import validate_recipe
-from llmtune.recipe.schema import SchedulePhase
+from llmtune.recipe.data import SchedulePhase
 from llmtune.stages.cpt import CptStage
 from llmtune.stages.sft import SftStage
 from tests.conftest import ROOT, base_recipe

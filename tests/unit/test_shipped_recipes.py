@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 
 from llmtune import __version__
+from llmtune.commands.preflight import check_paths, same_name_files, written_by
 from llmtune.data.formats import detect_format
 from llmtune.data.preference import detect_preference_format
 from llmtune.data.sources import read_rows
 from llmtune.errors import DataError, RecipeError
+from llmtune.paths import looks_local
 from llmtune.recipe import load_recipe
-from llmtune.recipe.checks import check_paths, same_name_files, written_by
-from llmtune.recipe.schema import DataSource, looks_local
+from llmtune.recipe.data import DataSource
 from tests.conftest import ROOT, assert_ok, assert_refused, base_recipe, run_cli, write_recipe
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llmtune.data.synth import SynthConfig, Synthesizer, clean, reject_reason, repetitive, rouge_l, words
+from llmtune.commands.synth import SynthConfig, Synthesizer, clean, reject_reason, repetitive, rouge_l, words
 
 
 def test_rouge_l_by_hand() -> None:

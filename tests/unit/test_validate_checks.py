@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 
-import llmtune.recipe.checks as checks
+import llmtune.commands.data_sample as data_sample
+import llmtune.commands.preflight as checks
+from llmtune.commands.preflight import check_paths
 from llmtune.errors import DataError, RecipeError, UserError
 from llmtune.recipe import load_recipe
-from llmtune.recipe.checks import check_paths
 from tests.conftest import ROOT, TINY_MODEL, assert_ok, assert_refused, base_recipe, run_cli, write_recipe
 
 SFT_DATA = ROOT / "recipes" / "quickstart" / "sft.jsonl"  # messages rows
@@ -74,7 +75,7 @@ def test_tiny_model_recipe_validates_without_notes_or_torch(tmp_path: Path) -> N
     assert_ok(proc)
     assert "is a valid sft recipe" in proc.stdout and "note:" not in proc.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
-    assert "llmtune.recipe.checks" in imported
+    assert "llmtune.commands.preflight" in imported
     assert not {m for m in imported if m == "torch" or m.startswith("torch.")}, "validate imported torch"
 
 
@@ -93,7 +94,7 @@ def test_format_error_in_validate_imports_no_torch(tmp_path: Path) -> None:
     proc = _validate(tmp_path, _with_data(tmp_path, SFT_DATA, format="alpaca"), env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert_refused(proc, "format: alpaca")
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
-    assert "llmtune.recipe.checks" in imported
+    assert "llmtune.commands.preflight" in imported
     assert not {m for m in imported if m == "torch" or m.startswith("torch.")}, "validate imported torch"
 
 
@@ -338,7 +339,7 @@ def test_a_file_of_which_no_row_parses_is_refused(tmp_path: Path) -> None:
 def test_only_the_first_rows_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Large files are read line by line up to the sample (100 rows, or max_samples), not whole; a bad line
     after the sample is train's to count."""
-    monkeypatch.setattr(checks, "_FULL_READ_BYTES", 0)  # every file counts as large
+    monkeypatch.setattr(data_sample, "_FULL_READ_BYTES", 0)  # every file counts as large
     row = json.loads(SFT_DATA.read_text().splitlines()[0])
     rows: list[Any] = [row] * 150
     rows[2], rows[120] = "{bad", "{bad"
@@ -360,7 +361,7 @@ def test_only_the_first_rows_are_read(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_a_large_file_and_a_small_one_give_the_same_verdict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = _jsonl(tmp_path / "t.jsonl", [{"text": "a"}, "{bad", {"text": "b"}])
     small = _check(tmp_path, _with_data(tmp_path, data))
-    monkeypatch.setattr(checks, "_FULL_READ_BYTES", 0)
+    monkeypatch.setattr(data_sample, "_FULL_READ_BYTES", 0)
     assert _check(tmp_path, _with_data(tmp_path, data)) == small and len(small) == 1
 
 
@@ -369,7 +370,9 @@ def test_a_large_parquet_file_is_sampled_by_its_first_batch(tmp_path: Path, monk
     pq = pytest.importorskip("pyarrow.parquet")
     data = tmp_path / "rows.parquet"
     pq.write_table(pa.table({"text": [f"row {i}" for i in range(250)]}), data)
-    monkeypatch.setattr(checks, "_FULL_READ_BYTES", 0)
-    parsed, complete = checks.sample_rows(load_recipe(write_recipe(tmp_path, _with_data(tmp_path, data))).data.train[0])
+    monkeypatch.setattr(data_sample, "_FULL_READ_BYTES", 0)
+    parsed, complete = data_sample.sample_rows(
+        load_recipe(write_recipe(tmp_path, _with_data(tmp_path, data))).data.train[0]
+    )
     assert len(parsed) == 100 and not complete and parsed[0][0] == {"text": "row 0"}
     assert "keys found: text" in _refusal(tmp_path, _with_data(tmp_path, data, format="alpaca"), DataError)

@@ -278,3 +278,39 @@ def load_chat(
         top_p=top_p,
         context=context if isinstance(context, int) else None,
     )
+
+
+def chat_command(
+    model: str,
+    adapter: str | None,
+    system: str | None,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    chat_template: str | None,
+    device: str,
+    dtype: str,
+    seed: int | None,
+    show_prompt: bool,
+    err: Any,
+) -> None:
+    """``llmtune chat``: the options checked, the model loaded with a status line, then the conversation."""
+    from llmtune.commands.merge import check_dtype
+    from llmtune.model.hub import check_model_options
+    from llmtune.runtime import quiet_libraries
+
+    check_dtype(dtype)
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {device!r} is not one of auto, cpu, cuda")
+    check_model_options([("llmtune chat", model)])
+    check_model_options([("--adapter", adapter)], hub_ok=False)
+    quiet_libraries(loading_bars=False)
+    with err.status(f"loading {model}"):
+        c = load_chat(
+            model, adapter, chat_template=chat_template, device=device, dtype=dtype,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, console=err,
+        )  # fmt: skip
+    if seed is not None:
+        torch.manual_seed(seed)
+    run_chat(c, Conversation(c.tokenizer, c.template, system), show_prompt=show_prompt)

@@ -24,10 +24,9 @@ from llmtune.data.formats import RowError, detect_format
 from llmtune.data.pipeline import Encoder, Example, SourceReport, dedup_sources, load_source
 from llmtune.data.sources import read_rows
 from llmtune.errors import DataError, UserError
-from llmtune.recipe.schema import DataSource
+from llmtune.recipe.data import PREFERENCE_FORMATS, DataSource
+from llmtune.recipe.stages import STAGE_RECIPES
 
-# rm.loss -> the preference format it reads (llmtune.stages.rm.FORMAT_OF_LOSS; a test keeps them equal)
-RM_FORMAT_OF_LOSS = {"pairwise": "pairs", "ranked": "ranked", "pointwise": "pointwise"}
 UNLIMITED = 1 << 30  # max_length for the pass that measures the rows before truncation
 OPEN, CLOSE = "[[", "]]"
 TRAINED_STYLE = "bold black on green"
@@ -52,27 +51,24 @@ class Inspection:
 def stage_encoder(
     recipe: Any, tokenizer: Any, template: str | None, max_length: int, filters: bool = False
 ) -> tuple[Encoder, str | None]:
-    """The encoder and default format the recipe's stage builds its data with (see each stage's build_data);
-    filters: with data.filter's token bounds (sft, cpt)."""
+    """The encoder and default format the recipe's stage builds its data with (see each stage's build_data),
+    chosen by the format the stage reads by default; filters: with data.filter's token bounds (sft, cpt)."""
     from llmtune.data.pipeline import conversation_encoder, text_encoder
     from llmtune.data.preference import preference_encoder
 
-    stage = recipe.stage
+    fmt = recipe.default_format()
     f = recipe.data.filter
     bounds = (f.min_tokens, f.max_tokens) if filters else (None, None)
-    if stage == "sft":
+    if fmt is None:  # conversations, their format detected
         return conversation_encoder(tokenizer, template, max_length, recipe.sft.train_on_prompt, bounds), None
-    if stage == "cpt":
-        return text_encoder(tokenizer, max_length, recipe.data.packing, bounds), "text"
-    if stage == "rm" and recipe.rm.loss == "process":
+    if fmt == "text":
+        return text_encoder(tokenizer, max_length, recipe.data.packing, bounds), fmt
+    if fmt == "stepwise":
         from llmtune.data.stepwise import stepwise_encoder
 
-        return stepwise_encoder(tokenizer, template, max_length, recipe.rm.step_separator), "stepwise"
-    if stage == "rm":
-        return preference_encoder(tokenizer, template, max_length), RM_FORMAT_OF_LOSS[recipe.rm.loss]
-    if stage == "dpo":
-        kto = recipe.dpo.loss == "kto"
-        return preference_encoder(tokenizer, template, max_length, unpair=kto), "unpaired" if kto else "pairs"
+        return stepwise_encoder(tokenizer, template, max_length, recipe.rm.step_separator), fmt
+    if fmt in PREFERENCE_FORMATS:
+        return preference_encoder(tokenizer, template, max_length, unpair=fmt == "unpaired"), fmt
     from llmtune.data.prompts import prompt_encoder
 
     budget = max_length - recipe.generation.max_new_tokens if max_length < UNLIMITED else max_length
@@ -82,7 +78,8 @@ def stage_encoder(
 def guess_stage(
     path: str, fmt: str | None, columns: dict[str, str], tags: dict[str, str] | None = None
 ) -> tuple[str, dict[str, Any]]:
-    """The stage (and stage block) to read a file with when no recipe says: from format:, else the rows."""
+    """The stage (and the keys it is read with) to read a file with when no recipe says: from format:, else the
+    rows; the stages' ``inspected`` formats in STAGE_RECIPES."""
     from llmtune.data.preference import detect_preference_format
 
     if fmt is None:
@@ -101,15 +98,14 @@ def guess_stage(
                 if not any(isinstance(r, dict) and ("prompt" in r or "question" in r) for r in rows):
                     raise
                 fmt = "prompts"  # prompts (and answers) for the online stages
-    if fmt in ("pairs", "unpaired"):
-        return "dpo", {"dpo": {"loss": "kto"}} if fmt == "unpaired" else {}
-    if fmt in ("ranked", "pointwise"):
-        return "rm", {"rm": {"loss": fmt if fmt == "pointwise" else "ranked"}}
-    if fmt == "text":
-        return "cpt", {}
-    if fmt == "prompts":
-        return "grpo", {"train": {"micro_batch_size": 8}}  # whole groups of grpo.num_generations (8)
-    return "sft", {}
+    guessed = [(stage, keys[fmt]) for stage, info in STAGE_RECIPES.items() if fmt in (keys := info.inspected)]
+    # a format no stage names (stepwise): read as conversations, the stage that detects them says what is wrong
+    return guessed[0] if guessed else (conversation_stage(), {})
+
+
+def conversation_stage() -> str:
+    """The stage that reads conversations (its format detected among alpaca, sharegpt, messages): sft."""
+    return next(stage for stage, info in STAGE_RECIPES.items() if info.default_format is None)
 
 
 def inspect_source(recipe: Any, src: DataSource, tokenizer: Any, template: str | None) -> Inspection:
@@ -198,9 +194,9 @@ def render_example(tokenizer: Any, input_ids: list[int], labels: list[int], mark
     return out
 
 
-def _part_names(stage: str, fmt: str, n: int, values: list[float] | None) -> list[str]:
+def _part_names(default_format: str | None, fmt: str, n: int, values: list[float] | None) -> list[str]:
     if n == 1:
-        if fmt == "unpaired" or (stage == "dpo" and values is not None):
+        if fmt == "unpaired" or (default_format == "unpaired" and values is not None):  # kto splits pairs
             return [f"completion (label {'desirable' if values and values[0] else 'undesirable'})"]
         if fmt == "pointwise" and values:
             return [f"response (score {values[0]:g})"]
@@ -271,12 +267,12 @@ def _print_example(out: Console, ins: Inspection, tokenizer: Any, row: int | Non
     full = ins.full_by_row.get(index, [])
     if len(examples) == 1 and len(full) == 1 and full[0] > ins.max_length:
         out.print(f"row {index + 1}{where} has {full[0]} tokens: training cuts it to max_length {ins.max_length}")
-    if ins.stage == "cpt" and len(examples) > 1:
+    if ins.default_format == "text" and len(examples) > 1:
         out.print(f"row {index + 1}{where} is {len(examples)} chunks of max_length {ins.max_length}; the first:")
         examples = examples[:1]
     for e in examples:
         seqs = e.sequences()
-        names = _part_names(ins.stage, ins.report.format, len(seqs), e.values)
+        names = _part_names(ins.default_format, ins.report.format, len(seqs), e.values)
         for name, (ids, labels) in zip(names, seqs, strict=True):
             if not labels:  # a prompt of the online stages: the model generates what is learned
                 out.print(f"prompt, row {index + 1}{where}: {len(ids)} tokens (nothing in it is trained)")
@@ -307,6 +303,10 @@ def inspect_command(
 ) -> None:
     from llmtune.recipe import load_recipe, validate_recipe
 
+    if recipe_path is None:  # with --recipe, --model is refused below (the recipe names its model)
+        from llmtune.model.hub import check_model_options
+
+        check_model_options([("--model", model)])
     out = Console(highlight=False, soft_wrap=True)
     formats = get_args(get_args(DataSource.model_fields["format"].annotation)[0])
     if fmt is not None and fmt not in formats:
@@ -341,14 +341,17 @@ def inspect_command(
         source: dict[str, Any] = {"path": str(file), "format": fmt}
         if registry is not None:  # FILE is a name of the registry
             data = validate_recipe(
-                {"stage": "sft", "output_dir": "inspect", "model": {"path": "-"},
+                {"stage": conversation_stage(), "output_dir": "inspect", "model": {"path": "-"},
                  "data": {"registry": registry, "train": [{"name": str(file), "format": fmt}]}},
                 "data inspect --registry",
             ).data  # fmt: skip
             source = data.train[0].model_dump()
             file = Path(source["path"])
-        if stage == "kto":
-            stage, extra = "dpo", {"dpo": {"loss": "kto"}}
+        variants = {
+            name: (st.stage, st.stage_values) for info in STAGE_RECIPES.values() for name, st in info.variants.items()
+        }
+        if stage in variants:  # kto: dpo with loss kto
+            stage, extra = variants[stage]
         elif stage is None:
             stage, extra = guess_stage(str(file), fmt, source.get("columns") or {}, source.get("tags") or {})
         raw = {
@@ -359,7 +362,7 @@ def inspect_command(
             **extra,
         }
         recipe = validate_recipe(raw, "data inspect")
-        loss = f" (loss {recipe.dpo.loss})" if stage == "dpo" and recipe.dpo.loss != "sigmoid" else ""
+        loss = "".join(f" ({key} {value})" for key, value in extra.get(stage, {}).items())  # dpo (loss kto)
         why = " (guessed from the rows: pass --stage to choose)" if guessed else ""
         said = f"stage {stage}{loss}{why}, model {recipe.model.path}"
         if model is None:
@@ -380,7 +383,7 @@ def inspect_command(
     from llmtune.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model)
-    needs_template = recipe.stage != "cpt"
+    needs_template = recipe.default_format() != "text"
     template = resolve_chat_template(tokenizer, recipe.model.chat_template, required=needs_template)
     if template is not None:
         tokenizer.chat_template = template

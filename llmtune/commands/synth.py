@@ -136,7 +136,7 @@ def read_seeds(path: str) -> list[str]:
     from llmtune.data.formats import RowError, detect_format, to_conversation
     from llmtune.data.prompts import to_prompt
     from llmtune.data.sources import read_rows
-    from llmtune.recipe.schema import DataSource
+    from llmtune.recipe.data import DataSource
 
     rows = [r for r in read_rows(DataSource(path=path)) if r.data is not None]
     if not rows:
@@ -283,3 +283,53 @@ def model_completer(model: str, adapter: str | None, cfg: SynthConfig, chat_temp
         return [(tok.decode(o, skip_special_tokens=True), ended) for o, ended in outs]
 
     return complete
+
+
+def synth_command(
+    model: str,
+    seeds: str,
+    out: Path,
+    cfg: SynthConfig,
+    adapter: str | None,
+    chat_template: str | None,
+    err: Any,
+) -> None:
+    """``llmtune data synth``: the options checked, the model loaded, rows written to ``out`` (a rerun
+    continues it) with a status line, and a summary printed."""
+    from llmtune.model.hub import check_model_options
+    from llmtune.paths import check_path_lengths
+    from llmtune.runtime import quiet_libraries
+
+    check_path_lengths(("--out", out), ("--seeds", seeds), ("--model", model))
+    check_model_options([("--model", model)])
+    check_model_options([("--adapter", adapter)], hub_ok=False)
+    if not 0 < cfg.similarity <= 1:
+        raise UserError(f"--similarity {cfg.similarity} must be in (0, 1]")
+    if cfg.method not in ("self-instruct", "evol"):
+        raise UserError(f"--method {cfg.method!r} is not one of self-instruct, evol")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory", hint="name a .jsonl file")
+    tasks = read_seeds(seeds)
+    quiet_libraries(loading_bars=False)
+    with err.status(f"loading {model}"):
+        complete = model_completer(model, adapter, cfg, chat_template, err)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    synth = Synthesizer(complete, tasks, out, cfg)
+    method, num = cfg.method, cfg.num
+    if synth.rows:
+        err.print(f"{out} holds {len(synth.rows)} rows from an earlier run ({synth.attempts} attempts): continuing")
+    with err.status(f"{method}: {len(synth.rows)} / {num} rows") as status:
+        result = synth.run(lambda row: status.update(f"{method}: {len(synth.rows)} / {num} rows"))
+    rejected = ", ".join(f"{why} {n}" for why, n in sorted(result["rejected"].items(), key=lambda kv: -kv[1]))
+    print(
+        f"{result['rows']} rows in {out} after {result['attempts']} attempts"
+        + (f"; rejected: {rejected}" if rejected else "")
+    )
+    if result["rows"] == 0:
+        raise UserError(
+            f"no generated row passed the filters in {result['attempts']} attempts",
+            hint="use a stronger (instruction-tuned) model, raise --max-new-tokens or --max-attempts, or loosen "
+            "--similarity / --min-words",
+        )
+    if result["rows"] < num:
+        print(f"note: {num - result['rows']} rows short of --num: the attempts ran out (--max-attempts)")
