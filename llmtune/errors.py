@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+from pathlib import Path
+
 
 class LlmtuneError(Exception):
     """An error the CLI reports as ``error: <message>`` with ``exit_code``, without a traceback."""
@@ -36,3 +39,16 @@ class TrainingError(LlmtuneError):
     """Training stopped for a reason found at run time (NaN loss, ...). Exit code 1; finished work is kept."""
 
     exit_code = 1
+
+
+class Stopped(TrainingError):
+    """Stopped on request with a checkpoint written: exit 128 + the signal number (130 Ctrl-C, 143 SIGTERM)."""
+
+    label = "stopped"
+
+    def __init__(self, signum: int, step: int, ckpt: Path) -> None:
+        self.exit_code = 128 + signum
+        super().__init__(
+            f"by {signal.Signals(signum).name} after step {step}; checkpoint {ckpt} written\n"
+            "  to continue: run the same command again (it resumes from there)"
+        )

@@ -29,7 +29,7 @@ STATE_FILE = "adalora_state.pt"
 
 class AdaLoraSchedule:
     def __init__(self, engine: Any, total_steps: int) -> None:
-        from peft.tuners.adalora import AdaLoraModel
+        from peft.tuners.adalora import AdaLoraConfig, AdaLoraModel
 
         model = engine.module
         tuner = getattr(model, "base_model", None)
@@ -37,7 +37,9 @@ class AdaLoraSchedule:
             raise TypeError(f"finetuning.method adalora: the trained module is a {type(model).__name__}, not peft's")
         self.tuner = tuner
         self.name = tuner.trainable_adapter_name
-        self.config = tuner.peft_config[self.name]
+        config = tuner.peft_config[self.name]
+        assert isinstance(config, AdaLoraConfig)
+        self.config = config
         self.config.total_step = total_steps  # the schedule's length: this run's optimizer steps
         tuner.rankallocator.peft_config = self.config
         self.params = [(n, p) for n, p in model.named_parameters() if "lora_" in n and self.name in n]

@@ -8,16 +8,12 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
-import torch
-
+from llmtune.engine.contract import Window
 from llmtune.engine.distributed import DistInfo
 from llmtune.errors import DataError
 from llmtune.recipe.schema import RecipeBase
-
-Window = list[dict[str, torch.Tensor]]
 
 
 def epoch_order(n: int, recipe: RecipeBase, dist: DistInfo, epoch: int, rank: int | None = None) -> list[int]:
@@ -36,7 +32,7 @@ class Batches:
     """Deterministic data order: a seeded permutation per epoch, sharded over ranks, cut into micro-batches
     and grouped into accumulation windows. Position = (epoch, window), so a resumed run continues exactly."""
 
-    def __init__(self, samples: list[Any], recipe: RecipeBase, dist: DistInfo, collate: Any) -> None:
+    def __init__(self, samples: Sequence[Any], recipe: RecipeBase, dist: DistInfo, collate: Any) -> None:
         self.samples, self.recipe, self.dist, self.collate = samples, recipe, dist, collate
         t = recipe.train
         per_rank = math.ceil(len(samples) / dist.world_size)
@@ -97,7 +93,7 @@ class Rollouts:
 
     def __init__(
         self,
-        prompts: list[Any],
+        prompts: Sequence[Any],
         recipe: RecipeBase,
         dist: DistInfo,
         prompts_per_rollout: int,
@@ -158,22 +154,6 @@ class Rollouts:
     def after_step(self, metrics: dict[str, float]) -> None:
         if self.on_step is not None:
             self.on_step(metrics)
-
-
-@contextmanager
-def full_weights(engine: Any, module: torch.nn.Module | None = None) -> Iterator[None]:
-    """Under ZeRO-3, gather the partitioned weights (of module, a part of the engine's model; default all of
-    it) once for a whole rollout, not once per generated token, which is what the per-module hooks would do;
-    a no-op otherwise."""
-    if engine.zero_optimization_stage() != 3:
-        yield
-        return
-    from llmtune.engine import import_deepspeed
-
-    deepspeed = import_deepspeed()
-
-    with deepspeed.zero.GatheredParameters(list((module or engine.module).parameters())):
-        yield
 
 
 def total_steps(recipe: RecipeBase, windows_per_epoch: int) -> int:

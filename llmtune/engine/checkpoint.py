@@ -77,9 +77,10 @@ def newest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {
+    np_state: Any = np.random.get_state()  # the legacy tuple (MT19937, keys, pos, has_gauss, gauss)
+    state: dict[str, Any] = {
         "python": repr(random.getstate()),
-        "numpy": np.random.get_state()[1].tolist(),
+        "numpy": np_state[1].tolist(),
         "torch": torch.get_rng_state().tolist(),
     }
     if torch.cuda.is_available():
@@ -91,7 +92,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     import ast
 
     random.setstate(_to_tuple(ast.literal_eval(state["python"])))
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()  # the legacy tuple (MT19937, keys, pos, has_gauss, gauss)
     np.random.set_state((np_state[0], np.array(state["numpy"], dtype=np.uint32), *np_state[2:]))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():

@@ -103,17 +103,6 @@ def frozen_zero3_config(recipe: RecipeBase, world_size: int) -> dict[str, Any] |
     return cfg
 
 
-def zero3_inference_engine(model: torch.nn.Module, config: dict[str, Any]) -> Any:
-    """A frozen model (loaded partitioned, under HfDeepSpeedConfig(config)) wrapped by DeepSpeed without an
-    optimizer: ZeRO-3 inference, whose hooks gather each layer's weights for its forward pass. The model is
-    then called as engine.module; the engine must stay alive while it is used."""
-    from llmtune.engine import import_deepspeed
-
-    deepspeed = import_deepspeed()
-
-    return deepspeed.initialize(model=model, config=config)[0]
-
-
 def build_optimizer(
     recipe: RecipeBase, model: torch.nn.Module, lr_of: Callable[[str], float] | None = None
 ) -> torch.optim.Optimizer:
@@ -126,7 +115,7 @@ def build_optimizer(
             continue
         lr = lr_of(name) if lr_of is not None else t.lr
         buckets.setdefault((lr, p.ndim >= 2), []).append(p)
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"params": ps, "weight_decay": t.weight_decay if decay else 0.0, "lr": lr}
         for (lr, decay), ps in sorted(buckets.items(), key=lambda kv: (kv[0][0] != t.lr, not kv[0][1], kv[0][0]))
     ]

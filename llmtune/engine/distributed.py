@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -80,3 +81,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
         torch.distributed.all_reduce(t)
     return t
+
+
+def sums_over_processes(parts: Sequence[float | torch.Tensor], device: torch.device) -> list[float]:
+    """Each of `parts` (numbers or 0-d tensors) summed over every process, in float64, in one all-reduce."""
+    local = torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in parts]).to(device)
+    return [float(x) for x in all_reduce_sum(local).cpu().tolist()]
+
+
+def moments_over_processes(x: torch.Tensor, device: torch.device) -> tuple[float, float, float]:
+    """(count, mean, population variance) of the values of x on every process together."""
+    n, s, sq = sums_over_processes([x.numel(), x.double().sum(), (x.double() ** 2).sum()], device)
+    mean = s / max(n, 1.0)
+    return n, mean, max(sq / max(n, 1.0) - mean**2, 0.0)

@@ -17,6 +17,10 @@ from llmtune.data.filters import is_filter_reason
 from llmtune.data.formats import UNDESIRABLE
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
 def run_console(is_main: bool) -> Console:
     """The run's console: quiet on every process but rank 0; in a log file (not a terminal) wide lines, so
     that paths and tables are not cut."""

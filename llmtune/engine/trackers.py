@@ -19,8 +19,11 @@ import math
 import os
 import secrets
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
+
+from llmtune.errors import Stopped
 
 IDS_FILE = "trackers.json"
 # What the trackers write into output_dir (a run that left only these has nothing of value to resume).
@@ -199,7 +202,7 @@ class Trackers:
     @classmethod
     def open(
         cls,
-        names: list[str],
+        names: Sequence[str],
         out: Path,
         run_name: str,
         recipe: dict[str, Any],
@@ -292,6 +295,4 @@ def remove_tracker_files(out: Path) -> None:
 
 def status_of_exception(e: BaseException) -> str:
     """finished / stopped / failed, as run.json says it, for an exception that ended a run."""
-    from llmtune.engine.trainer import Stopped
-
     return "stopped" if isinstance(e, (Stopped, KeyboardInterrupt)) else "failed"

@@ -19,17 +19,45 @@ both adapters train, in separate forward passes of the same step.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from llmtune.errors import RecipeError
+from llmtune.model.load import LoadedModel, ModelSpec, load
+from llmtune.recipe.stages import PpoRecipe
+
 POLICY, CRITIC, REWARD = "default", "critic", "reward"
 
 
-_ROUTE: list[tuple[nn.Module, str]] = []  # the routing in force (innermost last), for checkpoint recomputation
+class AdapterRoute:
+    """The adapter routing in force on one peft model (innermost last), kept on the model itself: gradient
+    checkpointing recomputes a layer's forward during the backward pass, when the routing of that forward
+    (critic or policy adapter) is long undone, and ``context`` puts it back for the recomputation."""
+
+    ATTR = "llmtune_route"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.names: list[str] = []
+
+    @classmethod
+    def of(cls, model: nn.Module) -> AdapterRoute | None:
+        return model.__dict__.get(cls.ATTR)
+
+    def context(self) -> tuple[Any, Any]:
+        """torch.utils.checkpoint's context_fn: (forward context, recomputation context)."""
+        from contextlib import nullcontext
+
+        if not self.names:
+            return nullcontext(), nullcontext()
+        return nullcontext(), use_adapter(self.model, self.names[-1])
 
 
 @contextmanager
@@ -43,31 +71,24 @@ def use_adapter(model: nn.Module, name: str) -> Iterator[None]:
     before = [m._active_adapter for m in layers]
     for m in layers:
         m._active_adapter = [name]
-    _ROUTE.append((model, name))
+    route = AdapterRoute.of(model)
+    if route is not None:
+        route.names.append(name)
     try:
         yield
     finally:
-        _ROUTE.pop()
+        if route is not None:
+            route.names.pop()
         for m, a in zip(layers, before, strict=True):
             m._active_adapter = a
 
 
-def routing_context() -> tuple[Any, Any]:
-    """torch.utils.checkpoint's context_fn: gradient checkpointing recomputes a layer's forward during the
-    backward pass, when the routing of that forward (critic or policy adapter) is long undone; this puts it
-    back for the recomputation."""
-    from contextlib import nullcontext
-
-    if not _ROUTE:
-        return nullcontext(), nullcontext()
-    model, name = _ROUTE[-1]
-    return nullcontext(), use_adapter(model, name)
-
-
 def checkpoint_with_routing(policy: nn.Module) -> None:
     """Re-enable gradient checkpointing on the shared base so that recomputation follows the adapter routing."""
+    route = AdapterRoute(policy)
+    policy.__dict__[AdapterRoute.ATTR] = route  # a plain attribute: not a submodule, not in the state dict
     base = policy.get_base_model()
-    base.llmtune_checkpointing_kwargs = {"use_reentrant": False, "context_fn": routing_context}  # kept by generation
+    base.llmtune_checkpointing_kwargs = {"use_reentrant": False, "context_fn": route.context}  # kept by generation
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=base.llmtune_checkpointing_kwargs)
 
 
@@ -224,3 +245,111 @@ def add_critic_adapter(policy: nn.Module, config: Any, init: dict | None = None)
     for n, p in policy.named_parameters():
         if f".{CRITIC}." in n or f".{POLICY}." in n:
             p.requires_grad_(True)
+
+
+# --- assembly: the models ppo trains, as ppo.memory lays them out ---------------------------------------------
+
+
+def build_actor_critic(
+    recipe: PpoRecipe, device: torch.device, tokenizer: Any
+) -> tuple[LoadedModel, dict[str, SharedRewardModel]]:
+    """The policy and critic in one ActorCritic (the critic with its own learning rate, ppo.critic_lr), and
+    with ppo.memory shared the reward models that are adapters on the policy's base, by path (the caller
+    makes them reward sources)."""
+    p = recipe.ppo
+    policy = load(ModelSpec.trained(recipe), device, tokenizer).model
+    critic_lr = p.critic_lr or recipe.train.lr
+    from_reward = p.critic_init == "reward" or (p.critic_init == "auto" and bool(p.reward.models()))
+    if from_reward and (Path(p.reward.models()[0]).expanduser() / "prm.json").is_file():
+        if p.critic_init == "reward":  # a process reward model has a per-step head, not a sequence score
+            raise RecipeError(
+                f"ppo.critic_init reward: {p.reward.models()[0]} is a process reward model (prm.json), whose "
+                "two-class step head cannot start a value head",
+                hint="set ppo.critic_init: policy (or auto), or put an outcome reward model first in reward.model",
+            )
+        from_reward = False  # auto: the critic starts from the policy
+    rewards: dict[str, SharedRewardModel] = {}
+    if p.memory == "shared":
+        model = _shared(recipe, policy, device, from_reward, critic_lr, rewards)
+    else:
+        critic = _separate_critic(recipe, device, tokenizer, from_reward)
+        model = ActorCritic(policy, critic=critic, policy_lr=recipe.train.lr, critic_lr=critic_lr)
+    trainable = sum(_numel(x) for x in model.parameters() if x.requires_grad)
+    total = sum(_numel(x) for x in model.parameters())
+    return LoadedModel(model=model, tokenizer=tokenizer, trainable_params=trainable, total_params=total), rewards
+
+
+def _shared(
+    recipe: PpoRecipe,
+    policy: nn.Module,
+    device: torch.device,
+    from_reward: bool,
+    critic_lr: float,
+    rewards: dict[str, SharedRewardModel],
+) -> ActorCritic:
+    """One base: the policy adapter, the reward adapters (into ``rewards``), and the critic adapter with a value
+    head, started from the first reward model (from_reward) or like the policy's adapter with a zero head."""
+    init, score = None, None
+    for i, path in enumerate(recipe.ppo.reward.models()):
+        lora, head = load_reward_adapter(policy, path, device, i)
+        rewards[path] = SharedRewardModel(policy, head, i)
+        if i == 0 and from_reward:
+            init, score = (lora, path), head
+    # the critic adapter: a copy of the reward adapter (its settings and weights), or a new one like the policy's
+    config = _adapter_config(init[1]) if init is not None else copy.deepcopy(policy.peft_config[POLICY])
+    config.inference_mode = False
+    add_critic_adapter(policy, config, init[0] if init is not None else None)
+    if recipe.train.gradient_checkpointing:
+        checkpoint_with_routing(policy)
+    value_head = nn.Linear(hidden_size(policy), 1, bias=False).to(device)
+    with torch.no_grad():
+        if score is not None:  # the reward model's score head: the critic starts as the reward model
+            value_head.weight.copy_(score.weight)
+        else:
+            value_head.weight.zero_()
+    value_head.weight.requires_grad_(True)
+    return ActorCritic(policy, value_head=value_head, policy_lr=recipe.train.lr, critic_lr=critic_lr)
+
+
+def _separate_critic(recipe: PpoRecipe, device: torch.device, tokenizer: Any, from_reward: bool) -> nn.Module:
+    """separate memory: the critic, a sequence classifier with the policy's fine-tuning method, from the
+    first reward model (a full rm output, or the merged/ model a lora rm run writes) or the starting model."""
+    source = recipe.model.path
+    if from_reward:
+        source = critic_source(recipe.ppo.reward.models()[0])
+    spec = dataclasses.replace(
+        ModelSpec.trained(recipe, head="value"),
+        path=source,
+        what="the critic",
+        # the policy's modules_to_save (e.g. lm_head) are not the critic's: its head is new
+        finetuning=recipe.finetuning.model_copy(update={"modules_to_save": []}),
+    )
+    return load(spec, device, tokenizer).model
+
+
+def critic_source(path: str) -> str:
+    """Where a separate critic loads from: a full rm output itself, or the merged/ model a lora rm run writes."""
+    p = Path(path).expanduser()
+    if (p / "config.json").is_file():
+        return path
+    if (p / "merged" / "config.json").is_file():
+        return str(p / "merged")
+    raise RecipeError(
+        f"ppo: the critic starts from the reward model {path}, a lora adapter without the merged/ model "
+        "(rm.export_merged was false)",
+        hint="use ppo.memory: shared (the reward adapter on the policy's base), set ppo.critic_init: policy, or "
+        "retrain the reward model with rm.export_merged: true",
+    )
+
+
+def _adapter_config(path: str) -> Any:
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(path)
+    config.modules_to_save = None
+    config.task_type = "CAUSAL_LM"
+    return config
+
+
+def _numel(p: torch.nn.Parameter) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitions leave an empty local tensor

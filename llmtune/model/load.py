@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +35,23 @@ class LoadedModel:
     total_params: int = 0
     name: str = ""  # the adapter's path, else the model's
     has_adapter: bool = False
-    engine: Any = None  # a frozen model's DeepSpeed ZeRO-3 inference engine (it holds the partitioning)
+    engine: Any = None  # a frozen model's ZeRO-3 inference engine, set by the caller's Partition.wrap (keep alive)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """How a frozen model is spread over a ZeRO-3 run's processes, handed in by the training strategy:
+    ``config`` (the DeepSpeed config that partitions the weights while they load) and ``wrap`` (partitioned
+    module -> the inference engine whose hooks gather each layer's weights for its forward pass; it must stay
+    alive while the model is used)."""
+
+    config: dict[str, Any]
+    wrap: Callable[[torch.nn.Module], Any]
+
+    def apply(self, loaded: LoadedModel) -> LoadedModel:
+        """``loaded`` (loaded with zero3=config) wrapped: its engine kept beside the model."""
+        loaded.engine = self.wrap(loaded.model)
+        return loaded
 
 
 def load_config(path: str, what: str, **kwargs: Any) -> Any:
@@ -71,6 +87,14 @@ def weight_dtype(recipe: RecipeBase) -> torch.dtype:
     if recipe.model.dtype != "auto":
         return DTYPES[recipe.model.dtype]
     return DTYPES[recipe.precision]
+
+
+def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype a model samples in, next to a run of `precision`: fp32 for fp32 and on the CPU, else the
+    run's own (bf16 / fp16 on a GPU)."""
+    if precision == "fp32" or device.type != "cuda":
+        return torch.float32
+    return DTYPES[precision]
 
 
 # ------------------------------------------------------------------------------------------ the model spec
@@ -161,9 +185,9 @@ def load(
 ) -> LoadedModel:
     """The one loader, for training and eval. A trained model gets its fine-tuning method (call it with
     HfDeepSpeedConfig alive for ZeRO-3: the trainer wraps it in its engine). A frozen model is set up for
-    inference; ``zero3`` (a DeepSpeed ZeRO-3 config) partitions it over the processes instead of a full copy
-    on each (see engine.config.frozen_zero3_config). tokenizer: None loads the one the adapter (or else the
-    model) carries."""
+    inference; ``zero3`` (a DeepSpeed ZeRO-3 config, Partition.config) partitions it over the processes instead
+    of a full copy on each, and the caller then wraps it (Partition.apply). tokenizer: None loads the one the
+    adapter (or else the model) carries."""
     if spec.trust_remote_code:
         warnings.warn(f"trust_remote_code is true: Python code shipped with {spec.path} will run", stacklevel=2)
     if spec.trainable:
@@ -316,20 +340,12 @@ def _load_frozen(
     if spec.adapter is not None:
         model = _with_adapter(model, spec.path, spec.adapter)
     model.requires_grad_(False)
-    engine = None
-    if zero3 is not None:
-        from llmtune.engine.config import zero3_inference_engine
-
-        engine = zero3_inference_engine(model, zero3)
-        model = engine.module
-        del hf_ds
-    else:
+    if zero3 is None:  # ZeRO-3: partitioned; the caller wraps it in an inference engine (Partition.wrap)
         model.to(device)
+    del hf_ds
     model.eval()
     total = sum(_numel(p) for p in model.parameters())
-    return LoadedModel(
-        model, tok, 0, total, name=spec.adapter or spec.path, has_adapter=spec.adapter is not None, engine=engine
-    )
+    return LoadedModel(model, tok, 0, total, name=spec.adapter or spec.path, has_adapter=spec.adapter is not None)
 
 
 def _adapter_has(adapter: str, module: str) -> bool:

@@ -175,7 +175,8 @@ def load_reward_model(
     zero3: dict | None = None,
 ) -> LoadedModel:
     """A reward model: AutoModelForSequenceClassification(num_labels=1), or a SEQ_CLS adapter on its base.
-    zero3: a DeepSpeed ZeRO-3 config to partition it with (inside a training run)."""
+    zero3: a DeepSpeed ZeRO-3 config to partition it with (inside a training run; the caller then wraps the
+    partitioned model, model.load.Partition.apply)."""
     if adapter is None:
         require_reward_model(path, what)
     base, adapter, cfg = resolve(path, adapter, what)

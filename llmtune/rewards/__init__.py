@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from llmtune.errors import DataError, RecipeError, UserError
 
 if TYPE_CHECKING:
+    from llmtune.model.load import Partition
     from llmtune.recipe.schema import RewardConfig
 
 __all__ = [
@@ -277,12 +278,12 @@ def build_rewards(
     dtype: Any,
     what: str = "reward",
     loaded: dict[str, Any] | None = None,
-    zero3: dict[str, Any] | None = None,
+    zero3: Partition | None = None,
 ) -> Rewards:
     """The Rewards of ``cfg``, reward models loaded on ``device`` in ``dtype`` (a torch dtype, or a name:
     auto, bf16, fp16, fp32). Checks ``cfg`` first (see check_rewards). ``loaded``: reward-model path ->
-    a source the caller built already (ppo's shared memory: a reward adapter on the policy's base). zero3: a
-    DeepSpeed ZeRO-3 config that partitions the reward models over a training run's processes."""
+    a source the caller built already (ppo's shared memory: a reward adapter on the policy's base). zero3: how a
+    training run partitions the reward models over its processes under ZeRO-3 (its strategy's partition)."""
     check_rewards(cfg, trust_code=trust_code, what=what)
     names = source_names(cfg)
     sources: list[Any] = []

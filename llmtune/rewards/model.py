@@ -16,7 +16,7 @@ import torch
 
 from llmtune.data.chat import resolve_chat_template
 from llmtune.data.packing import Sample, collate
-from llmtune.model.load import LoadedModel
+from llmtune.model.load import LoadedModel, Partition
 from llmtune.model.resolve import free, last_token_scores, load_reward_model, pick_dtype
 from llmtune.rewards import model_source_name
 
@@ -94,17 +94,20 @@ class RewardModelSource:
         what: str = "reward.model",
         chat_template: str | None = None,
         max_length: int | None = None,
-        zero3: dict[str, Any] | None = None,
+        zero3: Partition | None = None,
     ) -> None:
-        """zero3: a DeepSpeed ZeRO-3 config that partitions the model over the processes (inside a training
-        run; every process must then score the same number of batches)."""
+        """zero3: how a training run partitions the model over its processes under ZeRO-3 (its DeepSpeed config
+        and its wrap; every process must then score the same number of batches)."""
         self.path = path
         self.name = name or model_source_name(path)
         self.device = torch.device(device)
         if isinstance(dtype, str):
             dtype = pick_dtype(dtype, self.device)
         self.batch_size = batch_size
-        self.loaded: LoadedModel | None = load_reward_model(path, dtype, self.device, what=what, zero3=zero3)
+        config = zero3.config if zero3 is not None else None
+        self.loaded: LoadedModel | None = load_reward_model(path, dtype, self.device, what=what, zero3=config)
+        if zero3 is not None:
+            zero3.apply(self.loaded)
         self.template = resolve_chat_template(self.loaded.tokenizer, chat_template, required=False)
         limit = getattr(self.loaded.model.config, "max_position_embeddings", None)
         self.max_length = max_length if max_length is not None else limit if isinstance(limit, int) else None

@@ -19,7 +19,7 @@ from llmtune.data.formats import RowError
 from llmtune.data.packing import Sample, collate
 from llmtune.data.stepwise import encode_steps, split_steps
 from llmtune.errors import UserError
-from llmtune.model.load import LoadedModel, ModelSpec, load
+from llmtune.model.load import LoadedModel, ModelSpec, Partition, load
 from llmtune.model.reward import read_prm_info
 from llmtune.objectives.prm import aggregate, step_good_probs
 from llmtune.rewards import model_source_name
@@ -54,14 +54,17 @@ def require_prm(path: str, what: str) -> None:
 
 
 def load_prm(
-    path: str, dtype: torch.dtype, device: torch.device, what: str, zero3: dict[str, Any] | None = None
+    path: str, dtype: torch.dtype, device: torch.device, what: str, zero3: Partition | None = None
 ) -> LoadedModel:
-    """A PRM for inference: AutoModelForTokenClassification (num_labels 2), or a TOKEN_CLS adapter on its base."""
+    """A PRM for inference: AutoModelForTokenClassification (num_labels 2), or a TOKEN_CLS adapter on its base;
+    zero3: partitioned over a training run's processes (and wrapped) under ZeRO-3."""
     from llmtune.model.resolve import resolve
 
     require_prm(path, what)
     base, adapter, _ = resolve(path, None, what)
-    return load(ModelSpec(path=base, head="token", adapter=adapter, dtype=dtype, what=what), device, zero3=zero3)
+    spec = ModelSpec(path=base, head="token", adapter=adapter, dtype=dtype, what=what)
+    loaded = load(spec, device, zero3=zero3.config if zero3 is not None else None)
+    return zero3.apply(loaded) if zero3 is not None else loaded
 
 
 def step_scores(
@@ -122,9 +125,9 @@ class PrmSource:
         batch_size: int = 8,
         name: str | None = None,
         what: str = "reward.model",
-        zero3: dict[str, Any] | None = None,
+        zero3: Partition | None = None,
     ) -> None:
-        """zero3: a DeepSpeed ZeRO-3 config that partitions the model over a training run's processes."""
+        """zero3: how a training run partitions the model over its processes under ZeRO-3."""
         from llmtune.model.resolve import pick_dtype
 
         info = read_prm_info(path)

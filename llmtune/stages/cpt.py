@@ -7,8 +7,9 @@ from typing import Any
 from llmtune.data.filters import model_scorer
 from llmtune.data.packing import as_samples, pack_stream
 from llmtune.data.pipeline import build_data, fingerprint_tokenizer, text_encoder
+from llmtune.engine.contract import StageData
 from llmtune.recipe.stages import CptRecipe
-from llmtune.stages.base import StageData, recipe_settings, shaped_data
+from llmtune.stages.base import recipe_settings, shaped_data
 from llmtune.stages.lm import LanguageModelStep
 
 
@@ -16,7 +17,9 @@ class CptStage(LanguageModelStep):
     name = "cpt"
     needs_chat_template = False
 
-    def build_data(self, recipe: CptRecipe, tokenizer: Any, template: str | None) -> StageData:
+    def build_data(
+        self, recipe: CptRecipe, tokenizer: Any, template: str | None, *, trust_reward_code: bool = False
+    ) -> StageData:
         from llmtune.data.corpus import build_corpus, memory_map_plan
 
         d = recipe.data

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from llmtune.data.pipeline import fingerprint_tokenizer
 from llmtune.data.preference import PreferenceSample, build_preference_data, collate_preference
+from llmtune.engine.contract import StageContext, StageData, StepOutput, Window
 from llmtune.engine.distributed import all_reduce_sum
 from llmtune.engine.report import run_console
 from llmtune.model.tokenizer import check_reference_tokenizer
@@ -28,7 +30,7 @@ from llmtune.objectives.preference import (
     simpo_loss,
 )
 from llmtune.recipe.stages import DpoRecipe
-from llmtune.stages.base import StageData, StageDefaults, StepOutput, lm_token_logps, recipe_settings
+from llmtune.stages.base import StageDefaults, lm_token_logps, recipe_settings
 
 
 def batch_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +47,9 @@ class DpoStage(StageDefaults):
     recipe: DpoRecipe
     reference: torch.nn.Module | None = None  # kept only when reference log-probs are not precomputed
 
-    def build_data(self, recipe: DpoRecipe, tokenizer: Any, template: str | None) -> StageData:
+    def build_data(
+        self, recipe: DpoRecipe, tokenizer: Any, template: str | None, *, trust_reward_code: bool = False
+    ) -> StageData:
         assert template is not None
         self.recipe, self.tokenizer = recipe, tokenizer
         if recipe.dpo.reference is not None and recipe.dpo.loss != "simpo":
@@ -70,14 +74,14 @@ class DpoStage(StageDefaults):
     def _adapter_is_reference(self) -> bool:
         return self.recipe.dpo.reference is None and self.recipe.finetuning.method in ("lora", "qlora")
 
-    def before_training(self, engine: Any, data: StageData, dist: Any, collate: Any) -> None:
-        cfg = self.recipe.dpo
+    def before_training(self, ctx: StageContext, data: StageData) -> None:
+        cfg, dist = self.recipe.dpo, ctx.dist
         if cfg.loss == "simpo":  # reference-free
             return
         ref: Any = None
         if not self._adapter_is_reference():
             path = cfg.reference or self.recipe.model.path
-            ref = self.load_frozen(self.recipe, path, "dpo.reference", dist, self.tokenizer)
+            ref = self.load_frozen(ctx, path, "dpo.reference")
         if not cfg.precompute_reference:
             self.reference = ref
             return
@@ -87,7 +91,7 @@ class DpoStage(StageDefaults):
         t0 = time.perf_counter()
         console.print(f"reference log-probs: {len(train):,} training and {len(data.eval):,} eval rows ...")
         for samples in (train, data.eval):
-            self._precompute(engine, ref, samples, dist, collate)
+            self._precompute(ctx.engine, ref, samples, dist, ctx.collate)
         console.print(f"reference log-probs: done in {time.perf_counter() - t0:.1f} s")
         del ref
 
@@ -98,7 +102,7 @@ class DpoStage(StageDefaults):
             with model.module.disable_adapter():  # the policy's base: the reference, no second copy
                 return batch_logps(model, batch)[0]
 
-    def _precompute(self, engine: Any, ref: Any, samples: list[PreferenceSample], dist: Any, collate: Any) -> None:
+    def _precompute(self, engine: Any, ref: Any, samples: Sequence[PreferenceSample], dist: Any, collate: Any) -> None:
         """Reference log-probs of every response of every sample: each rank takes a shard (the same number of
         forward passes on every rank, as ZeRO-3 needs), then the results are summed over ranks."""
         if not samples:
@@ -124,12 +128,13 @@ class DpoStage(StageDefaults):
         for j, s in enumerate(samples):
             s.ref_logps = table[j, : len(s.parts)].tolist()
 
-    def prepare_window(self, engine: Any, batches: list[dict[str, torch.Tensor]], dist: Any) -> None:
+    def prepare_window(self, ctx: StageContext, batches: Window) -> None:
         """KTO's reference point z0 = mean(log pi - log ref) over the whole step (every micro-batch of every
         process), clamped at 0: the update then does not depend on how the step is split into micro-batches.
         One extra forward pass without gradients per micro-batch."""
         if self.recipe.dpo.loss != "kto":
             return
+        engine, dist = ctx.engine, ctx.dist
         total = torch.zeros(2, dtype=torch.float64, device=dist.device)
         with torch.no_grad():
             for b in batches:

@@ -21,11 +21,10 @@ from typing import Any
 
 import torch
 
-from llmtune.data.packing import Sample, collate
 from llmtune.data.pipeline import PromptExample
-from llmtune.engine.batches import Rollouts, Window
-from llmtune.engine.config import frozen_zero3_config
-from llmtune.engine.distributed import all_reduce_sum
+from llmtune.engine.batches import Rollouts
+from llmtune.engine.contract import StageContext, StageData, StepOutput, Window
+from llmtune.engine.distributed import all_reduce_sum, moments_over_processes, sums_over_processes
 from llmtune.generation.sample import end_tokens
 from llmtune.model.load import weight_dtype
 from llmtune.objectives.preference import IGNORE_INDEX
@@ -40,8 +39,15 @@ from llmtune.objectives.rl import (
     zero_std_groups,
 )
 from llmtune.recipe.stages import GrpoRecipe
-from llmtune.stages.base import StageData, StepOutput, lm_token_logps
-from llmtune.stages.online import JudgeWarnings, NoSignalWarning, OnlineStage, micro_batches, step_shape
+from llmtune.stages.base import lm_token_logps
+from llmtune.stages.online import (
+    JudgeWarnings,
+    NoSignalWarning,
+    OnlineStage,
+    completion_batch,
+    micro_batches,
+    step_shape,
+)
 
 
 class GrpoStage(OnlineStage):
@@ -51,9 +57,11 @@ class GrpoStage(OnlineStage):
 
     # --- data: prompts, and the rollouts made from them ------------------------------------------------------
 
-    def build_data(self, recipe: GrpoRecipe, tokenizer: Any, template: str | None) -> StageData:
+    def build_data(
+        self, recipe: GrpoRecipe, tokenizer: Any, template: str | None, *, trust_reward_code: bool = False
+    ) -> StageData:
         self.unit_name = "tokens" if recipe.grpo.loss_type == "dapo" else "completions"
-        return self.prompt_data(recipe, tokenizer, template)
+        return self.prompt_data(recipe, tokenizer, template, trust_reward_code)
 
     def batch_source(self, data: StageData, recipe: GrpoRecipe, dist: Any, collate: Any) -> Rollouts:
         g = recipe.grpo
@@ -90,24 +98,22 @@ class GrpoStage(OnlineStage):
             if message is not None:
                 run_console(self.dist.is_main).print(f"[yellow]{message}[/]")
 
-    def before_training(self, engine: Any, data: StageData, dist: Any, collate: Any) -> None:
+    def before_training(self, ctx: StageContext, data: StageData) -> None:
         from llmtune.rewards import build_rewards
 
-        self.engine, self.dist = engine, dist
-        self.stops = end_tokens(engine.module, self.tokenizer, self.template)
+        self.ctx = ctx
+        self.stops = end_tokens(ctx.engine.module, self.tokenizer, self.template)
         self.rewards = build_rewards(
             self.recipe.grpo.reward,
-            trust_code=self.trust_reward_code,
-            device=dist.device,
+            trust_code=ctx.trust_reward_code,
+            device=ctx.dist.device,
             dtype=weight_dtype(self.recipe),
-            zero3=frozen_zero3_config(self.recipe, dist.world_size),
+            zero3=ctx.strategy.partition,
         )
         self.reference = None
         lora = self.recipe.finetuning.method in ("lora", "qlora")
         if self.recipe.grpo.beta > 0 and not lora:  # lora: the base with the adapter disabled, no second copy
-            self.reference = self.load_frozen(
-                self.recipe, self.recipe.model.path, "the reference", dist, self.tokenizer
-            )
+            self.reference = self.load_frozen(ctx, self.recipe.model.path, "the reference")
         self.rollouts.make = self.make_rollouts
 
     def make_rollouts(self, prompts: list[PromptExample], seed: int) -> list[Window]:
@@ -146,7 +152,7 @@ class GrpoStage(OnlineStage):
         if cfg.advantage == "rloo":
             adv = rloo_advantages(rewards, g)
         elif cfg.scale_rewards == "batch":  # the std of the whole step's rewards, over every process
-            adv = group_advantages(rewards, g, scale="none") / (self._global_std(rewards) + 1e-4)
+            adv = group_advantages(rewards, g, scale="none") / (_global_std(rewards, self.dist.device) + 1e-4)
         else:
             adv = group_advantages(rewards, g, scale=cfg.scale_rewards)
 
@@ -164,7 +170,7 @@ class GrpoStage(OnlineStage):
         return [window] * cfg.num_iterations
 
     def _collate(self, rows: list[tuple[list[int], list[int], float]]) -> dict[str, torch.Tensor]:
-        batch = collate([Sample(x, y) for x, y, _ in rows], self.tokenizer.pad_token_id, pad_to_multiple=1)
+        batch = completion_batch([(x, y) for x, y, _ in rows], self.tokenizer.pad_token_id)
         batch["advantages"] = torch.tensor([r[2] for r in rows], dtype=torch.float32)
         return batch
 
@@ -188,12 +194,6 @@ class GrpoStage(OnlineStage):
                         ref = lm_token_logps(self.engine, b)[0]
                 batch["ref_logps"] = ref.cpu()
         model.train(was_training)
-
-    def _global_std(self, rewards: torch.Tensor) -> float:
-        local = torch.tensor([len(rewards), rewards.sum(), (rewards**2).sum()], dtype=torch.float64)
-        s = all_reduce_sum(local.to(self.dist.device)).cpu()
-        n, mean = s[0].item(), s[1].item() / max(s[0].item(), 1)
-        return math.sqrt(max(s[2].item() / max(n, 1) - mean**2, 0.0) * n / max(n - 1, 1))
 
     def _rollout_metrics(
         self,
@@ -226,8 +226,7 @@ class GrpoStage(OnlineStage):
             *[torch.tensor(sources[k], dtype=torch.float64).sum() for k in names],
             *[torch.tensor(float((stats or {})[k])) for k in counts],
         ]
-        s = all_reduce_sum(torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in parts]).to(self.dist.device))
-        s = s.cpu().tolist()
+        s = sums_over_processes(parts, self.dist.device)
         n = max(s[0], 1.0)
         mean = s[1] / n
         m = self.rollouts.last_metrics
@@ -271,6 +270,12 @@ class GrpoStage(OnlineStage):
             if kl is not None:
                 metrics["kl"] = masked_mean(kl.detach(), mask) * units
         return StepOutput(loss_sum=loss_sum, units=units, metrics=metrics)
+
+
+def _global_std(rewards: torch.Tensor, device: torch.device) -> float:
+    """The sample std (n - 1) of the rewards of every process together."""
+    n, _, var = moments_over_processes(rewards, device)
+    return math.sqrt(var * n / max(n - 1, 1))
 
 
 STAGE = GrpoStage

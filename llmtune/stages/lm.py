@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from llmtune.engine.contract import StepOutput
 from llmtune.objectives.lm import count_targets
-from llmtune.stages.base import StageDefaults, StepOutput, lm_loss
+from llmtune.stages.base import StageDefaults, lm_loss
 
 
 class LanguageModelStep(StageDefaults):

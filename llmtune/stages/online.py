@@ -6,18 +6,20 @@ prompts. A stage says where its reward block is (``reward_config``) and which mo
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from llmtune.data.packing import Sample, collate
 from llmtune.data.pipeline import PromptExample, build_data
 from llmtune.data.prompts import prompt_encoder
-from llmtune.engine.batches import full_weights
-from llmtune.engine.distributed import all_reduce_sum
+from llmtune.engine.contract import Batch, StageContext, StageData
+from llmtune.engine.distributed import DistInfo, sums_over_processes
 from llmtune.engine.report import run_console
 from llmtune.errors import RecipeError
 from llmtune.generation.sample import GenerationProgress, generation_batch, rollout
-from llmtune.stages.base import StageData, StageDefaults
+from llmtune.stages.base import StageDefaults
 
 
 def step_shape(prompts_per_step: int, generations: int, micro_batch_size: int, world_size: int, what: str) -> dict:
@@ -39,6 +41,12 @@ def step_shape(prompts_per_step: int, generations: int, micro_batch_size: int, w
         "accum": math.ceil(rows / micro_batch_size),
         "rows_per_step": rows * world_size,
     }
+
+
+def completion_batch(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batch:
+    """Right-padded input_ids, attention_mask and labels of (ids, labels) rows, each a prompt and its sampled
+    completion (the prompt's labels IGNORE_INDEX): the rows of a rollout, one per completion, unpacked."""
+    return collate([Sample(ids, labels) for ids, labels in rows], pad_id, pad_to_multiple=1)
 
 
 def micro_batches(rows: list[Any], micro_batch_size: int) -> list[list[Any]]:
@@ -102,10 +110,18 @@ class OnlineStage(StageDefaults):
 
     recipe: Any
     tokenizer: Any
-    engine: Any
-    dist: Any
+    template: str | None
+    ctx: StageContext  # handed in by before_training
     rewards: Any
     stops: list[int]
+
+    @property
+    def engine(self) -> Any:
+        return self.ctx.engine
+
+    @property
+    def dist(self) -> DistInfo:
+        return self.ctx.dist
 
     def reward_config(self, recipe: Any) -> Any:
         """The stage's reward block: ``<stage>.reward`` (grpo.reward, ppo.reward)."""
@@ -115,13 +131,13 @@ class OnlineStage(StageDefaults):
         """The module that generates: the engine's model (grpo), or its policy part (ppo)."""
         return self.engine.module
 
-    def prompt_data(self, recipe: Any, tokenizer: Any, template: str | None) -> StageData:
+    def prompt_data(self, recipe: Any, tokenizer: Any, template: str | None, trust_reward_code: bool) -> StageData:
         """The reward block checked (before any data or model work), then the prompts, cut to leave room for
         generation.max_new_tokens within data.max_length."""
         from llmtune.rewards import check_rewards
 
         self.recipe, self.tokenizer, self.template = recipe, tokenizer, template
-        check_rewards(self.reward_config(recipe), trust_code=self.trust_reward_code)
+        check_rewards(self.reward_config(recipe), trust_code=trust_reward_code)
         budget = recipe.data.max_length - recipe.generation.max_new_tokens
         if budget < 8:
             raise RecipeError(
@@ -142,7 +158,7 @@ class OnlineStage(StageDefaults):
         bs = generation_batch(gen.batch_size, self.recipe.train.micro_batch_size)
         say = run_console(self.dist.is_main).print
         progress = GenerationProgress(say, len(ids), "eval: sampled" if greedy else "rollout: sampled", after_s=30)
-        with full_weights(self.engine, self.policy_model()):
+        with self.ctx.strategy.full_weights(self.policy_model()):
             return rollout(
                 self.policy_model(),
                 self.tokenizer,
@@ -164,10 +180,11 @@ class OnlineStage(StageDefaults):
 
     # --- evaluation: greedy completions of the held-out prompts, scored -----------------------------------
 
-    def evaluate(self, engine: Any, samples: list[Any], recipe: Any, dist: Any, collate: Any) -> dict[str, float]:
+    def evaluate(self, ctx: StageContext, samples: Sequence[Any]) -> dict[str, float]:
+        recipe, dist = ctx.recipe, ctx.dist
         mine = samples[dist.rank :: dist.world_size]
         per_rank = math.ceil(len(samples) / dist.world_size)
-        padded = (mine or samples[:1]) * math.ceil(per_rank / max(len(mine), 1))  # same generate calls everywhere
+        padded = list(mine or samples[:1]) * math.ceil(per_rank / max(len(mine), 1))  # same generate calls everywhere
         chosen = padded[:per_rank]
         outs = self._sample(chosen, 1, recipe.seed, greedy=True)
         scored = self._score(chosen, outs, 1)
@@ -180,7 +197,7 @@ class OnlineStage(StageDefaults):
             sum(float(e) for _, e in outs[:keep]),
             *[sum(scored.per_source[k][:keep]) for k in names],
         ]
-        s = all_reduce_sum(torch.tensor(vals, dtype=torch.float64, device=dist.device)).cpu().tolist()
+        s = sums_over_processes(vals, dist.device)
         n = max(s[0], 1.0)
         result = {"eval/reward": s[1] / n, "eval/completion_length": s[2] / n, "eval/ended": s[3] / n}
         for k, v in zip(names, s[4:], strict=True):

@@ -21,32 +21,20 @@ alike (no reward spread) is warned about, with what to change.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmtune.data.packing import Sample, collate
 from llmtune.data.pipeline import PromptExample
-from llmtune.engine.batches import Rollouts, Window
-from llmtune.engine.checkpoint import export_model
-from llmtune.engine.config import frozen_zero3_config
-from llmtune.engine.distributed import all_reduce_sum
+from llmtune.engine.batches import Rollouts
+from llmtune.engine.contract import StageContext, StageData, StepOutput, Window
+from llmtune.engine.distributed import moments_over_processes, sums_over_processes
 from llmtune.errors import RecipeError
 from llmtune.generation.sample import end_tokens
-from llmtune.model.actor_critic import (
-    POLICY,
-    ActorCritic,
-    SharedRewardModel,
-    add_critic_adapter,
-    checkpoint_with_routing,
-    hidden_size,
-    load_reward_adapter,
-)
-from llmtune.model.load import LoadedModel, ModelSpec, _numel, load, weight_dtype
+from llmtune.model.actor_critic import POLICY, build_actor_critic
+from llmtune.model.load import LoadedModel, weight_dtype
 from llmtune.objectives.logprobs import hidden_states_as_logits, token_logps_from_hidden
 from llmtune.objectives.preference import IGNORE_INDEX
 from llmtune.objectives.rl import (
@@ -58,8 +46,14 @@ from llmtune.objectives.rl import (
     kl_estimate,
 )
 from llmtune.recipe.stages import PpoRecipe
-from llmtune.stages.base import StageData, StepOutput
-from llmtune.stages.online import JudgeWarnings, NoSignalWarning, OnlineStage, micro_batches, step_shape
+from llmtune.stages.online import (
+    JudgeWarnings,
+    NoSignalWarning,
+    OnlineStage,
+    completion_batch,
+    micro_batches,
+    step_shape,
+)
 
 _ROW_KEYS = ("old_logps", "old_values", "advantages", "returns")  # (T-1,) per row, beside ids and labels
 
@@ -71,12 +65,14 @@ class PpoStage(OnlineStage):
 
     # --- data and models -----------------------------------------------------------------------------------
 
-    def build_data(self, recipe: PpoRecipe, tokenizer: Any, template: str | None) -> StageData:
+    def build_data(
+        self, recipe: PpoRecipe, tokenizer: Any, template: str | None, *, trust_reward_code: bool = False
+    ) -> StageData:
         from llmtune.rewards.shared import check_shared_rewards
 
         if recipe.ppo.memory == "shared":  # before any model loads: every reward model an adapter of this base
             check_shared_rewards(recipe)
-        return self.prompt_data(recipe, tokenizer, template)
+        return self.prompt_data(recipe, tokenizer, template, trust_reward_code)
 
     def batch_source(self, data: StageData, recipe: PpoRecipe, dist: Any, collate: Any) -> Rollouts:
         p = recipe.ppo
@@ -111,88 +107,31 @@ class PpoStage(OnlineStage):
         return self.rollouts
 
     def load_model(self, recipe: PpoRecipe, device: torch.device, tokenizer: Any) -> LoadedModel:
-        p = recipe.ppo
-        policy = load(ModelSpec.trained(recipe), device, tokenizer).model
-        critic_lr = p.critic_lr or recipe.train.lr
-        from_reward = p.critic_init == "reward" or (p.critic_init == "auto" and bool(p.reward.models()))
-        if from_reward and (Path(p.reward.models()[0]).expanduser() / "prm.json").is_file():
-            if p.critic_init == "reward":  # a process reward model has a per-step head, not a sequence score
-                raise RecipeError(
-                    f"ppo.critic_init reward: {p.reward.models()[0]} is a process reward model (prm.json), whose "
-                    "two-class step head cannot start a value head",
-                    hint="set ppo.critic_init: policy (or auto), or put an outcome reward model first in reward.model",
-                )
-            from_reward = False  # auto: the critic starts from the policy
-        self.shared_rewards: dict[str, Any] = {}
-        if p.memory == "shared":
-            from llmtune.rewards.shared import shared_reward_source
+        """The policy and critic in one module (model.actor_critic); with ppo.memory shared the reward models
+        on the same base become reward sources here."""
+        from llmtune.rewards.shared import shared_reward_source
 
-            init, score = None, None
-            for i, path in enumerate(p.reward.models()):
-                lora, head = load_reward_adapter(policy, path, device, i)
-                self.shared_rewards[path] = shared_reward_source(path, SharedRewardModel(policy, head, i), recipe)
-                if i == 0 and from_reward:
-                    init, score = (lora, path), head
-            # the critic adapter: a copy of the reward adapter (its settings and weights), or a new one like the
-            # policy's
-            config = _adapter_config(init[1]) if init is not None else copy.deepcopy(policy.peft_config[POLICY])
-            config.inference_mode = False
-            add_critic_adapter(policy, config, init[0] if init is not None else None)
-            if recipe.train.gradient_checkpointing:
-                checkpoint_with_routing(policy)
-            head = torch.nn.Linear(hidden_size(policy), 1, bias=False).to(device)
-            with torch.no_grad():
-                if score is not None:  # the reward model's score head: the critic starts as the reward model
-                    head.weight.copy_(score.weight)
-                else:
-                    head.weight.zero_()
-            head.weight.requires_grad_(True)
-            model = ActorCritic(policy, value_head=head, policy_lr=recipe.train.lr, critic_lr=critic_lr)
-        else:
-            model = ActorCritic(
-                policy,
-                critic=self._critic(recipe, device, tokenizer, from_reward),
-                policy_lr=recipe.train.lr,
-                critic_lr=critic_lr,
-            )
-        trainable = sum(_numel(x) for x in model.parameters() if x.requires_grad)
-        total = sum(_numel(x) for x in model.parameters())
-        return LoadedModel(model=model, tokenizer=tokenizer, trainable_params=trainable, total_params=total)
+        loaded, shared = build_actor_critic(recipe, device, tokenizer)
+        self.shared_rewards = {path: shared_reward_source(path, m, recipe) for path, m in shared.items()}
+        return loaded
 
-    def _critic(self, recipe: PpoRecipe, device: torch.device, tokenizer: Any, from_reward: bool) -> torch.nn.Module:
-        """separate memory: the critic, a sequence classifier with the policy's fine-tuning method, from the
-        first reward model (a full rm output, or the merged/ model a lora rm run writes) or the starting model."""
-        source = recipe.model.path
-        if from_reward:
-            source = critic_source(recipe.ppo.reward.models()[0])
-        spec = dataclasses.replace(
-            ModelSpec.trained(recipe, head="value"),
-            path=source,
-            what="the critic",
-            # the policy's modules_to_save (e.g. lm_head) are not the critic's: its head is new
-            finetuning=recipe.finetuning.model_copy(update={"modules_to_save": []}),
-        )
-        return load(spec, device, tokenizer).model
-
-    def before_training(self, engine: Any, data: StageData, dist: Any, collate: Any) -> None:
+    def before_training(self, ctx: StageContext, data: StageData) -> None:
         from llmtune.rewards import build_rewards
 
-        self.engine, self.dist = engine, dist
+        self.ctx = ctx
         p = self.recipe.ppo
         self.stops = end_tokens(self.policy_model(), self.tokenizer, self.template)
         self.rewards = build_rewards(
             p.reward,
-            trust_code=self.trust_reward_code,
-            device=dist.device,
+            trust_code=ctx.trust_reward_code,
+            device=ctx.dist.device,
             dtype=weight_dtype(self.recipe),
             loaded=self.shared_rewards,
-            zero3=frozen_zero3_config(self.recipe, dist.world_size),
+            zero3=ctx.strategy.partition,
         )
         self.reference = None
         if self.recipe.finetuning.method not in ("lora", "qlora"):  # lora: the base with the adapters disabled
-            self.reference = self.load_frozen(
-                self.recipe, self.recipe.model.path, "the reference", dist, self.tokenizer
-            )
+            self.reference = self.load_frozen(ctx, self.recipe.model.path, "the reference")
         self.kl_ctl = AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon)
         self.rollouts.make = self.make_rollouts
         self.rollouts.on_step = self.on_step
@@ -239,17 +178,18 @@ class PpoStage(OnlineStage):
                 kl_sums.append(kl[i].sum().item())
         if p.whiten_rewards:
             flat = torch.cat([r[row["mask"].bool()] for r, row in zip(per_tok_rewards, rows, strict=True)])
-            mean, std = self._global_moments(flat)
+            mean, std = _whitening(flat, self.dist.device)
             per_tok_rewards = [(r - mean) / std * row["mask"] for r, row in zip(per_tok_rewards, rows, strict=True)]
         for r, row in zip(per_tok_rewards, rows, strict=True):
             adv, ret = gae(r[None], row["old_values"][None], row["mask"][None], p.gamma, p.lam)
             row["advantages"], row["returns"] = adv[0], ret[0]
         if p.whiten_advantages:
             flat = torch.cat([row["advantages"][row["mask"].bool()] for row in rows])
-            mean, std = self._global_moments(flat)
+            mean, std = _whitening(flat, self.dist.device)
             for row in rows:
                 row["advantages"] = (row["advantages"] - mean) / std * row["mask"]
-        self._rollout_metrics(scored, rows, kl_sums, coef, outs)
+        mean_kl, sequences = self._rollout_metrics(scored, rows, kl_sums, coef, outs)
+        self.after_rollout(mean_kl, sequences)
         return self._windows(rows, seed)
 
     @torch.no_grad()
@@ -286,17 +226,17 @@ class PpoStage(OnlineStage):
                 windows.append([_collate([rows[i] for i in chunk], pad) for chunk in micro_batches(idx, mb)])
         return windows
 
-    def _global_moments(self, flat: torch.Tensor) -> tuple[float, float]:
-        """Mean and std (population, + 1e-8 inside the root) of values spread over every process."""
-        local = torch.tensor([flat.numel(), flat.double().sum(), (flat.double() ** 2).sum()], dtype=torch.float64)
-        n, s, sq = all_reduce_sum(local.to(self.dist.device)).cpu().tolist()
-        mean = s / max(n, 1.0)
-        return mean, math.sqrt(max(sq / max(n, 1.0) - mean**2, 0.0) + 1e-8)
+    def after_rollout(self, kl: float, n: int) -> None:
+        """Once per rollout, after its metrics: the adaptive KL coefficient takes its step toward ppo.target_kl
+        from the rollout's mean KL per sequence over n sequences (a fixed coefficient stays)."""
+        self.kl_ctl.update(kl, n)
 
-    def _rollout_metrics(self, scored: Any, rows: list[dict], kl_sums: list[float], coef: float, outs: list) -> None:
+    def _rollout_metrics(
+        self, scored: Any, rows: list[dict], kl_sums: list[float], coef: float, outs: list
+    ) -> tuple[float, int]:
         """Reward (overall and per source), KL per sequence, its coefficient, completion length, share ended,
-        and how well the critic's values explain the returns: over every process's rollouts. Then the
-        adaptive KL coefficient takes its step."""
+        and how well the critic's values explain the returns: over every process's rollouts. Returns the mean
+        KL per sequence and the number of sequences (for the KL controller)."""
         names = sorted(scored.per_source)
         counts = sorted(scored.stats)  # a judge's unparsable / cached judgements, summed over the processes
         masks = [row["mask"].bool() for row in rows]
@@ -317,7 +257,7 @@ class PpoStage(OnlineStage):
             sum(x * x for x in scored.total),
             *[scored.stats[k] for k in counts],
         ]
-        s = all_reduce_sum(torch.tensor(parts, dtype=torch.float64, device=self.dist.device)).cpu().tolist()
+        s = sums_over_processes(parts, self.dist.device)
         n, nt = max(s[0], 1.0), max(s[5], 1.0)
         m = self.rollouts.last_metrics
         m.clear()
@@ -335,7 +275,7 @@ class PpoStage(OnlineStage):
             m[f"reward/{k}"] = v / n
         for k, v in zip(counts, s[11 + len(names) :], strict=True):
             m[f"reward/{k}"] = v
-        self.kl_ctl.update(s[2] / n, int(s[0]))
+        return s[2] / n, int(s[0])
 
     def on_step(self, metrics: dict[str, float]) -> None:
         """ppo.early_stop_kl: the rest of this rollout's steps update nothing once the policy has moved this far
@@ -383,44 +323,19 @@ class PpoStage(OnlineStage):
 
     # --- export: the policy as sft's is; the critic beside it on request -----------------------------------
 
-    def export(self, engine: Any, tokenizer: Any, out: Path, recipe: Any, dist: Any) -> list[str]:
-        z = recipe.distributed.zero_stage
-        model = engine.module
-        files = export_model(engine, tokenizer, out, z, dist.rank, part="policy", adapters=[POLICY])
-        if recipe.ppo.save_critic:
+    def export(self, ctx: StageContext, out: Path) -> list[str]:
+        strategy, tokenizer = ctx.strategy, ctx.tokenizer
+        files = strategy.export(tokenizer, out, part="policy", adapters=[POLICY])
+        if self.recipe.ppo.save_critic:
             from llmtune.model.actor_critic import CRITIC
 
-            if model.shared:
+            if ctx.engine.module.shared:
                 # peft writes an adapter not named default into a folder of its name: out/critic/
-                export_model(engine, None, out, z, dist.rank, part="policy", adapters=[CRITIC])
-                export_model(engine, None, out / "critic", z, dist.rank, part="value_head")
+                strategy.export(None, out, part="policy", adapters=[CRITIC])
+                strategy.export(None, out / "critic", part="value_head")
             else:
-                export_model(engine, tokenizer, out / "critic", z, dist.rank, part="critic")
+                strategy.export(tokenizer, out / "critic", part="critic")
         return files
-
-
-def critic_source(path: str) -> str:
-    """Where a separate critic loads from: a full rm output itself, or the merged/ model a lora rm run writes."""
-    p = Path(path).expanduser()
-    if (p / "config.json").is_file():
-        return path
-    if (p / "merged" / "config.json").is_file():
-        return str(p / "merged")
-    raise RecipeError(
-        f"ppo: the critic starts from the reward model {path}, a lora adapter without the merged/ model "
-        "(rm.export_merged was false)",
-        hint="use ppo.memory: shared (the reward adapter on the policy's base), set ppo.critic_init: policy, or "
-        "retrain the reward model with rm.export_merged: true",
-    )
-
-
-def _adapter_config(path: str) -> Any:
-    from peft import PeftConfig
-
-    config = PeftConfig.from_pretrained(path)
-    config.modules_to_save = None
-    config.task_type = "CAUSAL_LM"
-    return config
 
 
 def _last_index(mask: torch.Tensor) -> torch.Tensor:
@@ -429,10 +344,16 @@ def _last_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), pos, torch.zeros_like(pos)).max(dim=1).values
 
 
+def _whitening(flat: torch.Tensor, device: torch.device) -> tuple[float, float]:
+    """Mean and std (population, + 1e-8 inside the root) of values spread over every process."""
+    _, mean, var = moments_over_processes(flat, device)
+    return mean, math.sqrt(var + 1e-8)
+
+
 def _pad(rows: list[dict], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded ids, attention mask and labels of rows (dicts with ids and labels; the data pipeline's
-    collate), their lengths, and the (B, T-1) mask of learned positions."""
-    b = collate([Sample(r["ids"], r["labels"]) for r in rows], pad_id, pad_to_multiple=1)
+    """Right-padded ids, attention mask and labels of rows (dicts with ids and labels), their lengths, and the
+    (B, T-1) mask of learned positions."""
+    b = completion_batch([(r["ids"], r["labels"]) for r in rows], pad_id)
     b = {k: v.to(device) for k, v in b.items()}
     b["mask"] = (b["labels"][:, 1:] != IGNORE_INDEX).float()
     b["lengths"] = b["attention_mask"].sum(dim=1).cpu()

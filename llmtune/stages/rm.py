@@ -4,6 +4,7 @@ or, with ``rm.loss: process``, a process reward model: a two-class token head tr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from llmtune.data.chat import IGNORE_INDEX
 from llmtune.data.packing import collate
 from llmtune.data.pipeline import fingerprint_tokenizer
 from llmtune.data.preference import build_preference_data, collate_preference
-from llmtune.engine.checkpoint import export_model
+from llmtune.engine.contract import StageContext, StageData, StepOutput
 from llmtune.model.load import LoadedModel, ModelSpec, load
 from llmtune.objectives.logprobs import token_logps_from_hidden
 from llmtune.objectives.preference import (
@@ -25,7 +26,7 @@ from llmtune.objectives.preference import (
 from llmtune.objectives.prm import step_loss, step_metrics
 from llmtune.recipe.schema import MERGEABLE_METHODS
 from llmtune.recipe.stages import RmRecipe
-from llmtune.stages.base import StageData, StageDefaults, StepOutput, recipe_settings
+from llmtune.stages.base import StageDefaults, recipe_settings
 
 FORMAT_OF_LOSS = {"pairwise": "pairs", "ranked": "ranked", "pointwise": "pointwise"}
 
@@ -40,7 +41,9 @@ class RmStage(StageDefaults):
     lm_weight = 0.0
     lm_head: torch.Tensor | None = None  # (V, H) frozen output embedding, for the LM regulariser
 
-    def build_data(self, recipe: RmRecipe, tokenizer: Any, template: str | None) -> StageData:
+    def build_data(
+        self, recipe: RmRecipe, tokenizer: Any, template: str | None, *, trust_reward_code: bool = False
+    ) -> StageData:
         assert template is not None
         self.loss, self.center = recipe.rm.loss, recipe.rm.center_rewards_coefficient
         self.lm_weight = recipe.rm.lm_loss_weight
@@ -132,6 +135,7 @@ class RmStage(StageDefaults):
             best = (rank == 0).nonzero().squeeze(-1)  # (B,) rows of the preferred responses, in row order
             hidden = out.hidden_states[-1][best]  # (B, T, H)
             w = self.lm_head  # (V, H), frozen: applied per chunk of positions, no (B, T, V) logits
+            assert w is not None  # want_hidden
             token_logp, mask, _ = token_logps_from_hidden(hidden, batch["labels"][best], lambda h: h @ w.T)
             nll = -(token_logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
             pairs_per_row = torch.bincount(row, minlength=b).to(nll.dtype)  # (B,)
@@ -153,16 +157,18 @@ class RmStage(StageDefaults):
             metrics["chains"] = m["chains"]
         return StepOutput(loss_sum, n_steps, metrics)
 
-    def evaluate(self, engine: Any, samples: list[Any], recipe: Any, dist: Any, collate: Any) -> dict[str, float]:
-        result = super().evaluate(engine, samples, recipe, dist, collate)
+    def evaluate(self, ctx: StageContext, samples: Sequence[Any]) -> dict[str, float]:
+        result = super().evaluate(ctx, samples)
         if self.loss == "process" and "eval/chains" in result:
             # both were divided by the step count: their ratio is the share of chains whose first error was found
             right, chains = result.pop("eval/first_error_correct"), result.pop("eval/chains")
             result["eval/first_error_accuracy"] = right / chains if chains > 0 else 0.0
         return result
 
-    def export(self, engine: Any, tokenizer: Any, out: Path, recipe: RmRecipe, dist: Any) -> list[str]:
-        files = export_model(engine, tokenizer, out, recipe.distributed.zero_stage, dist.rank)
+    def export(self, ctx: StageContext, out: Path) -> list[str]:
+        recipe, dist, tokenizer = ctx.recipe, ctx.dist, ctx.tokenizer
+        assert isinstance(recipe, RmRecipe)
+        files = ctx.strategy.export(tokenizer, out)
         process = recipe.rm.loss == "process"
         if dist.rank == 0 and recipe.finetuning.method in MERGEABLE_METHODS and recipe.rm.export_merged:
             from llmtune.model.reward import save_merged_reward_model

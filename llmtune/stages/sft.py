@@ -7,8 +7,9 @@ from typing import Any
 from llmtune.data.filters import model_scorer
 from llmtune.data.packing import as_samples, pack_examples
 from llmtune.data.pipeline import add_replay, build_data, conversation_encoder, fingerprint_tokenizer
+from llmtune.engine.contract import StageData
 from llmtune.recipe.stages import SftRecipe
-from llmtune.stages.base import StageData, recipe_settings, shaped_data
+from llmtune.stages.base import recipe_settings, shaped_data
 from llmtune.stages.lm import LanguageModelStep
 
 
@@ -16,7 +17,9 @@ class SftStage(LanguageModelStep):
     name = "sft"
     needs_chat_template = True
 
-    def build_data(self, recipe: SftRecipe, tokenizer: Any, template: str | None) -> StageData:
+    def build_data(
+        self, recipe: SftRecipe, tokenizer: Any, template: str | None, *, trust_reward_code: bool = False
+    ) -> StageData:
         assert template is not None  # resolved with required=True by the trainer
         d = recipe.data
         on_prompt = recipe.sft.train_on_prompt

@@ -122,7 +122,7 @@ def test_fp16_minimum_scale_becomes_a_training_error(tmp_path: Path) -> None:
     """DeepSpeed's own dynamic loss scaler, driven to its minimum scale, raises what the trainer maps."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 
-    from llmtune.engine.trainer import fp16_scale_error, is_fp16_scale_error
+    from llmtune.engine.step import fp16_scale_error, is_fp16_scale_error
 
     scaler = DynamicLossScaler(
         init_scale=1.0, scale_window=1000, min_scale=1.0, delayed_shift=1, consecutive_hysteresis=False
@@ -136,7 +136,7 @@ def test_fp16_minimum_scale_becomes_a_training_error(tmp_path: Path) -> None:
 
 
 def _result(loss: float = 1.0, grad_norm: float | None = 0.5, nonfinite: str | None = None, applied: bool = True):
-    from llmtune.engine.trainer import WindowResult
+    from llmtune.engine.step import WindowResult
 
     return WindowResult(loss, 10.0, grad_norm, {}, nonfinite, applied)
 
@@ -160,38 +160,38 @@ def test_check_numbers_decides_stop_skip_and_overflow(tmp_path: Path, precision:
     from rich.console import Console
 
     from llmtune.engine.checkpoint import TrainerState
-    from llmtune.engine.trainer import _check_numbers
+    from llmtune.engine.step import check_numbers
     from llmtune.errors import TrainingError
 
     console = Console(quiet=True)
     stop = _numbers_recipe(tmp_path)
     stop.precision = precision
     state = TrainerState(step=5)
-    assert _check_numbers(_result(), stop, state, tmp_path, console) is None
+    assert check_numbers(_result(), stop, state, tmp_path, console) is None
     with pytest.raises(TrainingError, match=r"the loss is nan at step 5(.|\n)*train\.on_nan: skip"):
-        _check_numbers(_result(loss=float("nan"), nonfinite="loss"), stop, state, tmp_path, console)
+        check_numbers(_result(loss=float("nan"), nonfinite="loss"), stop, state, tmp_path, console)
     with pytest.raises(TrainingError, match="gradient norm is inf at step 5"):
-        _check_numbers(_result(grad_norm=float("inf"), nonfinite="gradient"), stop, state, tmp_path, console)
+        check_numbers(_result(grad_norm=float("inf"), nonfinite="gradient"), stop, state, tmp_path, console)
     # DeepSpeed skipped the step itself, the loss being finite: fp16's loss scaler settling, else a bad gradient
     if precision == "fp16":
-        assert _check_numbers(_result(grad_norm=float("inf"), applied=False), stop, state, tmp_path, console) == (
+        assert check_numbers(_result(grad_norm=float("inf"), applied=False), stop, state, tmp_path, console) == (
             "overflow"
         )
         assert state.overflow_skips == 1 and state.nan_skips == 0
     else:
         with pytest.raises(TrainingError, match="gradient"):
-            _check_numbers(_result(grad_norm=float("inf"), applied=False), stop, state, tmp_path, console)
+            check_numbers(_result(grad_norm=float("inf"), applied=False), stop, state, tmp_path, console)
 
     skip = _numbers_recipe(tmp_path, on_nan="skip", max_nan_skips=2)
     skip.precision = precision
     state = TrainerState(step=9)
-    assert _check_numbers(_result(loss=float("inf"), nonfinite="loss"), skip, state, tmp_path, console) == "nan"
-    assert _check_numbers(_result(grad_norm=float("nan"), nonfinite="gradient"), skip, state, tmp_path, console) == (
+    assert check_numbers(_result(loss=float("inf"), nonfinite="loss"), skip, state, tmp_path, console) == "nan"
+    assert check_numbers(_result(grad_norm=float("nan"), nonfinite="gradient"), skip, state, tmp_path, console) == (
         "nan"
     )
     assert state.nan_skips == 2
     with pytest.raises(TrainingError, match=r"3 steps skipped for NaN / Inf, more than train\.max_nan_skips=2"):
-        _check_numbers(_result(loss=float("nan"), nonfinite="loss"), skip, state, tmp_path, console)
+        check_numbers(_result(loss=float("nan"), nonfinite="loss"), skip, state, tmp_path, console)
 
 
 def test_a_recipe_saved_before_new_keys_existed_is_the_same_recipe(tmp_path: Path) -> None:

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from llmtune.engine.config import deepspeed_config
+from llmtune.engine.contract import StageData
 from llmtune.engine.distributed import DistInfo
 from llmtune.errors import RecipeError
 from llmtune.recipe.stages import GrpoRecipe, PpoRecipe
-from llmtune.stages.base import StageData
 from llmtune.stages.grpo import GrpoStage
 from llmtune.stages.online import micro_batches, step_shape
 from llmtune.stages.ppo import PpoStage

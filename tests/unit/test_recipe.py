@@ -588,7 +588,7 @@ def test_infinite_and_nan_numbers_are_refused(tmp_path: Path, value: str) -> Non
 def test_rejection_sampling_threshold_defaults_to_the_rule_maximum(tmp_path: Path) -> None:
     """threshold null: exact_match's maximum 1.0 (a right answer); none for a reward model; "none": none."""
     from llmtune.recipe import load_recipe
-    from llmtune.stages.rejection_sampling import selection_threshold
+    from llmtune.stages.best_of_n import selection_threshold
 
     def rs(**block) -> object:
         recipe = base_recipe(tmp_path, stage="rejection_sampling", rejection_sampling=block)

@@ -9,8 +9,8 @@ import sys
 
 import torch
 
-from llmtune.engine.config import frozen_zero3_config
 from llmtune.engine.distributed import setup_distributed
+from llmtune.engine.strategy import Strategy
 from llmtune.model.load import ModelSpec, load
 from llmtune.model.resolve import load_reward_model
 from llmtune.model.tokenizer import load_tokenizer
@@ -29,17 +29,18 @@ def main() -> None:
     recipe_path, reward_dir, result = sys.argv[1:4]
     recipe = load_recipe(recipe_path)
     dist = setup_distributed("gloo")
-    cfg = frozen_zero3_config(recipe, dist.world_size)
-    assert cfg is not None
+    strategy = Strategy(recipe, dist)
+    part = strategy.partition
+    assert part is not None
     tok = load_tokenizer(recipe.model)
     ids = torch.tensor([[1, 5, 9, 33, 70, 2], [4, 8, 15, 16, 23, 42]])
     mask = torch.ones_like(ids)
     convs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": c}] for c in ("yes", "no thanks")]
 
-    ref = load(ModelSpec.frozen(recipe, recipe.model.path, "the reference"), dist.device, tok, zero3=cfg)
+    ref = strategy.frozen(ModelSpec.frozen(recipe, recipe.model.path, "the reference"), tok)
     with torch.no_grad():
         logits = ref.model(input_ids=ids, attention_mask=mask).logits
-    rm = load_reward_model(reward_dir, torch.float32, dist.device, zero3=cfg)
+    rm = part.apply(load_reward_model(reward_dir, torch.float32, dist.device, zero3=part.config))
     scores = score_conversations(rm.model, rm.tokenizer, convs, template=None, device=dist.device, batch_size=1)
     out = {
         "reference": shares(ref.model),
