@@ -14,27 +14,35 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from llmtune.recipe.data import DataConfig, DataSource, SchedulePhase
+from llmtune.recipe.online import GenerationConfig, JudgeConfig, RewardConfig
 from llmtune.recipe.schema import (
     AdaLoraOptions,
     DistributedConfig,
     FinetuningConfig,
-    GenerationConfig,
     Ia3Options,
-    JudgeConfig,
     ModelConfig,
     PromptOptions,
     RecipeBase,
-    RewardConfig,
     TrainConfig,
 )
-from llmtune.recipe.stages import DpoConfig, GrpoConfig, RejectionSamplingConfig, RmConfig, SftConfig
+from llmtune.recipe.stages import (
+    STAGE_RECIPES,
+    DpoConfig,
+    GrpoConfig,
+    PpoConfig,
+    RejectionSamplingConfig,
+    RmConfig,
+    SftConfig,
+)
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "recipe-reference.md"
 BLOCKS: list[tuple[str, type[BaseModel], str]] = [
     (
         "top level",
         RecipeBase,
-        "Keys every stage shares. `stage:` is `cpt`, `sft`, `rm`, `dpo`, `grpo` or `rejection_sampling`.",
+        "Keys every stage shares. `stage:` is "
+        + ", ".join(f"`{name}`" for name in list(STAGE_RECIPES)[:-1])
+        + f" or `{list(STAGE_RECIPES)[-1]}`.",
     ),
     ("model", ModelConfig, "The model a stage starts from."),
     ("finetuning", FinetuningConfig, "What trains."),
@@ -50,18 +58,23 @@ BLOCKS: list[tuple[str, type[BaseModel], str]] = [
     ("rm (stage rm only)", RmConfig, "Reward model options."),
     ("dpo (stage dpo only)", DpoConfig, "Direct preference optimisation options (and KTO, SimPO, IPO)."),
     ("grpo (stage grpo only)", GrpoConfig, "Group relative policy optimisation (and RLOO)."),
+    ("ppo (stage ppo only)", PpoConfig, "Proximal policy optimisation with a critic."),
     (
         "rejection_sampling (stage rejection_sampling only)",
         RejectionSamplingConfig,
         "Best-of-N sampling, then sft on the winners; `rounds` repeats it.",
     ),
-    ("grpo.reward / rejection_sampling.reward", RewardConfig, "Where the online stages' scores come from."),
+    (
+        "grpo.reward / ppo.reward / rejection_sampling.reward",
+        RewardConfig,
+        "Where the online stages' scores come from.",
+    ),
     (
         "<stage>.reward.judge (one, or a list)",
         JudgeConfig,
         "A judge model (RLAIF): an instruct LM scores each reply with a rubric (llmtune.rewards.judge).",
     ),
-    ("generation (grpo, rejection_sampling)", GenerationConfig, "Sampling settings of the online stages."),
+    ("generation (grpo, ppo, rejection_sampling)", GenerationConfig, "Sampling settings of the online stages."),
 ]
 
 

@@ -16,7 +16,8 @@ from llmtune.commands.data_sample import check_data_sample
 from llmtune.errors import DataError, RecipeError, UserError
 from llmtune.manifest import check_finished
 from llmtune.paths import check_path_length, looks_local, missing_path_message
-from llmtune.recipe.schema import RecipeBase, RewardConfig
+from llmtune.recipe.online import RewardConfig
+from llmtune.recipe.schema import RecipeBase
 from llmtune.recipe.stages import STAGE_RECIPES
 
 BUILTIN_TEMPLATES = ("chatml", "llama3", "alpaca")

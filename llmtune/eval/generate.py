@@ -209,7 +209,7 @@ def _judge_for(env: Env) -> Any:
 def _judge_scores(env: Env, gens: list[Any]) -> tuple[str, list[float], dict[str, Any]]:
     """(source name, each generation's judge score in [0, 1], the counts for the report): an unparsable
     judgement scores the mean of the parsed ones (reward.judge's default policy)."""
-    from llmtune.recipe.schema import JudgeConfig
+    from llmtune.recipe.online import JudgeConfig
     from llmtune.rewards.judge import JudgeSource, judge_source_name
 
     cfg = env.cfg

@@ -13,12 +13,11 @@ from pydantic import Field, field_validator, model_validator
 
 from llmtune.recipe.block import Block
 from llmtune.recipe.data import PREFERENCE_FORMATS
+from llmtune.recipe.online import GenerationConfig, RewardConfig
 from llmtune.recipe.schema import (
     PEFT_METHODS,
     PROMPT_METHODS,
-    GenerationConfig,
     RecipeBase,
-    RewardConfig,
     require_preference_formats,
     require_prompt_formats,
     require_step_in_prompts,

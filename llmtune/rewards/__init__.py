@@ -29,7 +29,7 @@ from llmtune.errors import DataError, RecipeError, UserError
 
 if TYPE_CHECKING:
     from llmtune.model.load import Partition
-    from llmtune.recipe.schema import RewardConfig
+    from llmtune.recipe.online import RewardConfig
 
 __all__ = [
     "RewardResult",

@@ -51,7 +51,7 @@ def test_prm_lora_run_loads_and_scores(tmp_path: Path) -> None:
     model = AutoModelForTokenClassification.from_pretrained(out / "merged")
     assert model.config.num_labels == 2 and model.config.id2label == {0: "bad", 1: "good"}
 
-    from llmtune.recipe.schema import RewardConfig
+    from llmtune.recipe.online import RewardConfig
     from llmtune.rewards import build_rewards
 
     prompt = [{"role": "user", "content": "Start from 3 and compute step by step."}]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llmtune.generation.sample import end_tokens, generate, rollout, stop_ids, template_end_token
-from llmtune.recipe.schema import GenerationConfig
+from llmtune.recipe.online import GenerationConfig
 from tests.conftest import TINY_MODEL
 
 CPU = torch.device("cpu")

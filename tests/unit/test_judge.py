@@ -14,7 +14,7 @@ from llmtune.commands.label import Item, LabelConfig, Labeler, pairwise_rows, po
 from llmtune.commands.revise import Item as ReviseItem
 from llmtune.commands.revise import ReviseConfig, Reviser, clean_revision, read_principles
 from llmtune.errors import DataError, UserError
-from llmtune.recipe.schema import JudgeConfig, RewardConfig
+from llmtune.recipe.online import JudgeConfig, RewardConfig
 from llmtune.rewards import Rewards, source_names
 from llmtune.rewards.judge import (
     Comparison,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from llmtune.errors import DataError, RecipeError, UserError
-from llmtune.recipe.schema import RewardConfig
+from llmtune.recipe.online import RewardConfig
 from llmtune.rewards import (
     RewardResult,
     Rewards,
