@@ -35,6 +35,11 @@ class DataError(UserError):
     """A data file is missing, unreadable, or yields nothing to train on."""
 
 
+class RolloutInterrupted(Exception):
+    """A stop (SIGTERM, Ctrl-C) arrived while an online stage was sampling between two optimizer steps: the
+    rollout is dropped and the trainer checkpoints the last finished step (llmtune.engine.trainer)."""
+
+
 class TrainingError(LlmtuneError):
     """Training stopped for a reason found at run time (NaN loss, ...). Exit code 1; finished work is kept."""
 

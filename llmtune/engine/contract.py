@@ -44,6 +44,21 @@ class StepOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class Interrupt:
+    """Set when a stop is asked for (SIGTERM, Ctrl-C) on a one-process run: work a stage does between steps
+    (an online stage's rollout) checks it and ends early with errors.RolloutInterrupted instead of finishing
+    first. (Several processes finish the step in progress and vote, as before: they must stop together.)"""
+
+    requested: bool = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def set(self) -> None:
+        self.requested = True
+
+
 @dataclass(frozen=True)
 class StageContext:
     """What one run hands its stage, once: made when the tokenizer and template are known, before the model
@@ -57,6 +72,7 @@ class StageContext:
     collate: Collate
     trust_reward_code: bool = False
     frozen: list[LoadedModel] = field(default_factory=list)  # frozen models the run keeps alive (ZeRO-3 engines)
+    interrupt: Interrupt = field(default_factory=Interrupt)
 
     @property
     def engine(self) -> Any:

@@ -8,7 +8,7 @@ import functools
 import math
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,9 +51,10 @@ class StopRequest:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, on_signal: Callable[[], None] | None = None) -> None:
         # the notice goes to stderr: with `llmtune train ... | tee log`, Ctrl-C ends tee and stdout with it
         self.console = Console(stderr=True, quiet=console.quiet, highlight=False, soft_wrap=True)
+        self.on_signal = on_signal  # e.g. ends a rollout in progress (StageContext.interrupt)
         self.signum = 0
         self._previous: dict[int, Any] = {}
 
@@ -78,6 +79,8 @@ class StopRequest:
             f"\n[yellow]{signal.Signals(signum).name}[/]: finishing this step, writing a checkpoint, then stopping "
             "(send it again to stop at once)"
         )
+        if self.on_signal is not None:
+            self.on_signal()
 
 
 @dataclass

@@ -31,7 +31,7 @@ from llmtune.engine.step import (
     train_window,
 )
 from llmtune.engine.trackers import Trackers, status_of_exception
-from llmtune.errors import Stopped
+from llmtune.errors import RolloutInterrupted, Stopped
 from llmtune.plot import write_run_curves
 from llmtune.recipe.schema import RecipeBase
 from llmtune.runtime import readable_like_normal_files
@@ -82,21 +82,34 @@ def _loop(run: Run) -> None:
     run.engine.train()
     run.progress = Progress(run.console, run.total_steps, state.step)
     clock = _Clock()
-    with StopRequest(run.console) as stopper:  # SIGTERM / Ctrl-C: finish the step, checkpoint, stop
+    # one process: a stop also ends a rollout in progress (the step before it is the checkpoint)
+    on_signal = ctx.interrupt.set if run.dist.world_size == 1 else None
+    with StopRequest(run.console, on_signal) as stopper:
         try:
-            while state.step < run.total_steps:
-                for window in run.batches.epoch_windows(state.epoch, state.window_in_epoch):
-                    if _one_step(run, window, stopper, clock):
-                        break
-                else:
-                    state.epoch += 1
-                    state.window_in_epoch = 0
+            try:
+                while state.step < run.total_steps:
+                    for window in run.batches.epoch_windows(state.epoch, state.window_in_epoch):
+                        if _one_step(run, window, stopper, clock):
+                            break
+                    else:
+                        state.epoch += 1
+                        state.window_in_epoch = 0
+            except RolloutInterrupted:
+                _stopped_between_steps(run, stopper)
         except BaseException as e:
             run.progress.stop()
             run.manifest.status = "stopped" if isinstance(e, Stopped) else "failed"
             write_peak(run.manifest, run.dist.device, run.out, run.dist.is_main)
             raise
     run.progress.stop()
+
+
+def _stopped_between_steps(run: Run, stopper: StopRequest) -> None:
+    """A stop ended a rollout before its step: checkpoint the last finished step (a rollout's samples depend
+    only on its position, so the resumed run samples it again as the uninterrupted run would), and stop."""
+    if run.saved_step != run.state.step:
+        _save(run)
+    raise Stopped(stopper.signum or signal.SIGTERM, run.state.step, run.out / "checkpoints" / tag(run.state.step))
 
 
 class _Clock:

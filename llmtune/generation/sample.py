@@ -163,6 +163,17 @@ def _sampling(temperature: float, top_p: float, top_k: int) -> dict[str, Any]:
     return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 
+class _StopWhenAsked:
+    """A transformers stopping criterion: every sequence is done once should_stop() says so (a SIGTERM while
+    sampling), so that generate returns within one token's time instead of finishing the batch."""
+
+    def __init__(self, should_stop: Callable[[], bool]) -> None:
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
+
+
 def _generate_batches(
     model: Any,
     tokenizer: Any,
@@ -176,10 +187,18 @@ def _generate_batches(
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
     keep_stop: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[tuple[list[int], bool]]:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
     out: list[tuple[list[int], bool]] = []
+    extra: dict[str, Any] = {}
+    if should_stop is not None:
+        from transformers import StoppingCriteriaList
+
+        extra["stopping_criteria"] = StoppingCriteriaList([_StopWhenAsked(should_stop)])
     for b, start in enumerate(range(0, len(prompts), batch_size)):
+        if should_stop is not None and should_stop():
+            break  # the caller discards a stopped rollout: no more batches
         chunk = prompts[start : start + batch_size]
         ids, mask = left_pad(chunk, pad)
         torch.manual_seed(seed + b)
@@ -190,6 +209,7 @@ def _generate_batches(
             eos_token_id=stops or None,
             pad_token_id=pad,
             **sampling,
+            **extra,
         )
         for row in gen[:, ids.shape[1] :].tolist():
             cut = next((i for i, t in enumerate(row) if t in stops), None)
@@ -250,12 +270,14 @@ def rollout(
     batch_size: int | None = None,
     keep_stop: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[tuple[list[int], bool]]:
     """Completions for the online stages: (token ids, ended with a stop token) per prompt, in order; the ids
     hold the stop token that ended the completion only with keep_stop (what the policy sampled, which the
     policy-gradient stages learn as it was). ``gen`` is a recipe's GenerationConfig. The random state the training loop uses
     (dropout, data order) is untouched: sampling runs on a forked generator state seeded per batch.
-    ``on_batch(n)`` after each generate call (GenerationProgress)."""
+    ``on_batch(n)`` after each generate call (GenerationProgress). ``should_stop``: once it returns True the
+    rollout ends within a token (fewer, cut completions come back: the caller checks it and discards them)."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), generation_mode(model):
         return _generate_batches(
@@ -270,4 +292,5 @@ def rollout(
             device=device,
             keep_stop=keep_stop,
             on_batch=on_batch,
+            should_stop=should_stop,
         )

@@ -17,7 +17,7 @@ from llmtune.data.prompts import prompt_encoder
 from llmtune.engine.contract import Batch, StageContext, StageData
 from llmtune.engine.distributed import DistInfo, sums_over_processes
 from llmtune.engine.report import run_console
-from llmtune.errors import RecipeError
+from llmtune.errors import RecipeError, RolloutInterrupted
 from llmtune.generation.sample import GenerationProgress, generation_batch, rollout
 from llmtune.stages.base import StageDefaults
 
@@ -159,7 +159,7 @@ class OnlineStage(StageDefaults):
         say = run_console(self.dist.is_main).print
         progress = GenerationProgress(say, len(ids), "eval: sampled" if greedy else "rollout: sampled", after_s=30)
         with self.ctx.strategy.full_weights(self.policy_model()):
-            return rollout(
+            outs = rollout(
                 self.policy_model(),
                 self.tokenizer,
                 ids,
@@ -170,7 +170,11 @@ class OnlineStage(StageDefaults):
                 batch_size=bs,
                 keep_stop=True,  # the stop token sampled is learned as sampled (its log-prob enters the ratio)
                 on_batch=progress,  # a line at each tenth of a rollout that takes more than 30 s
+                should_stop=self.ctx.interrupt,  # SIGTERM while sampling: end within a token, checkpoint
             )
+        if self.ctx.interrupt():
+            raise RolloutInterrupted("a stop was requested while sampling")
+        return outs
 
     def _score(self, prompts: list[PromptExample], outs: list[Any], repeat: int) -> Any:
         texts = [self.tokenizer.decode(ids[: len(ids) - ended], skip_special_tokens=True) for ids, ended in outs]

@@ -112,6 +112,55 @@ def test_grpo_resumes_exactly_at_a_rollout_boundary(tmp_path: Path) -> None:
     assert rewards_a == rewards_b  # the resumed run sampled the same rollouts
 
 
+@pytest.mark.slow
+def test_sigterm_while_sampling_ends_the_rollout_and_checkpoints_the_last_step(tmp_path: Path) -> None:
+    """A scheduler's SIGTERM that lands while a rollout samples (a model that never ends a reply, so each
+    rollout takes seconds) stops the sampling within a token instead of finishing the rollout and its step:
+    the run writes the last finished step's checkpoint and exits 143 in a fraction of a rollout's time; the
+    same command then resumes from that step."""
+    import signal
+    import time
+
+    from tests.conftest import start_cli
+    from tests.integration.test_chat import endless_model
+
+    recipe = grpo_recipe(
+        tmp_path,
+        model={"path": str(endless_model(tmp_path))},
+        data={"max_length": 700},
+        grpo={"num_generations": 4, "prompts_per_step": 2},
+        generation={"max_new_tokens": 600},
+        train={"max_steps": 2, "micro_batch_size": 8},
+    )
+    path = write_recipe(tmp_path, recipe)
+    out = Path(recipe["output_dir"])
+    proc = start_cli("train", str(path))
+    deadline = time.time() + 600
+    first: dict = {}
+    while time.time() < deadline and proc.poll() is None and not first:
+        if (out / "metrics.jsonl").is_file():
+            lines = (out / "metrics.jsonl").read_text().splitlines()
+            done = [json.loads(x) for x in lines if x.endswith("}")]
+            first = next((m for m in done if m.get("step") == 1), {})
+        time.sleep(0.02)
+    assert first, f"the run did not finish step 1 (exit {proc.poll()})"
+    time.sleep(min(1.0, first["rollout_s"] / 4))  # well inside the next rollout
+    sent = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=600)
+    took = time.perf_counter() - sent
+    assert proc.returncode == 143, stdout[-2000:] + stderr[-3000:]
+    assert "stopped: by SIGTERM after step 1;" in stderr, stderr[-2000:]
+    assert (out / "checkpoints" / "step-00000001" / "COMPLETE").is_file()
+    assert [m["step"] for m in read_metrics(out)] == [1]  # step 2 never ran
+    # stopping mid-rollout: much less than the rollout it cut short (writing the checkpoint included)
+    assert took < max(0.6 * first["rollout_s"], 3.0), (took, first["rollout_s"])
+    again = run_cli("train", str(path))
+    assert_ok(again)
+    assert "resumed from" in again.stdout and "step 1" in again.stdout
+    assert [m["step"] for m in read_metrics(out)][-1] == 2
+
+
 @pytest.mark.parametrize(
     "grpo",
     [
