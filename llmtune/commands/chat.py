@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -189,6 +190,9 @@ class Chat:
 def run_chat(chat: Chat, conv: Conversation, *, show_prompt: bool = False) -> None:
     """The read-reply loop on the terminal (stdin / stdout) until /exit, Ctrl-D or Ctrl-C at the prompt."""
     out = sys.stdout
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C stops a reply even when whatever started llmtune ignored SIGINT (a shell's background job)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if sys.stdin.isatty():
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())
