@@ -26,7 +26,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from llmtune.commands.resumable import ResumableOutputs
+from llmtune.commands.resumable import ResumableOutputs, run_with_status
 from llmtune.errors import DataError, UserError
 
 REPLY_KEYS = ("responses", "completions", "replies", "outputs")
@@ -282,15 +282,9 @@ def label_command(
                 scale=scale,
                 prefill=prefill,
             )
-            total, seen = len(todo), 0
-            with console.status(f"labelling: 0 / {total} rows") as status:
-
-                def advance(n: int) -> None:
-                    nonlocal seen
-                    seen += n
-                    status.update(f"labelling: {seen} / {total} rows, {labeler.outputs.written['pairs']} pairs")
-
-                result = labeler.run(advance)
+            result = run_with_status(
+                console, "labelling", len(todo), labeler.run, lambda: f"{labeler.outputs.written['pairs']} pairs"
+            )
         finally:
             close()
     else:

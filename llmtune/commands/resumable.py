@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,16 @@ class ResumableOutputs:
 
     def dropped_text(self) -> str:
         return ", ".join(f"{why} {n}" for why, n in sorted(self.dropped.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def run_with_status(console: Any, verb: str, total: int, run: Callable[..., Any], kept: Callable[[], str]) -> Any:
+    """run(advance) under a status line "<verb>: done / total rows, <kept()>", advance(n) after each batch."""
+    seen = 0
+    with console.status(f"{verb}: 0 / {total} rows") as status:
+
+        def advance(n: int) -> None:
+            nonlocal seen
+            seen += n
+            status.update(f"{verb}: {seen} / {total} rows, {kept()}")
+
+        return run(advance)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmtune.commands.resumable import ResumableOutputs
+from llmtune.commands.resumable import ResumableOutputs, run_with_status
 from llmtune.errors import DataError, UserError
 
 
@@ -390,15 +390,9 @@ def revise_command(
             )  # fmt: skip
         try:
             reviser.complete = complete
-            total, seen = len(todo), 0
-            with console.status(f"revising: 0 / {total} rows") as status:
-
-                def advance(n: int) -> None:
-                    nonlocal seen
-                    seen += n
-                    status.update(f"revising: {seen} / {total} rows, {reviser.outputs.written['sft']} kept")
-
-                result = reviser.run(advance)
+            result = run_with_status(
+                console, "revising", len(todo), reviser.run, lambda: f"{reviser.outputs.written['sft']} kept"
+            )
         finally:
             close()
     else:
