@@ -251,6 +251,13 @@ class RejectionSamplingConfig(Block):
         "rejected pairs (best vs worst, from the prompts whose best is kept) for a dpo stage.",
     )
     max_prompts: int | None = Field(default=None, ge=1, description="Prompts sampled per round (default: all).")
+    train_with: Literal["sft", "dpo"] = Field(
+        default="sft",
+        description="How each round learns from its samples. sft: fine-tune on each kept prompt's best (best-of-N, "
+        "as in LLaMA-2). dpo: train the dpo block's loss on the round's best / worst pairs, with the round's "
+        "start model as the reference (iterative, on-policy dpo); each round then samples from the model the "
+        "last one wrote.",
+    )
 
     @field_validator("num_samples")
     @classmethod
@@ -424,12 +431,14 @@ class PpoRecipe(StageRecipe):
 
 
 class RejectionSamplingRecipe(StageRecipe):
-    """Best-of-N: sample, score, keep the best per prompt, fine-tune on it (sft); repeated for `rounds`."""
+    """Best-of-N: sample, score, keep the best per prompt, fine-tune on it (sft, or dpo on best / worst pairs);
+    repeated for `rounds`."""
 
     stage: Literal["rejection_sampling"]
     rejection_sampling: RejectionSamplingConfig = Field(default_factory=RejectionSamplingConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     sft: SftConfig = Field(default_factory=SftConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
 
     @model_validator(mode="after")
     def _prompts(self) -> RejectionSamplingRecipe:

@@ -26,6 +26,12 @@ from llmtune.objectives.rl import best_of_n
 from llmtune.recipe.stages import RejectionSamplingRecipe
 
 GENERATED = "generated.json"  # written last in a round directory: its generation is complete
+PAIRS = "pairs.jsonl"  # a round's {prompt, chosen, rejected} rows: best vs worst of each kept prompt
+
+
+def writes_pairs(rs: Any) -> bool:
+    """Whether a round writes pairs.jsonl: asked for (selection best_and_worst) or trained on (train_with dpo)."""
+    return bool(rs.selection == "best_and_worst" or rs.train_with == "dpo")
 
 
 @dataclass
@@ -267,12 +273,12 @@ def select_and_write(
     rs = recipe.rejection_sampling
     threshold = selection_threshold(rs)
     samples = [row for p, g in zip(prompts, groups, strict=True) for row in _sample_rows(k, p, g)]
-    sel = _select(prompts, groups, threshold, rs.selection == "best_and_worst")
+    sel = _select(prompts, groups, threshold, writes_pairs(rs))
     rdir.mkdir(parents=True, exist_ok=True)
     write_jsonl(rdir / "samples.jsonl", samples)
     write_jsonl(rdir / "selected.jsonl", sel.selected)
-    if rs.selection == "best_and_worst":
-        write_jsonl(rdir / "pairs.jsonl", sel.pairs)
+    if writes_pairs(rs):
+        write_jsonl(rdir / PAIRS, sel.pairs)
     all_totals = [x for g in groups for x in g["totals"]]
     lengths = [x for g in groups for x in g["lengths"]]
     ended = [e for g in groups for e in g["ended"]]
@@ -295,7 +301,7 @@ def select_and_write(
         "generate_seconds": round(gen_seconds, 2),
         "seconds": round(seconds, 2),
     }
-    if rs.selection == "best_and_worst":
+    if writes_pairs(rs):
         stats["pairs"] = len(sel.pairs)
     names = sorted({s for g in groups for s in g["sources"]})
     for name in names:  # each source's mean score, and its counts (a judge's unparsable / cached judgements)

@@ -1,15 +1,17 @@
 """Rejection sampling (best-of-N, iterated as in LLaMA-2): per round, sample ``num_samples`` completions per
 prompt from the current model, score them with the rewards, keep each prompt's best, and fine-tune on the
 winners with the sft stage and the shared training loop; the next round starts from the model this one wrote.
+With ``train_with: dpo`` a round trains the dpo stage on its best / worst pairs instead (iterative dpo: the
+round's start model is the reference, and each round's pairs come from the model the last one wrote).
 
 ``output_dir`` holds one directory per round and, after the last one, the final model::
 
     round-K/samples.jsonl    every completion: prompt, answer, completion, ended, rewards per source, total
     round-K/selected.jsonl   per prompt, the best completion as a messages row, when it beats the prompt's worst
                              and clears the threshold (default: the rule's maximum, a right answer)
-    round-K/pairs.jsonl      selection best_and_worst: {prompt, chosen, rejected} rows that dpo reads
+    round-K/pairs.jsonl      selection best_and_worst or train_with dpo: {prompt, chosen, rejected} rows
     round-K/generated.json   the round's statistics, written last: generation of the round is complete
-    round-K/model/           the sft run of the round (checkpoints, metrics, its model)
+    round-K/model/           the sft (or dpo) run of the round (checkpoints, metrics, its model)
     round-K/merged/          lora / qlora, not the last round: the adapter merged into its base (next model.path)
     rounds.jsonl             one line of statistics per round (with each reward source's mean, reward/<source>,
                              and a judge's unparsable / cached counts, reward/<judge>/unparsable)
@@ -45,8 +47,9 @@ from llmtune.manifest import RunManifest, status_of
 from llmtune.plot import write_run_curves
 from llmtune.recipe.data import DataConfig, DataSource
 from llmtune.recipe.load import dump_recipe
-from llmtune.recipe.stages import RejectionSamplingRecipe, SftRecipe
-from llmtune.stages.best_of_n import GENERATED, generate_round, write_jsonl
+from llmtune.recipe.stages import DpoRecipe, RejectionSamplingRecipe, SftRecipe
+from llmtune.stages.best_of_n import GENERATED, PAIRS, generate_round, write_jsonl
+from llmtune.stages.dpo import DpoStage
 from llmtune.stages.sft import SftStage
 
 MODEL_DIR, MERGED_DIR = "model", "merged"
@@ -99,31 +102,38 @@ def start_model(out: Path, k: int, recipe: RejectionSamplingRecipe) -> str:
     return recipe.model.path if k == 1 else str(round_output(out, k - 1, recipe))
 
 
-def sft_recipe(recipe: RejectionSamplingRecipe, out: Path, k: int) -> SftRecipe:
-    """The sft run of round k: the same model / method / training settings, trained on the round's winners."""
+def round_recipe(recipe: RejectionSamplingRecipe, out: Path, k: int) -> SftRecipe | DpoRecipe:
+    """The training run of round k: the same model / method / training settings, trained on the round's
+    winners (sft on selected.jsonl), or with train_with dpo on its best / worst pairs (pairs.jsonl), the round's
+    start model being dpo's reference."""
     d = recipe.data
     model = recipe.model.model_copy(update={"path": start_model(out, k, recipe)})
     if k > 1:  # later rounds start from a directory this run wrote: it holds the tokenizer
         model = model.model_copy(update={"revision": None})
+    dpo = recipe.rejection_sampling.train_with == "dpo"
+    source = DataSource(path=str(round_dir(out, k) / PAIRS), format="pairs")
+    if not dpo:
+        source = DataSource(path=str(round_dir(out, k) / "selected.jsonl"), format="messages")
     data = DataConfig(
-        train=[DataSource(path=str(round_dir(out, k) / "selected.jsonl"), format="messages")],
+        train=[source],
         max_length=d.max_length,
         on_bad_row=d.on_bad_row,
         cache_dir=d.cache_dir,
         shuffle=d.shuffle,
     )
-    return SftRecipe(
-        stage="sft",
-        output_dir=str(round_dir(out, k) / MODEL_DIR),
-        seed=recipe.seed,
-        model=model,
-        finetuning=recipe.finetuning.model_copy(),
-        data=data,
-        train=recipe.train.model_copy(),
-        distributed=recipe.distributed.model_copy(),
-        precision=recipe.precision,
-        sft=recipe.sft.model_copy(),
-    )
+    shared: dict[str, Any] = {
+        "output_dir": str(round_dir(out, k) / MODEL_DIR),
+        "seed": recipe.seed,
+        "model": model,
+        "finetuning": recipe.finetuning.model_copy(),
+        "data": data,
+        "train": recipe.train.model_copy(),
+        "distributed": recipe.distributed.model_copy(),
+        "precision": recipe.precision,
+    }
+    if dpo:
+        return DpoRecipe(stage="dpo", dpo=recipe.dpo.model_copy(), **shared)
+    return SftRecipe(stage="sft", sft=recipe.sft.model_copy(), **shared)
 
 
 @dataclass
@@ -223,12 +233,12 @@ def _start(
 
 
 def _round(run: _Rounds, k: int) -> None:
-    """Round k: generate (unless complete), fine-tune on the winners (unless finished), merge an adapter for
-    the next round."""
+    """Round k: generate (unless complete), train on the winners (sft) or pairs (dpo) unless finished, merge an
+    adapter for the next round."""
     recipe, out, dist, console = run.recipe, run.out, run.dist, run.console
     rounds = recipe.rejection_sampling.rounds
     rdir = round_dir(out, k)
-    sft = sft_recipe(recipe, out, k)
+    sft = round_recipe(recipe, out, k)
     model_dir = rdir / MODEL_DIR
     done = status_of(model_dir) == "finished" and _same_text(model_dir / "recipe.yaml", dump_recipe(sft))
     if done and run.resume_round != k and _next_model_ready(out, k, recipe):
@@ -247,7 +257,7 @@ def _round(run: _Rounds, k: int) -> None:
     if not done or run.resume_round == k:
         train(  # the process group is this run's: train() leaves it up
             sft,
-            SftStage(),
+            DpoStage() if isinstance(sft, DpoRecipe) else SftStage(),
             local_rank=run.local_rank,
             resume=True,
             resume_from=run.resume_from if run.resume_round == k else None,
@@ -397,12 +407,17 @@ def _publish_final(out: Path, model_dir: Path, rounds: int, recipe: Any) -> list
         steps=sum(m.steps or 0 for m in runs),
         metrics=state.get("eval_metrics") if isinstance(state.get("eval_metrics"), dict) else None,
         what=f"Rejection sampling: {rounds} round(s) of sampling answers to the prompts, scoring them, keeping "
-        "the best and fine-tuning on them (sft). This is the last round's model.",
+        + (
+            "each prompt's best and worst and training dpo on those pairs (iterative dpo)."
+            if recipe.rejection_sampling.train_with == "dpo"
+            else "the best and fine-tuning on them (sft)."
+        )
+        + " This is the last round's model.",
     )
     return publish(staging, out)
 
 
-__all__ = ["read_prompts", "run_rejection_sampling", "sft_recipe"]
+__all__ = ["read_prompts", "round_recipe", "run_rejection_sampling"]
 
 
 class RejectionSamplingStage:

@@ -256,6 +256,41 @@ def test_two_lora_rounds_resume_after_an_interruption(tmp_path: Path, start_mode
         assert_same(got, want, "mlflow")  # (the steps logged again after the resume: their last values)
 
 
+def test_iterative_dpo_two_lora_rounds_train_dpo_on_each_rounds_pairs_and_learn(
+    tmp_path: Path, start_model: Path
+) -> None:
+    """train_with: dpo: each round trains dpo on its own best / worst pairs, round 2 sampling from round 1's
+    merged model (its reference); the behaviour carries over to held-out words."""
+    recipe = rs_recipe(
+        tmp_path,
+        start_model,
+        finetuning={"method": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+        train={"lr": 5e-3, "epochs": 3},
+        rejection_sampling={"rounds": 2, "train_with": "dpo"},
+        dpo={"beta": 0.1},
+    )
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe)))
+    assert_ok(proc)
+    out = Path(recipe["output_dir"])
+    for k in (1, 2):
+        rk = out / f"round-{k}"
+        run = json.loads((rk / "model" / "run.json").read_text())
+        assert run["status"] == "finished" and run["stage"] == "dpo"
+        pairs = _read(rk / "pairs.jsonl")
+        assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
+        # the dpo run read exactly this round's pairs
+        assert str(rk / "pairs.jsonl") in (rk / "model" / "recipe.yaml").read_text()
+        assert any("margin" in row and "accuracy" in row for row in _read(rk / "model" / "metrics.jsonl"))
+    assert "round-1/merged" in (out / "round-2" / "model" / "recipe.yaml").read_text()
+    assert [s["pairs"] for s in _read(out / "rounds.jsonl")] == [s["kept"] for s in _read(out / "rounds.jsonl")]
+    assert "iterative dpo" in (out / "README.md").read_text()
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert Path(cfg["base_model_name_or_path"]).resolve() == (out / "round-1" / "merged").resolve()
+    before = greedy_exact_match(start_model, HELD_OUT)
+    after = greedy_exact_match(out / "round-1" / "merged", HELD_OUT, adapter=out)
+    assert after > before, (before, after)
+
+
 def test_bad_input_is_refused_before_any_model_loads(tmp_path: Path, start_model: Path) -> None:
     bad = _jsonl(tmp_path / "bad.jsonl", [{"text": "no prompt here"}, {"prompt": ""}])
     recipe = rs_recipe(tmp_path, start_model)
