@@ -431,8 +431,7 @@ class PpoRecipe(StageRecipe):
 
 
 class RejectionSamplingRecipe(StageRecipe):
-    """Best-of-N: sample, score, keep the best per prompt, fine-tune on it (sft, or dpo on best / worst pairs);
-    repeated for `rounds`."""
+    """Best-of-N rounds: sample, score, train on each prompt's best (sft) or best / worst pair (dpo)."""
 
     stage: Literal["rejection_sampling"]
     rejection_sampling: RejectionSamplingConfig = Field(default_factory=RejectionSamplingConfig)
@@ -583,6 +582,17 @@ STAGE_RECIPES: dict[str, StageInfo] = {
         online=True,
         refused_methods=("adalora", "ia3", *PROMPT_METHODS),
         refused_why="each round merges a lora adapter into the next round's model",
+        variants={
+            "iterative_dpo": Starter(  # not a stage: rounds of sampling, then dpo on each round's best / worst
+                "facts/prompts.jsonl",
+                "prompts",
+                _PROMPTS,
+                blocks={"train": {"lr": 5.0e-5}},
+                stage_values={"rejection_sampling": {"train_with": "dpo", "rounds": 2}},
+                stage="rejection_sampling",
+                model_note=_FROM_SFT,
+            ),
+        },
     ),
 }
 STAGES = tuple(STAGE_RECIPES)

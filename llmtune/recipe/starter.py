@@ -151,7 +151,8 @@ def render(name: str, model: str | None = None, root: Path | None = None) -> str
     path = model or DEFAULT_MODEL
     data_path, found = _data_path(st.data, root)
     doc = (cls.__doc__ or "").strip().splitlines()[0]
-    variant = f" (`{name}` = stage {stage} with dpo.loss {name})" if st.stage else ""
+    settings = ", ".join(f"{b}.{k} {yaml_value(v)}" for b, values in st.stage_values.items() for k, v in values.items())
+    variant = f" (`{name}` = stage {stage} with {settings})" if st.stage else ""
 
     out = [
         *_comment(f"llmtune starter recipe: {stage}{variant}. {doc}", ""),

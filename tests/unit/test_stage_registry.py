@@ -51,10 +51,11 @@ def test_each_entry_is_consistent_with_its_recipe(name: str) -> None:
 def test_help_texts_name_every_stage_and_variant() -> None:
     names = stage_names()
     assert names.startswith("cpt | sft | rm | dpo | kto (dpo with loss kto) | ")
+    assert names.endswith("rejection_sampling | iterative_dpo (rejection_sampling with train_with dpo, rounds 2)")
     assert all(f" {s}" in f" {names}" for s in STAGES)
     summaries = stage_summaries()
     assert summaries.startswith("continued pretraining (cpt), supervised fine-tuning (sft), ")
-    assert summaries.endswith(" and best-of-N rejection sampling (rejection_sampling)")
+    assert summaries.endswith(" and best-of-N rejection sampling (rejection_sampling, iterative_dpo)")
     assert "preference optimisation (dpo, kto)" in summaries
     assert ONLINE == "ppo / grpo / rejection_sampling" and ONLINE_STAGES == ("ppo", "grpo", "rejection_sampling")
 
