@@ -178,7 +178,7 @@ def test_grpo_block_defaults_and_checks(tmp_path: Path) -> None:
     g = load_recipe(write_recipe(tmp_path, base_recipe(tmp_path, stage="grpo", train={"micro_batch_size": 8})))
     assert (g.grpo.num_generations, g.grpo.beta, g.grpo.loss_type, g.grpo.scale_rewards) == (8, 0.0, "dapo", "group")
     assert g.grpo.reward.rules() == ["exact_match"] and g.grpo.reward.models() == []
-    assert (g.generation.max_new_tokens, g.generation.temperature) == (64, 1.0)
+    assert (g.generation.max_new_tokens, g.generation.temperature) == (64, 0.7)
 
     msg = _error(tmp_path, base_recipe(tmp_path, stage="grpo", grpo={"num_generations": 1}))
     assert "grpo.num_generations" in msg and "at least 2" in msg
