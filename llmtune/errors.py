@@ -40,6 +40,11 @@ class RolloutInterrupted(Exception):
     rollout is dropped and the trainer checkpoints the last finished step (llmtune.engine.trainer)."""
 
 
+class StepInterrupted(Exception):
+    """A stop (SIGTERM, Ctrl-C) arrived on a one-process run between two micro-batches of an optimizer step:
+    the step is dropped before its update and the trainer checkpoints the last finished step."""
+
+
 class TrainingError(LlmtuneError):
     """Training stopped for a reason found at run time (NaN loss, ...). Exit code 1; finished work is kept."""
 

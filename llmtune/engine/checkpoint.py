@@ -76,6 +76,22 @@ def newest_checkpoint(output_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def capture_rng() -> tuple[Any, ...]:
+    """The random generators' states in memory (python, numpy, torch, cuda): what a checkpoint written now would
+    hold; restore_rng puts them back."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def restore_rng(states: tuple[Any, ...]) -> None:
+    py, np_state, cpu, cuda = states
+    random.setstate(py)
+    np.random.set_state(np_state)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+
+
 def _rng_state() -> dict[str, Any]:
     np_state: Any = np.random.get_state()  # the legacy tuple (MT19937, keys, pos, has_gauss, gauss)
     state: dict[str, Any] = {

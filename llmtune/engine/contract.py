@@ -47,8 +47,9 @@ class StepOutput:
 @dataclass
 class Interrupt:
     """Set when a stop is asked for (SIGTERM, Ctrl-C) on a one-process run: work a stage does between steps
-    (an online stage's rollout) checks it and ends early with errors.RolloutInterrupted instead of finishing
-    first. (Several processes finish the step in progress and vote, as before: they must stop together.)"""
+    (an online stage's rollout) checks it and ends early with errors.RolloutInterrupted, and the step in
+    progress ends at its next micro-batch (errors.StepInterrupted), instead of finishing first. (Several
+    processes finish the step in progress and vote, as before: they must stop together.)"""
 
     requested: bool = False
 

@@ -101,6 +101,7 @@ class Run:
     ema: WeightAverage | None = None  # train.ema
     adalora: Any = None  # engine.adalora.AdaLoraSchedule for finetuning.method adalora
     last_record: dict[str, Any] | None = None  # the last logged training step (for the model card)
+    between: tuple[Any, dict[str, Any]] | None = None  # random + stage state after the last step (trainer)
 
     @property
     def recipe(self) -> RecipeBase:

@@ -19,7 +19,7 @@ from rich.console import Console
 from llmtune.engine.checkpoint import TrainerState, resume_point
 from llmtune.engine.contract import Batch, Stage, StageContext, Window
 from llmtune.engine.distributed import all_reduce_sum
-from llmtune.errors import RecipeError, TrainingError
+from llmtune.errors import RecipeError, StepInterrupted, TrainingError
 from llmtune.recipe.schema import RecipeBase
 
 
@@ -75,10 +75,12 @@ class StopRequest:
             signal.raise_signal(signum)
             return
         self.signum = signum
-        self.console.print(
-            f"\n[yellow]{signal.Signals(signum).name}[/]: finishing this step, writing a checkpoint, then stopping "
-            "(send it again to stop at once)"
+        doing = (  # one process drops the step in progress; several finish it together
+            "stopping at the next micro-batch, checkpointing the last finished step"
+            if self.on_signal is not None
+            else "finishing this step, writing a checkpoint, then stopping"
         )
+        self.console.print(f"\n[yellow]{signal.Signals(signum).name}[/]: {doing} (send it again to stop at once)")
         if self.on_signal is not None:
             self.on_signal()
 
@@ -102,6 +104,7 @@ def train_window(
     stop_requested: bool = False,
     adalora: Any = None,
     step: int = 0,
+    interrupted: Callable[[], bool] | None = None,
 ) -> WindowResult:
     """One optimizer step over an accumulation window. The loss is normalised by the number of units
     (tokens) in the whole window on all ranks, so the update does not depend on how rows are split into
@@ -109,7 +112,8 @@ def train_window(
     factor world_size. Before the update, a NaN / Inf loss on any rank (or, under ZeRO-0, a non-finite
     gradient) vetoes it on every rank. A None window (the stage skips the step on every rank) only votes on
     stopping. adalora: AdaLoRA's schedule, which reads the step's gradients (`step`: this step's 1-based
-    number) around the update."""
+    number) around the update. interrupted (one process: StageContext.interrupt): checked before each
+    micro-batch; once it says so the step is dropped before its update (errors.StepInterrupted)."""
     engine, dist = ctx.engine, ctx.dist
     if window is None:
         stop = all_reduce_sum(torch.tensor([1.0 if stop_requested else 0.0], dtype=torch.float64, device=dist.device))
@@ -124,6 +128,8 @@ def train_window(
     sums: dict[str, torch.Tensor] = {}
     grad_norm = None
     for i, b in enumerate(batches):
+        if interrupted is not None and interrupted():
+            raise StepInterrupted(f"a stop was requested before micro-batch {i + 1} of {len(batches)}")
         out = stage.step(engine, b)
         loss = out.loss_sum * (dist.world_size / denom)
         engine.backward(loss, scale_wrt_gas=False)

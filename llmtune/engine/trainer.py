@@ -4,6 +4,7 @@ engine/setup.py, one optimizer step and the evaluation in engine/step.py."""
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import signal
@@ -15,7 +16,15 @@ from typing import Any
 
 import torch
 
-from llmtune.engine.checkpoint import EXPORT_STAGING, remove_checkpoints, resume_point, save_checkpoint, tag
+from llmtune.engine.checkpoint import (
+    EXPORT_STAGING,
+    capture_rng,
+    remove_checkpoints,
+    restore_rng,
+    resume_point,
+    save_checkpoint,
+    tag,
+)
 from llmtune.engine.contract import Stage, Window
 from llmtune.engine.distributed import barrier
 from llmtune.engine.memory import out_of_memory_error, peak_line, write_peak
@@ -31,7 +40,7 @@ from llmtune.engine.step import (
     train_window,
 )
 from llmtune.engine.trackers import Trackers, status_of_exception
-from llmtune.errors import RolloutInterrupted, Stopped
+from llmtune.errors import RolloutInterrupted, StepInterrupted, Stopped
 from llmtune.plot import write_run_curves
 from llmtune.recipe.schema import RecipeBase
 from llmtune.runtime import readable_like_normal_files
@@ -82,6 +91,7 @@ def _loop(run: Run) -> None:
     run.engine.train()
     run.progress = Progress(run.console, run.total_steps, state.step)
     clock = _Clock()
+    _between_steps(run)
     # one process: a stop also ends a rollout in progress (the step before it is the checkpoint)
     on_signal = ctx.interrupt.set if run.dist.world_size == 1 else None
     with StopRequest(run.console, on_signal) as stopper:
@@ -94,7 +104,9 @@ def _loop(run: Run) -> None:
                     else:
                         state.epoch += 1
                         state.window_in_epoch = 0
-            except RolloutInterrupted:
+            except (RolloutInterrupted, StepInterrupted) as e:
+                what = "rollout" if isinstance(e, RolloutInterrupted) else "step"
+                stopper.console.print(f"step {state.step + 1}: {e}; the {what} was dropped, nothing of it applied")
                 _stopped_between_steps(run, stopper)
         except BaseException as e:
             run.progress.stop()
@@ -104,10 +116,22 @@ def _loop(run: Run) -> None:
     run.progress.stop()
 
 
+def _between_steps(run: Run) -> None:
+    """Keep what a checkpoint of the step just finished would hold beyond the weights and counters (the random
+    states, the stage's own state), so that a step dropped half-way can still be checkpointed exactly."""
+    run.between = (capture_rng(), copy.deepcopy(run.stage.state_dict()))
+
+
 def _stopped_between_steps(run: Run, stopper: StopRequest) -> None:
-    """A stop ended a rollout before its step: checkpoint the last finished step (a rollout's samples depend
-    only on its position, so the resumed run samples it again as the uninterrupted run would), and stop."""
+    """A stop ended a rollout, or a step between two micro-batches, before the step's update: checkpoint the
+    last finished step (its weights and optimizer are untouched; its random and stage states are put back as
+    they were after it: a rollout's samples depend only on its position, so the resumed run samples it again
+    as the uninterrupted run would), and stop."""
     if run.saved_step != run.state.step:
+        if run.between is not None:
+            rng, stage_state = run.between
+            restore_rng(rng)
+            run.stage.load_state_dict(copy.deepcopy(stage_state))
         _save(run)
     raise Stopped(stopper.signum or signal.SIGTERM, run.state.step, run.out / "checkpoints" / tag(run.state.step))
 
@@ -128,7 +152,9 @@ def _one_step(run: Run, window: Window | None, stopper: StopRequest, clock: _Clo
     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
     step_start = time.perf_counter()
     try:
-        result = train_window(run.ctx, run.stage, window, run.guard, stopper.signum != 0, run.adalora, state.step + 1)
+        result = train_window(
+            run.ctx, run.stage, window, run.guard, stopper.signum != 0, run.adalora, state.step + 1, run.ctx.interrupt
+        )
     except Exception as e:
         if is_fp16_scale_error(e):
             raise fp16_scale_error(e, state.step + 1, out) from None
@@ -164,6 +190,7 @@ def _one_step(run: Run, window: Window | None, stopper: StopRequest, clock: _Clo
         if run.saved_step != state.step:
             _save(run)
         raise Stopped(stopper.signum or signal.SIGTERM, state.step, out / "checkpoints" / tag(state.step))
+    _between_steps(run)
     if state.step >= run.total_steps:
         if state.window_in_epoch >= batches.windows_per_epoch:  # the last step ended an epoch
             state.epoch, state.window_in_epoch = state.epoch + 1, 0

@@ -78,7 +78,7 @@ def test_a_piped_run_survives_its_reader_and_ctrl_c_checkpoints_and_resumes(tmp_
         assert proc.wait(timeout=300) == 130
     stderr = (tmp_path / "stderr.txt").read_text()
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
-    assert "SIGINT: finishing this step" in stderr, stderr[-3000:]  # said where it can still be read
+    assert "SIGINT: stopping at the next micro-batch" in stderr, stderr[-3000:]  # said where it can still be read
     assert "stopped: by SIGINT after step" in stderr, stderr[-3000:]
     stopped = int(stderr.split("after step ")[1].split(";")[0])
     assert stopped >= after and (out / "checkpoints" / f"step-{stopped:08d}" / "COMPLETE").is_file()

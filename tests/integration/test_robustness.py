@@ -273,15 +273,17 @@ def read_metrics_lenient(out: Path) -> list[dict]:
 def test_sigterm_and_ctrl_c_write_a_checkpoint_and_the_resumed_run_ends_as_an_uninterrupted_one(
     tmp_path: Path,
 ) -> None:
-    """A scheduler's SIGTERM (or Ctrl-C) finishes the step, writes a checkpoint even without save_every, and
-    exits 143 (130) with a message; the same command then resumes, and the final weights are unchanged."""
+    """A scheduler's SIGTERM (or Ctrl-C) on one process drops the step in progress at its next micro-batch
+    (8 a step here), writes a checkpoint of the last finished step even without save_every, and exits 143
+    (130) with a message; the same command then resumes, and the final weights are unchanged (the dropped
+    step's dropout draws are not in the checkpoint's random state)."""
     data = unseen_sft_data(tmp_path / "echo.jsonl", n=64)
     (tmp_path / "a").mkdir()
-    straight = _resume_recipe(tmp_path / "a", data, max_steps=30)
+    straight = _resume_recipe(tmp_path / "a", data, max_steps=30, micro_batch_size=1, grad_accum=8)
     assert run_cli("train", str(write_recipe(tmp_path / "a", straight))).returncode == 0
 
     (tmp_path / "b").mkdir()
-    recipe = _resume_recipe(tmp_path / "b", data, max_steps=30)  # no save_every
+    recipe = _resume_recipe(tmp_path / "b", data, max_steps=30, micro_batch_size=1, grad_accum=8)  # no save_every
     path = write_recipe(tmp_path / "b", recipe)
     out = Path(recipe["output_dir"])
     for sig, code, at in ((signal.SIGTERM, 143, 5), (signal.SIGINT, 130, 15)):
