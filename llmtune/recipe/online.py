@@ -16,11 +16,18 @@ class JudgeConfig(Block):
     """An instruct model that reads each reply with a rubric and scores it (RLAIF; llmtune.rewards.judge)."""
 
     model: str = Field(description="The judge: an instruct causal LM (directory, hub id, or a .gguf file).")
+    mode: Literal["pointwise", "pairwise"] = Field(
+        default="pointwise",
+        description="pointwise: the judge scores each reply on `scale`. pairwise: the judge compares each reply "
+        "with the prompt row's `answer` (a reference reply), asked in both orders to cancel position bias: 1.0 "
+        "when the reply wins both, 0.0 when the reference does, 0.5 for a tie or two verdicts that disagree; "
+        "an unparsable verdict gets `unparsable`.",
+    )
     rubric: str | None = Field(
         default=None,
         description="The judge's instructions, sent as one user turn in its chat template: text with {prompt} "
-        "and {reply} ({low}, {high} optional), or a .txt / .md file holding it. null: the built-in rubric "
-        "(helpfulness, correctness, clarity; answer 'Score: N').",
+        "and {reply} ({low}, {high} optional; pairwise: {reply_a} and {reply_b}), or a .txt / .md file holding "
+        "it. null: the built-in rubric (helpfulness, correctness, clarity; answer 'Score: N' or 'Verdict: A').",
     )
     scale: list[float] = Field(default=[1, 10], description="[low, high]: the scores the rubric asks for.")
     unit_scale: bool = Field(
@@ -51,14 +58,21 @@ class JudgeConfig(Block):
             raise ValueError(f"is {v}: give [low, high] with low < high, e.g. [1, 10]")
         return v
 
-    @field_validator("rubric")
-    @classmethod
-    def _rubric(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip().lower().endswith((".txt", ".md")) and "{reply}" not in v:
+    @model_validator(mode="after")
+    def _rubric(self) -> JudgeConfig:
+        v = self.rubric
+        if v is None or v.strip().lower().endswith((".txt", ".md")):
+            return self
+        if self.mode == "pointwise" and "{reply}" not in v:
             raise ValueError(
-                "has no {reply} placeholder: write where the reply goes (and {prompt}), or name a .txt file"
+                "rubric has no {reply} placeholder: write where the reply goes (and {prompt}), or name a .txt file"
             )
-        return v
+        if self.mode == "pairwise" and ("{reply_a}" not in v or "{reply_b}" not in v):
+            raise ValueError(
+                "rubric (mode pairwise) needs {reply_a} and {reply_b} placeholders: write where the two replies "
+                "go (and {prompt}), or name a .txt file"
+            )
+        return self
 
 
 class RewardConfig(Block):

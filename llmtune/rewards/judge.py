@@ -11,7 +11,9 @@ of two replies.
   (``mean``: the mean of the call's parsed scores, so that it pushes the policy neither way; or a fixed
   number). The score is reported as ``(s - low) / (high - low)`` in [0, 1] with ``unit_scale`` (default),
   else as the judge gave it.
-- **pairwise** (``llmtune data label``, ``llmtune eval --task compare --judge``): the judge sees reply A and
+- **pairwise** (``llmtune data label``, ``llmtune eval --task compare --judge``, and a reward source with
+  ``mode: pairwise``, which compares each reply with its row's ``answer``: 1 won, 0 lost, 0.5 a tie or an
+  inconsistent pair): the judge sees reply A and
   reply B and answers ``Verdict: A``, ``B`` or ``tie`` (:func:`parse_verdict`; the reply started with
   ``Verdict:`` when prefilled). Each pair is asked in both
   orders, and :func:`combine_swapped` keeps a verdict only when both orders agree: a judge that prefers
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmtune.errors import RecipeError, UserError
+from llmtune.errors import DataError, RecipeError, UserError
 
 POINTWISE_RUBRIC = """Please act as an impartial judge and rate the quality of the assistant's reply to the \
 conversation below. Consider whether it is helpful, correct, relevant and clear. Do not let its length sway you.
@@ -427,23 +429,24 @@ def judge_source_name(model: str) -> str:
 
 
 class JudgeSource:
-    """A RewardSource backed by a judge model (pointwise; see the module docstring). After each ``score``
-    call, ``stats`` holds that call's counts: ``judged`` (replies scored), ``unparsable`` (judgements without
-    a usable score) and
-    ``cached`` (judgements that cost no generation: in the cache, or a repeat within the call); ``totals``
-    the same summed over the source's life."""
+    """A RewardSource backed by a judge model (pointwise, or pairwise against each row's answer; see the module
+    docstring). After each ``score`` call, ``stats`` holds that call's counts: ``judged`` (replies scored),
+    ``unparsable`` (judgements without a usable score) and ``cached`` (judgements that cost no generation: in
+    the cache, or a repeat within the call); ``totals`` the same summed over the source's life."""
 
     STAT_KEYS = ("judged", "unparsable", "cached")
 
     def __init__(self, cfg: Any, *, device: Any, dtype: Any, name: str | None = None, what: str = "reward.judge"):
         self.cfg = cfg
         self.name = name or judge_source_name(cfg.model)
-        rubric = read_rubric(cfg.rubric, what=f"{what}.rubric")
+        self.needs_answer = cfg.mode == "pairwise"  # the reference each reply is compared with
+        rubric = read_rubric(cfg.rubric, pairwise=self.needs_answer, what=f"{what}.rubric")
         complete, self._close = model_completer(
             cfg.model, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, chat_template=cfg.chat_template,
             device=device, dtype=dtype, what=f"{what}.model",
         )  # fmt: skip
-        self.judge = Judge(complete, rubric=rubric, scale=(cfg.scale[0], cfg.scale[1]), prefill=cfg.prefill)
+        rubrics = {"pairwise_rubric": rubric} if self.needs_answer else {"rubric": rubric}
+        self.judge = Judge(complete, scale=(cfg.scale[0], cfg.scale[1]), prefill=cfg.prefill, **rubrics)
         self.stats: dict[str, float] = dict.fromkeys(self.STAT_KEYS, 0.0)
         self.totals: dict[str, float] = dict.fromkeys(self.STAT_KEYS, 0.0)
         self.reasons: dict[str, int] = {}
@@ -454,6 +457,7 @@ class JudgeSource:
         self = cls.__new__(cls)
         self.cfg, self.judge, self._close = cfg, judge, lambda: None
         self.name = name or judge_source_name(cfg.model)
+        self.needs_answer = cfg.mode == "pairwise"
         self.stats = dict.fromkeys(cls.STAT_KEYS, 0.0)
         self.totals = dict.fromkeys(cls.STAT_KEYS, 0.0)
         self.reasons = {}
@@ -461,34 +465,54 @@ class JudgeSource:
 
     def score(self, prompts: list[list[dict]], completions: list[str], answers: list[str | None]) -> list[float]:
         before = self.judge.requested - self.judge.generated
-        judged = self.judge.score(prompts, completions)
-        low, high = self.judge.low, self.judge.high
-        parsed = [j.score for j in judged if j.score is not None]
-        scores: list[float | None] = [
-            (unit(j.score, low, high) if self.cfg.unit_scale else j.score) if j.score is not None else None
-            for j in judged
-        ]
+        if self.needs_answer:
+            scores, reasons = self._against_answers(prompts, completions, answers)
+        else:
+            judged = self.judge.score(prompts, completions)
+            low, high = self.judge.low, self.judge.high
+            scores = [
+                (unit(j.score, low, high) if self.cfg.unit_scale else j.score) if j.score is not None else None
+                for j in judged
+            ]
+            reasons = [j.reason for j in judged]
         fallback = self.fallback([s for s in scores if s is not None])
-        for j in judged:
-            if j.reason is not None:
-                self.reasons[j.reason] = self.reasons.get(j.reason, 0) + 1
+        for reason in reasons:
+            if reason is not None:
+                self.reasons[reason] = self.reasons.get(reason, 0) + 1
         self.stats = {
-            "judged": float(len(judged)),
-            "unparsable": float(len(judged) - len(parsed)),
+            "judged": float(len(scores)),
+            "unparsable": float(sum(s is None for s in scores)),
             "cached": float(self.judge.requested - self.judge.generated - before),
         }
         for k, v in self.stats.items():
             self.totals[k] += v
         return [s if s is not None else fallback for s in scores]
 
+    def _against_answers(
+        self, prompts: list[list[dict]], completions: list[str], answers: list[str | None]
+    ) -> tuple[list[float | None], list[str | None]]:
+        """Pairwise: each completion against its row's answer, in both orders: 1.0 won, 0.0 lost, 0.5 a tie
+        or an inconsistent pair (position bias), None unparsable; and the reason of each None."""
+        missing = sum(1 for a in answers if a is None)
+        if missing:
+            raise DataError(
+                f"the judge {self.name} (mode pairwise) compares each reply with its prompt's `answer`, and "
+                f"{missing} of {len(answers)} prompts have none",
+                hint="give every prompt row an `answer` (a reference reply), or use mode: pointwise",
+            )
+        reference = [a or "" for a in answers]
+        outcomes = [c.outcome for c in self.judge.compare(prompts, completions, reference)]
+        value = {"x": 1.0, "y": 0.0, "tie": 0.5, "inconsistent": 0.5}
+        return [value.get(o) for o in outcomes], [None if o in value else "no verdict" for o in outcomes]
+
     def fallback(self, parsed: list[float]) -> float:
         """The score of an unparsable judgement: ``unparsable`` (a number), or the mean of ``parsed``; with
-        nothing parsed, the scale's middle."""
+        nothing parsed, the scale's middle (pairwise: 0.5, a tie)."""
         if self.cfg.unparsable != "mean":
             return float(self.cfg.unparsable)
         if parsed:
             return sum(parsed) / len(parsed)
-        return 0.5 if self.cfg.unit_scale else (self.judge.low + self.judge.high) / 2
+        return 0.5 if self.cfg.unit_scale or self.needs_answer else (self.judge.low + self.judge.high) / 2
 
     def close(self) -> None:
         self._close()
@@ -500,7 +524,7 @@ def check_judge(cfg: Any, what: str) -> None:
     from llmtune.paths import looks_local, missing_path_message
 
     try:
-        read_rubric(cfg.rubric, what=f"{what}.rubric")
+        read_rubric(cfg.rubric, pairwise=cfg.mode == "pairwise", what=f"{what}.rubric")
     except UserError as e:
         raise RecipeError(e.message, hint=e.hint) from None
     if looks_local(cfg.model) and not Path(cfg.model).expanduser().exists():

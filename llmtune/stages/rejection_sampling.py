@@ -291,11 +291,13 @@ def _check_answers(recipe: RejectionSamplingRecipe, prompts: list[Any]) -> None:
     """Rules that score against the row's answer need one on every prompt: said before any model loads."""
     from llmtune.rewards.rules import needs_answer
 
-    rules = [r for r in recipe.rejection_sampling.reward.rules() if needs_answer(r)]
+    reward = recipe.rejection_sampling.reward
+    rules = [f"rule {r}" for r in reward.rules() if needs_answer(r)]
+    rules += [f"judge {j.model} (mode pairwise)" for j in reward.judges() if j.mode == "pairwise"]
     missing = sum(1 for p in prompts if p.answer is None)
     if rules and missing:
         raise DataError(
-            f"rejection_sampling.reward.rule {rules[0]} scores against each prompt's `answer`, and {missing} of "
+            f"rejection_sampling.reward.{rules[0]} scores against each prompt's `answer`, and {missing} of "
             f"{len(prompts)} prompts have none",
             hint="give every prompt row an `answer` (or `output` / an assistant reply), or use a rule that needs "
             "none (regex:..., length_penalty:N) or a reward model",

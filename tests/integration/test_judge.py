@@ -55,6 +55,32 @@ def test_grpo_logs_the_judge_per_step(tmp_path: Path) -> None:
         assert abs(m["reward"] - m["reward/judge/model"] - m["reward/rule/contains"]) < 1e-6
 
 
+def test_grpo_with_a_pairwise_judge_against_each_answer(tmp_path: Path) -> None:
+    """mode pairwise: every completion is compared with its row's answer in both orders (16 judgements for
+    8 completions, fewer when cached); the source's score is a share of wins in [0, 1]."""
+    recipe = base_recipe(
+        tmp_path,
+        stage="grpo",
+        finetuning={"method": "full"},
+        data={"train": [{"path": str(_prompts(tmp_path / "p.jsonl"))}], "max_length": 96},
+        grpo={"num_generations": 4, "prompts_per_step": 2, "reward": {"judge": {**JUDGE, "mode": "pairwise"}}},
+        generation={"max_new_tokens": 4},
+        train={"max_steps": 2, "micro_batch_size": 8, "lr": 1e-3, "log_every": 1},
+    )
+    assert_ok(run_cli("train", str(write_recipe(tmp_path, recipe))))
+    steps = [m for m in read_metrics(tmp_path / "out") if "loss" in m]
+    assert len(steps) == 2
+    for m in steps:
+        assert m["reward/judge/model/judged"] == 8 and 0 <= m["reward/judge/model/unparsable"] <= 8
+        assert 0.0 <= m["reward/judge/model"] <= 1.0 and m["reward"] == m["reward/judge/model"]
+    # rows without an answer: refused with the reason
+    bare = _jsonl(tmp_path / "bare.jsonl", [{"prompt": f"Say {w}."} for w in WORDS])
+    recipe["data"]["train"] = [{"path": str(bare)}]
+    recipe["output_dir"] = str(tmp_path / "bare-out")
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe, "bare.yaml")))
+    assert proc.returncode == 2 and "compares each reply with its prompt's `answer`" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_ppo_logs_the_judge_per_step(tmp_path: Path) -> None:
     recipe = base_recipe(
         tmp_path,

@@ -186,6 +186,33 @@ def test_judge_source_scores_unit_scale_and_the_unparsable_policy() -> None:
     assert none.score([Q], ["x"], [None]) == [0.5]
 
 
+def test_pairwise_judge_source_scores_each_reply_against_its_answer() -> None:
+    """Reference "4": "4x" beats it in both orders (1.0), "5" loses in both (0.0), "6" is preferred only when
+    shown first (position bias: 0.5), "7" gets no verdict (unparsable: the mean of the parsed, 0.5)."""
+    script = ScriptedJudge(
+        verdicts={
+            ("4x", "4"): "A", ("4", "4x"): "B",
+            ("5", "4"): "B", ("4", "5"): "A",
+            ("6", "4"): "A", ("4", "6"): "A",
+        }
+    )  # fmt: skip
+    conf = JudgeConfig(model="judges/tiny", mode="pairwise")
+    src = JudgeSource.from_judge(conf, Judge(script))
+    assert src.needs_answer
+    got = src.score([Q] * 4, ["4x", "5", "6", "7"], ["4"] * 4)
+    assert got == pytest.approx([1.0, 0.0, 0.5, 0.5])
+    assert src.stats == {"judged": 4.0, "unparsable": 1.0, "cached": 0.0} and src.reasons == {"no verdict": 1}
+    assert set(script.prefills) == {"Verdict:"} and len(script.calls[0]) == 8  # both orders, one batch
+    assert src.score([Q], ["5"], ["4"]) == [0.0] and src.stats["cached"] == 2.0  # both orders cached
+    fixed = JudgeSource.from_judge(JudgeConfig(model="j", mode="pairwise", unparsable=0), Judge(ScriptedJudge()))
+    assert fixed.score([Q], ["x"], ["4"]) == [0.0]
+    with pytest.raises(DataError, match=r"mode pairwise\) compares each reply with its prompt's `answer`"):
+        src.score([Q] * 2, ["4", "5"], ["4", None])
+    with pytest.raises(ValueError, match="needs \\{reply_a\\} and \\{reply_b\\}"):
+        JudgeConfig(model="j", mode="pairwise", rubric="Which is better? {reply}")
+    assert JudgeConfig(model="j", mode="pairwise", rubric="{prompt} {reply_a} or {reply_b}?").mode == "pairwise"
+
+
 def test_rewards_report_the_judge_counts_per_call() -> None:
     src = _source(ScriptedJudge(scores={"a": "10", "b": "1"}))
     result = Rewards([src], [2.0])([Q] * 3, ["a", "b", "zzz"], [None] * 3)
