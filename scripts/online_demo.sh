@@ -11,14 +11,17 @@
 # trained on. scripts/online_demo_table.py prints the table and exits 1 when a stage does not reach 1.3x its
 # start. Rerunning skips finished stages and evaluations (llmtune train does nothing on a finished run).
 #
-# Environment: MODEL (another model or .gguf), TASK (add | mul, scripts/make_arith_data.py), STEPS (grpo and
-# ppo optimizer steps, default 12), PROMPTS (prompts sampled per rejection-sampling round, default 128),
-# STAGES (default "rejection_sampling iterative_dpo grpo ppo"), EVAL_ROWS (default 200).
+# Environment: MODEL (another model or .gguf), TASK (add | mul, scripts/make_arith_data.py), STEPS (grpo's
+# optimizer steps, default 12: 16 prompts x 8 samples each), PPO_STEPS (default 36: 16 prompts x 1 sample
+# each), PROMPTS (prompts sampled per rejection-sampling round, default 128), STAGES (default
+# "rejection_sampling iterative_dpo grpo ppo"), EVAL_ROWS (default 200), TRAIN_ROWS (default 1000), TARGET
+# (the ratio each stage must reach, default 1.3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/online-demo}
 TASK=${TASK:-add}
 STEPS=${STEPS:-12}
+PPO_STEPS=${PPO_STEPS:-36}
 PROMPTS=${PROMPTS:-128}
 EVAL_ROWS=${EVAL_ROWS:-200}
 STAGES=${STAGES:-rejection_sampling iterative_dpo grpo ppo}
@@ -33,7 +36,7 @@ EOF
 )
 fi
 mkdir -p "$OUT"
-python scripts/make_arith_data.py "$OUT/data" --task "$TASK" --train 1000 --held "$EVAL_ROWS"
+python scripts/make_arith_data.py "$OUT/data" --task "$TASK" --train "${TRAIN_ROWS:-1000}" --held "$EVAL_ROWS"
 TIMES="$OUT/times.tsv"
 [ -f "$TIMES" ] || printf 'stage\tseconds\n' > "$TIMES"
 
@@ -47,7 +50,8 @@ evaluate() {  # NAME MODEL [ADAPTER]: greedy answers to the held-out questions, 
 evaluate base "$MODEL"
 for name in $STAGES; do
     case $name in
-        grpo|ppo) block=$name; amount=(--set "train.max_steps=$STEPS") ;;
+        grpo) block=grpo; amount=(--set "train.max_steps=$STEPS") ;;
+        ppo) block=ppo; amount=(--set "train.max_steps=$PPO_STEPS") ;;
         rejection_sampling|iterative_dpo)
             block=rejection_sampling
             amount=(--set rejection_sampling.rounds=2 --set "rejection_sampling.max_prompts=$PROMPTS") ;;
