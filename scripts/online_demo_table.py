@@ -36,7 +36,7 @@ def main(out: Path, stages: list[str]) -> int:
             failed.append(f"{name}: no evaluation ({f} missing)")
             continue
         r = json.loads(f.read_text())
-        ratio = r["mean_reward"] / start if start > 0 else float("inf")
+        ratio = r["mean_reward"] / start if start > 0 else None  # a start of 0: no ratio
         row = {
             "stage": name,
             "seconds": times.get(name),
@@ -48,8 +48,9 @@ def main(out: Path, stages: list[str]) -> int:
             "rows": r["examples"],
         }
         rows.append(row)
-        if ratio < TARGET:
-            failed.append(f"{name}: {start:.3f} -> {r['mean_reward']:.3f} is {ratio:.2f}x, under {TARGET}x")
+        if TARGET > 0 and (ratio is None or ratio < TARGET):
+            why = f"{ratio:.2f}x" if ratio is not None else "no ratio to a start of 0"
+            failed.append(f"{name}: {start:.3f} -> {r['mean_reward']:.3f} is {why}, under {TARGET}x")
         for key in ("empty", "truncated"):
             if row[key] > DEGENERATE and row[key] > base[f"{key}_share"]:
                 failed.append(f"{name}: {row[key]:.0%} {key} answers")
@@ -60,7 +61,8 @@ def main(out: Path, stages: list[str]) -> int:
     for r in rows:
         lines.append(
             f"| {r['stage']} | {r['seconds'] if r['seconds'] is not None else '-'} | {r['start']:.3f} | "
-            f"{r['after']:.3f} | {r['ratio']:.2f}x | {r['empty']:.0%} | {r['truncated']:.0%} |"
+            f"{r['after']:.3f} | {'-' if r['ratio'] is None else format(r['ratio'], '.2f') + 'x'} | {r['empty']:.0%} | "
+            f"{r['truncated']:.0%} |"
         )
     table = "\n".join(lines)
     print(table)
