@@ -487,7 +487,8 @@ _PREFERENCE = "one JSON object per line: prompt, chosen, rejected"
 _PROMPTS = "one JSON object per line: prompt and the answer the reward rule checks"
 _FROM_SFT = "usually the output_dir of an sft run (e.g. runs/sft); hub id or local directory"
 # a step is <stage>.prompts_per_step; lr: a lora rate (about 10x what a full fine-tune of the same model takes)
-_ONLINE_TRAIN = {"micro_batch_size": 8, "grad_accum": OMIT, "lr": 5.0e-5}
+# log_every 1: an online step is a rollout plus an update, minutes on a CPU; each one is worth a line
+_ONLINE_TRAIN = {"micro_batch_size": 8, "grad_accum": OMIT, "lr": 5.0e-5, "log_every": 1}
 
 
 def _preference_starter(data_note: str, lr: float, **more: Any) -> Starter:
