@@ -3,7 +3,7 @@
 gsm8k) of the model it wrote, against the start model's, with the ratio and the shares of empty and
 truncated answers.
 
-    python scripts/online_demo_table.py OUT [STAGE ...]      # TARGET=1.3 (environment): the ratio to reach
+    python scripts/online_demo_table.py OUT [STAGE ...]      # environment: TARGET=1.3, DEGENERATE=0.2
 
 Reads OUT/eval-base.json, OUT/eval-STAGE.json and OUT/times.tsv; writes OUT/table.md and OUT/table.json.
 Exits 1 when a stage stays under TARGET (1.3x) its start, or when its answers degenerate (over 20% empty or
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 TARGET = float(os.environ.get("TARGET", "1.3"))
-DEGENERATE = 0.2
+DEGENERATE = float(os.environ.get("DEGENERATE", "0.2"))  # the share of empty or truncated answers that fails
 
 
 def main(out: Path, stages: list[str]) -> int:
