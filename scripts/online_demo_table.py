@@ -27,7 +27,7 @@ def main(out: Path, stages: list[str]) -> int:
     if (out / "times.tsv").is_file():
         for line in (out / "times.tsv").read_text().splitlines()[1:]:
             name, seconds = line.split("\t")
-            times[name] = int(seconds)  # the last run of a stage (a rerun that did nothing is short)
+            times[name] = times.get(name, 0) + int(seconds)  # a resumed stage: its runs' sum
     rows, failed = [], []
     start = base["mean_reward"]
     for name in stages:
