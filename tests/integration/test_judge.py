@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import TINY_MODEL, assert_ok, assert_refused, base_recipe, read_metrics, run_cli, write_recipe
 
 WORDS = ["apple", "river", "green", "stone", "cloud", "tiger"]
@@ -79,6 +81,33 @@ def test_grpo_with_a_pairwise_judge_against_each_answer(tmp_path: Path) -> None:
     recipe["output_dir"] = str(tmp_path / "bare-out")
     proc = run_cli("train", str(write_recipe(tmp_path, recipe, "bare.yaml")))
     assert proc.returncode == 2 and "compares each reply with its prompt's `answer`" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_grpo_with_a_judge_under_zero3_on_two_processes(tmp_path: Path) -> None:
+    """ZeRO-3 partitions the policy over two processes; the judge is loaded whole on each (inference only),
+    judges its process's completions, and the counts are summed over both."""
+    recipe = base_recipe(
+        tmp_path,
+        stage="grpo",
+        finetuning={"method": "full"},
+        data={"train": [{"path": str(_prompts(tmp_path / "p.jsonl"))}], "max_length": 96},
+        grpo={"num_generations": 4, "prompts_per_step": 2, "reward": {"judge": JUDGE, "rule": "contains"}},
+        generation={"max_new_tokens": 4},
+        train={"max_steps": 2, "micro_batch_size": 4, "lr": 1e-3, "log_every": 1},
+        distributed={"zero_stage": 3},
+    )
+    proc = run_cli("train", str(write_recipe(tmp_path, recipe)), nproc=2)
+    assert_ok(proc)
+    assert "x 2 proc" in proc.stdout
+    steps = [m for m in read_metrics(tmp_path / "out") if "loss" in m]
+    assert len(steps) == 2
+    for m in steps:
+        assert m["reward/judge/model/judged"] == 8  # 2 prompts x 4 completions over both processes
+        assert 0.0 <= m["reward/judge/model"] <= 1.0
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
 
 
 def test_ppo_logs_the_judge_per_step(tmp_path: Path) -> None:
