@@ -12,8 +12,8 @@
 # start. Rerunning skips finished stages and evaluations (llmtune train does nothing on a finished run).
 #
 # Environment: MODEL (another model or .gguf), TASK (add | mul, scripts/make_arith_data.py), STEPS (grpo's
-# optimizer steps, default 12: 16 prompts x 8 samples each), PPO_STEPS (default 36: 16 prompts x 1 sample
-# each), PROMPTS (prompts sampled per rejection-sampling round, default 128), STAGES (default
+# optimizer steps, default 12: 16 prompts x 8 samples each), PPO_STEPS (default 96: 4 per rollout of 16
+# prompts), PROMPTS (prompts sampled per rejection-sampling round, default 64), STAGES (default
 # "rejection_sampling iterative_dpo grpo ppo"), EVAL_ROWS (default 200), TRAIN_ROWS (default 1000), TARGET
 # (the ratio each stage must reach, default 1.3).
 set -euo pipefail
@@ -21,8 +21,8 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/online-demo}
 TASK=${TASK:-add}
 STEPS=${STEPS:-12}
-PPO_STEPS=${PPO_STEPS:-36}
-PROMPTS=${PROMPTS:-128}
+PPO_STEPS=${PPO_STEPS:-96}
+PROMPTS=${PROMPTS:-64}
 EVAL_ROWS=${EVAL_ROWS:-200}
 STAGES=${STAGES:-rejection_sampling iterative_dpo grpo ppo}
 if [ -z "${MODEL:-}" ]; then
@@ -62,7 +62,7 @@ for name in $STAGES; do
     start=$(date +%s)
     echo "== $name: llmtune train $recipe (log: $OUT/$name.log)"
     llmtune train "$recipe" --set "data.train.0.path=$OUT/data/train.jsonl" --set "$block.reward.rule=gsm8k" \
-        --set "output_dir=$OUT/$name" "${amount[@]}" > "$OUT/$name.log" 2>&1 \
+        --set "output_dir=$OUT/$name" "${amount[@]}" >> "$OUT/$name.log" 2>&1 \
         || { echo "online_demo: $name failed; the end of $OUT/$name.log:" >&2; tail -20 "$OUT/$name.log" >&2; exit 1; }
     printf '%s\t%s\n' "$name" "$(( $(date +%s) - start ))" >> "$TIMES"
     # the output is a LoRA adapter: on the base (grpo, ppo) or on the last round's start model (merged)
