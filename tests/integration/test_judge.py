@@ -32,16 +32,22 @@ def _prompts(path: Path) -> Path:
 JUDGE = {"model": str(TINY_MODEL), "max_new_tokens": 6, "batch_size": 16}
 
 
-def test_grpo_logs_the_judge_per_step(tmp_path: Path) -> None:
-    recipe = base_recipe(
+def _grpo_recipe(tmp_path: Path, reward: dict, **extra: object) -> dict:
+    """grpo on the tiny model: 2 steps of 2 prompts x 4 completions of 4 tokens, scored by ``reward``."""
+    return base_recipe(
         tmp_path,
         stage="grpo",
         finetuning={"method": "full"},
         data={"train": [{"path": str(_prompts(tmp_path / "p.jsonl"))}], "max_length": 96},
-        grpo={"num_generations": 4, "prompts_per_step": 2, "reward": {"judge": JUDGE, "rule": "contains"}},
+        grpo={"num_generations": 4, "prompts_per_step": 2, "reward": reward},
         generation={"max_new_tokens": 4},
         train={"max_steps": 2, "micro_batch_size": 8, "lr": 1e-3, "log_every": 1},
+        **extra,
     )
+
+
+def test_grpo_logs_the_judge_per_step(tmp_path: Path) -> None:
+    recipe = _grpo_recipe(tmp_path, {"judge": JUDGE, "rule": "contains"})
     proc = run_cli("train", str(write_recipe(tmp_path, recipe)))
     assert_ok(proc)
     steps = [m for m in read_metrics(tmp_path / "out") if "loss" in m]
@@ -60,15 +66,7 @@ def test_grpo_logs_the_judge_per_step(tmp_path: Path) -> None:
 def test_grpo_with_a_pairwise_judge_against_each_answer(tmp_path: Path) -> None:
     """mode pairwise: every completion is compared with its row's answer in both orders (16 judgements for
     8 completions, fewer when cached); the source's score is a share of wins in [0, 1]."""
-    recipe = base_recipe(
-        tmp_path,
-        stage="grpo",
-        finetuning={"method": "full"},
-        data={"train": [{"path": str(_prompts(tmp_path / "p.jsonl"))}], "max_length": 96},
-        grpo={"num_generations": 4, "prompts_per_step": 2, "reward": {"judge": {**JUDGE, "mode": "pairwise"}}},
-        generation={"max_new_tokens": 4},
-        train={"max_steps": 2, "micro_batch_size": 8, "lr": 1e-3, "log_every": 1},
-    )
+    recipe = _grpo_recipe(tmp_path, {"judge": {**JUDGE, "mode": "pairwise"}})
     assert_ok(run_cli("train", str(write_recipe(tmp_path, recipe))))
     steps = [m for m in read_metrics(tmp_path / "out") if "loss" in m]
     assert len(steps) == 2
@@ -87,16 +85,8 @@ def test_grpo_with_a_pairwise_judge_against_each_answer(tmp_path: Path) -> None:
 def test_grpo_with_a_judge_under_zero3_on_two_processes(tmp_path: Path) -> None:
     """ZeRO-3 partitions the policy over two processes; the judge is loaded whole on each (inference only),
     judges its process's completions, and the counts are summed over both."""
-    recipe = base_recipe(
-        tmp_path,
-        stage="grpo",
-        finetuning={"method": "full"},
-        data={"train": [{"path": str(_prompts(tmp_path / "p.jsonl"))}], "max_length": 96},
-        grpo={"num_generations": 4, "prompts_per_step": 2, "reward": {"judge": JUDGE, "rule": "contains"}},
-        generation={"max_new_tokens": 4},
-        train={"max_steps": 2, "micro_batch_size": 4, "lr": 1e-3, "log_every": 1},
-        distributed={"zero_stage": 3},
-    )
+    recipe = _grpo_recipe(tmp_path, {"judge": JUDGE, "rule": "contains"}, distributed={"zero_stage": 3})
+    recipe["train"]["micro_batch_size"] = 4
     proc = run_cli("train", str(write_recipe(tmp_path, recipe)), nproc=2)
     assert_ok(proc)
     assert "x 2 proc" in proc.stdout
