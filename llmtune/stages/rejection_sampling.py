@@ -111,9 +111,11 @@ def round_recipe(recipe: RejectionSamplingRecipe, out: Path, k: int) -> SftRecip
     if k > 1:  # later rounds start from a directory this run wrote: it holds the tokenizer
         model = model.model_copy(update={"revision": None})
     dpo = recipe.rejection_sampling.train_with == "dpo"
-    source = DataSource(path=str(round_dir(out, k) / PAIRS), format="pairs")
-    if not dpo:
-        source = DataSource(path=str(round_dir(out, k) / "selected.jsonl"), format="messages")
+    source = (
+        DataSource(path=str(round_dir(out, k) / PAIRS), format="pairs")
+        if dpo
+        else DataSource(path=str(round_dir(out, k) / "selected.jsonl"), format="messages")
+    )
     data = DataConfig(
         train=[source],
         max_length=d.max_length,
